@@ -1,0 +1,181 @@
+"""Masked layers: a frozen random weight ``W`` times a learned stochastic binary mask.
+
+Each masked layer holds
+- ``weight``: a *buffer* (never trained, never sent), "signed Kaiming constant"
+  ``W = sign(u) * sqrt(2 / fan_in)`` drawn from a seeded CPU ``torch.Generator``, so every
+  machine that builds the same architecture from the same seed gets bit-identical weights;
+- ``scores``: a trainable ``Parameter`` ``s`` of the same shape; ``theta = sigmoid(s)`` is the
+  probability that a weight is kept.
+
+The forward pass uses ``W * m``. In ``"sample"`` mode ``m ~ Bernoulli(theta)`` is drawn anew each
+call; in ``"threshold"`` mode ``m = 1[theta > 0.5]`` (evaluation / export). No biases: the
+paper's generator has none.
+
+Gradient of the sampling step (official PRISM and FedPM code): forward ``m = bernoulli(theta)``,
+backward ``dL/dtheta = theta * dL/dm`` ("scaled" estimator, the default). ``"identity"`` is the
+plain straight-through estimator ``dL/dtheta = dL/dm``. Autograd then applies
+``dL/ds = sigmoid'(s) * dL/dtheta``.
+
+``masked_layers(model)`` is the one place that fixes the order of a model's masked tensors, so a
+flat vector of ``num_masked(model)`` entries maps to layers unambiguously.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MASK_MODES = ("sample", "threshold")
+ESTIMATORS = ("scaled", "identity")
+
+
+class _BernoulliSample(torch.autograd.Function):
+    """m ~ Bernoulli(theta) with a straight-through-style backward."""
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, scaled: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.scaled = scaled
+        if scaled:
+            ctx.save_for_backward(theta)
+        return torch.bernoulli(theta)
+
+    @staticmethod
+    def backward(ctx, grad_m: torch.Tensor):  # type: ignore[override]
+        if ctx.scaled:
+            (theta,) = ctx.saved_tensors
+            return grad_m * theta, None
+        return grad_m, None
+
+
+def signed_kaiming_constant(shape: torch.Size, fan_in: int, generator: torch.Generator) -> torch.Tensor:
+    """``sign(u) * sqrt(2 / fan_in)`` with ``u`` from ``generator`` (CPU, float32)."""
+    signs = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8) * 2 - 1
+    return signs.to(torch.float32) * math.sqrt(2.0 / fan_in)
+
+
+class MaskedLayer:
+    """Mixin for a torch layer whose ``weight`` is frozen and multiplied by a sampled mask."""
+
+    weight: torch.Tensor
+    scores: nn.Parameter
+    mask_mode: str = "sample"
+    estimator: str = "scaled"
+
+    def _make_masked(self, weight_gen: torch.Generator, score_gen: torch.Generator) -> None:
+        shape = self.weight.shape
+        fan_in = nn.init._calculate_correct_fan(self.weight, "fan_in")
+        del self.weight  # drop the Parameter torch created; the weight is a frozen buffer
+        self.register_buffer("weight", signed_kaiming_constant(shape, fan_in, weight_gen))
+        self.scores = nn.Parameter(torch.randn(shape, generator=score_gen))
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return torch.sigmoid(self.scores)
+
+    def mask(self) -> torch.Tensor:
+        if self.mask_mode == "threshold":
+            return (self.scores > 0).to(self.weight.dtype)
+        return _BernoulliSample.apply(self.theta, self.estimator == "scaled")
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.mask()
+
+
+class MaskedConv2d(MaskedLayer, nn.Conv2d):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+                 weight_gen: torch.Generator, score_gen: torch.Generator) -> None:
+        nn.Conv2d.__init__(self, in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
+        self._make_masked(weight_gen, score_gen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.masked_weight(), None)
+
+
+class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+                 weight_gen: torch.Generator, score_gen: torch.Generator) -> None:
+        nn.ConvTranspose2d.__init__(self, in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
+        self._make_masked(weight_gen, score_gen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return F.conv_transpose2d(x, self.masked_weight(), None, self.stride, self.padding,
+                                  self.output_padding, self.groups, self.dilation)
+
+
+class MaskedLinear(MaskedLayer, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, *,
+                 weight_gen: torch.Generator, score_gen: torch.Generator) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=False)
+        self._make_masked(weight_gen, score_gen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight())
+
+
+# --- the model's masked tensors as one flat vector ---------------------------------------
+
+def masked_layers(model: nn.Module) -> list[MaskedLayer]:
+    """The masked layers of ``model`` in registration order: the order of every flat vector."""
+    return [m for m in model.modules() if isinstance(m, MaskedLayer)]
+
+
+def num_masked(model: nn.Module) -> int:
+    return sum(layer.scores.numel() for layer in masked_layers(model))
+
+
+def layout_fingerprint(model: nn.Module) -> bytes:
+    """8 bytes identifying the ordered (layer type, shape) list: masks of another model are refused."""
+    desc = ";".join(f"{type(m).__name__}{tuple(m.scores.shape)}" for m in masked_layers(model))
+    return hashlib.sha256(desc.encode()).digest()[:8]
+
+
+def get_scores(model: nn.Module) -> torch.Tensor:
+    """All scores, flattened and concatenated (detached, on the CPU)."""
+    return torch.cat([m.scores.detach().flatten().cpu() for m in masked_layers(model)])
+
+
+def set_scores(model: nn.Module, flat: torch.Tensor) -> None:
+    """Load a flat score vector (as returned by ``get_scores``) into the model in place."""
+    layers = masked_layers(model)
+    expected = sum(m.scores.numel() for m in layers)
+    if flat.numel() != expected:
+        raise ValueError(f"score vector has {flat.numel()} entries, the model has {expected} masked weights")
+    offset = 0
+    with torch.no_grad():
+        for m in layers:
+            n = m.scores.numel()
+            m.scores.copy_(flat[offset:offset + n].view_as(m.scores))
+            offset += n
+
+
+def iter_thetas(model: nn.Module) -> Iterator[torch.Tensor]:
+    for m in masked_layers(model):
+        yield m.theta.detach()
+
+
+def sample_mask(model: nn.Module, thetas: list[torch.Tensor] | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One flat boolean mask ``m ~ Bernoulli(theta)`` (CPU); ``thetas`` overrides the model's (DP)."""
+    thetas = thetas if thetas is not None else list(iter_thetas(model))
+    return torch.cat([torch.bernoulli(t.cpu().flatten(), generator=generator) for t in thetas]).bool()
+
+
+def threshold_mask(model: nn.Module) -> torch.Tensor:
+    """The flat boolean mask ``theta > 0.5``."""
+    return get_scores(model) > 0
+
+
+def set_mask_mode(model: nn.Module, mode: str, estimator: str | None = None) -> None:
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+    if estimator is not None and estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    for m in masked_layers(model):
+        m.mask_mode = mode
+        if estimator is not None:
+            m.estimator = estimator

@@ -1,0 +1,93 @@
+"""Local objectives: the paper's feature matching and an unbiased Gaussian-kernel MMD^2.
+
+``feature-matching`` (what the official code runs, GFMN, Santos et al. 2019): the client computes
+once the mean ``mu_r`` and variance ``var_r`` of the features ``phi(x)`` of its local data. Each
+step, with ``mu_f, var_f`` from a generated batch, two moving-average vectors ``v_m, v_v`` are
+first moved by Adam (lr 1e-5, betas (0.5, 0.999)) toward ``mu_r - mu_f`` and ``var_r - var_f``
+(MSE), then the generator loss is
+
+    L = v_m . (mu_r - mu_f) + v_v . (var_r - var_f)      (v detached)
+
+whose gradient is a moving average of the gradient of the squared feature gap: the moving
+average tames the noise of batch-64 feature statistics. ``v`` starts at zero.
+
+``mmd`` (Li et al. 2015, GMMN): unbiased MMD^2 between a real and a generated batch with a sum of
+Gaussian kernels ``k(x, y) = sum_b exp(-|x - y|^2 / (2 b^2))`` over the bandwidths ``b``.
+
+Features: ``pixels`` (flattened images in [-1, 1]; no weights needed) or ``vgg19`` (see
+``features.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .optim_state import load_optimizer_tensors, optimizer_tensors
+
+OBJECTIVES = ("feature-matching", "mmd")
+MMD_BANDWIDTHS = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def gaussian_kernel_sum(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...]) -> torch.Tensor:
+    """``K[i, j] = sum_b exp(-|x_i - y_j|^2 / (2 b^2))`` for flat rows ``x`` (n, d), ``y`` (m, d)."""
+    d2 = torch.cdist(x, y).pow(2)
+    return sum(torch.exp(-d2 / (2.0 * b * b)) for b in bandwidths)
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] = MMD_BANDWIDTHS) -> torch.Tensor:
+    """Unbiased MMD^2 estimate: within-set kernel means exclude the diagonal."""
+    x, y = x.flatten(1), y.flatten(1)
+    n, m = x.shape[0], y.shape[0]
+    kxx = gaussian_kernel_sum(x, x, bandwidths)
+    kyy = gaussian_kernel_sum(y, y, bandwidths)
+    kxy = gaussian_kernel_sum(x, y, bandwidths)
+    xx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    yy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return xx + yy - 2.0 * kxy.mean()
+
+
+def feature_moments(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance over the batch dimension."""
+    mu = feats.mean(0)
+    return mu, (feats - mu).pow(2).mean(0)
+
+
+class FeatureMatching(nn.Module):
+    """GFMN loss with Adam-driven moving-average vectors; its state travels across rounds."""
+
+    def __init__(self, mu_real: torch.Tensor, var_real: torch.Tensor, lr: float = 1e-5) -> None:
+        super().__init__()
+        self.register_buffer("mu_real", mu_real.detach().clone())
+        self.register_buffer("var_real", var_real.detach().clone())
+        self.v_mean = nn.Parameter(torch.zeros_like(self.mu_real))
+        self.v_var = nn.Parameter(torch.zeros_like(self.var_real))
+        self.opt = torch.optim.Adam([self.v_mean, self.v_var], lr=lr, betas=(0.5, 0.999))
+
+    def forward(self, fake_feats: torch.Tensor) -> torch.Tensor:
+        mu_f, var_f = feature_moments(fake_feats)
+        gap_m, gap_v = self.mu_real - mu_f, self.var_real - var_f
+        # First move the moving averages toward the current (detached) gaps ...
+        self.opt.zero_grad()
+        ma_loss = (self.v_mean - gap_m.detach()).pow(2).mean() + (self.v_var - gap_v.detach()).pow(2).mean()
+        ma_loss.backward()
+        self.opt.step()
+        # ... then the generator follows them.
+        return (self.v_mean.detach() * gap_m).sum() + (self.v_var.detach() * gap_v).sum()
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Tensors to keep across rounds: statistics, moving averages and their Adam moments."""
+        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        state.update({f"opt.{k}": v for k, v in optimizer_tensors(self.opt).items()})
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> "FeatureMatching":
+        fm = cls(state["mu_real"].to(device), state["var_real"].to(device))
+        fm.load_state_dict({k: v for k, v in state.items() if not k.startswith("opt.")})
+        load_optimizer_tensors(fm.opt, {k[4:]: v for k, v in state.items() if k.startswith("opt.")})
+        return fm
