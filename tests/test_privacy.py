@@ -1,0 +1,324 @@
+"""Tests for prism_flwr.privacy (framework-free DP core)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from prism_flwr import privacy as P
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def test_gaussian_sigma_hand_numbers():
+    # ln(1.25 / 1e-5) = ln(125000) = 11.736069; sqrt(2 * 11.736069) = 4.844805
+    assert P.gaussian_sigma(1.0, 0.5, 1e-5) == pytest.approx(9.689610, rel=1e-6)
+    assert P.gaussian_sigma(2.0, 0.5, 1e-5) == pytest.approx(19.379220, rel=1e-6)
+    # ln(1.25 / 0.01) = ln(125) = 4.828314; sqrt(9.656627) = 3.107512
+    assert P.gaussian_sigma(3.0, 0.25, 0.01) == pytest.approx(3.0 * 3.107512 / 0.25, rel=1e-6)
+
+
+def test_gaussian_sigma_warns_outside_its_theorem_and_rejects_bad_input():
+    with pytest.warns(UserWarning, match="epsilon < 1"):
+        s = P.gaussian_sigma(800.0, 9.8, 1e-5)
+    assert s == pytest.approx(800.0 * 4.844805 / 9.8, rel=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        P.gaussian_sigma(1.0, 0.9, 1e-5)  # no warning below 1
+    for bad in [(0.0, 0.5, 1e-5), (1.0, 0.0, 1e-5), (1.0, 0.5, 0.0), (1.0, 0.5, 1.0)]:
+        with pytest.raises(ValueError):
+            P.gaussian_sigma(*bad)
+
+
+def test_theta_sensitivity():
+    assert P.theta_sensitivity(1_000_000, 0.1) == pytest.approx(800.0)
+    assert P.theta_sensitivity(100, 0.25) == pytest.approx(5.0)
+    assert P.theta_sensitivity(4, 0.0) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        P.theta_sensitivity(0, 0.1)
+    with pytest.raises(ValueError):
+        P.theta_sensitivity(10, 0.5)
+
+
+# --------------------------------------------------------------- theta mechanism
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_privatize_theta_noise_std_matches_calibration():
+    n, c = 250_000, 0.1
+    z = 2.5e-5  # sigma = z * 0.8 * 500 = 0.01: far from the clamps, so noise is visible
+    theta = torch.full((500, 500), 0.5)
+    (out,) = P.privatize_theta([theta], c, z, generator=_gen(1))
+    expected = z * (1 - 2 * c) * math.sqrt(n)
+    assert expected == pytest.approx(0.01)
+    noise = out - 0.5
+    assert noise.std().item() == pytest.approx(expected, rel=0.02)
+    assert abs(noise.mean().item()) < 5 * expected / math.sqrt(n)
+
+
+def test_privatize_theta_multi_tensor_calibrations():
+    c, z = 0.1, 1e-5
+    shapes = [(200, 200), (400, 400)]  # n = 40k, 160k; N = 200k
+    thetas = [torch.full(s, 0.5) for s in shapes]
+    joint = P.privatize_theta(thetas, c, z, generator=_gen(2))
+    per = P.privatize_theta(thetas, c, z, generator=_gen(2), calibration="per-tensor")
+    s_joint = z * 0.8 * math.sqrt(200_000)
+    for out in joint:
+        assert (out - 0.5).std().item() == pytest.approx(s_joint, rel=0.03)
+    for out, s in zip(per, shapes):
+        s_k = z * math.sqrt(2) * 0.8 * math.sqrt(s[0] * s[1])
+        assert (out - 0.5).std().item() == pytest.approx(s_k, rel=0.03)
+    assert P.theta_noise_stds([40_000, 160_000], c, z) == pytest.approx([s_joint] * 2)
+
+
+def test_per_tensor_calibration_costs_one_step_per_round():
+    # K Gaussian mechanisms with multiplier z*sqrt(K) == one with multiplier z.
+    from opacus.accountants import RDPAccountant
+
+    z, k, rounds, delta = 3.0, 7, 4, 1e-5
+    a = RDPAccountant()
+    for _ in range(rounds * k):
+        a.step(noise_multiplier=z * math.sqrt(k), sample_rate=1.0)
+    b = RDPAccountant()
+    for _ in range(rounds):
+        b.step(noise_multiplier=z, sample_rate=1.0)
+    assert a.get_epsilon(delta) == pytest.approx(b.get_epsilon(delta), rel=1e-9)
+
+
+def test_privatize_theta_output_in_range_and_clamps_before_noise():
+    c = 0.1
+    theta = torch.rand(10_000, generator=_gen(3))
+    theta[:10] = torch.tensor([0.0, 1.0, -3.0, 4.0, 0.05, 0.95, 0.1, 0.9, 0.5, 0.3])
+    original = theta.clone()
+    (out,) = P.privatize_theta([theta], c, 1.0, generator=_gen(4))  # sigma = 80
+    assert out.shape == theta.shape and out.dtype == theta.dtype
+    assert torch.equal(theta, original)  # input untouched
+    assert out.min().item() >= c and out.max().item() <= 1 - c
+    # With huge noise every output is at a clamp, about half on each side.
+    frac_hi = (out == 1 - c).float().mean().item()
+    assert 0.45 < frac_hi < 0.55
+    # Clamp BEFORE noise: theta = 0 becomes c, then small symmetric noise puts about
+    # half of the outputs strictly above c (clamping only after would give ~0 above c).
+    zeros = torch.zeros(100_000)
+    z_small = 0.001 / (0.8 * math.sqrt(100_000))  # sigma = 0.001
+    (out0,) = P.privatize_theta([zeros], c, z_small, generator=_gen(5))
+    frac_above = (out0 > c).float().mean().item()
+    assert 0.45 < frac_above < 0.55
+    assert out0.max().item() < c + 0.01
+
+
+def test_privatize_theta_deterministic_with_generator_and_validates():
+    thetas = [torch.rand(3, 4, generator=_gen(6)), torch.rand(5, generator=_gen(7))]
+    a = P.privatize_theta(thetas, 0.1, 0.01, generator=_gen(8))
+    b = P.privatize_theta(thetas, 0.1, 0.01, generator=_gen(8))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError):
+        P.privatize_theta(thetas, 0.1, 0.0)
+    with pytest.raises(ValueError):
+        P.privatize_theta(thetas, 0.6, 1.0)
+    with pytest.raises(ValueError):
+        P.privatize_theta(thetas, 0.1, 1.0, calibration="nope")
+
+
+# ------------------------------------------------------------------- accounting
+
+
+@pytest.mark.parametrize("epsilon,rounds", [(9.8, 20), (1.0, 5), (3.0, 1)])
+def test_noise_multiplier_reaches_budget_with_opacus_rdp(epsilon, rounds):
+    from opacus.accountants import RDPAccountant
+
+    delta = 1e-5
+    z = P.noise_multiplier_for_budget(epsilon, delta, rounds)
+    acc = RDPAccountant()  # independent check with Opacus' own default orders
+    for _ in range(rounds):
+        acc.step(noise_multiplier=z, sample_rate=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eps = acc.get_epsilon(delta)
+    assert eps == pytest.approx(epsilon, rel=0.01)
+    # ours never exceeds the target and is within 1e-5 of it
+    ours = P.compute_epsilon(z, delta, rounds, "rdp")
+    assert epsilon * (1 - 1e-5) <= ours <= epsilon
+    # more rounds need more noise (sqrt(R) scaling at sample rate 1)
+    z2 = P.noise_multiplier_for_budget(epsilon, delta, 4 * rounds)
+    assert z2 == pytest.approx(2 * z, rel=1e-4)
+
+
+def test_noise_multiplier_close_to_opacus_get_noise_multiplier():
+    from opacus.accountants.utils import get_noise_multiplier
+
+    z_op = get_noise_multiplier(
+        target_epsilon=9.8, target_delta=1e-5, sample_rate=1.0, steps=50, accountant="rdp"
+    )
+    z = P.noise_multiplier_for_budget(9.8, 1e-5, 50)
+    assert z == pytest.approx(z_op, rel=0.01)
+
+
+def test_analytic_accountant_is_tight_and_matches_prv():
+    delta = 1e-5
+    for z, steps in [(1.0, 1), (4.0, 20)]:
+        ana = P.compute_epsilon(z, delta, steps, "analytic")
+        prv = P.compute_epsilon(z, delta, steps, "prv")
+        rdp = P.compute_epsilon(z, delta, steps, "rdp")
+        assert ana <= prv + 1e-9 and prv - ana < 0.02  # PRV: upper bound, error 0.01
+        assert ana < rdp
+    # one Gaussian mechanism with multiplier 1: known value ~4.3772 at delta 1e-5
+    assert P.compute_epsilon(1.0, delta, 1, "analytic") == pytest.approx(4.3772, abs=1e-3)
+    z = P.noise_multiplier_for_budget(1.0, delta, 20, accountant="analytic")
+    assert P.compute_epsilon(z, delta, 20, "analytic") == pytest.approx(1.0, rel=1e-5)
+    assert P.compute_epsilon(z, delta, 0, "analytic") == 0.0
+
+
+def test_theta_accountant_increases_and_stops_at_budget():
+    delta, budget, rounds = 1e-5, 2.0, 5
+    z = P.noise_multiplier_for_budget(budget, delta, rounds)
+    acc = P.ThetaAccountant(z, delta, budget)
+    assert acc.epsilon == 0.0 and acc.steps == 0
+    assert acc.remaining_rounds() == rounds
+    eps_seen = [acc.epsilon]
+    for _ in range(rounds):
+        assert acc.can_release()
+        acc.step()
+        eps_seen.append(acc.epsilon)
+    assert all(b > a for a, b in zip(eps_seen, eps_seen[1:]))
+    assert acc.epsilon == pytest.approx(budget, rel=1e-4) and acc.epsilon <= budget
+    assert not acc.can_release()
+    assert acc.remaining_rounds() == 0
+    with pytest.raises(RuntimeError, match="budget"):
+        acc.step()
+    assert acc.steps == rounds
+    # the tolerance is floating-point only: a budget 0.1 % below one step's spend refuses
+    one = P.compute_epsilon(z, delta, 1)
+    tight = P.ThetaAccountant(z, delta, one * (1 - 1e-3))
+    assert not tight.can_release() and tight.remaining_rounds() == 0
+    assert P.ThetaAccountant(z, delta, one).can_release()
+
+
+def test_theta_accountant_state_round_trip():
+    acc = P.ThetaAccountant(5.0, 1e-5, 3.0, accountant="analytic")
+    acc.step()
+    acc.step()
+    state = json.loads(json.dumps(acc.state_dict()))  # plain scalars only
+    back = P.ThetaAccountant.from_state(state)
+    assert back.steps == 2 and back.accountant == "analytic"
+    assert back.epsilon == pytest.approx(acc.epsilon, rel=1e-12)
+    assert back.can_release() == acc.can_release()
+    with pytest.raises(ValueError):
+        P.ThetaAccountant(5.0, 1e-5, 3.0, accountant="magic")
+
+
+# -------------------------------------------------------------- statistics mode
+
+
+def test_statistics_epsilon_equals_target_and_is_a_single_release():
+    torch.manual_seed(0)
+    feats = torch.randn(300, 16)
+    mu, var, spent = P.privatize_statistics(feats, 2.0, 1.0, 1e-5, generator=_gen(9))
+    assert 1.0 * (1 - 1e-5) <= spent <= 1.0
+    assert mu.shape == (16,) and var.shape == (16,) and mu.dtype == torch.float32
+    assert (var >= 0).all()
+    # The spend is that of ONE Gaussian mechanism: it does not depend on n, d, or on
+    # how the released (mu, var) are used afterwards (the function is called once per
+    # client; rounds and local steps only read mu/var: post-processing).
+    z = P.noise_multiplier_for_budget(1.0, 1e-5, 1)
+    assert spent == pytest.approx(P.compute_epsilon(z, 1e-5, 1), rel=1e-12)
+    _, _, spent_big = P.privatize_statistics(torch.randn(2000, 64), 2.0, 1.0, 1e-5)
+    assert spent_big == pytest.approx(spent, rel=1e-12)
+    losses = [float(((mu - feats[i]) ** 2).sum() + var.sum()) for i in range(100)]
+    assert len(losses) == 100  # using mu/var again changes nothing about `spent`
+    _, _, spent9 = P.privatize_statistics(feats, 2.0, 9.8, 1e-5, accountant="analytic")
+    assert spent9 == pytest.approx(9.8, rel=1e-5)
+
+
+def test_statistics_clipping_bounds_each_sample():
+    torch.manual_seed(1)
+    C = 1.5
+    feats = torch.randn(200, 10)
+    outlier = torch.full((1, 10), 1e6)
+    s1, s2, n = P.clipped_feature_sums(feats, C)
+    t1, t2, m = P.clipped_feature_sums(torch.cat([feats, outlier]), C)
+    assert m == n + 1
+    assert (t1 - s1).norm().item() == pytest.approx(C, rel=1e-9)  # clipped to exactly C
+    assert (t2 - s2).norm().item() <= C**2 * (1 + 1e-9)
+    # every row's clipped norm is <= C
+    small = torch.randn(50, 10) * 0.01
+    u1, _, _ = P.clipped_feature_sums(small, C)
+    assert torch.allclose(u1, small.double().sum(0))  # rows under C are untouched
+    # End to end (replace-one, n public, same noise): replacing one sample by a huge
+    # outlier moves n * mu by at most 2C.
+    other = feats.clone()
+    other[0] = 1e6
+    mu_a, _, _ = P.privatize_statistics(feats, C, 1.0, 1e-5, _gen(10), adjacency="replace-one")
+    mu_b, _, _ = P.privatize_statistics(other, C, 1.0, 1e-5, _gen(10), adjacency="replace-one")
+    assert (200 * (mu_b - mu_a).double()).norm().item() <= 2 * C * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("adjacency", ["replace-one", "add-remove"])
+def test_statistics_noise_std_matches_sensitivity(adjacency):
+    n, d, C, eps, delta = 4000, 2000, 1.0, 1.0, 1e-5
+    feats = torch.zeros(n, d)
+    mu, _, _ = P.privatize_statistics(feats, C, eps, delta, _gen(11), adjacency=adjacency)
+    z = P.noise_multiplier_for_budget(eps, delta, 1)
+    sens = P.statistics_sensitivity(C, d, adjacency)
+    if adjacency == "replace-one":
+        assert sens == pytest.approx(math.sqrt(4 + 2))
+    else:
+        w2 = C * math.sqrt(C**2 + C**4) / math.sqrt(d)
+        assert sens == pytest.approx(math.sqrt(C**2 + C**4 + w2))
+    assert (mu.double() * n).std().item() == pytest.approx(z * sens, rel=0.06)
+
+
+def test_statistics_add_remove_noises_the_count_exactly_as_documented():
+    # Reconstruct the release from the same generator: [S1 + e1, S2 + e2, w n + e0].
+    torch.manual_seed(3)
+    n, d, C, eps, delta = 30, 5, 1.0, 2.0, 1e-5
+    feats = torch.randn(n, d) * 0.3
+    mu, var, _ = P.privatize_statistics(feats, C, eps, delta, _gen(13))
+    s1, s2, _ = P.clipped_feature_sums(feats, C)
+    w = math.sqrt(C * math.sqrt(C**2 + C**4) / math.sqrt(d))
+    sigma = P.noise_multiplier_for_budget(eps, delta, 1) * math.sqrt(C**2 + C**4 + w**2)
+    e = torch.randn(2 * d + 1, generator=_gen(13), dtype=torch.float64) * sigma
+    n_noisy = max(n + float(e[2 * d]) / w, 1.0)
+    assert abs(n_noisy - n) > 1e-3  # the count really is noised
+    mu_ref = (s1 + e[:d]) / n_noisy
+    var_ref = torch.clamp((s2 + e[d : 2 * d]) / n_noisy - mu_ref**2, min=0.0)
+    assert torch.allclose(mu.double(), mu_ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(var.double(), var_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_accurate_for_large_n_and_small_noise():
+    torch.manual_seed(2)
+    n, d = 20_000, 8
+    mean = torch.linspace(-0.5, 0.5, d)
+    std = torch.linspace(0.1, 0.3, d)
+    feats = mean + std * torch.randn(n, d)
+    assert feats.norm(dim=1).max() < 5.0  # C = 5: no clipping bias
+    mu, var, spent = P.privatize_statistics(feats, 5.0, 10.0, 1e-5, _gen(12))
+    assert spent == pytest.approx(10.0, rel=1e-5)
+    assert torch.allclose(mu, feats.mean(0), atol=5e-3)
+    assert torch.allclose(var, feats.var(0, unbiased=False), atol=5e-3)
+    assert torch.allclose(var, std**2, atol=1e-2)
+
+
+def test_check_dp_compatible():
+    for dp in P.DP_MODES:
+        P.check_dp_compatible(dp, "feature-matching")
+    P.check_dp_compatible("off", "mmd")
+    P.check_dp_compatible("theta", "mmd")
+    with pytest.raises(ValueError) as err:
+        P.check_dp_compatible("statistics", "mmd")
+    assert "statistics" in str(err.value) and "mmd" in str(err.value)
+    with pytest.raises(ValueError):
+        P.check_dp_compatible("sample", "feature-matching")
+    with pytest.raises(ValueError):
+        P.check_dp_compatible("theta", "gan")
+    assert P.DP_MODES == ("off", "theta", "statistics")
