@@ -38,11 +38,18 @@ EPS = 0.01
 
 def count_ones(packed_masks: Iterable[np.ndarray], count: int) -> tuple[np.ndarray, int]:
     """Per-weight number of ones over packed masks; returns ``(counts, number_of_masks)``."""
+    # Adding uint8 into uint8 is ~4x faster than widening each client to uint32, so count in a
+    # uint8 block and flush it into the uint32 total before it can overflow (every 255 masks).
     counts = np.zeros(count, dtype=np.uint32)
+    block = np.zeros(count, dtype=np.uint8)
     k = 0
     for packed in packed_masks:
-        counts += np.unpackbits(packed, count=count, bitorder="little")
+        np.add(block, np.unpackbits(packed, count=count, bitorder="little"), out=block)
         k += 1
+        if k % 255 == 0:
+            counts += block
+            block[:] = 0
+    counts += block
     return counts, k
 
 

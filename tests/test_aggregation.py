@@ -89,3 +89,12 @@ def test_bad_arguments():
         aggregate(S_T, np.zeros(8, np.uint32), 1, method="median", rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="zero masks"):
         smoothed_mean(np.zeros(8, np.uint32), 0)
+
+
+def test_count_ones_past_the_uint8_block():
+    # 600 masks: the uint8 block is flushed twice; counts must still be exact.
+    rng = np.random.default_rng(4)
+    masks = rng.random((600, 13)) < 0.7
+    counts, k = count_ones((np.packbits(m, bitorder="little") for m in masks), 13)
+    assert k == 600
+    np.testing.assert_array_equal(counts, masks.sum(0))

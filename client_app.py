@@ -1,0 +1,133 @@
+"""PRISM ClientApp: train local scores, upload one sampled mask at 1 bit per weight.
+
+Per round (``@app.train``): load the global scores, train them on this node's partition for
+``local-steps`` steps, sample ``m ~ Bernoulli(theta)`` (after the DP mechanism when
+``dp = "theta"``) and reply with the codec bytes of ``m``. The Adam moments and the objective's
+state (data statistics, moving averages) persist across rounds in ``context.state`` and in a
+per-round file under ``<output-dir>/client-state/`` so a resumed server run finds them again.
+``@app.evaluate`` scores the global model against this node's data (pixel MMD^2).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from prism_flwr.client_state import ClientRecord, read_state_file, write_state_file
+from prism_flwr.codec import encode_mask
+from prism_flwr.config import RunConfig
+from prism_flwr.features import build_features
+from prism_flwr.generator import ResnetGenerator
+from prism_flwr.masked import iter_thetas, layout_fingerprint, sample_mask, set_mask_mode, set_scores
+from prism_flwr.objectives import mmd2_unbiased
+from prism_flwr.objectives import FeatureMatching
+from prism_flwr.privacy import ThetaAccountant, noise_multiplier_for_budget, privatize_statistics, privatize_theta
+from prism_flwr.task import (MASK_KEY, METRICS_KEY, SCORES_KEY, client_data, derive_seed, generator_spec,
+                             pick_device)
+from prism_flwr.training import TrainSettings, train_scores
+
+app = ClientApp()
+log = logging.getLogger("prism.client")
+STATE_KEY = "prism-client"
+
+
+def _state_dir(cfg: RunConfig, msg: Message) -> Path:
+    return cfg.resolved_output_dir() / "client-state" / str(msg.content["config"]["run-tag"])
+
+
+def load_client_state(msg: Message, context: Context, cfg: RunConfig, pid: int, server_round: int) -> ClientRecord:
+    """The state this client ended round ``server_round - 1`` with (memory first, then disk)."""
+    rec = context.state.config_records.get(STATE_KEY)
+    blob = rec["blob"] if rec is not None and rec["round"] == server_round - 1 else None
+    if blob is None:
+        blob = read_state_file(_state_dir(cfg, msg), pid, server_round - 1)
+    if blob is not None:
+        return ClientRecord.from_bytes(blob)
+    record = ClientRecord()
+    if cfg.dp == "theta":
+        z = noise_multiplier_for_budget(cfg.dp_epsilon, cfg.dp_delta, cfg.num_server_rounds)
+        record.accountant = ThetaAccountant(z, cfg.dp_delta, cfg.dp_epsilon)
+    return record
+
+
+def save_client_state(msg: Message, context: Context, cfg: RunConfig, pid: int, server_round: int,
+                      record: ClientRecord) -> None:
+    blob = record.to_bytes()
+    context.state[STATE_KEY] = ConfigRecord({"round": server_round, "blob": blob})
+    write_state_file(_state_dir(cfg, msg), pid, server_round, blob)
+
+
+def _setup(msg: Message, context: Context):
+    cfg = RunConfig.parse(context.run_config)
+    pid = int(context.node_config["partition-id"])
+    num = int(context.node_config["num-partitions"])
+    device = pick_device(cfg.device)
+    model = ResnetGenerator(generator_spec(cfg)).to(device)
+    set_scores(model, torch.from_numpy(msg.content[SCORES_KEY][SCORES_KEY].numpy()).to(device))
+    data, hist = client_data(cfg, pid, num, device)
+    return cfg, pid, device, model, data, hist
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, pid, device, model, data, hist = _setup(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    seed = derive_seed(cfg.seed, server_round, pid)
+    torch.manual_seed(seed)  # Bernoulli masks use the global RNG: reproducible per (seed, round, client)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    state = load_client_state(msg, context, cfg, pid, server_round)
+    features = build_features(cfg.features, cfg.vgg19_weights or None).to(device)
+    if cfg.dp == "statistics" and not state.train.objective:
+        # Released once with sample-level DP; every later step and round is post-processing.
+        with torch.no_grad():
+            mu, var, eps = privatize_statistics(features(data), cfg.dp_clip, cfg.dp_epsilon, cfg.dp_delta,
+                                                generator=torch.Generator(device=device).manual_seed(seed + 3))
+        state.train.objective = FeatureMatching(mu, var).full_state()
+        state.statistics_epsilon = eps
+    settings = TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                             objective=cfg.objective, estimator=cfg.estimator)
+    metrics = train_scores(model, features, data, settings, state.train, generator=gen)
+
+    thetas = [t.cpu() for t in iter_thetas(model)]
+    if cfg.dp == "theta":
+        if not state.accountant.can_release():
+            raise RuntimeError(f"client {pid}: privacy budget epsilon={cfg.dp_epsilon} spent; not uploading")
+        thetas = privatize_theta(thetas, cfg.dp_clip, state.accountant.noise_multiplier,
+                                 generator=torch.Generator().manual_seed(seed + 1))
+        state.accountant.step()
+    mask = sample_mask(model, thetas, generator=torch.Generator().manual_seed(seed + 2))
+    blob = encode_mask(mask.numpy(), layout_fingerprint(model))
+    save_client_state(msg, context, cfg, pid, server_round, state)
+
+    metrics.update({
+        "num-examples": len(data),
+        "mask_density": float(mask.float().mean()),
+        "dp_epsilon": state.epsilon_spent,
+    })
+    log.info("client %d round %d: loss %.4g, %d bytes up", pid, server_round, metrics["loss"], len(blob))
+    content = RecordDict({
+        MASK_KEY: ArrayRecord({MASK_KEY: Array(np.frombuffer(blob, dtype=np.uint8).copy())}),
+        METRICS_KEY: MetricRecord(metrics),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Pixel MMD^2 between samples of the global model and this node's images."""
+    cfg, pid, device, model, data, _ = _setup(msg, context)
+    set_mask_mode(model, "sample")
+    gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, 0, pid))
+    n = min(256, len(data))
+    with torch.no_grad():
+        fake = model(torch.randn(n, model.spec.nz, generator=gen, device=device))
+        real = data[torch.randperm(len(data), generator=gen, device=device)[:n]]
+        mmd = mmd2_unbiased(fake, real).item()
+    content = RecordDict({METRICS_KEY: MetricRecord({"num-examples": len(data), "local_mmd_pixels": mmd})})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,131 @@
+"""PRISM ServerApp: run MADA rounds, evaluate, checkpoint, export the sparse model.
+
+Everything a run produces lands in ``output-dir``:
+``checkpoint.pt`` (every round, atomic), ``history.json`` (one record per round),
+``samples/round-XXXX.png`` (every evaluation), ``model.prism`` (final sparse model),
+``samples.png`` (final grid) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from prism_flwr.checkpoint import load_checkpoint, save_checkpoint
+from prism_flwr.config import RunConfig
+from prism_flwr.evaluation import Evaluator, generate, save_grid
+from prism_flwr.export import dense_float32_bytes, load_sparse_model, save_sparse_model
+from prism_flwr.generator import ResnetGenerator
+from prism_flwr.masked import get_scores, layout_fingerprint, num_masked, sample_mask, set_scores
+from prism_flwr.task import SCORES_KEY, generator_spec, pick_device
+from strategies.mada import MADA
+
+app = ServerApp()
+log = logging.getLogger("prism.server")
+
+
+def _fmt(record: dict) -> str:
+    """One progress line per round."""
+    parts = [f"[round {record['round']}] clients {record['clients']}/{record['asked']}"]
+    if record["skipped"]:
+        parts.append("SKIPPED (too few valid masks)")
+    else:
+        parts.append(f"up {record['uplink_bytes'] / 1e3:.1f} kB ({record['uplink_bits_per_weight']:.5f} bit/w)")
+        parts.append(f"down {record['downlink_bytes'] / 1e6:.2f} MB")
+        if record["mada_lambda"] is not None:
+            parts.append(f"lambda {record['mada_lambda']:.3f}")
+        parts.append(f"loss {record['loss']:.4g}")
+    if record["dropped"]:
+        parts.append(f"dropped {len(record['dropped'])}")
+    parts += [f"{k} {v:.4g}" for k, v in record.get("eval", {}).items()]
+    return " | ".join(parts)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.parse(context.run_config)  # a bad key stops the run here, before any training
+    out = cfg.resolved_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    spec = generator_spec(cfg)
+    model = ResnetGenerator(spec)
+    n, layout = num_masked(model), layout_fingerprint(model)
+    ckpt_path = out / "checkpoint.pt"
+
+    start_round, history, run_tag = 0, [], secrets.token_hex(4)
+    scores = get_scores(model).numpy()
+    if cfg.resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"resume=true but there is no checkpoint at {ckpt_path}")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["spec"] != spec.to_dict():
+            raise ValueError(f"checkpoint {ckpt_path} is for generator {ckpt['spec']}, this run builds {spec.to_dict()}")
+        start_round, history, run_tag = ckpt["round"], ckpt["history"], ckpt["run_tag"]
+        scores = ckpt["scores"].numpy()
+        log.warning("resuming from %s at round %d of %d", ckpt_path, start_round, cfg.num_server_rounds)
+    remaining = cfg.num_server_rounds - start_round
+    print(f"PRISM: {cfg.dataset}, ngf {cfg.ngf} ({n:,} masked weights), {cfg.aggregation}, "
+          f"{remaining} rounds to go; outputs in {out}", flush=True)
+
+    strategy = MADA(num_weights=n, layout=layout, method=cfg.aggregation, space=cfg.mada_space, seed=cfg.seed,
+                    eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
+                    min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes)
+    strategy.round_offset = start_round
+    evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), cfg.eval_samples, cfg.seed, device, cfg.download)
+
+    def evaluate_and_record(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Called by Strategy.start at round 0 and after every round: eval, history, checkpoint."""
+        rnd = local_round + start_round
+        if local_round == 0 and start_round > 0:
+            return None  # resumed: round start_round was evaluated and recorded before the crash
+        s = arrays[SCORES_KEY].numpy()
+        record = strategy.round_records.get(rnd, {"round": rnd, "clients": 0, "asked": 0, "dropped": [],
+                                                   "skipped": False, "uplink_bytes": 0, "downlink_bytes": 0,
+                                                   "uplink_bits_per_weight": None, "mada_lambda": None, "loss": None})
+        if rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds:
+            set_scores(model, torch.from_numpy(s))
+            metrics, fake = evaluator.evaluate(model)
+            save_grid(fake[:64], out / "samples" / f"round-{rnd:04d}.png")
+            record["eval"] = metrics
+        record["time"] = time.time()
+        history.append(record)
+        if rnd > 0:
+            print(_fmt(record), flush=True)
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        save_checkpoint(ckpt_path, {"round": rnd, "scores": torch.from_numpy(s.copy()), "history": history,
+                                    "run_tag": run_tag, "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True)})
+        return MetricRecord(record["eval"]) if "eval" in record else None
+
+    t0 = time.time()
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord({SCORES_KEY: Array(scores)}),
+                            num_rounds=remaining, timeout=cfg.round_timeout,
+                            train_config=ConfigRecord({"run-tag": run_tag}), evaluate_fn=evaluate_and_record)
+    final_scores = result.arrays[SCORES_KEY].numpy() if SCORES_KEY in result.arrays else scores
+    _export(cfg, out, model, final_scores, history, time.time() - t0)
+
+
+def _export(cfg: RunConfig, out, model: ResnetGenerator, scores: np.ndarray, history: list, seconds: float) -> None:
+    """Final sparse model (mask sampled from theta, as the paper evaluates), grid and summary."""
+    set_scores(model, torch.from_numpy(scores))
+    mask = sample_mask(model, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+    size = save_sparse_model(out / "model.prism", model.spec, mask, {"dataset": cfg.dataset, "mask": "sample"})
+    exported, _ = load_sparse_model(out / "model.prism")
+    save_grid(generate(exported, 64, cfg.seed), out / "samples.png")
+    summary = {
+        "rounds": cfg.num_server_rounds, "wall_seconds": seconds,
+        "model_bytes": size, "dense_float32_bytes": dense_float32_bytes(model.spec),
+        "density": float(mask.mean()), "masked_weights": int(mask.size),
+        "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in history)),
+        "final_eval": next((r["eval"] for r in reversed(history) if "eval" in r), None),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"PRISM done: model.prism {size / 1e3:.1f} kB vs dense float32 {summary['dense_float32_bytes'] / 1e6:.2f} MB, "
+          f"density {summary['density']:.3f}; samples in {out / 'samples.png'}", flush=True)
+

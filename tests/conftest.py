@@ -1,0 +1,22 @@
+"""Shared fixtures: one prepared copy of the real Fashion-MNIST per test session."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+FMNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data directory holding real Fashion-MNIST (prepared from Debian's package on first use).
+
+    ``PRISM_TEST_DATA_DIR`` points the tests at an existing data directory instead (e.g. on a
+    machine without the Debian package but with the torchvision layout).
+    """
+    if os.environ.get("PRISM_TEST_DATA_DIR"):
+        return Path(os.environ["PRISM_TEST_DATA_DIR"])
+    if not FMNIST_DEBIAN.is_dir():
+        pytest.skip("real Fashion-MNIST needs `apt-get install dataset-fashion-mnist` (the README's test command does it)")
+    return tmp_path_factory.mktemp("data")
