@@ -1,0 +1,149 @@
+"""prism_flwr.data: real Fashion-MNIST from the Debian package, fixtures for the other datasets."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from fixtures_data import write_celeba, write_cifar10, write_idx, write_mnist
+from prism_flwr import data
+from prism_flwr.data import DatasetMissingError, load_dataset
+
+needs_fmnist = pytest.mark.skipif(
+    not all((data.FMNIST_SYSTEM_DIR / f"{f}.gz").is_file() for f in data._IDX_FILES),
+    reason=f"Fashion-MNIST not in {data.FMNIST_SYSTEM_DIR} (Debian package dataset-fashion-mnist not installed)",
+)
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fmnist")
+
+
+@needs_fmnist
+def test_fmnist_train_from_debian_package(fmnist_dir: Path) -> None:
+    train = load_dataset("fmnist", fmnist_dir)
+    assert train.name == "fmnist" and train.num_classes == 10 and len(train) == 60_000
+    assert train.images.shape == (60_000, 1, 32, 32) and train.images.dtype == torch.uint8
+    assert train.labels.dtype == np.int64
+    assert np.bincount(train.labels).tolist() == [6000] * 10
+    # prepared in torchvision's layout, uncompressed
+    assert (fmnist_dir / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").stat().st_size == 16 + 60_000 * 784
+    x = train.to_float(np.arange(2000))
+    assert x.dtype == torch.float32 and x.shape == (2000, 1, 32, 32)
+    assert x.min().item() == -1.0 and x.max().item() == pytest.approx(1.0)
+    assert load_dataset("fmnist", str(fmnist_dir / "sub" / "..")) is train  # cached by resolved path
+
+
+@needs_fmnist
+def test_fmnist_test_split_reads_prepared_files(fmnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    load_dataset("fmnist", fmnist_dir)  # prepares the raw files (cached if the test above ran)
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", fmnist_dir / "no-such-dir")
+    test = load_dataset("fmnist", fmnist_dir, train=False)
+    assert test.images.shape == (10_000, 1, 32, 32)
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+
+
+def test_mnist_fixture_resized_like_pil(tmp_path: Path) -> None:
+    written = write_mnist(tmp_path, "MNIST", n_train=50, n_test=20)
+    images = written["train_images"]
+    images[0] = 200  # a constant image must stay constant
+    write_idx(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte", images)
+
+    train = load_dataset("mnist", tmp_path)
+    assert train.images.shape == (50, 1, 32, 32) and train.images.dtype == torch.uint8
+    np.testing.assert_array_equal(train.labels, written["train_labels"])
+    assert (train.images[0] == 200).all()
+    # the vectorised resize matches the paper's per-image PIL Resize(32) up to rounding
+    pil = torch.stack([T.functional.pil_to_tensor(T.Resize(32)(Image.fromarray(a, mode="L")))
+                       for a in images])
+    assert (train.images.int() - pil.int()).abs().max().item() <= 1
+    test = load_dataset("mnist", tmp_path, train=False)
+    assert len(test) == 20 and test is not train
+
+
+def test_cifar10_fixture(tmp_path: Path) -> None:
+    written = write_cifar10(tmp_path, per_batch=3, n_test=4)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:  # the official pickle layout
+        assert {b"batch_label", b"labels", b"data", b"filenames"} == set(pickle.load(f, encoding="bytes"))
+
+    train = load_dataset("cifar10", tmp_path)
+    assert train.images.shape == (15, 3, 32, 32) and train.num_classes == 10
+    np.testing.assert_array_equal(train.images.numpy(), written["train_images"])  # constant colours kept
+    np.testing.assert_array_equal(train.labels, written["train_labels"])
+    x = train.to_float([0])
+    assert torch.allclose(x[0, :, 5, 7], torch.from_numpy(written["train_images"][0, :, 0, 0]).float() / 127.5 - 1)
+    test = load_dataset("cifar10", tmp_path, train=False)
+    np.testing.assert_array_equal(test.images.numpy(), written["test_images"])
+    assert load_dataset("cifar10", tmp_path) is train
+
+
+def test_celeba_fixture_centre_crop_and_male_labels(tmp_path: Path) -> None:
+    partitions = [0, 0, 0, 1, 2, 2]
+    male = [1, 0, 1, 1, 0, 1]
+    greens = [100, 140, 180, 200, 120, 160]
+    write_celeba(tmp_path, partitions, male, greens)
+
+    train = load_dataset("celeba", tmp_path)
+    assert train.images.shape == (3, 3, 32, 32) and train.images.dtype == torch.uint8 and train.num_classes == 2
+    np.testing.assert_array_equal(train.labels, [1, 0, 1])
+    # the red border lies outside the central 160x160 crop: gone after CenterCrop(160) + Resize(32)
+    assert train.images[:, 0].max().item() < 20, "red border survived the centre crop"
+    green = train.images[:, 1].float().mean(dim=(1, 2))
+    np.testing.assert_allclose(green.numpy(), greens[:3], atol=4)
+    test = load_dataset("celeba", tmp_path, train=False)
+    np.testing.assert_array_equal(test.labels, [0, 1])
+    np.testing.assert_allclose(test.images[:, 1].float().mean(dim=(1, 2)).numpy(), greens[4:], atol=4)
+
+
+@pytest.mark.parametrize("name, layout", [
+    ("mnist", "MNIST/raw/train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+              "t10k-labels-idx1-ubyte  (uncompressed idx files)"),
+    ("fmnist", "FashionMNIST/raw/train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+               "t10k-labels-idx1-ubyte  (uncompressed idx files)"),
+    ("cifar10", "cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta"),
+    ("celeba", "celeba/img_align_celeba/*.jpg, list_attr_celeba.txt, list_eval_partition.txt, identity_CelebA.txt, "
+               "list_bbox_celeba.txt, list_landmarks_align_celeba.txt"),
+])
+def test_missing_dataset_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, layout: str) -> None:
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", tmp_path / "no-debian-package")
+    root = (tmp_path / "data").resolve()
+    with pytest.raises(DatasetMissingError) as caught:
+        load_dataset(name, root)
+    message = str(caught.value)
+    assert isinstance(caught.value, FileNotFoundError)
+    assert message.startswith(f"Dataset '{name}' not found (download is off). Looked for these files, missing:\n")
+    for path in data._expected_files(name, root):
+        assert f"\n  {path}\n" in message
+    assert ("  - set run-config key `download = true` on a machine with internet "
+            f"(flwr run . --run-config \"download=true\"); torchvision downloads it into {root}") in message
+    assert f"  - put the files there yourself, in this layout:\n      {root}/{layout}" in message
+    assert "or set run-config key `data-dir` to a directory with this layout" in message
+    has_apt = f"  - apt-get install dataset-fashion-mnist (Debian/Ubuntu); its files in {tmp_path / 'no-debian-package'}"
+    assert (has_apt in message) == (name == "fmnist")
+    if name == "fmnist":
+        assert f"\n  {tmp_path / 'no-debian-package' / 'train-images-idx3-ubyte.gz'}\n" in message
+
+
+def test_partial_cifar10_names_only_missing_files(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, per_batch=1, n_test=1)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DatasetMissingError, match=r"missing:\n  \S+/cifar-10-batches-py/data_batch_3\nGet it"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_unknown_dataset_and_image_data_checks(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="choose one of mnist, fmnist, cifar10, celeba"):
+        load_dataset("svhn", tmp_path)
+    with pytest.raises(ValueError, match=r"expected uint8 images \(N, 1, 32, 32\)"):
+        data.ImageData("mnist", torch.zeros(2, 1, 28, 28, dtype=torch.uint8), np.zeros(2, np.int64), 10)
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 1, 32, 32).contiguous()
+    pair = data.ImageData("mnist", images, np.array([3, 4]), 10)
+    assert pair.to_float().amin(dim=(1, 2, 3)).tolist() == [-1.0, 1.0]
+    assert pair.to_float(np.array([1])).shape == (1, 1, 32, 32)
