@@ -86,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.dp == "statistics" and not state.train.objective:
         # Released once with sample-level DP; every later step and round is post-processing.
         with torch.no_grad():
-            mu, var, eps = privatize_statistics(features(data), cfg.dp_clip, cfg.dp_epsilon, cfg.dp_delta,
+            mu, var, eps = privatize_statistics(features(data), cfg.dp_feature_clip, cfg.dp_epsilon, cfg.dp_delta,
                                                 generator=torch.Generator(device=device).manual_seed(seed + 3))
         state.train.objective = FeatureMatching(mu, var).full_state()
         state.statistics_epsilon = eps
@@ -105,12 +105,13 @@ def train(msg: Message, context: Context) -> Message:
     blob = encode_mask(mask.numpy(), layout_fingerprint(model))
     save_client_state(msg, context, cfg, pid, server_round, state)
 
-    metrics.update({
-        "num-examples": len(data),
-        "mask_density": float(mask.float().mean()),
-        "dp_epsilon": state.epsilon_spent,
-    })
-    log.info("client %d round %d: loss %.4g, %d bytes up", pid, server_round, metrics["loss"], len(blob))
+    metrics.update({"num-examples": len(data), "mask_density": float(mask.float().mean())})
+    if cfg.dp == "theta":
+        # Client-level DP covers the mask only: send nothing else computed from the data.
+        metrics = {"num-examples": 1}
+    if cfg.dp != "off":
+        metrics["dp_epsilon"] = state.epsilon_spent
+    log.info("client %d round %d: %d bytes up", pid, server_round, len(blob))
     content = RecordDict({
         MASK_KEY: ArrayRecord({MASK_KEY: Array(np.frombuffer(blob, dtype=np.uint8).copy())}),
         METRICS_KEY: MetricRecord(metrics),

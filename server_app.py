@@ -41,7 +41,8 @@ def _fmt(record: dict) -> str:
         parts.append(f"down {record['downlink_bytes'] / 1e6:.2f} MB")
         if record["mada_lambda"] is not None:
             parts.append(f"lambda {record['mada_lambda']:.3f}")
-        parts.append(f"loss {record['loss']:.4g}")
+        if record["loss"] is not None:
+            parts.append(f"loss {record['loss']:.4g}")
     if record["dropped"]:
         parts.append(f"dropped {len(record['dropped'])}")
     parts += [f"{k} {v:.4g}" for k, v in record.get("eval", {}).items()]
@@ -76,6 +77,8 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = MADA(num_weights=n, layout=layout, method=cfg.aggregation, space=cfg.mada_space, seed=cfg.seed,
                     eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
+                    # with dp='theta' a client's local evaluation would leak data outside the guarantee
+                    fraction_evaluate=0.0 if cfg.dp == "theta" else 1.0,
                     min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes)
     strategy.round_offset = start_round
     evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), cfg.eval_samples, cfg.seed, device, cfg.download)

@@ -65,6 +65,7 @@ class RunConfig(BaseModel):
     dp_epsilon: float = Field(9.8, gt=0)
     dp_delta: float = Field(1e-5, gt=0, lt=1)
     dp_clip: float = Field(0.1, gt=0, lt=0.5)
+    dp_feature_clip: float = Field(32.0, gt=0)
 
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":

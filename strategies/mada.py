@@ -48,9 +48,9 @@ class MADA(FedAvg):
     """
 
     def __init__(self, *, num_weights: int, layout: bytes, method: str = "mada", space: str = "score",
-                 seed: int = 0, eval_every: int = 1, fraction_train: float = 1.0, min_train_nodes: int = 2,
-                 min_available_nodes: int = 2) -> None:
-        super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes,
+                 seed: int = 0, eval_every: int = 1, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
+                 min_train_nodes: int = 2, min_available_nodes: int = 2) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=min_train_nodes,
                          min_evaluate_nodes=min_train_nodes, min_available_nodes=min_available_nodes,
                          arrayrecord_key=SCORES_KEY)
         self.num_weights = num_weights
