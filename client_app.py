@@ -70,6 +70,8 @@ def _setup(msg: Message, context: Context):
     model = ResnetGenerator(generator_spec(cfg)).to(device)
     set_scores(model, torch.from_numpy(msg.content[SCORES_KEY][SCORES_KEY].numpy()).to(device))
     data, hist = client_data(cfg, pid, num, device)
+    if len(data) < 2:  # e.g. Dirichlet with a tiny alpha can leave a client (almost) empty
+        raise ValueError(f"partition {pid} of {num} holds {len(data)} images: nothing to train or evaluate on")
     return cfg, pid, device, model, data, hist
 
 

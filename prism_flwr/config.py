@@ -58,7 +58,7 @@ class RunConfig(BaseModel):
     eval_every: int = Field(5, ge=1)
     eval_samples: int = Field(1000, ge=2)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    output_dir: str = "outputs"
+    output_dir: str = "~/prism-flwr/outputs"
     resume: bool = False
     # privacy
     dp: Literal["off", "theta", "statistics"] = "off"

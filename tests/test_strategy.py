@@ -1,0 +1,146 @@
+"""MADA strategy: valid masks aggregate exactly; every bad reply is dropped, never averaged in."""
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from hypothesis import given, settings, strategies as st
+
+from prism_flwr.aggregation import aggregate, count_ones
+from prism_flwr.codec import encode_mask
+from prism_flwr.task import MASK_KEY, METRICS_KEY, SCORES_KEY
+from strategies.mada import MADA
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages need the identity a running ServerApp has; give them one outside Flower."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+N = 53
+LAYOUT = b"L" * 8
+SCORES = np.linspace(-2, 2, N).astype(np.float32)
+
+
+class FakeGrid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def make_strategy(nodes=(1, 2, 3, 4), method="mada", min_train_nodes=2):
+    s = MADA(num_weights=N, layout=LAYOUT, method=method, seed=5, min_train_nodes=min_train_nodes,
+             min_available_nodes=len(nodes))
+    s.configure_train(1, ArrayRecord({SCORES_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid(list(nodes)))
+    return s
+
+
+def reply(node, blob=None, metrics=None, error=None):
+    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+                    group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    if error:
+        return Message(metadata=meta, error=Error(code=1, reason=error))
+    content = RecordDict()
+    if blob is not None:
+        content[MASK_KEY] = ArrayRecord({MASK_KEY: Array(np.frombuffer(blob, np.uint8).copy())})
+    content[METRICS_KEY] = MetricRecord(metrics if metrics is not None else {"num-examples": 10, "loss": 0.5})
+    return Message(metadata=meta, content=content)
+
+
+def mask(seed):
+    return np.random.default_rng(seed).random(N) < 0.4
+
+
+def expected_scores(masks, rnd=1):
+    counts, k = count_ones((np.packbits(m, bitorder="little") for m in masks), N)
+    return aggregate(SCORES, counts, k, method="mada", rng=np.random.default_rng([5, rnd])).scores
+
+
+def test_valid_replies_are_aggregated_exactly():
+    s = make_strategy()
+    masks = [mask(i) for i in range(4)]
+    arrays, metrics = s.aggregate_train(1, [reply(i + 1, encode_mask(m, LAYOUT)) for i, m in enumerate(masks)])
+    np.testing.assert_array_equal(arrays[SCORES_KEY].numpy(), expected_scores(masks))
+    assert metrics["clients"] == 4 and 0 <= metrics["mada_lambda"] <= 1
+    rec = s.round_records[1]
+    assert rec["uplink_bytes"] == 4 * len(encode_mask(masks[0], LAYOUT)) and rec["dropped"] == []
+
+
+def test_bad_replies_are_dropped_with_a_reason():
+    s = make_strategy(nodes=(1, 2, 3, 4, 5, 6, 7, 8))
+    good = [mask(1), mask(2)]
+    blob = encode_mask(good[0], LAYOUT)
+    replies = [
+        reply(1, blob),
+        reply(2, encode_mask(good[1], LAYOUT)),
+        reply(3, blob[:-3]),                                                 # truncated
+        reply(4, encode_mask(mask(4), b"X" * 8)),                            # other model
+        reply(5, encode_mask(mask(5), LAYOUT), {"num-examples": 10, "loss": float("nan")}),
+        reply(6, error="ClientApp raised ValueError"),
+        reply(7, None),                                                       # no mask record
+        reply(1, encode_mask(mask(9), LAYOUT)),                              # duplicate from node 1
+    ]
+    arrays, _ = s.aggregate_train(1, replies)
+    np.testing.assert_array_equal(arrays[SCORES_KEY].numpy(), expected_scores(good))
+    reasons = "\n".join(s.round_records[1]["dropped"])
+    for node, why in [(3, "payload is"), (4, "layout"), (5, "not a finite number"), (6, "ClientApp raised"),
+                      (7, "lacks record"), (1, "duplicate")]:
+        assert f"node {node}: " in reasons and why in reasons, reasons
+    assert len(s.round_records[1]["dropped"]) == 6
+
+
+def test_wrong_dtype_is_dropped():
+    s = make_strategy()
+    m = reply(1, encode_mask(mask(0), LAYOUT))
+    m.content[MASK_KEY] = ArrayRecord({MASK_KEY: Array(np.zeros(40, np.float32))})
+    arrays, metrics = s.aggregate_train(1, [m, reply(2, encode_mask(mask(1), LAYOUT))])
+    assert arrays is None and metrics is None  # one valid mask < min_train_nodes
+    assert "flat uint8" in s.round_records[1]["dropped"][0]
+
+
+def test_round_is_skipped_below_min_train_nodes():
+    s = make_strategy(min_train_nodes=3)
+    arrays, metrics = s.aggregate_train(1, [reply(1, encode_mask(mask(0), LAYOUT)), reply(2, error="timeout")])
+    assert arrays is None and metrics is None
+    assert s.round_records[1]["skipped"] and s.round_records[1]["clients"] == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=6))
+def test_fuzzed_replies_never_leak_into_the_aggregate(corruptions):
+    """Random byte corruptions: no exception escapes and only intact masks are aggregated."""
+    s = make_strategy(nodes=tuple(range(1, len(corruptions) + 1)), min_train_nodes=1)
+    replies, intact = [], []
+    for node, (corrupt, pos, flip) in enumerate(corruptions, start=1):
+        m = mask(node)
+        blob = bytearray(encode_mask(m, LAYOUT))
+        if corrupt:
+            blob[pos % len(blob)] ^= flip
+        else:
+            intact.append(m)
+        replies.append(reply(node, bytes(blob)))
+    arrays, _ = s.aggregate_train(1, replies)
+    if intact:
+        np.testing.assert_array_equal(arrays[SCORES_KEY].numpy(), expected_scores(intact))
+    else:
+        assert arrays is None  # the global state is unchanged by a round whose replies are all bad
+    assert len(s.round_records[1]["dropped"]) == len(corruptions) - len(intact)
+
+
+def test_round_offset_continues_the_numbering():
+    s = make_strategy()
+    s.round_offset = 7
+    msgs = list(s.configure_train(1, ArrayRecord({SCORES_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid([1, 2, 3, 4])))
+    assert msgs[0].content["config"]["server-round"] == 8
+    masks = [mask(0), mask(1)]
+    arrays, _ = s.aggregate_train(1, [reply(1, encode_mask(masks[0], LAYOUT)), reply(2, encode_mask(masks[1], LAYOUT))])
+    np.testing.assert_array_equal(arrays[SCORES_KEY].numpy(), expected_scores(masks, rnd=8))
+    assert 8 in s.round_records
