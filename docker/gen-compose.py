@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Write a Docker Compose file: one SuperLink + N SuperNodes, Flower 1.42, process isolation.
+
+    python docker/gen-compose.py                        > docker/compose.yaml   (2 nodes, insecure, CPU)
+    python docker/gen-compose.py --nodes 8 --tls --auth > docker/compose.8.yaml
+    python docker/gen-compose.py --nodes 4 --gpu        > docker/compose.gpu.yaml
+
+Services (all on one Compose network, so one host; docs/deployment.md splits them over machines):
+  superlink              flwr/superlink: Fleet + Control + Runtime API on one HTTP(S) port, 8000
+  superexec-serverapp    this app's ServerApp image; runs ServerApps for the SuperLink
+  supernode-<i>          flwr/supernode with --node-config "partition-id=<i> num-partitions=N"
+  superexec-clientapp-<i>  this app's ClientApp image (CPU, or CUDA with --gpu); runs ClientApps
+                         for supernode-<i> over its Runtime API (supernode-<i>:9094)
+Volumes: prism-data (datasets, = run-config data-dir ~/.cache/prism-flwr/data in the images),
+prism-outputs (ServerApp output-dir) and prism-outputs-<i> (each node's output-dir: client-state).
+--tls   SuperLink serves HTTPS with docker/certs/out/{ca.crt,server.pem,server.key}
+        (docker/certs/generate.sh); SuperNodes and the ServerApp SuperExec verify it with ca.crt.
+--auth  SuperNode authentication: supernode-<i> signs with docker/keys/supernode-<i> (ssh-keygen -t
+        ecdsa -b 384); register each .pub first: flwr supernode register docker/keys/supernode-<i>.pub CONN
+--gpu   ClientApp SuperExecs from clientapp-cuda.Dockerfile with all GPUs reserved (NVIDIA
+        Container Toolkit); run-config device=auto then picks CUDA.
+Only the Python standard library is used, so this runs anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+FLWR_VERSION = "1.42.0"
+LINK_PORT = 8000  # SuperLink HTTP(S) port (1.42 default)
+NODE_PORT = 9094  # SuperNode Runtime API port (1.42 default); each node is its own container
+DATA = "/app/.cache/prism-flwr/data"  # default run-config data-dir under the images' HOME=/app
+OUTPUTS = "/app/prism-flwr/outputs"  # default run-config output-dir ~/prism-flwr/outputs, HOME=/app
+CERTS = "/app/certificates"
+ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def build(dockerfile: str, image: str) -> dict:
+    return {"build": {"context": "..", "dockerfile": f"docker/{dockerfile}"}, "image": image}
+
+
+def compose(nodes: int, tls: bool, auth: bool, gpu: bool) -> dict:
+    version = "${FLWR_VERSION:-" + FLWR_VERSION + "}"
+    security = [] if tls else ["--insecure"]
+    link_cmd = [*security, "--isolation", "process", "--host", "0.0.0.0", "--port", str(LINK_PORT)]
+    link: dict = {"image": f"flwr/superlink:{version}", "command": link_cmd, "environment": ENV,
+                  "ports": [f"{LINK_PORT}:{LINK_PORT}"], "restart": "unless-stopped"}
+    secrets: dict = {}
+    if tls:
+        link_cmd += ["--ssl-ca-certfile", f"{CERTS}/ca.crt", "--ssl-certfile", f"{CERTS}/server.pem",
+                     "--ssl-keyfile", f"{CERTS}/server.key"]
+        link["secrets"] = [{"source": s, "target": f"{CERTS}/{f}"}
+                           for s, f in (("ca-crt", "ca.crt"), ("server-pem", "server.pem"), ("server-key", "server.key"))]
+        secrets.update({"ca-crt": {"file": "certs/out/ca.crt"}, "server-pem": {"file": "certs/out/server.pem"},
+                        "server-key": {"file": "certs/out/server.key"}})
+    if auth:
+        link_cmd.append("--enable-supernode-auth")
+    ca = [{"source": "ca-crt", "target": f"{CERTS}/ca.crt"}] if tls else []
+
+    server_exec = {
+        **build("serverapp.Dockerfile", "prism-flwr/serverapp:cpu"),
+        "command": [*(["--root-certificates", f"{CERTS}/ca.crt"] if tls else ["--insecure"]),
+                    "--runtime-api-address", f"superlink:{LINK_PORT}"],
+        "environment": ENV,
+        "volumes": [f"prism-data:{DATA}", f"prism-outputs:{OUTPUTS}"],
+        "restart": "on-failure", "depends_on": ["superlink"],
+    }
+    if ca:
+        server_exec["secrets"] = ca
+    services = {"superlink": link, "superexec-serverapp": server_exec}
+    volumes: dict = {"prism-data": {}, "prism-outputs": {}}
+
+    for i in range(nodes):
+        node_cmd = [*security, "--superlink", f"superlink:{LINK_PORT}", "--isolation", "process",
+                    "--host", "0.0.0.0", "--port", str(NODE_PORT),
+                    "--node-config", f"partition-id={i} num-partitions={nodes}"]
+        node: dict = {"image": f"flwr/supernode:{version}", "command": node_cmd, "environment": ENV,
+                      "restart": "on-failure", "depends_on": ["superlink"]}
+        node_secrets = list(ca)
+        if tls:
+            node_cmd += ["--root-certificates", f"{CERTS}/ca.crt"]
+        if auth:
+            node_cmd += ["--auth-supernode-private-key", "/app/keys/supernode.key"]
+            node_secrets.append({"source": f"supernode-{i}-key", "target": "/app/keys/supernode.key"})
+            secrets[f"supernode-{i}-key"] = {"file": f"keys/supernode-{i}"}
+        if node_secrets:
+            node["secrets"] = node_secrets
+        services[f"supernode-{i}"] = node
+
+        exe = {
+            **(build("clientapp-cuda.Dockerfile", "prism-flwr/clientapp:cuda") if gpu
+               else build("clientapp.Dockerfile", "prism-flwr/clientapp:cpu")),
+            # The Runtime API stays on the Compose network (no `ports:`), so plain HTTP here.
+            "command": ["--insecure", "--runtime-api-address", f"supernode-{i}:{NODE_PORT}"],
+            "environment": ENV,
+            "volumes": [f"prism-data:{DATA}", f"prism-outputs-{i}:{OUTPUTS}"],
+            "stop_signal": "SIGINT", "restart": "on-failure", "depends_on": [f"supernode-{i}"],
+        }
+        if gpu:
+            exe["deploy"] = {"resources": {"reservations": {"devices": [
+                {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]}}}
+        services[f"superexec-clientapp-{i}"] = exe
+        volumes[f"prism-outputs-{i}"] = {}
+
+    spec: dict = {"name": "prism-flwr", "services": services, "volumes": volumes}
+    if secrets:
+        spec["secrets"] = secrets
+    return spec
+
+
+# ---------------------------------------------------------------------- a small YAML emitter
+_PLAIN = re.compile(r"^[A-Za-z_/$][A-Za-z0-9_./:${}=-]*$")
+_RESERVED = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if _PLAIN.match(text) and text.lower() not in _RESERVED and ": " not in text:
+        return text
+    return json.dumps(text)  # a JSON string is a valid double-quoted YAML scalar
+
+
+def _emit(value: object, indent: int, out: list[str]) -> None:
+    pad = "  " * indent
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, dict) and item:
+                out.append(f"{pad}{key}:")
+                _emit(item, indent + 1, out)
+            elif isinstance(item, list) and item:
+                out.append(f"{pad}{key}:")
+                _emit(item, indent + 1, out)
+            elif isinstance(item, (dict, list)):
+                out.append(f"{pad}{key}: {{}}" if isinstance(item, dict) else f"{pad}{key}: []")
+            else:
+                out.append(f"{pad}{key}: {_scalar(item)}")
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict):
+                lines: list[str] = []
+                _emit(item, indent + 1, lines)
+                out.append(f"{pad}- {lines[0].lstrip()}")
+                out.extend(lines[1:])
+            else:
+                out.append(f"{pad}- {_scalar(item)}")
+
+
+def to_yaml(spec: dict, argv: list[str]) -> str:
+    args = " ".join(argv)
+    header = [
+        f"# Generated by: python docker/gen-compose.py{' ' + args if args else ''}",
+        "# Edit docker/gen-compose.py, not this file (tests/test_deployment.py checks they agree).",
+        "# Keep it in docker/: relative paths (build context, certs/, keys/) are resolved from there.",
+        "# Start:  docker compose -f docker/<this file> up --build -d",
+        "# Run:    flwr run . docker   (connection in $FLWR_HOME/config.toml, see docs/deployment.md)",
+    ]
+    out: list[str] = []
+    _emit(spec, 0, out)
+    return "\n".join(header + out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nodes", type=int, default=2, help="number of SuperNodes (default 2)")
+    ap.add_argument("--tls", action="store_true", help="HTTPS SuperLink (certs from docker/certs/generate.sh)")
+    ap.add_argument("--auth", action="store_true", help="SuperNode authentication (keys in docker/keys/)")
+    ap.add_argument("--gpu", action="store_true", help="CUDA ClientApp images with the GPUs reserved")
+    args = ap.parse_args(argv)
+    if args.nodes < 1:
+        ap.error("--nodes must be at least 1")
+    sys.stdout.write(to_yaml(compose(args.nodes, args.tls, args.auth, args.gpu), argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

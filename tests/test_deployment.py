@@ -1,0 +1,244 @@
+"""Deployment runtime on loopback: a real SuperLink and SuperNodes as processes, the real app.
+
+- ``test_deployment_two_supernodes``: SuperLink + 2 SuperNodes (insecure, CPU), ``flwr run`` of
+  this repository for 2 rounds on real Fashion-MNIST through a connection in a temporary
+  ``$FLWR_HOME/config.toml``; checks the run's status, ``history.json`` and ``model.prism``; then
+  stops every process by PID (process group and descendants) and checks none is left.
+- ``test_tls_and_supernode_auth``: certificates from ``docker/certs/generate.sh``, a TLS SuperLink
+  with SuperNode authentication; a registered ECDSA key joins, an unregistered one is refused.
+- ``test_app_bundle_is_small``: the FAB Flower builds from the repository stays far below 10 MB.
+- ``test_compose_*``: docker/compose.yaml is what docker/gen-compose.py writes, and its services
+  are wired consistently (no Docker engine here: structure only, see docs/deployment.md).
+
+No pytest-timeout here: every wait is bounded by a subprocess or polling timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import procs
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flower-supernode, flwr
+RUN_TIMEOUT = 300  # seconds for `flwr run` (about 90 s on 2 CPU cores)
+
+
+def _exe(name: str) -> str:
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} not found (install the project: pip install -e .)")
+    return found
+
+
+def _flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process of a test: private FLWR_HOME, offline, no update check."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # SuperLink and SuperNode start `flower-superexec` by name: the venv's must come first.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+        "NO_COLOR": "1",
+    })
+    return env
+
+
+def _flwr(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([_exe("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=env["FLWR_HOME"])
+
+
+def _flwr_json(args: list[str], env: dict[str, str]) -> dict:
+    out = _flwr([*args, "--format", "json"], env)
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(f"flwr {' '.join(args)}: not JSON:\n{out.stdout}\n{out.stderr}") from None
+
+
+def _write_connection(flwr_home: Path, name: str, address: str, **options: str | bool) -> None:
+    lines = [f"[superlink.{name}]", f'address = "{address}"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _online_nodes(env: dict[str, str], connection: str) -> list[dict]:
+    try:
+        reply = _flwr_json(["supernode", "ls", connection], env)
+    except AssertionError:  # not answering yet: poll again
+        return []
+    return [n for n in reply.get("nodes", []) if n.get("status") == "online"]
+
+
+# ------------------------------------------------------------------------------------------------
+def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
+    flwr_home, out, logs = tmp_path / "flwr-home", tmp_path / "outputs", tmp_path / "logs"
+    logs.mkdir()
+    env = _flower_env(flwr_home)
+    link_port, node_ports = procs.free_port(), procs.free_ports(2)
+    # 1.42: one HTTP server per SuperLink (Fleet + Control + Runtime APIs on --port) and one
+    # Runtime API server per SuperNode (--port); no other port is opened by default.
+    _write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
+    run_config = (f"num-server-rounds=2 local-steps=2 ngf=4 eval-every=1 eval-samples=64 "
+                  f"output-dir='{out}' data-dir='{data_dir}'")
+
+    t0 = time.monotonic()
+    with procs.Processes() as ps:
+        link = ps.start([_exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                         "--host", "127.0.0.1", "--port", str(link_port)], env=env, log_path=logs / "superlink.log")
+        procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
+        nodes = [
+            ps.start([_exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                      "--host", "127.0.0.1", "--port", str(port),
+                      "--node-config", f"partition-id={i} num-partitions=2"],
+                     env=env, log_path=logs / f"supernode-{i}.log")
+            for i, port in enumerate(node_ports)
+        ]
+        procs.wait_for(lambda: len(_online_nodes(env, "loopback")) == 2, timeout=60,
+                       desc="2 SuperNodes online", procs=[link, *nodes])
+
+        run = ps.start([_exe("flwr"), "run", str(REPO), "loopback", "--stream", "--run-config", run_config],
+                       env=env, log_path=logs / "flwr-run.log", cwd=flwr_home)
+        try:
+            run.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        ps.snapshot()
+        all_logs = "\n".join(procs.tail(p, 25) for p in sorted(logs.iterdir()))
+        assert run.returncode == 0, f"flwr run did not finish in {RUN_TIMEOUT}s (rc {run.returncode})\n{all_logs}"
+
+        runs = _flwr_json(["ls", "loopback"], env)["runs"]
+        newest = max(runs, key=lambda r: r["pending-at"])
+        assert newest["status"] == "finished:completed", f"{newest}\n{all_logs}"
+        assert newest["fab-id"] == "prism-flwr/prism-flwr"
+    seconds = time.monotonic() - t0
+    procs.assert_gone(ps.pids)
+    assert len(ps.pids) >= 3 + 2  # superlink, 2 supernodes, flwr run and their superexec helpers
+
+    history = json.loads((out / "history.json").read_text())
+    rounds = [r for r in history if r["round"] >= 1]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for record in rounds:
+        assert record["clients"] == 2, record
+        assert 0.99 <= record["uplink_bits_per_weight"] <= 1.01, record
+    assert (out / "model.prism").stat().st_size > 0
+    # ClientApps write their state under the same output-dir (here one machine for all).
+    assert (out / "client-state").is_dir()
+    print(f"deployment run (superlink + 2 supernodes, 2 rounds) took {seconds:.0f}s")
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl and ssh-keygen")
+def test_tls_and_supernode_auth(tmp_path: Path) -> None:
+    certs, flwr_home, logs = tmp_path / "certs", tmp_path / "flwr-home", tmp_path / "logs"
+    logs.mkdir()
+    subprocess.run(["bash", str(REPO / "docker" / "certs" / "generate.sh"), "-o", str(certs)], check=True,
+                   capture_output=True, timeout=120)
+    subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", certs / "ca.crt", certs / "server.pem"],
+                   check=True, capture_output=True)
+    for key in ("registered", "stranger"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / key)],
+                       check=True, timeout=30)
+    env = _flower_env(flwr_home)
+    link_port, port_a, port_b = procs.free_ports(3)
+    _write_connection(flwr_home, "tls", f"127.0.0.1:{link_port}", **{"root-certificates": str(certs / "ca.crt")})
+
+    def supernode(key: str, port: int, pid: int) -> list[str]:
+        return [_exe("flower-supernode"), "--superlink", f"127.0.0.1:{link_port}",
+                "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key", str(tmp_path / key),
+                "--port", str(port), "--max-retries", "3", "--node-config", f"partition-id={pid} num-partitions=2"]
+
+    with procs.Processes() as ps:
+        link = ps.start([_exe("flower-superlink"), "--ssl-ca-certfile", certs / "ca.crt",
+                         "--ssl-certfile", certs / "server.pem", "--ssl-keyfile", certs / "server.key",
+                         "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                         "--port", str(link_port)], env=env, log_path=logs / "superlink.log")
+        procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
+        reply = _flwr_json(["supernode", "register", str(tmp_path / "registered.pub"), "tls"], env)
+        assert reply.get("success"), reply
+        good = ps.start(supernode("registered", port_a, 0), env=env, log_path=logs / "registered.log")
+        bad = ps.start(supernode("stranger", port_b, 1), env=env, log_path=logs / "stranger.log")
+        online = procs.wait_for(lambda: _online_nodes(env, "tls"), timeout=60, desc="the registered node online",
+                                procs=[link, good])
+        assert [n["node-id"] for n in online] == [str(reply["node-id"])]
+        procs.wait_for(lambda: bad.poll() is not None, timeout=60, desc="the unregistered SuperNode to give up")
+        assert bad.returncode != 0
+        assert "Failed to activate SuperNode" in bad.log_path.read_text()
+        assert len(_online_nodes(env, "tls")) == 1
+    procs.assert_gone(ps.pids)
+
+
+# ------------------------------------------------------------------------------------------------
+def test_app_bundle_is_small(tmp_path: Path) -> None:
+    """Flower caps a FAB at 10 MB; data, outputs and the venv must stay out of it (.gitignore)."""
+    env = _flower_env(tmp_path / "flwr-home")
+    (tmp_path / "flwr-home").mkdir()
+    done = subprocess.run([_exe("flwr"), "build", "--app", str(REPO)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    fabs = list(tmp_path.glob("*.fab"))
+    assert done.returncode == 0 and len(fabs) == 1, done.stdout + done.stderr
+    size = fabs[0].stat().st_size
+    assert size < 2_000_000, f"FAB is {size / 1e6:.1f} MB (Flower's cap is 10 MB)"
+    names = zipfile.ZipFile(fabs[0]).namelist()
+    assert not [n for n in names if n.split("/")[0] in {".venv", "data", "outputs", ".git"}], names
+    assert "client_app.py" in names and "server_app.py" in names
+
+
+# ------------------------------------------------------------------------------------------------
+def _gen_compose(*args: str) -> str:
+    done = subprocess.run([sys.executable, str(REPO / "docker" / "gen-compose.py"), *args], capture_output=True,
+                          text=True, check=True, timeout=60)
+    return done.stdout
+
+
+def test_compose_file_is_generated() -> None:
+    assert (REPO / "docker" / "compose.yaml").read_text() == _gen_compose(), \
+        "docker/compose.yaml is stale: python docker/gen-compose.py > docker/compose.yaml"
+
+
+@pytest.mark.parametrize("flags", [["--nodes", "3"], ["--nodes", "2", "--tls", "--auth", "--gpu"]])
+def test_compose_services_are_wired(flags: list[str]) -> None:
+    yaml = pytest.importorskip("yaml")
+    spec = yaml.safe_load(_gen_compose(*flags))
+    n = int(flags[1])
+    services = spec["services"]
+    assert {"superlink", "superexec-serverapp"} <= set(services)
+    link = services["superlink"]["command"]
+    assert link[link.index("--isolation") + 1] == "process" and link[link.index("--host") + 1] == "0.0.0.0"
+    for i in range(n):
+        node = services[f"supernode-{i}"]["command"]
+        assert node[node.index("--node-config") + 1] == f"partition-id={i} num-partitions={n}"
+        assert node[node.index("--superlink") + 1] == "superlink:8000"
+        assert node[node.index("--isolation") + 1] == "process"
+        exe = services[f"superexec-clientapp-{i}"]
+        assert exe["command"][exe["command"].index("--runtime-api-address") + 1] == f"supernode-{i}:9094"
+        assert any(v.endswith(":/app/.cache/prism-flwr/data") for v in exe["volumes"])
+        if "--tls" in flags:
+            assert "--insecure" not in node and "--root-certificates" in node
+        if "--auth" in flags:
+            assert "--auth-supernode-private-key" in node
+        if "--gpu" in flags:
+            assert exe["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert f"supernode-{n}" not in services
+    server = services["superexec-serverapp"]["command"]
+    assert server[server.index("--runtime-api-address") + 1] == "superlink:8000"
+    if "--tls" in flags:
+        assert "--insecure" not in link and "--ssl-certfile" in link and "--root-certificates" in server
+    if "--auth" in flags:
+        assert "--enable-supernode-auth" in link
