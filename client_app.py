@@ -11,6 +11,7 @@ per-round file under ``<output-dir>/client-state/`` so a resumed server run find
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,14 @@ from prism_flwr.training import TrainSettings, train_scores
 app = ClientApp()
 log = logging.getLogger("prism.client")
 STATE_KEY = "prism-client"
+# Testing hook for failure drills: PRISM_FAULT_INJECTION="raise=1 corrupt=2" makes partition 1
+# raise in every training round and partition 2 upload a mask with a flipped payload byte.
+FAULT_ENV = "PRISM_FAULT_INJECTION"
+
+
+def _injected_fault(pid: int) -> str | None:
+    faults = dict(item.split("=") for item in os.environ.get(FAULT_ENV, "").split())
+    return next((kind for kind, target in faults.items() if int(target) == pid), None)
 
 
 def _state_dir(cfg: RunConfig, msg: Message) -> Path:
@@ -79,6 +88,9 @@ def _setup(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, device, model, data, hist = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
+    fault = _injected_fault(pid)
+    if fault == "raise":
+        raise RuntimeError(f"{FAULT_ENV}: partition {pid} fails on purpose")
     seed = derive_seed(cfg.seed, server_round, pid)
     torch.manual_seed(seed)  # Bernoulli masks use the global RNG: reproducible per (seed, round, client)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -105,9 +117,12 @@ def train(msg: Message, context: Context) -> Message:
         state.accountant.step()
     mask = sample_mask(model, thetas, generator=torch.Generator().manual_seed(seed + 2))
     blob = encode_mask(mask.numpy(), layout_fingerprint(model))
+    if fault == "corrupt":
+        blob = blob[:-1] + bytes([blob[-1] ^ 0xFF])
     save_client_state(msg, context, cfg, pid, server_round, state)
 
-    metrics.update({"num-examples": len(data), "mask_density": float(mask.float().mean())})
+    metrics.update({"num-examples": len(data), "mask_density": float(mask.float().mean()),
+                    "label_histogram": [int(c) for c in hist]})
     if cfg.dp == "theta":
         # Client-level DP covers the mask only: send nothing else computed from the data.
         metrics = {"num-examples": 1}

@@ -99,8 +99,8 @@ class MADA(FedAvg):
         blob = arr.numpy().tobytes()
         packed = decode_mask(blob, self.num_weights, self.layout)
         for key, value in metrics.items():
-            if isinstance(value, list) or not math.isfinite(value):
-                raise ValueError(f"metric {key!r} is not a finite number: {value!r}")
+            if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+                raise ValueError(f"metric {key!r} is not finite: {value!r}")
         if metrics.get("num-examples", 0) <= 0:
             raise ValueError("metric 'num-examples' missing or not positive")
         return packed, metrics, len(blob)
@@ -139,8 +139,10 @@ class MADA(FedAvg):
                         rng=np.random.default_rng([self.seed, rnd]))
         agg = self._weighted_metrics(metrics)
         record.update(agg)
-        if "dp_epsilon" in agg:  # privacy is per client: keep each one's spent epsilon
-            record["dp_epsilon_per_client"] = {str(n): m["dp_epsilon"] for n, m in zip(nodes, metrics)}
+        per_client = {"dp_epsilon": "dp_epsilon_per_client", "label_histogram": "label_histograms"}
+        for key, name in per_client.items():  # kept per node, not averaged
+            if all(key in m for m in metrics):
+                record[name] = {str(n): m[key] for n, m in zip(nodes, metrics)}
         out = MetricRecord({**agg, "clients": len(packed), "uplink_bytes": record["uplink_bytes"],
                             "uplink_bits_per_weight": record["uplink_bits_per_weight"],
                             "downlink_bytes": record["downlink_bytes"]})
@@ -151,7 +153,8 @@ class MADA(FedAvg):
 
     @staticmethod
     def _weighted_metrics(metrics: list[MetricRecord]) -> dict[str, float]:
-        """Average of every client metric, weighted by num-examples (keys present in all replies)."""
+        """Average of every scalar client metric, weighted by num-examples (keys present in all replies)."""
         weights = np.array([m["num-examples"] for m in metrics], dtype=np.float64)
-        keys = set.intersection(*(set(m.keys()) for m in metrics)) - {"num-examples"}
+        keys = {k for k in set.intersection(*(set(m.keys()) for m in metrics)) - {"num-examples"}
+                if not isinstance(metrics[0][k], list)}
         return {k: float(np.dot(weights, [m[k] for m in metrics]) / weights.sum()) for k in sorted(keys)}

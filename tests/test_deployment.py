@@ -16,7 +16,6 @@ No pytest-timeout here: every wait is bounded by a subprocess or polling timeout
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,93 +26,39 @@ from pathlib import Path
 import pytest
 
 import procs
+from flowerkit import REPO, exe, flower_env, flwr_json, newest_run, online_nodes, write_connection
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flower-supernode, flwr
 RUN_TIMEOUT = 300  # seconds for `flwr run` (about 90 s on 2 CPU cores)
-
-
-def _exe(name: str) -> str:
-    path = BIN / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if found is None:
-        pytest.skip(f"{name} not found (install the project: pip install -e .)")
-    return found
-
-
-def _flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for every Flower process of a test: private FLWR_HOME, offline, no update check."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        # SuperLink and SuperNode start `flower-superexec` by name: the venv's must come first.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONUNBUFFERED": "1",
-        "NO_COLOR": "1",
-    })
-    return env
-
-
-def _flwr(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([_exe("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=env["FLWR_HOME"])
-
-
-def _flwr_json(args: list[str], env: dict[str, str]) -> dict:
-    out = _flwr([*args, "--format", "json"], env)
-    try:
-        return json.loads(out.stdout)
-    except json.JSONDecodeError:
-        raise AssertionError(f"flwr {' '.join(args)}: not JSON:\n{out.stdout}\n{out.stderr}") from None
-
-
-def _write_connection(flwr_home: Path, name: str, address: str, **options: str | bool) -> None:
-    lines = [f"[superlink.{name}]", f'address = "{address}"']
-    lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
-
-
-def _online_nodes(env: dict[str, str], connection: str) -> list[dict]:
-    try:
-        reply = _flwr_json(["supernode", "ls", connection], env)
-    except AssertionError:  # not answering yet: poll again
-        return []
-    return [n for n in reply.get("nodes", []) if n.get("status") == "online"]
 
 
 # ------------------------------------------------------------------------------------------------
 def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
     flwr_home, out, logs = tmp_path / "flwr-home", tmp_path / "outputs", tmp_path / "logs"
     logs.mkdir()
-    env = _flower_env(flwr_home)
+    env = flower_env(flwr_home)
     link_port, node_ports = procs.free_port(), procs.free_ports(2)
     # 1.42: one HTTP server per SuperLink (Fleet + Control + Runtime APIs on --port) and one
     # Runtime API server per SuperNode (--port); no other port is opened by default.
-    _write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
+    write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
     run_config = (f"num-server-rounds=2 local-steps=2 ngf=4 eval-every=1 eval-samples=64 "
                   f"output-dir='{out}' data-dir='{data_dir}'")
 
     t0 = time.monotonic()
     with procs.Processes() as ps:
-        link = ps.start([_exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+        link = ps.start([exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
                          "--host", "127.0.0.1", "--port", str(link_port)], env=env, log_path=logs / "superlink.log")
         procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
         nodes = [
-            ps.start([_exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+            ps.start([exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                       "--host", "127.0.0.1", "--port", str(port),
                       "--node-config", f"partition-id={i} num-partitions=2"],
                      env=env, log_path=logs / f"supernode-{i}.log")
             for i, port in enumerate(node_ports)
         ]
-        procs.wait_for(lambda: len(_online_nodes(env, "loopback")) == 2, timeout=60,
+        procs.wait_for(lambda: len(online_nodes(env, "loopback")) == 2, timeout=60,
                        desc="2 SuperNodes online", procs=[link, *nodes])
 
-        run = ps.start([_exe("flwr"), "run", str(REPO), "loopback", "--stream", "--run-config", run_config],
+        run = ps.start([exe("flwr"), "run", str(REPO), "loopback", "--stream", "--run-config", run_config],
                        env=env, log_path=logs / "flwr-run.log", cwd=flwr_home)
         try:
             run.wait(timeout=RUN_TIMEOUT)
@@ -123,8 +68,7 @@ def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
         all_logs = "\n".join(procs.tail(p, 25) for p in sorted(logs.iterdir()))
         assert run.returncode == 0, f"flwr run did not finish in {RUN_TIMEOUT}s (rc {run.returncode})\n{all_logs}"
 
-        runs = _flwr_json(["ls", "loopback"], env)["runs"]
-        newest = max(runs, key=lambda r: r["pending-at"])
+        newest = newest_run(env, "loopback")
         assert newest["status"] == "finished:completed", f"{newest}\n{all_logs}"
         assert newest["fab-id"] == "prism-flwr/prism-flwr"
     seconds = time.monotonic() - t0
@@ -155,41 +99,41 @@ def test_tls_and_supernode_auth(tmp_path: Path) -> None:
     for key in ("registered", "stranger"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / key)],
                        check=True, timeout=30)
-    env = _flower_env(flwr_home)
+    env = flower_env(flwr_home)
     link_port, port_a, port_b = procs.free_ports(3)
-    _write_connection(flwr_home, "tls", f"127.0.0.1:{link_port}", **{"root-certificates": str(certs / "ca.crt")})
+    write_connection(flwr_home, "tls", f"127.0.0.1:{link_port}", **{"root-certificates": str(certs / "ca.crt")})
 
     def supernode(key: str, port: int, pid: int) -> list[str]:
-        return [_exe("flower-supernode"), "--superlink", f"127.0.0.1:{link_port}",
+        return [exe("flower-supernode"), "--superlink", f"127.0.0.1:{link_port}",
                 "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key", str(tmp_path / key),
                 "--port", str(port), "--max-retries", "3", "--node-config", f"partition-id={pid} num-partitions=2"]
 
     with procs.Processes() as ps:
-        link = ps.start([_exe("flower-superlink"), "--ssl-ca-certfile", certs / "ca.crt",
+        link = ps.start([exe("flower-superlink"), "--ssl-ca-certfile", certs / "ca.crt",
                          "--ssl-certfile", certs / "server.pem", "--ssl-keyfile", certs / "server.key",
                          "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                          "--port", str(link_port)], env=env, log_path=logs / "superlink.log")
         procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
-        reply = _flwr_json(["supernode", "register", str(tmp_path / "registered.pub"), "tls"], env)
+        reply = flwr_json(["supernode", "register", str(tmp_path / "registered.pub"), "tls"], env)
         assert reply.get("success"), reply
         good = ps.start(supernode("registered", port_a, 0), env=env, log_path=logs / "registered.log")
         bad = ps.start(supernode("stranger", port_b, 1), env=env, log_path=logs / "stranger.log")
-        online = procs.wait_for(lambda: _online_nodes(env, "tls"), timeout=60, desc="the registered node online",
+        online = procs.wait_for(lambda: online_nodes(env, "tls"), timeout=60, desc="the registered node online",
                                 procs=[link, good])
         assert [n["node-id"] for n in online] == [str(reply["node-id"])]
         procs.wait_for(lambda: bad.poll() is not None, timeout=60, desc="the unregistered SuperNode to give up")
         assert bad.returncode != 0
         assert "Failed to activate SuperNode" in bad.log_path.read_text()
-        assert len(_online_nodes(env, "tls")) == 1
+        assert len(online_nodes(env, "tls")) == 1
     procs.assert_gone(ps.pids)
 
 
 # ------------------------------------------------------------------------------------------------
 def test_app_bundle_is_small(tmp_path: Path) -> None:
     """Flower caps a FAB at 10 MB; data, outputs and the venv must stay out of it (.gitignore)."""
-    env = _flower_env(tmp_path / "flwr-home")
+    env = flower_env(tmp_path / "flwr-home")
     (tmp_path / "flwr-home").mkdir()
-    done = subprocess.run([_exe("flwr"), "build", "--app", str(REPO)], env=env, cwd=tmp_path, capture_output=True,
+    done = subprocess.run([exe("flwr"), "build", "--app", str(REPO)], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     fabs = list(tmp_path.glob("*.fab"))
     assert done.returncode == 0 and len(fabs) == 1, done.stdout + done.stderr

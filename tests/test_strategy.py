@@ -91,7 +91,7 @@ def test_bad_replies_are_dropped_with_a_reason():
     arrays, _ = s.aggregate_train(1, replies)
     np.testing.assert_array_equal(arrays[SCORES_KEY].numpy(), expected_scores(good))
     reasons = "\n".join(s.round_records[1]["dropped"])
-    for node, why in [(3, "payload is"), (4, "layout"), (5, "not a finite number"), (6, "ClientApp raised"),
+    for node, why in [(3, "payload is"), (4, "layout"), (5, "is not finite"), (6, "ClientApp raised"),
                       (7, "lacks record"), (1, "duplicate")]:
         assert f"node {node}: " in reasons and why in reasons, reasons
     assert len(s.round_records[1]["dropped"]) == 6

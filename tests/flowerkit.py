@@ -1,0 +1,73 @@
+"""Running Flower's own command-line programs from tests: a private FLWR_HOME, offline settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flower-supernode, flwr
+
+
+def exe(name: str) -> str:
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} not found (install the project: pip install -e .)")
+    return found
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process of a test: private FLWR_HOME, offline, no update check."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # SuperLink and SuperNode start `flower-superexec` by name: the venv's must come first.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+        "NO_COLOR": "1",
+    })
+    return env
+
+
+def flwr(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([exe("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=env["FLWR_HOME"])
+
+
+def flwr_json(args: list[str], env: dict[str, str]) -> dict:
+    out = flwr([*args, "--format", "json"], env)
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(f"flwr {' '.join(args)}: not JSON:\n{out.stdout}\n{out.stderr}") from None
+
+
+def write_connection(flwr_home: Path, name: str, address: str, **options: str | bool) -> None:
+    lines = [f"[superlink.{name}]", f'address = "{address}"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def online_nodes(env: dict[str, str], connection: str) -> list[dict]:
+    try:
+        reply = flwr_json(["supernode", "ls", connection], env)
+    except AssertionError:  # not answering yet: poll again
+        return []
+    return [n for n in reply.get("nodes", []) if n.get("status") == "online"]
+
+
+def newest_run(env: dict[str, str], connection: str) -> dict:
+    """The most recently submitted run on ``connection`` as `flwr ls --format json` reports it."""
+    return max(flwr_json(["ls", connection], env)["runs"], key=lambda r: r["pending-at"])
