@@ -2,6 +2,8 @@
 
     prism-flwr data fmnist [--data-dir DIR] [--download]   prepare / check a dataset
     prism-flwr sample MODEL.prism [--n 64] [--out grid.png] [--seed 0]
+    prism-flwr evaluate MODEL.prism [--dataset fmnist] [--n 10000] [--inception-weights FILE]
+    prism-flwr feature-net fmnist [--seed 0] [--force]     train (once) the FD feature classifier
     prism-flwr last-run                                    status of the newest `flwr run`
 """
 
@@ -32,6 +34,37 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import Evaluator
+    from .export import load_sparse_model
+    from .task import pick_device
+
+    model, header = load_sparse_model(args.model)
+    dataset = args.dataset or header.get("dataset")
+    if dataset is None:
+        print(f"{args.model} does not name its dataset: pass --dataset", file=sys.stderr)
+        return 2
+    evaluator = Evaluator(dataset, args.data_dir, args.n, args.seed, pick_device(args.device),
+                          inception_weights=args.inception_weights or None)
+    metrics, _ = evaluator.evaluate(model, mask_mode="threshold")  # the stored mask, as exported
+    result = {"model": args.model, "dataset": dataset, "n": evaluator.n, "features": evaluator.feature_info, **metrics}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def _feature_net(args: argparse.Namespace) -> int:
+    from .feature_net import load_or_train_classifier
+    from .task import pick_device
+
+    _, info, path = load_or_train_classifier(args.dataset, args.data_dir, args.seed, pick_device(args.device),
+                                             args.download, force=args.force)
+    print(f"{path}: test accuracy {info['test_accuracy']:.4f} ({info['train_seconds']:.0f} s of training)")
+    return 0
+
+
 def _last_run(_: argparse.Namespace) -> int:
     """Flower's `flwr run` exits 0 even when the ServerApp raised: read the run's own status."""
     out = subprocess.run(["flwr", "ls", "--format", "json"], capture_output=True, text=True, check=False)
@@ -59,6 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="samples.png")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_sample)
+    p = sub.add_parser("evaluate", help="score an exported model against the real test split")
+    p.add_argument("model")
+    p.add_argument("--dataset", choices=DATASETS, help="default: the dataset stored in the model file")
+    p.add_argument("--data-dir", default=RunConfig().data_dir)
+    p.add_argument("--n", type=int, default=10000, help="samples (and real test images) to compare")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inception-weights", default="", help="torchvision Inception-V3 checkpoint: report FID")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", help="also write the results to this file")
+    p.set_defaults(fn=_evaluate)
+    p = sub.add_parser("feature-net", help="train (once) and cache the classifier behind the FD metric")
+    p.add_argument("dataset", choices=DATASETS)
+    p.add_argument("--data-dir", default=RunConfig().data_dir)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--download", action="store_true", help="allow torchvision to download (needs the internet)")
+    p.add_argument("--force", action="store_true", help="retrain even when cached")
+    p.set_defaults(fn=_feature_net)
     p = sub.add_parser("last-run", help="status of the newest Flower run; exit 1 unless it completed")
     p.set_defaults(fn=_last_run)
     args = ap.parse_args(argv)

@@ -1,8 +1,18 @@
 """Server-side evaluation of a generator against the real test split.
 
-``mmd_pixels``: unbiased pixel-space MMD^2 (Gaussian kernels, ``objectives.MMD_BANDWIDTHS``)
-between ``n`` generated images and ``n`` real test images, both in [-1, 1]. Lower is better; it
-is ~0 for two samples of the same distribution.
+``Evaluator.evaluate`` draws ``n`` images (fixed latents from ``seed``) and scores them against
+``n`` real test images (a fixed random subset) with:
+
+- the Fréchet distance on a feature network's features, named for the network: "FID" on
+  Inception-V3 (``inception_weights`` given), else e.g. "FD-FMNIST-CNN" on the dataset's own
+  classifier (``feature_net``);
+- ``precision``, ``recall``, ``density``, ``coverage`` (``prdc``, k = 5) on the same features
+  (these two items are skipped with ``feature_metrics=False``);
+- ``mmd_pixels``: unbiased pixel-space MMD^2 (Gaussian kernels, ``objectives.MMD_BANDWIDTHS``)
+  between the two image sets in [-1, 1]. Lower is better; ~0 for two samples of one distribution.
+
+The features of the whole real test split are computed once per (dataset, feature network): kept
+in memory for the process and saved as ``<data_dir>/feature-nets/<dataset>-<net>.test-features.pt``.
 """
 
 from __future__ import annotations
@@ -13,9 +23,14 @@ import torch
 from torch import nn
 from torchvision.utils import save_image
 
-from .data import load_dataset
+from .data import ImageData, load_dataset
+from .feature_net import atomic_write, build_feature_net
 from .masked import set_mask_mode
+from .metrics import NEAREST_K, FrechetDistance, prdc_metrics
 from .objectives import mmd2_unbiased
+
+_FEATURE_BATCH = 200  # images per feature-network call: bounds Inception's activations at 299 x 299
+_REFERENCE: dict[Path, torch.Tensor] = {}
 
 
 @torch.no_grad()
@@ -38,20 +53,66 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
     save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1))
 
 
+@torch.no_grad()
+def extract_features(net: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``net`` applied to float images in [-1, 1], in batches on ``device``; float32 on the CPU."""
+    return torch.cat([net(images[i:i + _FEATURE_BATCH].to(device)).float().cpu()
+                      for i in range(0, len(images), _FEATURE_BATCH)])
+
+
+def reference_features(net: nn.Module, data: ImageData, data_dir: str | Path, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Features of every image of ``data`` (a test split), cached in memory and on disk."""
+    path = Path(data_dir).expanduser().resolve() / "feature-nets" / f"{data.name}-{net.ident}.test-features.pt"
+    if path not in _REFERENCE:
+        if path.is_file():
+            _REFERENCE[path] = torch.load(path, weights_only=True)
+        else:
+            feats = torch.cat([extract_features(net, data.to_float(torch.arange(i, min(i + 5000, len(data)))), device)
+                               for i in range(0, len(data), 5000)])  # 5000 at a time: bounds the float copy
+            atomic_write(path, lambda tmp: torch.save(feats, tmp))
+            _REFERENCE[path] = feats
+    return _REFERENCE[path]
+
+
 class Evaluator:
-    """Scores generators against a fixed random subset of the real test split."""
+    """Scores generators against a fixed random subset of the real test split.
+
+    ``inception_weights``: path of torchvision's Inception-V3 checkpoint (metric "FID"); empty or
+    None uses the dataset's classifier trained with ``feature_seed`` (trained and cached on first
+    use). ``feature_metrics=False`` computes ``mmd_pixels`` only (no feature network: quick smoke
+    runs). ``metric_name`` and ``feature_info`` (a description for summaries) are None then.
+    """
 
     def __init__(self, dataset: str, data_dir: str | Path, n: int, seed: int, device: torch.device | str = "cpu",
-                 download: bool = False) -> None:
+                 download: bool = False, inception_weights: str | None = None, feature_seed: int = 0,
+                 nearest_k: int = NEAREST_K, feature_metrics: bool = True) -> None:
         data = load_dataset(dataset, data_dir, train=False, download=download)
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
         self.real = data.to_float(idx.numpy())
         self.n = len(idx)
         self.seed = seed
         self.device = device
+        self.nearest_k = nearest_k
+        self.features: nn.Module | None = None
+        self.metric_name: str | None = None
+        self.feature_info: dict | None = None
+        if feature_metrics:
+            if self.n <= nearest_k + 1:  # fail before any training, not at the first evaluation
+                raise ValueError(f"feature metrics need more than {nearest_k + 1} evaluation samples, got {self.n}")
+            self.features, self.feature_info = build_feature_net(dataset, data_dir, inception_weights, feature_seed,
+                                                                 device, download)
+            self.metric_name = self.features.metric_name
+            self.real_features = reference_features(self.features, data, data_dir, device)[idx]
+            self._fd = FrechetDistance(self.real_features)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, mask_mode: str = "sample") -> tuple[dict[str, float], torch.Tensor]:
         set_mask_mode(model, mask_mode)
         fake = generate(model, self.n, self.seed, self.device)
-        return {"mmd_pixels": float(mmd2_unbiased(fake, self.real))}, fake
+        metrics = {}
+        if self.features is not None:
+            fake_features = extract_features(self.features, fake, self.device)
+            metrics = {self.metric_name: self._fd(fake_features),
+                       **prdc_metrics(self.real_features, fake_features, self.nearest_k)}
+        metrics["mmd_pixels"] = float(mmd2_unbiased(fake, self.real))
+        return metrics, fake
