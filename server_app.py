@@ -18,11 +18,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from prism_flwr.checkpoint import load_checkpoint, save_checkpoint
+from prism_flwr.checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
 from prism_flwr.config import RunConfig
 from prism_flwr.evaluation import Evaluator, generate, save_grid
 from prism_flwr.export import dense_float32_bytes, load_sparse_model, save_sparse_model
 from prism_flwr.generator import ResnetGenerator
+from prism_flwr.plots import plot_history
 from prism_flwr.masked import get_scores, layout_fingerprint, num_masked, sample_mask, set_scores
 from prism_flwr.task import SCORES_KEY, generator_spec, pick_device
 from strategies.mada import MADA
@@ -81,7 +82,8 @@ def main(grid: Grid, context: Context) -> None:
                     fraction_evaluate=0.0 if cfg.dp == "theta" else 1.0,
                     min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes)
     strategy.round_offset = start_round
-    evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), cfg.eval_samples, cfg.seed, device, cfg.download)
+    evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), cfg.eval_samples, cfg.seed, device, cfg.download,
+                          inception_weights=cfg.inception_weights or None, feature_metrics=cfg.eval_feature_metrics)
 
     def evaluate_and_record(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called by Strategy.start at round 0 and after every round: eval, history, checkpoint."""
@@ -101,7 +103,9 @@ def main(grid: Grid, context: Context) -> None:
         history.append(record)
         if rnd > 0:
             print(_fmt(record), flush=True)
-        (out / "history.json").write_text(json.dumps(history, indent=1))
+        write_text_atomic(out / "history.json", json.dumps(history, indent=1))
+        if "eval" in record:
+            plot_history(history, out / "history.png")
         save_checkpoint(ckpt_path, {"round": rnd, "scores": torch.from_numpy(s.copy()), "history": history,
                                     "run_tag": run_tag, "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True)})
         return MetricRecord(record["eval"]) if "eval" in record else None
@@ -111,10 +115,11 @@ def main(grid: Grid, context: Context) -> None:
                             num_rounds=remaining, timeout=cfg.round_timeout,
                             train_config=ConfigRecord({"run-tag": run_tag}), evaluate_fn=evaluate_and_record)
     final_scores = result.arrays[SCORES_KEY].numpy() if SCORES_KEY in result.arrays else scores
-    _export(cfg, out, model, final_scores, history, time.time() - t0)
+    _export(cfg, out, model, final_scores, history, time.time() - t0, evaluator.feature_info)
 
 
-def _export(cfg: RunConfig, out, model: ResnetGenerator, scores: np.ndarray, history: list, seconds: float) -> None:
+def _export(cfg: RunConfig, out, model: ResnetGenerator, scores: np.ndarray, history: list, seconds: float,
+            feature_info: dict | None) -> None:
     """Final sparse model (mask sampled from theta, as the paper evaluates), grid and summary."""
     set_scores(model, torch.from_numpy(scores))
     mask = sample_mask(model, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
@@ -127,8 +132,9 @@ def _export(cfg: RunConfig, out, model: ResnetGenerator, scores: np.ndarray, his
         "density": float(mask.mean()), "masked_weights": int(mask.size),
         "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in history)),
         "final_eval": next((r["eval"] for r in reversed(history) if "eval" in r), None),
+        "eval_features": feature_info,  # metric name, network, weights path, classifier test accuracy
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     print(f"PRISM done: model.prism {size / 1e3:.1f} kB vs dense float32 {summary['dense_float32_bytes'] / 1e6:.2f} MB, "
           f"density {summary['density']:.3f}; samples in {out / 'samples.png'}", flush=True)
 

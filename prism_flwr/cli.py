@@ -4,7 +4,7 @@
     prism-flwr sample MODEL.prism [--n 64] [--out grid.png] [--seed 0]
     prism-flwr evaluate MODEL.prism [--dataset fmnist] [--n 10000] [--inception-weights FILE]
     prism-flwr feature-net fmnist [--seed 0] [--force]     train (once) the FD feature classifier
-    prism-flwr last-run                                    status of the newest `flwr run`
+    prism-flwr last-run [CONNECTION]                       status of the newest `flwr run`
 """
 
 from __future__ import annotations
@@ -65,9 +65,10 @@ def _feature_net(args: argparse.Namespace) -> int:
     return 0
 
 
-def _last_run(_: argparse.Namespace) -> int:
+def _last_run(args: argparse.Namespace) -> int:
     """Flower's `flwr run` exits 0 even when the ServerApp raised: read the run's own status."""
-    out = subprocess.run(["flwr", "ls", "--format", "json"], capture_output=True, text=True, check=False)
+    out = subprocess.run(["flwr", "ls", *([args.connection] if args.connection else []), "--format", "json"],
+                         capture_output=True, text=True, check=False)
     try:
         runs = json.loads(out.stdout)["runs"]
     except (json.JSONDecodeError, KeyError):
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="retrain even when cached")
     p.set_defaults(fn=_feature_net)
     p = sub.add_parser("last-run", help="status of the newest Flower run; exit 1 unless it completed")
+    p.add_argument("connection", nargs="?", help="SuperLink connection name (default: the default one)")
     p.set_defaults(fn=_last_run)
     args = ap.parse_args(argv)
     return args.fn(args)

@@ -56,7 +56,9 @@ class RunConfig(BaseModel):
     mada_space: Literal["score", "probability"] = "score"
     # evaluation and outputs
     eval_every: int = Field(5, ge=1)
-    eval_samples: int = Field(1000, ge=2)
+    eval_samples: int = Field(1000, ge=7)  # precision/recall need more than k + 1 = 6 samples
+    eval_feature_metrics: bool = True
+    inception_weights: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "~/prism-flwr/outputs"
     resume: bool = False
