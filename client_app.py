@@ -19,14 +19,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from prism_flwr.client_state import ClientRecord, read_state_file, write_state_file
+from prism_flwr.client_state import ClientRecord, read_latest_state_file, write_state_file
 from prism_flwr.codec import encode_mask
 from prism_flwr.config import RunConfig
+from prism_flwr.evaluation import generate
 from prism_flwr.features import build_features
 from prism_flwr.generator import ResnetGenerator
 from prism_flwr.masked import iter_thetas, layout_fingerprint, sample_mask, set_mask_mode, set_scores
-from prism_flwr.objectives import mmd2_unbiased
-from prism_flwr.objectives import FeatureMatching
+from prism_flwr.objectives import FeatureMatching, mmd2_unbiased
 from prism_flwr.privacy import ThetaAccountant, noise_multiplier_for_budget, privatize_statistics, privatize_theta
 from prism_flwr.task import (MASK_KEY, METRICS_KEY, SCORES_KEY, client_data, derive_seed, generator_spec,
                              pick_device)
@@ -50,13 +50,13 @@ def _state_dir(cfg: RunConfig, msg: Message) -> Path:
 
 
 def load_client_state(msg: Message, context: Context, cfg: RunConfig, pid: int, server_round: int) -> ClientRecord:
-    """The state this client ended round ``server_round - 1`` with (memory first, then disk)."""
+    """The newest state this client saved before ``server_round`` (memory first, then disk)."""
     rec = context.state.config_records.get(STATE_KEY)
-    blob = rec["blob"] if rec is not None and rec["round"] == server_round - 1 else None
-    if blob is None:
-        blob = read_state_file(_state_dir(cfg, msg), pid, server_round - 1)
-    if blob is not None:
-        return ClientRecord.from_bytes(blob)
+    if rec is not None and rec["round"] < server_round:
+        return ClientRecord.from_bytes(rec["blob"])
+    saved = read_latest_state_file(_state_dir(cfg, msg), pid, server_round)
+    if saved is not None:
+        return ClientRecord.from_bytes(saved[1])
     record = ClientRecord()
     if cfg.dp == "theta":
         z = noise_multiplier_for_budget(cfg.dp_epsilon, cfg.dp_delta, cfg.num_server_rounds)
@@ -91,17 +91,24 @@ def train(msg: Message, context: Context) -> Message:
     fault = _injected_fault(pid)
     if fault == "raise":
         raise RuntimeError(f"{FAULT_ENV}: partition {pid} fails on purpose")
-    seed = derive_seed(cfg.seed, server_round, pid)
-    torch.manual_seed(seed)  # Bernoulli masks use the global RNG: reproducible per (seed, round, client)
-    gen = torch.Generator(device=device).manual_seed(seed)
-
     state = load_client_state(msg, context, cfg, pid, server_round)
+    if state.accountant is not None and not state.accountant.can_release():
+        raise RuntimeError(f"client {pid}: privacy budget epsilon={cfg.dp_epsilon} spent; not training")
+    # Independent streams for the Bernoulli masks (global RNG) and for latents/batches, both
+    # reproducible per (seed, round, client); what must stay hidden from the server (DP noise and
+    # the mask sampled from noisy theta) is seeded from the client's own secret instead.
+    torch.manual_seed(derive_seed(cfg.seed, server_round, pid, 0))
+    gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, server_round, pid, 1))
+    hidden = cfg.seed if cfg.dp == "off" else state.secret
+
     features = build_features(cfg.features, cfg.vgg19_weights or None).to(device)
     if cfg.dp == "statistics" and not state.train.objective:
         # Released once with sample-level DP; every later step and round is post-processing.
         with torch.no_grad():
-            mu, var, eps = privatize_statistics(features(data), cfg.dp_feature_clip, cfg.dp_epsilon, cfg.dp_delta,
-                                                generator=torch.Generator(device=device).manual_seed(seed + 3))
+            batches = (features(data[i:i + 256]) for i in range(0, len(data), 256))
+            mu, var, eps = privatize_statistics(batches, cfg.dp_feature_clip, cfg.dp_epsilon, cfg.dp_delta,
+                                                generator=torch.Generator(device=device).manual_seed(
+                                                    derive_seed(hidden, server_round, pid, 3)))
         state.train.objective = FeatureMatching(mu, var).full_state()
         state.statistics_epsilon = eps
     settings = TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -110,12 +117,10 @@ def train(msg: Message, context: Context) -> Message:
 
     thetas = [t.cpu() for t in iter_thetas(model)]
     if cfg.dp == "theta":
-        if not state.accountant.can_release():
-            raise RuntimeError(f"client {pid}: privacy budget epsilon={cfg.dp_epsilon} spent; not uploading")
         thetas = privatize_theta(thetas, cfg.dp_clip, state.accountant.noise_multiplier,
-                                 generator=torch.Generator().manual_seed(seed + 1))
+                                 generator=torch.Generator().manual_seed(derive_seed(hidden, server_round, pid, 4)))
         state.accountant.step()
-    mask = sample_mask(model, thetas, generator=torch.Generator().manual_seed(seed + 2))
+    mask = sample_mask(model, thetas, generator=torch.Generator().manual_seed(derive_seed(hidden, server_round, pid, 5)))
     blob = encode_mask(mask.numpy(), layout_fingerprint(model))
     if fault == "corrupt":
         blob = blob[:-1] + bytes([blob[-1] ^ 0xFF])
@@ -123,11 +128,11 @@ def train(msg: Message, context: Context) -> Message:
 
     metrics.update({"num-examples": len(data), "mask_density": float(mask.float().mean()),
                     "label_histogram": [int(c) for c in hist]})
-    if cfg.dp == "theta":
-        # Client-level DP covers the mask only: send nothing else computed from the data.
-        metrics = {"num-examples": 1}
-    if cfg.dp != "off":
-        metrics["dp_epsilon"] = state.epsilon_spent
+    if cfg.dp == "theta":  # client-level DP covers the mask only: nothing else computed from the data
+        metrics = {"num-examples": 1, "dp_epsilon": state.epsilon_spent}
+    elif cfg.dp == "statistics":  # training saw only the DP statistics; n and labels are raw data
+        metrics = {k: metrics[k] for k in ("loss", "theta_density", "theta_entropy_bits", "mask_density")}
+        metrics.update({"num-examples": 1, "dp_epsilon": state.epsilon_spent})
     log.info("client %d round %d: %d bytes up", pid, server_round, len(blob))
     content = RecordDict({
         MASK_KEY: ArrayRecord({MASK_KEY: Array(np.frombuffer(blob, dtype=np.uint8).copy())}),
@@ -141,11 +146,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Pixel MMD^2 between samples of the global model and this node's images."""
     cfg, pid, device, model, data, _ = _setup(msg, context)
     set_mask_mode(model, "sample")
-    gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, 0, pid))
+    seed = derive_seed(cfg.seed, int(msg.content["config"]["server-round"]), pid, 2)
     n = min(256, len(data))
-    with torch.no_grad():
-        fake = model(torch.randn(n, model.spec.nz, generator=gen, device=device))
-        real = data[torch.randperm(len(data), generator=gen, device=device)[:n]]
-        mmd = mmd2_unbiased(fake, real).item()
+    fake = generate(model, n, seed, device)
+    real = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].to(device)].cpu()
+    mmd = mmd2_unbiased(fake, real).item()
     content = RecordDict({METRICS_KEY: MetricRecord({"num-examples": len(data), "local_mmd_pixels": mmd})})
     return Message(content=content, reply_to=msg)

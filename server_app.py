@@ -78,8 +78,8 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = MADA(num_weights=n, layout=layout, method=cfg.aggregation, space=cfg.mada_space, seed=cfg.seed,
                     eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
-                    # with dp='theta' a client's local evaluation would leak data outside the guarantee
-                    fraction_evaluate=0.0 if cfg.dp == "theta" else 1.0,
+                    # under DP a client's local evaluation would leak data outside the guarantee
+                    fraction_evaluate=0.0 if cfg.dp != "off" else 1.0,
                     min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes)
     strategy.round_offset = start_round
     evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), cfg.eval_samples, cfg.seed, device, cfg.download,
@@ -103,11 +103,12 @@ def main(grid: Grid, context: Context) -> None:
         history.append(record)
         if rnd > 0:
             print(_fmt(record), flush=True)
+        # Checkpoint first: whatever history.json shows is already safe to resume from.
+        save_checkpoint(ckpt_path, {"round": rnd, "scores": torch.from_numpy(s.copy()), "history": history,
+                                    "run_tag": run_tag, "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True)})
         write_text_atomic(out / "history.json", json.dumps(history, indent=1))
         if "eval" in record:
             plot_history(history, out / "history.png")
-        save_checkpoint(ckpt_path, {"round": rnd, "scores": torch.from_numpy(s.copy()), "history": history,
-                                    "run_tag": run_tag, "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True)})
         return MetricRecord(record["eval"]) if "eval" in record else None
 
     t0 = time.time()

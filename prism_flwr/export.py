@@ -24,7 +24,6 @@ from .generator import GeneratorSpec, ResnetGenerator
 from .masked import layout_fingerprint, num_masked, set_mask_mode, set_scores
 
 EXPORT_FORMAT = 1
-EXPORT_MASKS = ("sample", "threshold")
 
 
 def save_sparse_model(path: str | Path, spec: GeneratorSpec, mask: np.ndarray, meta: dict | None = None) -> int:

@@ -77,6 +77,3 @@ class ResnetGenerator(nn.Module):
         h = self.head(z.view(z.shape[0], -1, 1, 1))
         h = self.blocks(h)
         return torch.tanh(self.out(F.relu(self.bn(h))))
-
-    def sample_z(self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.randn(n, self.spec.nz, generator=generator).to(device)

@@ -165,11 +165,6 @@ def sample_mask(model: nn.Module, thetas: list[torch.Tensor] | None = None,
     return torch.cat([torch.bernoulli(t.cpu().flatten(), generator=generator) for t in thetas]).bool()
 
 
-def threshold_mask(model: nn.Module) -> torch.Tensor:
-    """The flat boolean mask ``theta > 0.5``."""
-    return get_scores(model) > 0
-
-
 def set_mask_mode(model: nn.Module, mode: str, estimator: str | None = None) -> None:
     if mode not in MASK_MODES:
         raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")

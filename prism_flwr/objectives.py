@@ -12,7 +12,10 @@ whose gradient is a moving average of the gradient of the squared feature gap: t
 average tames the noise of batch-64 feature statistics. ``v`` starts at zero.
 
 ``mmd`` (Li et al. 2015, GMMN): unbiased MMD^2 between a real and a generated batch with a sum of
-Gaussian kernels ``k(x, y) = sum_b exp(-|x - y|^2 / (2 b^2))`` over the bandwidths ``b``.
+Gaussian kernels ``k(x, y) = sum_b exp(-|x - y|^2 / (2 b^2))`` over the bandwidths ``b``. The
+default bandwidths (2 ... 80) suit 1024-dim pixel vectors in [-1, 1]; for ``d``-dim features they
+are scaled by ``sqrt(d / 1024)`` (squared distances grow with ``d``), so the kernels neither
+saturate nor vanish on 3-channel images or VGG features.
 
 Features: ``pixels`` (flattened images in [-1, 1]; no weights needed) or ``vgg19`` (see
 ``features.py``).
@@ -35,13 +38,20 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 def gaussian_kernel_sum(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...]) -> torch.Tensor:
     """``K[i, j] = sum_b exp(-|x_i - y_j|^2 / (2 b^2))`` for flat rows ``x`` (n, d), ``y`` (m, d)."""
-    d2 = torch.cdist(x, y).pow(2)
+    # Squared distances straight from the Gram matrix (cdist would take a root only to square it).
+    d2 = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2.0 * x @ y.T).clamp_min(0)
     return sum(torch.exp(-d2 / (2.0 * b * b)) for b in bandwidths)
 
 
-def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] = MMD_BANDWIDTHS) -> torch.Tensor:
-    """Unbiased MMD^2 estimate: within-set kernel means exclude the diagonal."""
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] | None = None) -> torch.Tensor:
+    """Unbiased MMD^2 estimate: within-set kernel means exclude the diagonal.
+
+    ``bandwidths`` default to ``MMD_BANDWIDTHS`` scaled by ``sqrt(d / 1024)``.
+    """
     x, y = x.flatten(1), y.flatten(1)
+    if bandwidths is None:
+        scale = (x.shape[1] / 1024) ** 0.5
+        bandwidths = tuple(b * scale for b in MMD_BANDWIDTHS)
     n, m = x.shape[0], y.shape[0]
     kxx = gaussian_kernel_sum(x, x, bandwidths)
     kyy = gaussian_kernel_sum(y, y, bandwidths)

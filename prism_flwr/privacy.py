@@ -132,6 +132,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -526,7 +527,7 @@ def statistics_sensitivity(clip_norm: float, dim: int, adjacency: str = "add-rem
 
 
 def privatize_statistics(
-    features: torch.Tensor,
+    features: torch.Tensor | Iterable[torch.Tensor],
     clip_norm: float,
     epsilon: float,
     delta: float,
@@ -537,8 +538,9 @@ def privatize_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Release the feature mean and variance ONCE with sample-level (epsilon, delta)-DP.
 
-    ``features`` (n, d) -> ``(mu, var, epsilon_spent)``; mu, var are float32 of shape (d,)
-    on ``features.device``.  One Gaussian mechanism on ``[sum phi, sum phi^2, w n]``
+    ``features`` (n, d), or an iterable of such batches (VGG features of a whole partition
+    do not fit in memory at once) -> ``(mu, var, epsilon_spent)``; mu, var are float32 of
+    shape (d,) on the features' device.  One Gaussian mechanism on ``[sum phi, sum phi^2, w n]``
     (count noised under add-remove adjacency; public under replace-one), calibrated
     with a one-step accountant to spend ``epsilon`` (``epsilon_spent`` is that
     accountant's value, within 1e-6 relative below the target).  Call it once per client:
@@ -548,7 +550,10 @@ def privatize_statistics(
     _check_accountant(accountant)
     if adjacency not in ADJACENCIES:
         raise ValueError(f"adjacency must be one of {ADJACENCIES}, got {adjacency!r}")
-    s1, s2, n = clipped_feature_sums(features, clip_norm)
+    s1, s2, n = None, None, 0
+    for batch in [features] if isinstance(features, torch.Tensor) else features:
+        b1, b2, k = clipped_feature_sums(batch, clip_norm)  # clipping is per sample: batching is exact
+        s1, s2, n = (b1, b2, k) if s1 is None else (s1 + b1, s2 + b2, n + k)
     if n < 1:
         raise ValueError("features must contain at least one sample")
     d = int(s1.shape[0])
@@ -568,8 +573,7 @@ def privatize_statistics(
         n_noisy = float(n)  # public; the last noise coordinate is unused
     mu = s1n / n_noisy
     var = torch.clamp(s2n / n_noisy - mu * mu, min=0.0)
-    out_dtype = torch.float32
-    return mu.to(out_dtype).to(features.device), var.to(out_dtype).to(features.device), spent
+    return mu.float(), var.float(), spent
 
 
 # -------------------------------------------------------------------- compatibility

@@ -81,8 +81,11 @@ class MADA(FedAvg):
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
-        return super().aggregate_evaluate(server_round, replies) if replies else None
+        metrics = super().aggregate_evaluate(server_round, replies)
+        rnd = server_round + self.round_offset
+        if metrics is not None and rnd in self.round_records:
+            self.round_records[rnd]["client_eval"] = dict(metrics)
+        return metrics
 
     def _check_reply(self, msg: Message, accepted: list[int]) -> tuple[np.ndarray, MetricRecord, int]:
         """Decoded packed mask, metrics and wire size of one reply; raises on anything wrong."""

@@ -202,6 +202,9 @@ def stop(popen: subprocess.Popen, grace: float = 10.0) -> list[int]:
         popen.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
+    # Orphans (reparented away from the tree) can take a moment to die after the signal.
+    wait_for(lambda: not [p for p in seen if is_alive(p)], timeout=10, interval=0.1,
+             desc="signalled processes to exit", raise_on_timeout=False)
     survivors = [p for p in seen if is_alive(p)]
     if survivors:
         raise RuntimeError(f"processes survived SIGKILL: {survivors}")

@@ -322,3 +322,13 @@ def test_check_dp_compatible():
     with pytest.raises(ValueError):
         P.check_dp_compatible("theta", "gan")
     assert P.DP_MODES == ("off", "theta", "statistics")
+
+
+def test_statistics_from_batches_equal_the_whole_matrix():
+    """Clipping is per sample, so feeding the partition in batches releases the same thing."""
+    feats = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) * 3
+    whole = P.privatize_statistics(feats, 2.0, 5.0, 1e-5, generator=torch.Generator().manual_seed(1))
+    parts = P.privatize_statistics(feats.split(64), 2.0, 5.0, 1e-5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(whole[0], parts[0])
+    torch.testing.assert_close(whole[1], parts[1])
+    assert whole[2] == parts[2]
