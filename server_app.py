@@ -134,6 +134,10 @@ def _export(cfg: RunConfig, out, model: ResnetGenerator, scores: np.ndarray, his
         "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in history)),
         "final_eval": next((r["eval"] for r in reversed(history) if "eval" in r), None),
         "eval_features": feature_info,  # metric name, network, weights path, classifier test accuracy
+        "dp": cfg.dp,
+        # privacy spent by each client by the end (from its last reply), under dp != "off"
+        "dp_epsilon_per_client": next((r["dp_epsilon_per_client"] for r in reversed(history)
+                                       if "dp_epsilon_per_client" in r), None),
     }
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     print(f"PRISM done: model.prism {size / 1e3:.1f} kB vs dense float32 {summary['dense_float32_bytes'] / 1e6:.2f} MB, "

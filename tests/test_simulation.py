@@ -179,3 +179,5 @@ def test_dp_modes_account_epsilon_per_client(data_dir: Path, tmp_path: Path, dp:
         assert all(r["loss"] is None and "label_histograms" not in r for r in rounds_of(out))  # only the mask leaves
     else:
         assert firsts[0] == firsts[1] == firsts[2] == pytest.approx(5.0, rel=1e-3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dp"] == dp and summary["dp_epsilon_per_client"] == rounds_of(out)[-1]["dp_epsilon_per_client"]
