@@ -6,6 +6,8 @@ Per round (``@app.train``): load the global scores, train them on this node's pa
 state (data statistics, moving averages) persist across rounds in ``context.state`` and in a
 per-round file under ``<output-dir>/client-state/`` so a resumed server run finds them again.
 ``@app.evaluate`` scores the global model against this node's data (pixel MMD^2).
+With ``method = "dense"`` (the baseline) the same network's weights are trained instead and
+uploaded as float32.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from prism_flwr.config import RunConfig
 from prism_flwr.evaluation import generate
 from prism_flwr.features import build_features
 from prism_flwr.generator import ResnetGenerator
-from prism_flwr.masked import iter_thetas, layout_fingerprint, sample_mask, set_mask_mode, set_scores
+from prism_flwr.masked import get_flat, iter_thetas, layout_fingerprint, sample_mask, set_flat, set_mask_mode
 from prism_flwr.objectives import FeatureMatching, mmd2_unbiased
 from prism_flwr.privacy import ThetaAccountant, noise_multiplier_for_budget, privatize_statistics, privatize_theta
-from prism_flwr.task import (MASK_KEY, METRICS_KEY, SCORES_KEY, client_data, derive_seed, generator_spec,
+from prism_flwr.task import (MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY, client_data, derive_seed, generator_spec,
                              pick_device)
-from prism_flwr.training import TrainSettings, train_scores
+from prism_flwr.training import TrainSettings, train_local
 
 app = ClientApp()
 log = logging.getLogger("prism.client")
@@ -77,7 +79,8 @@ def _setup(msg: Message, context: Context):
     num = int(context.node_config["num-partitions"])
     device = pick_device(cfg.device)
     model = ResnetGenerator(generator_spec(cfg)).to(device)
-    set_scores(model, torch.from_numpy(msg.content[SCORES_KEY][SCORES_KEY].numpy()).to(device))
+    key, attr = (WEIGHTS_KEY, "weight") if cfg.method == "dense" else (SCORES_KEY, "scores")
+    set_flat(model, torch.from_numpy(msg.content[key][key].numpy()).to(device), attr)
     data, hist = client_data(cfg, pid, num, device)
     if len(data) < 2:  # e.g. Dirichlet with a tiny alpha can leave a client (almost) empty
         raise ValueError(f"partition {pid} of {num} holds {len(data)} images: nothing to train or evaluate on")
@@ -111,9 +114,16 @@ def train(msg: Message, context: Context) -> Message:
                                                     derive_seed(hidden, server_round, pid, 3)))
         state.train.objective = FeatureMatching(mu, var).full_state()
         state.statistics_epsilon = eps
-    settings = TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                             objective=cfg.objective, estimator=cfg.estimator)
-    metrics = train_scores(model, features, data, settings, state.train, generator=gen)
+    dense = cfg.method == "dense"
+    settings = TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.dense_lr if dense else cfg.lr,
+                             objective=cfg.objective, estimator=cfg.estimator,
+                             trainable="weights" if dense else "scores")
+    metrics = train_local(model, features, data, settings, state.train, generator=gen)
+    if dense:  # the baseline uploads its float32 weights: 32 bits per weight
+        save_client_state(msg, context, cfg, pid, server_round, state)
+        metrics.update({"num-examples": len(data), "label_histogram": [int(c) for c in hist]})
+        weights = ArrayRecord({WEIGHTS_KEY: Array(get_flat(model, "weight").numpy())})
+        return Message(content=RecordDict({WEIGHTS_KEY: weights, METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
     thetas = [t.cpu() for t in iter_thetas(model)]
     if cfg.dp == "theta":
@@ -145,7 +155,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Pixel MMD^2 between samples of the global model and this node's images."""
     cfg, pid, device, model, data, _ = _setup(msg, context)
-    set_mask_mode(model, "sample")
+    set_mask_mode(model, "dense" if cfg.method == "dense" else "sample")
     seed = derive_seed(cfg.seed, int(msg.content["config"]["server-round"]), pid, 2)
     n = min(256, len(data))
     fake = generate(model, n, seed, device)

@@ -24,8 +24,9 @@ from prism_flwr.evaluation import Evaluator, generate, save_grid
 from prism_flwr.export import dense_float32_bytes, load_sparse_model, save_sparse_model
 from prism_flwr.generator import ResnetGenerator
 from prism_flwr.plots import plot_history
-from prism_flwr.masked import get_scores, layout_fingerprint, num_masked, sample_mask, set_scores
-from prism_flwr.task import SCORES_KEY, generator_spec, pick_device
+from prism_flwr.masked import get_flat, layout_fingerprint, num_masked, sample_mask, set_flat, set_mask_mode, set_scores
+from prism_flwr.task import SCORES_KEY, WEIGHTS_KEY, generator_spec, pick_device
+from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
 
 app = ServerApp()
@@ -61,8 +62,10 @@ def main(grid: Grid, context: Context) -> None:
     n, layout = num_masked(model), layout_fingerprint(model)
     ckpt_path = out / "checkpoint.pt"
 
+    dense = cfg.method == "dense"
+    key, attr = (WEIGHTS_KEY, "weight") if dense else (SCORES_KEY, "scores")
     start_round, history, run_tag = 0, [], secrets.token_hex(4)
-    scores = get_scores(model).numpy()
+    vector = get_flat(model, attr).numpy()  # the global vector: scores, or weights for the baseline
     if cfg.resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"resume=true but there is no checkpoint at {ckpt_path}")
@@ -70,17 +73,18 @@ def main(grid: Grid, context: Context) -> None:
         if ckpt["spec"] != spec.to_dict():
             raise ValueError(f"checkpoint {ckpt_path} is for generator {ckpt['spec']}, this run builds {spec.to_dict()}")
         start_round, history, run_tag = ckpt["round"], ckpt["history"], ckpt["run_tag"]
-        scores = ckpt["scores"].numpy()
+        vector = ckpt["scores"].numpy()
         log.warning("resuming from %s at round %d of %d", ckpt_path, start_round, cfg.num_server_rounds)
     remaining = cfg.num_server_rounds - start_round
-    print(f"PRISM: {cfg.dataset}, ngf {cfg.ngf} ({n:,} masked weights), {cfg.aggregation}, "
+    print(f"PRISM: {cfg.dataset}, ngf {cfg.ngf} ({n:,} masked weights), {'dense FedAvg' if dense else cfg.aggregation}, "
           f"{remaining} rounds to go; outputs in {out}", flush=True)
 
-    strategy = MADA(num_weights=n, layout=layout, method=cfg.aggregation, space=cfg.mada_space, seed=cfg.seed,
-                    eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
-                    # under DP a client's local evaluation would leak data outside the guarantee
-                    fraction_evaluate=0.0 if cfg.dp != "off" else 1.0,
-                    min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes)
+    common = dict(num_weights=n, seed=cfg.seed, eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
+                  # under DP a client's local evaluation would leak data outside the guarantee
+                  fraction_evaluate=0.0 if cfg.dp != "off" else 1.0,
+                  min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes)
+    strategy = (DenseFedAvg(**common) if dense else
+                MADA(layout=layout, method=cfg.aggregation, space=cfg.mada_space, **common))
     strategy.round_offset = start_round
     evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), cfg.eval_samples, cfg.seed, device, cfg.download,
                           inception_weights=cfg.inception_weights or None, feature_metrics=cfg.eval_feature_metrics)
@@ -90,13 +94,13 @@ def main(grid: Grid, context: Context) -> None:
         rnd = local_round + start_round
         if local_round == 0 and start_round > 0:
             return None  # resumed: round start_round was evaluated and recorded before the crash
-        s = arrays[SCORES_KEY].numpy()
+        s = arrays[key].numpy()
         record = strategy.round_records.get(rnd, {"round": rnd, "clients": 0, "asked": 0, "dropped": [],
                                                    "skipped": False, "uplink_bytes": 0, "downlink_bytes": 0,
                                                    "uplink_bits_per_weight": None, "mada_lambda": None, "loss": None})
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds:
-            set_scores(model, torch.from_numpy(s))
-            metrics, fake = evaluator.evaluate(model)
+            set_flat(model, torch.from_numpy(s), attr)
+            metrics, fake = evaluator.evaluate(model, "dense" if dense else "sample")
             save_grid(fake[:64], out / "samples" / f"round-{rnd:04d}.png")
             record["eval"] = metrics
         record["time"] = time.time()
@@ -112,25 +116,33 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord(record["eval"]) if "eval" in record else None
 
     t0 = time.time()
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord({SCORES_KEY: Array(scores)}),
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord({key: Array(vector)}),
                             num_rounds=remaining, timeout=cfg.round_timeout,
                             train_config=ConfigRecord({"run-tag": run_tag}), evaluate_fn=evaluate_and_record)
-    final_scores = result.arrays[SCORES_KEY].numpy() if SCORES_KEY in result.arrays else scores
-    _export(cfg, out, model, final_scores, history, time.time() - t0, evaluator.feature_info)
+    final = result.arrays[key].numpy() if key in result.arrays else vector
+    _export(cfg, out, model, final, history, time.time() - t0, evaluator.feature_info)
 
 
-def _export(cfg: RunConfig, out, model: ResnetGenerator, scores: np.ndarray, history: list, seconds: float,
+def _export(cfg: RunConfig, out, model: ResnetGenerator, final: np.ndarray, history: list, seconds: float,
             feature_info: dict | None) -> None:
-    """Final sparse model (mask sampled from theta, as the paper evaluates), grid and summary."""
-    set_scores(model, torch.from_numpy(scores))
-    mask = sample_mask(model, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
-    size = save_sparse_model(out / "model.prism", model.spec, mask, {"dataset": cfg.dataset, "mask": "sample"})
-    exported, _ = load_sparse_model(out / "model.prism")
+    """Final model (PRISM: sparse file with a mask sampled from theta, as the paper evaluates;
+    dense baseline: its float32 weights), sample grid and summary."""
+    if cfg.method == "dense":
+        set_flat(model, torch.from_numpy(final), "weight")
+        set_mask_mode(model, "dense")
+        torch.save(torch.from_numpy(final), out / "model-dense.pt")
+        size, density, exported = (out / "model-dense.pt").stat().st_size, 1.0, model.eval()
+    else:
+        set_scores(model, torch.from_numpy(final))
+        mask = sample_mask(model, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+        size = save_sparse_model(out / "model.prism", model.spec, mask, {"dataset": cfg.dataset, "mask": "sample"})
+        density = float(mask.mean())
+        exported, _ = load_sparse_model(out / "model.prism")
     save_grid(generate(exported, 64, cfg.seed), out / "samples.png")
     summary = {
-        "rounds": cfg.num_server_rounds, "wall_seconds": seconds,
+        "method": cfg.method, "rounds": cfg.num_server_rounds, "wall_seconds": seconds,
         "model_bytes": size, "dense_float32_bytes": dense_float32_bytes(model.spec),
-        "density": float(mask.mean()), "masked_weights": int(mask.size),
+        "density": density, "masked_weights": num_masked(model),
         "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in history)),
         "final_eval": next((r["eval"] for r in reversed(history) if "eval" in r), None),
         "eval_features": feature_info,  # metric name, network, weights path, classifier test accuracy
@@ -140,6 +152,6 @@ def _export(cfg: RunConfig, out, model: ResnetGenerator, scores: np.ndarray, his
                                        if "dp_epsilon_per_client" in r), None),
     }
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
-    print(f"PRISM done: model.prism {size / 1e3:.1f} kB vs dense float32 {summary['dense_float32_bytes'] / 1e6:.2f} MB, "
+    print(f"PRISM done: model {size / 1e3:.1f} kB vs dense float32 {summary['dense_float32_bytes'] / 1e6:.2f} MB, "
           f"density {summary['density']:.3f}; samples in {out / 'samples.png'}", flush=True)
 

@@ -1,10 +1,11 @@
-"""PRISM (MADA) vs PRISM without MADA (plain mean), IID and non-IID, over seeds: real `flwr run`s.
+"""PRISM (MADA) vs PRISM without MADA (plain mean) vs dense FedAvg, IID and non-IID, over seeds.
 
-    python benchmarks/experiments.py [--seeds 30 31 32] [--rounds 8] [--steps 15] [--ngf 16] [--out results/experiments]
+    python benchmarks/experiments.py [--seeds 30 31 32] [--rounds 8] [--steps 15] [--ngf 16]
+                                     [--methods mada mean dense] [--out results/experiments]
 
-Writes ``<out>/experiments.md`` (mean and spread over seeds of the final quality, uplink per
-round per client, mean MADA lambda, wall time) and ``<out>/experiments.json``; prints one JSON line.
-The dense-FedAvg baseline of issue 8 is not part of it yet (no dense-weights mode exists).
+Every run is a real ``flwr run``. Writes ``<out>/experiments.md`` (mean and spread over seeds of
+the final quality, uplink per round per client, mean MADA lambda, wall time) and
+``<out>/experiments.json``; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from runner import run_app
 
-METHODS = ("mada", "mean")
+METHODS = {"mada": {"aggregation": "mada"}, "mean": {"aggregation": "mean"}, "dense": {"method": "dense"}}
 PARTITIONINGS = (("iid", {}), ("shards", {}), ("dirichlet", {"dirichlet-alpha": 0.1}))
 
 
@@ -34,16 +35,17 @@ def main() -> None:
     ap.add_argument("--ngf", type=int, default=16)
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--partitionings", nargs="+", default=[p for p, _ in PARTITIONINGS])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--out", type=Path, default=Path("results/experiments"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     rows = []
     for part, extra in (p for p in PARTITIONINGS if p[0] in args.partitionings):
-        for method in METHODS:
+        for method in args.methods:
             for seed in args.seeds:
                 tag = f"{part}-{method}-seed{seed}"
-                cfg = {"aggregation": method, "partitioning": part, "seed": seed, "num-server-rounds": args.rounds,
+                cfg = {**METHODS[method], "partitioning": part, "seed": seed, "num-server-rounds": args.rounds,
                        "local-steps": args.steps, "ngf": args.ngf, "eval-every": args.rounds,
                        "min-train-nodes": args.nodes, **extra}
                 res = run_app(cfg, args.out / tag, nodes=args.nodes, log=args.out / f"{tag}.log")
@@ -60,7 +62,7 @@ def main() -> None:
     lines = [f"| partitioning | method | {metric} | recall | coverage | mean lambda | uplink B/client/round | bits/weight | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for part in dict.fromkeys(r["partitioning"] for r in rows):
-        for method in METHODS:
+        for method in args.methods:
             group = [r for r in rows if r["partitioning"] == part and r["method"] == method]
             lam = [r["mean_lambda"] for r in group if r["mean_lambda"] is not None]
             lines.append(f"| {part} | {method} | {_mean_spread([r[metric] for r in group])} | "

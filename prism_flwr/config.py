@@ -51,6 +51,9 @@ class RunConfig(BaseModel):
     features: Literal["pixels", "vgg19"] = "pixels"
     vgg19_weights: str = ""
     estimator: Literal["scaled", "identity"] = "scaled"
+    # what is learned: PRISM's masks, or the dense FedAvg baseline (same generator, trained weights)
+    method: Literal["prism", "dense"] = "prism"
+    dense_lr: float = Field(1e-3, gt=0)
     # aggregation
     aggregation: Literal["mada", "mean"] = "mada"
     mada_space: Literal["score", "probability"] = "score"
@@ -72,6 +75,8 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":
         check_dp_compatible(self.dp, self.objective)
+        if self.method == "dense" and self.dp != "off":
+            raise ValueError("method='dense' is the non-private baseline: use dp='off'")
         if self.partitioning == "attribute" and self.dataset != "celeba":
             raise ValueError("partitioning='attribute' splits CelebA by its Male attribute: use dataset='celeba'")
         return self

@@ -8,8 +8,9 @@ Each masked layer holds
   probability that a weight is kept.
 
 The forward pass uses ``W * m``. In ``"sample"`` mode ``m ~ Bernoulli(theta)`` is drawn anew each
-call; in ``"threshold"`` mode ``m = 1[theta > 0.5]`` (evaluation / export). No biases: the
-paper's generator has none.
+call; in ``"threshold"`` mode ``m = 1[theta > 0.5]`` (evaluation / export). ``"dense"`` mode uses
+``W`` unmasked; ``make_dense`` also makes ``W`` trainable: the same network as a plain generator,
+for the dense FedAvg baseline. No biases: the paper's generator has none.
 
 Gradient of the sampling step (official PRISM and FedPM code): forward ``m = bernoulli(theta)``,
 backward ``dL/dtheta = theta * dL/dm`` ("scaled" estimator, the default). ``"identity"`` is the
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MASK_MODES = ("sample", "threshold")
+MASK_MODES = ("sample", "threshold", "dense")
 ESTIMATORS = ("scaled", "identity")
 
 
@@ -83,6 +84,8 @@ class MaskedLayer:
         return _BernoulliSample.apply(self.theta, self.estimator == "scaled")
 
     def masked_weight(self) -> torch.Tensor:
+        if self.mask_mode == "dense":
+            return self.weight
         return self.weight * self.mask()
 
 
@@ -134,23 +137,44 @@ def layout_fingerprint(model: nn.Module) -> bytes:
     return hashlib.sha256(desc.encode()).digest()[:8]
 
 
-def get_scores(model: nn.Module) -> torch.Tensor:
-    """All scores, flattened and concatenated (detached, on the CPU)."""
-    return torch.cat([m.scores.detach().flatten().cpu() for m in masked_layers(model)])
+def get_flat(model: nn.Module, attr: str = "scores") -> torch.Tensor:
+    """All ``scores`` (or ``weight``) tensors, flattened and concatenated (detached, on the CPU)."""
+    return torch.cat([getattr(m, attr).detach().flatten().cpu() for m in masked_layers(model)])
 
 
-def set_scores(model: nn.Module, flat: torch.Tensor) -> None:
-    """Load a flat score vector (as returned by ``get_scores``) into the model in place."""
+def set_flat(model: nn.Module, flat: torch.Tensor, attr: str = "scores") -> None:
+    """Load a flat vector (as returned by ``get_flat``) into the model in place."""
     layers = masked_layers(model)
     expected = sum(m.scores.numel() for m in layers)
     if flat.numel() != expected:
-        raise ValueError(f"score vector has {flat.numel()} entries, the model has {expected} masked weights")
+        raise ValueError(f"vector has {flat.numel()} entries, the model has {expected} masked weights")
     offset = 0
     with torch.no_grad():
         for m in layers:
-            n = m.scores.numel()
-            m.scores.copy_(flat[offset:offset + n].view_as(m.scores))
+            target = getattr(m, attr)
+            n = target.numel()
+            target.copy_(flat[offset:offset + n].view_as(target))
             offset += n
+
+
+def get_scores(model: nn.Module) -> torch.Tensor:
+    return get_flat(model, "scores")
+
+
+def set_scores(model: nn.Module, flat: torch.Tensor) -> None:
+    set_flat(model, flat, "scores")
+
+
+def make_dense(model: nn.Module) -> None:
+    """Turn every masked layer into a plain trainable one (dense baseline): ``W`` becomes a
+    ``Parameter``, the scores are frozen and unused. Idempotent."""
+    for m in masked_layers(model):
+        if not isinstance(m.weight, nn.Parameter):
+            weight = m.weight
+            del m.weight  # the frozen buffer
+            m.weight = nn.Parameter(weight)
+        m.scores.requires_grad_(False)
+        m.mask_mode = "dense"
 
 
 def iter_thetas(model: nn.Module) -> Iterator[torch.Tensor]:

@@ -20,6 +20,7 @@ from .partition import label_histogram, partition_indices
 # Keys of the records exchanged between ServerApp and ClientApps.
 SCORES_KEY = "scores"   # server -> client: ArrayRecord {"scores": float32 vector}
 MASK_KEY = "mask"       # client -> server: ArrayRecord {"mask": uint8 codec bytes}
+WEIGHTS_KEY = "weights" # method = "dense", both ways: ArrayRecord {"weights": float32 vector}
 METRICS_KEY = "metrics"
 
 

@@ -3,7 +3,8 @@
 Per round the client loads the global scores, keeps its Adam moments (and, for feature matching,
 its data statistics and moving-average vectors) from earlier rounds, runs ``steps`` optimisation
 steps of batch ``batch_size`` on the scores only, and reports metrics. The frozen weights never
-change: only ``scores`` are handed to the optimiser.
+change: only ``scores`` are handed to the optimiser. With ``trainable = "weights"`` (the dense
+FedAvg baseline) it is the other way round: the same network's weights train, no mask exists.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .masked import masked_layers, set_mask_mode
+from .masked import make_dense, masked_layers, set_mask_mode
 from .objectives import OBJECTIVES, FeatureMatching, mmd2_unbiased
 from .optim_state import load_optimizer_tensors, optimizer_tensors
 
@@ -30,10 +31,13 @@ class TrainSettings:
     betas: tuple[float, float] = (0.5, 0.999)
     objective: str = "feature-matching"
     estimator: str = "scaled"
+    trainable: str = "scores"  # or "weights": the dense baseline
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.trainable not in ("scores", "weights"):
+            raise ValueError(f"trainable must be 'scores' or 'weights', got {self.trainable!r}")
 
 
 @dataclass
@@ -57,7 +61,7 @@ def real_feature_moments(features: nn.Module, data: torch.Tensor, batch: int = 2
     return mu.float(), (total_sq / n - mu.pow(2)).clamp_min(0).float()
 
 
-def train_scores(model: nn.Module, features: nn.Module, data: torch.Tensor, settings: TrainSettings,
+def train_local(model: nn.Module, features: nn.Module, data: torch.Tensor, settings: TrainSettings,
                  state: ClientState, generator: torch.Generator | None = None) -> dict[str, float]:
     """Train ``model``'s scores in place on ``data`` (float, [-1, 1], on the model's device).
 
@@ -65,9 +69,12 @@ def train_scores(model: nn.Module, features: nn.Module, data: torch.Tensor, sett
     and batch sampling; the Bernoulli masks use torch's global RNG (seed it for reproducibility).
     """
     device = data.device
-    set_mask_mode(model, "sample", settings.estimator)
+    if settings.trainable == "weights":
+        make_dense(model)
+    else:
+        set_mask_mode(model, "sample", settings.estimator)
     model.train()
-    params = [m.scores for m in masked_layers(model)]
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=settings.lr, betas=settings.betas)
     if state.score_opt:
         load_optimizer_tensors(opt, state.score_opt)
@@ -103,7 +110,8 @@ def train_scores(model: nn.Module, features: nn.Module, data: torch.Tensor, sett
     if fm is not None:
         state.objective = fm.full_state()
     tail = losses[-max(1, len(losses) // 4):]  # the last quarter: the loss the round ended at
-    return {"loss": float(sum(tail) / len(tail)), **theta_stats(model)}
+    stats = theta_stats(model) if settings.trainable == "scores" else {}
+    return {"loss": float(sum(tail) / len(tail)), **stats}
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from prism_flwr.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.masked import sample_mask
 from prism_flwr.metrics import frechet_distance, prdc_metrics
 from prism_flwr.plots import plot_history
-from prism_flwr.training import ClientState, TrainSettings, train_scores
+from prism_flwr.training import ClientState, TrainSettings, train_local
 
 ACCURACY_FLOOR = 0.88  # measured 0.9067 (seed 0, 2 epochs); a weak classifier makes the metric meaningless
 
@@ -62,7 +62,7 @@ def test_metric_ranks_a_trained_generator_above_its_untrained_masked_network(cla
 
     torch.manual_seed(0)
     train = load_dataset("fmnist", data_dir).to_float(torch.arange(3000))
-    train_scores(model, build_features("pixels"), train, TrainSettings(steps=150, objective="mmd"), ClientState(),
+    train_local(model, build_features("pixels"), train, TrainSettings(steps=150, objective="mmd"), ClientState(),
                  torch.Generator().manual_seed(0))
     after, fake = evaluator.evaluate(model)
 

@@ -4,8 +4,8 @@ import torch
 import pytest
 
 from prism_flwr.generator import GeneratorSpec, ResnetGenerator
-from prism_flwr.masked import (MaskedLinear, get_scores, layout_fingerprint, masked_layers, num_masked,
-                               sample_mask, set_mask_mode, set_scores)
+from prism_flwr.masked import (MaskedLinear, get_flat, get_scores, layout_fingerprint, make_dense, masked_layers, num_masked,
+                               sample_mask, set_flat, set_mask_mode, set_scores)
 
 
 def _linear(seed=0):
@@ -81,3 +81,16 @@ def test_flat_scores_round_trip_and_masks():
     assert sample_mask(g).all()
     with pytest.raises(ValueError, match="masked weights"):
         set_scores(g, flat[:-1])
+
+
+def test_make_dense_trains_the_weights_of_the_same_network():
+    g = ResnetGenerator(GeneratorSpec(ngf=4, seed=2))
+    before = get_flat(g, "weight")
+    make_dense(g)
+    assert torch.equal(get_flat(g, "weight"), before)  # same frozen init, now trainable
+    assert all(p.requires_grad for n, p in g.named_parameters() if n.endswith("weight"))
+    assert not any(p.requires_grad for n, p in g.named_parameters() if n.endswith("scores"))
+    g(torch.randn(4, 128)).sum().backward()
+    assert all(m.weight.grad is not None and m.scores.grad is None for m in masked_layers(g))
+    set_flat(g, torch.zeros_like(before), "weight")
+    assert torch.equal(g(torch.randn(2, 128)), torch.zeros(2, 1, 32, 32))  # tanh(0): W unmasked and used

@@ -181,3 +181,20 @@ def test_dp_modes_account_epsilon_per_client(data_dir: Path, tmp_path: Path, dp:
         assert firsts[0] == firsts[1] == firsts[2] == pytest.approx(5.0, rel=1e-3)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dp"] == dp and summary["dp_epsilon_per_client"] == rounds_of(out)[-1]["dp_epsilon_per_client"]
+
+
+def test_dense_fedavg_baseline_runs_the_same_generator(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with procs.Processes() as ps:
+        sim = Simulation(tmp_path, ps)
+        run = sim.run(f"num-server-rounds=2 eval-every=2 {TINY} method='dense' output-dir='{out}' data-dir='{data_dir}'",
+                      nodes=2)
+        assert run["status"] == "finished:completed", sim.logs_tail()
+    procs.assert_gone(ps.pids)
+    for r in rounds_of(out):
+        assert r["clients"] == 2 and r["uplink_bits_per_weight"] == 32.0 and np.isfinite(r["loss"]), r
+        assert r["mada_lambda"] is None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "dense" and summary["density"] == 1.0
+    assert summary["model_bytes"] >= summary["dense_float32_bytes"]
+    assert torch.isfinite(torch.load(out / "model-dense.pt")).all()

@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from prism_flwr.aggregation import aggregate, count_ones
 from prism_flwr.codec import encode_mask
-from prism_flwr.task import MASK_KEY, METRICS_KEY, SCORES_KEY
+from prism_flwr.task import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY
+from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
 
 @pytest.fixture(autouse=True)
@@ -144,3 +145,21 @@ def test_round_offset_continues_the_numbering():
     arrays, _ = s.aggregate_train(1, [reply(1, encode_mask(masks[0], LAYOUT)), reply(2, encode_mask(masks[1], LAYOUT))])
     np.testing.assert_array_equal(arrays[SCORES_KEY].numpy(), expected_scores(masks, rnd=8))
     assert 8 in s.round_records
+
+
+def test_dense_fedavg_weighted_mean_and_bad_weights():
+    s = DenseFedAvg(num_weights=N, seed=5, min_train_nodes=2, min_available_nodes=3)
+    s.configure_train(1, ArrayRecord({WEIGHTS_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid([1, 2, 3]))
+
+    def dense_reply(node, w, n):
+        m = reply(node, None, {"num-examples": n, "loss": 0.1})
+        m.content[WEIGHTS_KEY] = ArrayRecord({WEIGHTS_KEY: Array(w.astype(np.float32))})
+        return m
+
+    a, b = np.full(N, 1.0), np.full(N, 4.0)
+    bad = np.full(N, np.nan)
+    arrays, metrics = s.aggregate_train(1, [dense_reply(1, a, 10), dense_reply(2, b, 30), dense_reply(3, bad, 10)])
+    np.testing.assert_allclose(arrays[WEIGHTS_KEY].numpy(), np.full(N, (10 * 1 + 30 * 4) / 40))  # FedAvg
+    rec = s.round_records[1]
+    assert rec["clients"] == 2 and "NaN" in rec["dropped"][0]
+    assert rec["uplink_bits_per_weight"] == 32.0 and rec["mada_lambda"] is None

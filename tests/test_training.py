@@ -8,7 +8,7 @@ from prism_flwr.features import build_features
 from prism_flwr.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.masked import masked_layers, set_mask_mode
 from prism_flwr.objectives import mmd2_unbiased
-from prism_flwr.training import ClientState, TrainSettings, train_scores
+from prism_flwr.training import ClientState, TrainSettings, train_local
 
 
 def _mmd_to_test_split(model, data_dir, n=500):
@@ -26,8 +26,8 @@ def test_mmd_training_beats_the_untrained_masked_network(data_dir):
 
     state = ClientState()
     settings = TrainSettings(steps=100, objective="mmd")
-    first = train_scores(model, build_features("pixels"), train, settings, state, torch.Generator().manual_seed(0))
-    second = train_scores(model, build_features("pixels"), train, settings, state, torch.Generator().manual_seed(1))
+    first = train_local(model, build_features("pixels"), train, settings, state, torch.Generator().manual_seed(0))
+    second = train_local(model, build_features("pixels"), train, settings, state, torch.Generator().manual_seed(1))
     after = _mmd_to_test_split(model, data_dir)
 
     assert second["loss"] < first["loss"]              # the objective goes down
@@ -51,7 +51,7 @@ def test_feature_matching_training_closes_the_feature_gap(data_dir):
     state = ClientState()
     gaps = []
     for r in range(3):  # the moving averages lag, so the gap oscillates: judge the mean over rounds
-        train_scores(model, feats, train, TrainSettings(steps=40, objective="feature-matching"), state,
+        train_local(model, feats, train, TrainSettings(steps=40, objective="feature-matching"), state,
                      torch.Generator().manual_seed(r))
         gaps.append(gap())
     assert set(state.objective) >= {"mu_real", "var_real", "v_mean", "v_var"}
