@@ -319,6 +319,11 @@ class Processes:
             except Exception as err:  # keep stopping the others
                 errors.append(err)
         self.started.clear()
+        # Processes once seen in our trees but orphaned since (e.g. Ray's agents after their raylet
+        # was SIGKILLed with the ServerApp) are no longer in any tree: end them by their PIDs.
+        _signal([p for p in self.pids if is_alive(p)], signal.SIGKILL)
+        wait_for(lambda: not [p for p in self.pids if is_alive(p)], timeout=10, interval=0.1,
+                 desc="orphaned processes to exit", raise_on_timeout=False)
         if errors:
             raise errors[0]
 
