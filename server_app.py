@@ -26,6 +26,7 @@ from prism_flwr.generator import ResnetGenerator
 from prism_flwr.plots import plot_history
 from prism_flwr.masked import get_flat, layout_fingerprint, num_masked, sample_mask, set_flat, set_mask_mode, set_scores
 from prism_flwr.task import SCORES_KEY, WEIGHTS_KEY, generator_spec, pick_device
+from strategies.base import empty_record
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
 
@@ -95,9 +96,7 @@ def main(grid: Grid, context: Context) -> None:
         if local_round == 0 and start_round > 0:
             return None  # resumed: round start_round was evaluated and recorded before the crash
         s = arrays[key].numpy()
-        record = strategy.round_records.get(rnd, {"round": rnd, "clients": 0, "asked": 0, "dropped": [],
-                                                   "skipped": False, "uplink_bytes": 0, "downlink_bytes": 0,
-                                                   "uplink_bits_per_weight": None, "mada_lambda": None, "loss": None})
+        record = strategy.round_records.get(rnd) or empty_record(rnd)
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds:
             set_flat(model, torch.from_numpy(s), attr)
             metrics, fake = evaluator.evaluate(model, "dense" if dense else "sample")

@@ -27,6 +27,13 @@ from prism_flwr.task import METRICS_KEY
 PER_CLIENT = {"dp_epsilon": "dp_epsilon_per_client", "label_histogram": "label_histograms"}
 
 
+def empty_record(rnd: int, asked: int = 0, downlink_bytes: int = 0) -> dict:
+    """One ``history.json`` record before any reply is counted (round 0 stays like this)."""
+    return {"round": rnd, "clients": 0, "asked": asked, "dropped": [], "uplink_bytes": 0,
+            "uplink_bits_per_weight": None, "downlink_bytes": downlink_bytes, "mada_lambda": None,
+            "loss": None, "skipped": False}
+
+
 class RecordingFedAvg(FedAvg):
     """FedAvg with validated replies, skipped rounds and a history record per round.
 
@@ -110,11 +117,9 @@ class RecordingFedAvg(FedAvg):
             metrics.append(mr)
             sizes.append(size)
 
-        record = {"round": rnd, "clients": len(payloads), "asked": self._asked, "dropped": dropped,
-                  "uplink_bytes": int(sum(sizes)),
-                  "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / self.num_weights if sizes else None,
-                  "downlink_bytes": int(self._asked * self._global.nbytes),
-                  "mada_lambda": None, "loss": None, "skipped": False}
+        record = {**empty_record(rnd, self._asked, int(self._asked * self._global.nbytes)),
+                  "clients": len(payloads), "dropped": dropped, "uplink_bytes": int(sum(sizes)),
+                  "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / self.num_weights if sizes else None}
         self.round_records[rnd] = record
         if len(payloads) < self.min_train_nodes:
             record["skipped"] = True
