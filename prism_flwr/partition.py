@@ -8,10 +8,15 @@ by label, the IID split shuffles it), so a partition is read back through its "i
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
+
+# flwr-datasets (with datasets, pandas, seaborn) takes ~3 s to import; only a client that
+# partitions needs it, not the ServerApp that imports this module through task.py.
+if TYPE_CHECKING:
+    import datasets
+    from flwr_datasets.partitioner import Partitioner
 
 PARTITIONINGS = ("iid", "shards", "dirichlet", "attribute")
 # flwr's default floor on a Dirichlet partition's size, kept whenever a draw can meet it.
@@ -21,6 +26,8 @@ DIRICHLET_MIN_PARTITION_SIZE = 10
 def _table(**columns: np.ndarray) -> datasets.Dataset:
     # Arrow format: flwr reads the label column with np.array(dataset["label"]); datasets 4 returns a
     # lazy Column there that numpy converts element by element (0.5 s for 60k), pyarrow at once.
+    import datasets
+
     return datasets.Dataset.from_dict(columns).with_format("arrow")
 
 
@@ -33,6 +40,8 @@ def _run(partitioner: Partitioner, table: datasets.Dataset, num_partitions: int)
 def _iid(idx: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
     # IidPartitioner cuts contiguous blocks and leaves shuffling to the caller (FederatedDataset
     # shuffles by default), so the seed enters through the shuffle.
+    from flwr_datasets.partitioner import IidPartitioner
+
     table = _table(idx=idx).shuffle(seed=seed)
     return _run(IidPartitioner(num_partitions), table, num_partitions)
 
@@ -47,6 +56,8 @@ def _dirichlet(labels: np.ndarray, num_partitions: int, alpha: float, seed: int)
     Dirichlet label skew means at that alpha. (The paper's own code instead stops giving a class
     to clients that already hold N/K samples, which yields about one class per client.)
     """
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     table = _table(label=labels, idx=np.arange(len(labels)))
     try:
         with warnings.catch_warnings():
@@ -117,6 +128,8 @@ def partition_indices(labels: np.ndarray, num_partitions: int, method: str, seed
     if not 1 <= shards_per_partition <= len(labels) // num_partitions:
         raise ValueError(f"shards_per_partition must be between 1 and len(labels) // num_partitions "
                          f"({len(labels) // num_partitions}), got {shards_per_partition}")
+    from flwr_datasets.partitioner import ShardPartitioner
+
     partitioner = ShardPartitioner(num_partitions, "label", num_shards_per_partition=shards_per_partition,
                                    seed=seed)
     return _run(partitioner, _table(label=labels, idx=np.arange(len(labels))), num_partitions)
