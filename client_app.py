@@ -24,9 +24,8 @@ from flwr.clientapp import ClientApp
 from prism_flwr.client_state import ClientRecord, read_latest_state_file, write_state_file
 from prism_flwr.codec import encode_mask
 from prism_flwr.config import RunConfig
-from prism_flwr.evaluation import generate
 from prism_flwr.features import build_features
-from prism_flwr.generator import ResnetGenerator
+from prism_flwr.generator import ResnetGenerator, generate
 from prism_flwr.masked import get_flat, iter_thetas, layout_fingerprint, sample_mask, set_flat, set_mask_mode
 from prism_flwr.objectives import FeatureMatching, mmd2_unbiased
 from prism_flwr.privacy import ThetaAccountant, noise_multiplier_for_budget, privatize_statistics, privatize_theta

@@ -20,9 +20,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from prism_flwr.checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
 from prism_flwr.config import RunConfig
-from prism_flwr.evaluation import Evaluator, generate, save_grid
+from prism_flwr.evaluation import Evaluator, save_grid
 from prism_flwr.export import dense_float32_bytes, load_sparse_model, save_sparse_model
-from prism_flwr.generator import ResnetGenerator
+from prism_flwr.generator import ResnetGenerator, generate
 from prism_flwr.plots import plot_history
 from prism_flwr.masked import get_flat, layout_fingerprint, num_masked, sample_mask, set_flat, set_mask_mode, set_scores
 from prism_flwr.task import SCORES_KEY, WEIGHTS_KEY, generator_spec, pick_device
@@ -82,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
 
     common = dict(num_weights=n, seed=cfg.seed, eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
                   # under DP a client's local evaluation would leak data outside the guarantee
-                  fraction_evaluate=0.0 if cfg.dp != "off" else 1.0,
+                  fraction_evaluate=0.0 if cfg.dp != "off" else cfg.fraction_evaluate,
                   min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes)
     strategy = (DenseFedAvg(**common) if dense else
                 MADA(layout=layout, method=cfg.aggregation, space=cfg.mada_space, **common))

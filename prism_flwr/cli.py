@@ -25,8 +25,9 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .evaluation import generate, save_grid
+    from .evaluation import save_grid
     from .export import load_sparse_model
+    from .generator import generate
 
     model, header = load_sparse_model(args.model)
     save_grid(generate(model, args.n, args.seed), args.out)

@@ -25,27 +25,13 @@ from torchvision.utils import save_image
 
 from .data import ImageData, load_dataset
 from .feature_net import atomic_write, build_feature_net
+from .generator import generate
 from .masked import set_mask_mode
 from .metrics import NEAREST_K, FrechetDistance, prdc_metrics
 from .objectives import mmd2_unbiased
 
 _FEATURE_BATCH = 200  # images per feature-network call: bounds Inception's activations at 299 x 299
 _REFERENCE: dict[Path, torch.Tensor] = {}
-
-
-@torch.no_grad()
-def generate(model: nn.Module, n: int, seed: int, device: torch.device | str = "cpu", batch: int = 500) -> torch.Tensor:
-    """``n`` images from ``model`` (its current mask mode); latents and masks seeded by ``seed``.
-
-    Runs inside ``fork_rng`` so the caller's global RNG state is left as it was.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    model.to(device)
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = [model(torch.randn(min(batch, n - i), model.spec.nz, generator=gen).to(device)).cpu()
-               for i in range(0, n, batch)]
-    return torch.cat(out)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:

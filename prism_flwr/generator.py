@@ -77,3 +77,18 @@ class ResnetGenerator(nn.Module):
         h = self.head(z.view(z.shape[0], -1, 1, 1))
         h = self.blocks(h)
         return torch.tanh(self.out(F.relu(self.bn(h))))
+
+
+@torch.no_grad()
+def generate(model: nn.Module, n: int, seed: int, device: torch.device | str = "cpu", batch: int = 500) -> torch.Tensor:
+    """``n`` images from ``model`` (its current mask mode); latents and masks seeded by ``seed``.
+
+    Runs inside ``fork_rng`` so the caller's global RNG state is left as it was.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = [model(torch.randn(min(batch, n - i), model.spec.nz, generator=gen).to(device)).cpu()
+               for i in range(0, n, batch)]
+    return torch.cat(out)

@@ -21,7 +21,7 @@ import procs
 from flowerkit import REPO, exe, flower_env, newest_run, write_connection
 from prism_flwr.checkpoint import load_checkpoint
 from prism_flwr.codec import HEADER_BYTES
-from prism_flwr.evaluation import generate
+from prism_flwr.generator import generate
 from prism_flwr.export import load_sparse_model
 from prism_flwr.masked import num_masked
 

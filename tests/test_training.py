@@ -3,7 +3,7 @@
 import torch
 
 from prism_flwr.data import load_dataset
-from prism_flwr.evaluation import generate
+from prism_flwr.generator import generate
 from prism_flwr.features import build_features
 from prism_flwr.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.masked import masked_layers, set_mask_mode
