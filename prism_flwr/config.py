@@ -37,6 +37,7 @@ class RunConfig(BaseModel):
     # federation
     num_server_rounds: int = Field(15, ge=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_train_nodes: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0)
     # model

@@ -33,6 +33,7 @@ def test_presets_are_valid():
     ("lr", 0.0, "run-config key 'lr' = 0.0: Input should be greater than 0"),
     ("aggregation", "median", "run-config key 'aggregation' = 'median': Input should be 'mada' or 'mean'"),
     ("fraction-train", 1.5, "run-config key 'fraction-train' = 1.5: Input should be less than or equal to 1"),
+    ("fraction-evaluate", -0.5, "run-config key 'fraction-evaluate' = -0.5: Input should be greater than or equal to 0"),
     ("resume", "maybe", "run-config key 'resume' = 'maybe': Input should be a valid boolean, unable to interpret input"),
 ])
 def test_bad_values_name_the_key_and_the_allowed_values(key, value, message):
