@@ -36,7 +36,7 @@ def main() -> None:
                "eval-every": args.rounds, "min-train-nodes": args.nodes}
         if eps:
             cfg["dp-epsilon"] = eps
-        res = run_app(cfg, args.out / tag, nodes=args.nodes, log=args.out / f"{tag}.log")
+        res = run_app(cfg, args.out / "runs" / tag, nodes=args.nodes, log=args.out / "runs" / f"{tag}.log")
         last = res["history"][-1]
         eps_spent = max((last.get("dp_epsilon_per_client") or {"-": 0.0}).values())
         rows.append({"dp": dp, "epsilon_budget": eps, "epsilon_spent": eps_spent,

@@ -23,13 +23,17 @@ def _toml_value(value) -> str:
     return repr(value)
 
 
-def run_app(run_config: dict, out_dir: Path, nodes: int = 4, cpus_per_node: int = 1, log: Path | None = None) -> dict:
+def run_app(run_config: dict, out_dir: Path, nodes: int = 4, cpus_per_node: int = 1, gpus_per_node: float = 0.0,
+            log: Path | None = None) -> dict:
     """``flwr run .`` with ``run_config``; returns {"history", "summary", "wall_seconds"}."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # the ServerApp runs in another working directory
     cfg = " ".join(f"{k}={_toml_value(v)}" for k, v in {**run_config, "output-dir": str(out_dir)}.items())
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    cmd = ["flwr", "run", str(REPO), "--stream", "--run-config", cfg,
-           "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node}"]
+    federation = f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node}"
+    if gpus_per_node:
+        federation += f" client-resources-num-gpus={gpus_per_node:g}"
+    cmd = ["flwr", "run", str(REPO), "--stream", "--run-config", cfg, "--federation-config", federation]
+    Path(log or os.devnull).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log or os.devnull, "w") as sink:
         subprocess.run(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, check=True, cwd=REPO)
