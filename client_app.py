@@ -29,7 +29,7 @@ from prism_flwr.generator import ResnetGenerator, generate
 from prism_flwr.masked import get_flat, iter_thetas, layout_fingerprint, sample_mask, set_flat, set_mask_mode
 from prism_flwr.objectives import FeatureMatching, mmd2_unbiased
 from prism_flwr.privacy import ThetaAccountant, noise_multiplier_for_budget, privatize_statistics, privatize_theta
-from prism_flwr.task import (MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY, client_data, derive_seed, generator_spec,
+from prism_flwr.task import (MASK_KEY, METRICS_KEY, WEIGHTS_KEY, client_data, derive_seed, generator_spec, global_vector,
                              pick_device)
 from prism_flwr.training import TrainSettings, train_local
 
@@ -78,7 +78,7 @@ def _setup(msg: Message, context: Context):
     num = int(context.node_config["num-partitions"])
     device = pick_device(cfg.device)
     model = ResnetGenerator(generator_spec(cfg)).to(device)
-    key, attr = (WEIGHTS_KEY, "weight") if cfg.method == "dense" else (SCORES_KEY, "scores")
+    key, attr = global_vector(cfg)
     set_flat(model, torch.from_numpy(msg.content[key][key].numpy()).to(device), attr)
     data, hist = client_data(cfg, pid, num, device)
     if len(data) < 2:  # e.g. Dirichlet with a tiny alpha can leave a client (almost) empty
@@ -118,9 +118,9 @@ def train(msg: Message, context: Context) -> Message:
                              objective=cfg.objective, estimator=cfg.estimator,
                              trainable="weights" if dense else "scores")
     metrics = train_local(model, features, data, settings, state.train, generator=gen)
+    metrics.update({"num-examples": len(data), "label_histogram": [int(c) for c in hist]})
     if dense:  # the baseline uploads its float32 weights: 32 bits per weight
         save_client_state(msg, context, cfg, pid, server_round, state)
-        metrics.update({"num-examples": len(data), "label_histogram": [int(c) for c in hist]})
         weights = ArrayRecord({WEIGHTS_KEY: Array(get_flat(model, "weight").numpy())})
         return Message(content=RecordDict({WEIGHTS_KEY: weights, METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
@@ -135,8 +135,7 @@ def train(msg: Message, context: Context) -> Message:
         blob = blob[:-1] + bytes([blob[-1] ^ 0xFF])
     save_client_state(msg, context, cfg, pid, server_round, state)
 
-    metrics.update({"num-examples": len(data), "mask_density": float(mask.float().mean()),
-                    "label_histogram": [int(c) for c in hist]})
+    metrics["mask_density"] = float(mask.float().mean())
     if cfg.dp == "theta":  # client-level DP covers the mask only: nothing else computed from the data
         metrics = {"num-examples": 1, "dp_epsilon": state.epsilon_spent}
     elif cfg.dp == "statistics":  # training saw only the DP statistics; n and labels are raw data

@@ -25,7 +25,7 @@ from prism_flwr.export import dense_float32_bytes, load_sparse_model, save_spars
 from prism_flwr.generator import ResnetGenerator, generate
 from prism_flwr.plots import plot_history
 from prism_flwr.masked import get_flat, layout_fingerprint, num_masked, sample_mask, set_flat, set_mask_mode, set_scores
-from prism_flwr.task import SCORES_KEY, WEIGHTS_KEY, generator_spec, pick_device
+from prism_flwr.task import generator_spec, global_vector, pick_device
 from strategies.base import empty_record
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
@@ -64,7 +64,7 @@ def main(grid: Grid, context: Context) -> None:
     ckpt_path = out / "checkpoint.pt"
 
     dense = cfg.method == "dense"
-    key, attr = (WEIGHTS_KEY, "weight") if dense else (SCORES_KEY, "scores")
+    key, attr = global_vector(cfg)
     start_round, history, run_tag = 0, [], secrets.token_hex(4)
     vector = get_flat(model, attr).numpy()  # the global vector: scores, or weights for the baseline
     if cfg.resume:

@@ -92,8 +92,9 @@ def main() -> None:
                 # A finished run with the same run config is kept: re-running the command after an
                 # interruption (or in chunks, within a device's time per call) goes on from there.
                 row_path = out / "runs" / f"{tag}.json"
-                if row_path.is_file() and json.loads(row_path.read_text())["run_config"] == cfg:
-                    rows.append(json.loads(row_path.read_text()))
+                saved = json.loads(row_path.read_text()) if row_path.is_file() else None
+                if saved is not None and saved["run_config"] == cfg:
+                    rows.append(saved)
                     continue
                 res = run_app(cfg, out / "runs" / tag, nodes=args.nodes, gpus_per_node=gpus,
                               log=out / "runs" / f"{tag}.log")

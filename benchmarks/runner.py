@@ -33,7 +33,8 @@ def run_app(run_config: dict, out_dir: Path, nodes: int = 4, cpus_per_node: int 
     if gpus_per_node:
         federation += f" client-resources-num-gpus={gpus_per_node:g}"
     cmd = ["flwr", "run", str(REPO), "--stream", "--run-config", cfg, "--federation-config", federation]
-    Path(log or os.devnull).parent.mkdir(parents=True, exist_ok=True)
+    if log:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log or os.devnull, "w") as sink:
         subprocess.run(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, check=True, cwd=REPO)

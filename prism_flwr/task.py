@@ -24,6 +24,12 @@ WEIGHTS_KEY = "weights" # method = "dense", both ways: ArrayRecord {"weights": f
 METRICS_KEY = "metrics"
 
 
+def global_vector(cfg: RunConfig) -> tuple[str, str]:
+    """(record key, model attribute) of the float32 vector the server sends down: PRISM's scores,
+    or the dense baseline's weights."""
+    return (WEIGHTS_KEY, "weight") if cfg.method == "dense" else (SCORES_KEY, "scores")
+
+
 def generator_spec(cfg: RunConfig) -> GeneratorSpec:
     return GeneratorSpec(nz=cfg.nz, ngf=cfg.ngf, nc=NUM_CHANNELS[cfg.dataset], seed=cfg.seed)
 
