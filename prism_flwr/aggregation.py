@@ -20,18 +20,50 @@ For each masked weight, with ``K`` masks received in round ``t`` and ``c`` of th
    keeps it close. No extra hyper-parameter.
 3. ``"mean"`` (PRISM without MADA, the paper's PRISM-dagger): ``s_{t+1} = s_agg``.
 
+Why MADA's lambda is mostly noise: with ``theta_o = sigmoid(s_t)``, the expected Hamming distance
+of two independent samples is, per weight,
+
+    theta_o (1 - theta_n) + theta_n (1 - theta_o)
+        = (theta_o - theta_n)^2 + theta_o (1 - theta_o) + theta_n (1 - theta_n),
+
+so with no change at all (``theta_n = theta_o``) ``E[lambda] = mean 2 theta_o (1 - theta_o)``,
+about 0.41 at initialisation. ``lambda_diagnostics`` logs that expectation and the change term
+``mean (theta_o - theta_agg)^2`` next to lambda every round. Rules beyond the paper:
+
+4. ``"mada-change"``: MADA whose step measures change, not sampling noise. ``theta_agg`` is a
+   mean of ``K`` Bernoulli votes: with ``p = (theta_agg - eps) / (1 - 2 eps)`` (the raw vote
+   fraction) its sampling variance is estimated without bias by
+   ``sigma^2 = (1 - 2 eps)^2 mean p (1 - p) / (K - 1)``. The observed change
+   ``D = mean (theta_o - theta_agg)^2`` is real drift ``P`` plus that noise, so the step that
+   minimises the expected squared error of the blend (a scalar Kalman gain) is
+
+       lambda = P / (P + sigma^2) = clip(1 - sigma^2 / D, 0, 1),
+
+   used in MADA's blend. Clients that moved far (``D >> sigma^2``) give ``lambda ~ 1``, the plain
+   mean; once the clients agree with the global model the votes' noise is averaged away.
+   ``K = 1`` has no noise estimate: ``lambda = 1``. No hyper-parameter.
+5. ``"adam"`` (server Adam on the score vector, FedAdam of Reddi et al. 2021, with the smoothed
+   mean as the target): pseudo-gradient ``d = s_agg - s_t``; ``m = b1 m + (1 - b1) d``,
+   ``v = b2 v + (1 - b2) d^2``, ``s_{t+1} = s_t + eta m / (sqrt(v) + tau)`` with
+   ``eta = 1, b1 = 0.9, b2 = 0.99, tau = 1e-3`` (``m = v = 0`` at the start: a first step of
+   about ``eta`` per weight toward the aggregate).
+6. ``"beta"`` (FedPM's Beta-Bernoulli posterior, kept across rounds with forgetting): counts of
+   ones ``a`` and zeros ``b`` decay by ``rho = 0.5`` each round before this round's votes are added
+   (``a_0 = b_0 = 1``); ``theta_{t+1} = clip(a / (a + b), eps, 1 - eps)``. FedPM resets the prior
+   every round, which is the plain mean; ``rho`` keeps about two rounds of votes.
+
 Counting works on packed bits, one client at a time: memory is one ``uint16``/``uint32`` count
 per weight, never a clients x weights float32 matrix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
 
-AGGREGATIONS = ("mada", "mean")
+AGGREGATIONS = ("mada", "mean", "mada-change", "adam", "beta")
 MADA_SPACES = ("score", "probability")
 EPS = 0.01
 
@@ -75,24 +107,98 @@ def hamming_lambda(theta_old: np.ndarray, theta_new: np.ndarray, rng: np.random.
     return float(np.count_nonzero(m_old != m_new)) / theta_old.size
 
 
+def lambda_diagnostics(theta_old: np.ndarray, theta_agg: np.ndarray) -> dict[str, float]:
+    """What MADA's lambda is made of: its no-change expectation ``mean 2 theta_o (1 - theta_o)``
+    and the deterministic change term ``mean (theta_o - theta_agg)^2``."""
+    t = theta_old.astype(np.float64)
+    return {"lambda_no_change": float(np.mean(2.0 * t * (1.0 - t))),
+            "theta_change_sq": float(np.mean((t - theta_agg.astype(np.float64)) ** 2))}
+
+
+def change_lambda(theta_old: np.ndarray, theta_agg: np.ndarray, k: int, eps: float = EPS) -> float:
+    """``clip(1 - sigma^2 / D, 0, 1)``: the share of the observed change that is not vote noise."""
+    if k < 2:
+        return 1.0
+    p = (theta_agg.astype(np.float64) - eps) / (1.0 - 2.0 * eps)
+    sigma2 = (1.0 - 2.0 * eps) ** 2 * float(np.mean(p * (1.0 - p))) / (k - 1)
+    d = float(np.mean((theta_old.astype(np.float64) - theta_agg.astype(np.float64)) ** 2))
+    return 1.0 if d <= 0.0 else float(np.clip(1.0 - sigma2 / d, 0.0, 1.0))
+
+
 @dataclass(frozen=True)
 class AggregateResult:
     scores: np.ndarray      # s_{t+1}, float32
-    mada_lambda: float      # Hamming distance between old and new global mask samples (nan for "mean")
+    mada_lambda: float      # the blend step (MADA's Hamming distance, or mada-change's gain); nan otherwise
+    diagnostics: dict = field(default_factory=dict)  # lambda_diagnostics of the round
 
 
 def aggregate(scores: np.ndarray, counts: np.ndarray, k: int, *, method: str = "mada",
               space: str = "score", rng: np.random.Generator, eps: float = EPS) -> AggregateResult:
-    """New global scores from the current ones and the per-weight mask counts of ``k`` clients."""
-    if method not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {method!r}")
+    """New global scores from the current ones and the per-weight mask counts of ``k`` clients
+    (the stateless rules: ``mada``, ``mean``, ``mada-change``; see ``Aggregator`` for all)."""
+    if method not in ("mada", "mean", "mada-change"):
+        raise ValueError(f"aggregation must be one of mada, mean, mada-change here (all rules: Aggregator), "
+                         f"got {method!r}")
     if space not in MADA_SPACES:
         raise ValueError(f"mada space must be one of {MADA_SPACES}, got {space!r}")
     theta_agg = smoothed_mean(counts, k, eps)
+    theta_old = sigmoid(scores)
+    diag = lambda_diagnostics(theta_old, theta_agg)
     if method == "mean":
-        return AggregateResult(logit(theta_agg), float("nan"))
-    lam = hamming_lambda(sigmoid(scores), theta_agg, rng)
-    return AggregateResult(mada_blend(scores, theta_agg, lam, space), lam)
+        return AggregateResult(logit(theta_agg), float("nan"), diag)
+    if method == "mada":
+        lam = hamming_lambda(theta_old, theta_agg, rng)
+    else:
+        lam = change_lambda(theta_old, theta_agg, k, eps)
+    return AggregateResult(mada_blend(scores, theta_agg, lam, space), lam, diag)
+
+
+class Aggregator:
+    """One aggregation rule with the state it keeps across rounds (``adam``: moments; ``beta``:
+    decayed vote counts). ``state_dict`` / ``load_state_dict`` let a checkpoint carry it."""
+
+    ADAM = {"eta": 1.0, "b1": 0.9, "b2": 0.99, "tau": 1e-3}
+    BETA_RHO = 0.5
+
+    def __init__(self, rule: str = "mada", space: str = "score", eps: float = EPS) -> None:
+        if rule not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {rule!r}")
+        if space not in MADA_SPACES:
+            raise ValueError(f"mada space must be one of {MADA_SPACES}, got {space!r}")
+        self.rule, self.space, self.eps = rule, space, eps
+        self.state: dict[str, np.ndarray] = {}
+
+    def step(self, scores: np.ndarray, counts: np.ndarray, k: int, rng: np.random.Generator) -> AggregateResult:
+        if self.rule in ("mada", "mean", "mada-change"):
+            return aggregate(scores, counts, k, method=self.rule, space=self.space, rng=rng, eps=self.eps)
+        theta_agg = smoothed_mean(counts, k, self.eps)
+        diag = lambda_diagnostics(sigmoid(scores), theta_agg)
+        if self.rule == "adam":
+            return AggregateResult(self._adam(scores, logit(theta_agg)), float("nan"), diag)
+        return AggregateResult(self._beta(counts, k), float("nan"), diag)
+
+    def _adam(self, scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+        h = self.ADAM
+        d = (target - scores).astype(np.float32)
+        m = self.state.get("m", np.zeros_like(d))
+        v = self.state.get("v", np.zeros_like(d))
+        m = (h["b1"] * m + (1 - h["b1"]) * d).astype(np.float32)
+        v = (h["b2"] * v + (1 - h["b2"]) * d * d).astype(np.float32)
+        self.state = {"m": m, "v": v}
+        return (scores + h["eta"] * m / (np.sqrt(v) + h["tau"])).astype(np.float32)
+
+    def _beta(self, counts: np.ndarray, k: int) -> np.ndarray:
+        ones = counts.astype(np.float32)
+        a = self.BETA_RHO * self.state.get("a", np.ones_like(ones)) + ones
+        b = self.BETA_RHO * self.state.get("b", np.ones_like(ones)) + (k - ones)
+        self.state = {"a": a.astype(np.float32), "b": b.astype(np.float32)}
+        return logit(np.clip(a / (a + b), self.eps, 1 - self.eps).astype(np.float32))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.state = {k: np.asarray(v, dtype=np.float32).copy() for k, v in state.items()}
 
 
 def mada_blend(scores: np.ndarray, theta_agg: np.ndarray, lam: float, space: str = "score") -> np.ndarray:

@@ -13,6 +13,9 @@ them frozen at 1/0) and always normalises with the *batch* statistics: no runnin
 exist, so nothing local leaks into sampling and a generator sampled anywhere behaves the same
 (running statistics from one client's masks gave poor samples in the maintainers' sketch).
 
+``forward`` draws all masks of a pass at once (``masked.masked_weights``: one Bernoulli over the
+concatenated scores) and hands each layer its ``W * m``.
+
 Weights come from ``torch.Generator().manual_seed(seed)`` consumed in construction order, and
 the initial scores from a second stream seeded with ``seed + 1``: the server and every client
 rebuild the same network from ``(nz, ngf, nc, seed)`` alone.
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masked import MaskedConv2d, MaskedConvTranspose2d
+from .masked import MaskedConv2d, MaskedConvTranspose2d, masked_layers, masked_weights
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,10 @@ class _UpBlock(nn.Module):
         self.conv2 = MaskedConv2d(cout, cout, 3, padding=1, weight_gen=wg, score_gen=sg)
         self.skip = MaskedConv2d(cin, cout, 1, weight_gen=wg, score_gen=sg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_skip: torch.Tensor) -> torch.Tensor:
         h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
-        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
-        return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+        h = self.conv2(F.relu(self.bn2(self.conv1(h, w1))), w2)
+        return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"), w_skip)
 
 
 class ResnetGenerator(nn.Module):
@@ -74,9 +77,12 @@ class ResnetGenerator(nn.Module):
         self.out = MaskedConv2d(ngf, spec.nc, 3, padding=1, weight_gen=wg, score_gen=sg)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.head(z.view(z.shape[0], -1, 1, 1))
-        h = self.blocks(h)
-        return torch.tanh(self.out(F.relu(self.bn(h))))
+        # Masked layers in registration order: head, (conv1, conv2, skip) x 3, out.
+        w = masked_weights(masked_layers(self))
+        h = self.head(z.view(z.shape[0], -1, 1, 1), w[0])
+        for i, block in enumerate(self.blocks):
+            h = block(h, *w[1 + 3 * i: 4 + 3 * i])
+        return torch.tanh(self.out(F.relu(self.bn(h)), w[-1]))
 
 
 @torch.no_grad()

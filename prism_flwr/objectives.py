@@ -28,7 +28,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .optim_state import load_optimizer_tensors, optimizer_tensors
 
 OBJECTIVES = ("feature-matching", "mmd")
 MMD_BANDWIDTHS = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -68,36 +67,52 @@ def feature_moments(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FeatureMatching(nn.Module):
-    """GFMN loss with Adam-driven moving-average vectors; its state travels across rounds."""
+    """GFMN loss with Adam-driven moving-average vectors; its state travels across rounds.
 
-    def __init__(self, mu_real: torch.Tensor, var_real: torch.Tensor, lr: float = 1e-5) -> None:
+    The moving averages' Adam step is written out (``torch.optim.Adam``'s update, bias
+    corrections included, step count on the device) rather than run by an inner optimiser and an
+    inner ``backward``: the whole local step then stays on the device with no host
+    synchronisation, and can be captured in a CUDA graph. The gradient of the MSE
+    ``mean((v - gap)^2)`` is ``2 (v - gap) / d``.
+    """
+
+    def __init__(self, mu_real: torch.Tensor, var_real: torch.Tensor, lr: float = 1e-5,
+                 betas: tuple[float, float] = (0.5, 0.999), eps: float = 1e-8) -> None:
         super().__init__()
+        self.lr, self.betas, self.eps = lr, betas, eps
         self.register_buffer("mu_real", mu_real.detach().clone())
         self.register_buffer("var_real", var_real.detach().clone())
-        self.v_mean = nn.Parameter(torch.zeros_like(self.mu_real))
-        self.v_var = nn.Parameter(torch.zeros_like(self.var_real))
-        self.opt = torch.optim.Adam([self.v_mean, self.v_var], lr=lr, betas=(0.5, 0.999))
+        for name in ("v_mean", "v_var", "m1_mean", "m2_mean", "m1_var", "m2_var"):
+            self.register_buffer(name, torch.zeros_like(self.mu_real))
+        self.register_buffer("step", torch.zeros((), dtype=torch.float32, device=self.mu_real.device))
+
+    @torch.no_grad()
+    def _adam_toward(self, v: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, gap: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        grad = 2.0 * (v - gap) / v.numel()
+        m1.lerp_(grad, 1 - b1)
+        m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        bc1 = 1 - torch.pow(b1, self.step)
+        bc2 = 1 - torch.pow(b2, self.step)
+        v.sub_(self.lr * m1 / bc1 / ((m2 / bc2).sqrt() + self.eps))
 
     def forward(self, fake_feats: torch.Tensor) -> torch.Tensor:
         mu_f, var_f = feature_moments(fake_feats)
         gap_m, gap_v = self.mu_real - mu_f, self.var_real - var_f
         # First move the moving averages toward the current (detached) gaps ...
-        self.opt.zero_grad()
-        ma_loss = (self.v_mean - gap_m.detach()).pow(2).mean() + (self.v_var - gap_v.detach()).pow(2).mean()
-        ma_loss.backward()
-        self.opt.step()
+        self.step.add_(1)
+        self._adam_toward(self.v_mean, self.m1_mean, self.m2_mean, gap_m.detach())
+        self._adam_toward(self.v_var, self.m1_var, self.m2_var, gap_v.detach())
         # ... then the generator follows them.
-        return (self.v_mean.detach() * gap_m).sum() + (self.v_var.detach() * gap_v).sum()
+        return (self.v_mean * gap_m).sum() + (self.v_var * gap_v).sum()
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Tensors to keep across rounds: statistics, moving averages and their Adam moments."""
-        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
-        state.update({f"opt.{k}": v for k, v in optimizer_tensors(self.opt).items()})
-        return state
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> "FeatureMatching":
         fm = cls(state["mu_real"].to(device), state["var_real"].to(device))
-        fm.load_state_dict({k: v for k, v in state.items() if not k.startswith("opt.")})
-        load_optimizer_tensors(fm.opt, {k[4:]: v for k, v in state.items() if k.startswith("opt.")})
-        return fm
+        if "step" in state:  # a state with released statistics only (dp = statistics) starts at zero
+            fm.load_state_dict(state)
+        return fm.to(device)

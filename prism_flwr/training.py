@@ -5,6 +5,14 @@ its data statistics and moving-average vectors) from earlier rounds, runs ``step
 steps of batch ``batch_size`` on the scores only, and reports metrics. The frozen weights never
 change: only ``scores`` are handed to the optimiser. With ``trainable = "weights"`` (the dense
 FedAvg baseline) it is the other way round: the same network's weights train, no mask exists.
+
+The step loop never waits for the device: losses stay in a device tensor and finiteness (of the
+losses and of the trained parameters) is checked once, after the last step, before anything can
+be uploaded. On CUDA the step (sampling, forward, backward, Adam) is captured once per round in a
+CUDA graph after ``WARMUP_STEPS`` eager steps and replayed for the rest, which removes the
+per-kernel launch cost that bounds a batch-64 step; latents, batches and masks then come from
+the device's default generator, seeded from ``generator``. The same seed on the same device
+gives the same result (cuDNN is asked for deterministic algorithms inside the loop).
 """
 
 from __future__ import annotations
@@ -61,12 +69,19 @@ def real_feature_moments(features: nn.Module, data: torch.Tensor, batch: int = 2
     return mu.float(), (total_sq / n - mu.pow(2)).clamp_min(0).float()
 
 
+WARMUP_STEPS = 3  # eager steps (on a side stream) before a CUDA graph is captured
+
+
 def train_local(model: nn.Module, features: nn.Module, data: torch.Tensor, settings: TrainSettings,
-                 state: ClientState, generator: torch.Generator | None = None) -> dict[str, float]:
+                 state: ClientState, generator: torch.Generator | None = None,
+                 cuda_graph: bool | None = None) -> dict[str, float]:
     """Train ``model``'s scores in place on ``data`` (float, [-1, 1], on the model's device).
 
     ``state`` is read and updated in place. ``generator`` (on the data's device) drives latent
     and batch sampling; the Bernoulli masks use torch's global RNG (seed it for reproducibility).
+    ``cuda_graph``: capture the step in a CUDA graph (default: on CUDA when there are more than
+    ``WARMUP_STEPS`` steps); then all randomness comes from the device's default generator,
+    seeded from ``generator``.
     """
     device = data.device
     if settings.trainable == "weights":
@@ -74,8 +89,12 @@ def train_local(model: nn.Module, features: nn.Module, data: torch.Tensor, setti
     else:
         set_mask_mode(model, "sample", settings.estimator)
     model.train()
+    on_cuda = device.type == "cuda"
+    graph = (on_cuda and settings.steps > WARMUP_STEPS) if cuda_graph is None else cuda_graph
+    if graph and not on_cuda:
+        raise ValueError("cuda_graph=True needs data on a CUDA device")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=settings.lr, betas=settings.betas)
+    opt = torch.optim.Adam(params, lr=settings.lr, betas=settings.betas, capturable=on_cuda, fused=on_cuda or None)
     if state.score_opt:
         load_optimizer_tensors(opt, state.score_opt)
 
@@ -86,42 +105,65 @@ def train_local(model: nn.Module, features: nn.Module, data: torch.Tensor, setti
             state.objective = FeatureMatching(mu, var).full_state()
         fm = FeatureMatching.from_state(state.objective, device=device)
 
-    losses = []
-    for _ in range(settings.steps):
-        z = torch.randn(settings.batch_size, model.spec.nz, generator=generator, device=device)
+    def step(gen: torch.Generator | None) -> torch.Tensor:
+        z = torch.randn(settings.batch_size, model.spec.nz, generator=gen, device=device)
         fake_feats = features(model(z))
         if fm is not None:
             loss = fm(fake_feats)
         else:
-            idx = torch.randint(len(data), (settings.batch_size,), generator=generator, device=device)
+            idx = torch.randint(len(data), (settings.batch_size,), generator=gen, device=device)
             with torch.no_grad():
                 real_feats = features(data[idx])
             loss = mmd2_unbiased(fake_feats, real_feats)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"local loss became {loss.item()} at step {len(losses)}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        return loss.detach()
 
-    if not all(torch.isfinite(p).all() for p in params):
-        raise NonFiniteError("scores became non-finite during local training")
+    losses = torch.zeros(settings.steps, device=device)
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False,
+                                    allow_tf32=torch.backends.cudnn.allow_tf32):
+        if graph:
+            _run_graphed(step, losses, device, generator)
+        else:
+            for i in range(settings.steps):
+                losses[i] = step(generator)
+
+    finite = torch.isfinite(losses).all()
+    for p in params:
+        finite &= torch.isfinite(p).all()
+    if not bool(finite):  # the one host synchronisation of the round
+        raise NonFiniteError("local training produced a non-finite loss or parameter; nothing is uploaded")
     state.score_opt = optimizer_tensors(opt)
     if fm is not None:
         state.objective = fm.full_state()
-    tail = losses[-max(1, len(losses) // 4):]  # the last quarter: the loss the round ended at
+    tail = losses[-max(1, settings.steps // 4):]  # the last quarter: the loss the round ended at
     stats = theta_stats(model) if settings.trainable == "scores" else {}
-    return {"loss": float(sum(tail) / len(tail)), **stats}
+    return {"loss": float(tail.mean()), **stats}
+
+
+def _run_graphed(step, losses: torch.Tensor, device: torch.device, generator: torch.Generator | None) -> None:
+    """``WARMUP_STEPS`` eager steps on a side stream, then one step captured and replayed."""
+    if generator is not None:
+        torch.cuda.manual_seed(generator.initial_seed())
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for i in range(WARMUP_STEPS):
+            losses[i] = step(None)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(None)
+    for i in range(WARMUP_STEPS, len(losses)):
+        graph.replay()
+        losses[i].copy_(static_loss)
 
 
 @torch.no_grad()
 def theta_stats(model: nn.Module) -> dict[str, float]:
     """Mean keep-probability and mean binary entropy (bits) of theta over all masked weights."""
-    n, dens, ent = 0, 0.0, 0.0
-    for m in masked_layers(model):
-        t = m.theta.double().clamp(1e-12, 1 - 1e-12)
-        dens += t.sum().item()
-        ent += (-(t * t.log2() + (1 - t) * (1 - t).log2())).sum().item()
-        n += t.numel()
-    return {"theta_density": dens / n, "theta_entropy_bits": ent / n}
+    t = torch.cat([m.theta.flatten() for m in masked_layers(model)]).double().clamp(1e-12, 1 - 1e-12)
+    ent = -(t * t.log2() + (1 - t) * (1 - t).log2())
+    return {"theta_density": float(t.mean()), "theta_entropy_bits": float(ent.mean())}
 

@@ -5,9 +5,11 @@ Sampling, message construction, reply validation and the round record come from
 
 - ``decode``: the codec checks every mask (truncated, wrong length, wrong layout, bad checksum,
   unknown version -> dropped);
-- ``combine``: per-weight counts of ones on the packed bits, then
-  ``prism_flwr.aggregation.aggregate``: MADA ``s_{t+1} = lambda logit(theta_agg) + (1 - lambda) s_t``
-  with lambda the Hamming distance of global-mask samples, or the plain mean. The server's
+- ``combine``: per-weight counts of ones on the packed bits, then the run's
+  ``prism_flwr.aggregation.Aggregator`` rule: MADA ``s_{t+1} = lambda logit(theta_agg) + (1 - lambda) s_t``
+  with lambda the Hamming distance of global-mask samples, the plain mean, or a rule beyond the
+  paper (``mada-change``, ``adam``, ``beta``); lambda's no-change expectation and the change
+  term go into the round's record. The server's
   Bernoulli samples use ``default_rng([seed, round])``, so a round's result depends only on its
   inputs (what makes a resumed run bit-identical).
 """
@@ -20,7 +22,7 @@ import numpy as np
 from flwr.app import Array
 from flwr.common import log
 
-from prism_flwr.aggregation import aggregate, count_ones
+from prism_flwr.aggregation import Aggregator, count_ones
 from prism_flwr.codec import MaskFormatError, decode_mask
 from prism_flwr.task import MASK_KEY, SCORES_KEY
 
@@ -33,7 +35,8 @@ class MADA(RecordingFedAvg):
     Parameters
     ----------
     num_weights, layout : the model's masked-weight count and layout fingerprint (codec checks).
-    method : ``"mada"`` or ``"mean"`` (PRISM without MADA).
+    method : an aggregation rule of ``prism_flwr.aggregation.AGGREGATIONS`` (``"mada"``: the
+        paper's; ``"mean"``: PRISM without MADA).
     space : ``"score"`` (official code) or ``"probability"`` (the paper's figure).
     Other keywords: see ``RecordingFedAvg``.
     """
@@ -46,6 +49,7 @@ class MADA(RecordingFedAvg):
         self.layout = layout
         self.method = method
         self.space = space
+        self.aggregator = Aggregator(method, space)
 
     def summary(self) -> None:
         log(INFO, "\t├──> PRISM aggregation: %s (MADA space: %s), %d masked weights",
@@ -62,6 +66,6 @@ class MADA(RecordingFedAvg):
 
     def combine(self, rnd: int, payloads: list[np.ndarray], weights: np.ndarray) -> tuple[np.ndarray, dict]:
         counts, k = count_ones(payloads, self.num_weights)
-        res = aggregate(self._global, counts, k, method=self.method, space=self.space,
-                        rng=np.random.default_rng([self.seed, rnd]))
-        return res.scores, {"mada_lambda": res.mada_lambda if self.method == "mada" else None}
+        res = self.aggregator.step(self._global, counts, k, rng=np.random.default_rng([self.seed, rnd]))
+        lam = None if np.isnan(res.mada_lambda) else res.mada_lambda
+        return res.scores, {"mada_lambda": lam, **res.diagnostics}

@@ -98,3 +98,84 @@ def test_count_ones_past_the_uint8_block():
     counts, k = count_ones((np.packbits(m, bitorder="little") for m in masks), 13)
     assert k == 600
     np.testing.assert_array_equal(counts, masks.sum(0))
+
+
+# --- lambda diagnostics and the rules beyond the paper, each against numbers worked by hand ---
+
+from prism_flwr.aggregation import Aggregator, change_lambda, lambda_diagnostics, sigmoid  # noqa: E402
+
+
+def test_lambda_diagnostics_by_hand():
+    d = lambda_diagnostics(np.array([0.5, 0.9], np.float32), np.array([0.5, 0.1], np.float32))
+    assert d["lambda_no_change"] == pytest.approx((0.5 + 0.18) / 2)      # mean 2 t (1 - t)
+    assert d["theta_change_sq"] == pytest.approx((0.0 + 0.64) / 2)       # mean (t_o - t_agg)^2
+
+
+def test_mada_lambda_expectation_is_change_plus_noise():
+    """E[Hamming] = mean (t_o - t_n)^2 + t_o (1 - t_o) + t_n (1 - t_n): the identity the
+    diagnostics rest on, checked by sampling."""
+    rng = np.random.default_rng(0)
+    t_o = rng.uniform(0.05, 0.95, 200_000).astype(np.float32)
+    t_n = rng.uniform(0.05, 0.95, 200_000).astype(np.float32)
+    expected = np.mean((t_o - t_n) ** 2 + t_o * (1 - t_o) + t_n * (1 - t_n))
+    assert hamming_lambda(t_o, t_n, rng) == pytest.approx(expected, abs=3e-3)
+
+
+def test_change_lambda_by_hand():
+    # K = 5 votes, counts (0, 1): raw vote fractions p = (0, 0.2), theta_agg = 0.01 + 0.98 p.
+    # sigma^2 = 0.98^2 * mean(p (1 - p)) / (K - 1) = 0.9604 * 0.08 / 4 = 0.019208
+    # D = mean((0.9 - 0.01)^2, (0.9 - 0.206)^2) = (0.7921 + 0.481636) / 2 = 0.636868
+    theta_agg = smoothed_mean(np.array([0, 1]), 5)
+    lam = change_lambda(np.array([0.9, 0.9], np.float32), theta_agg, 5)
+    assert lam == pytest.approx(1 - 0.019208 / 0.636868, rel=1e-5)
+    # Votes that only scatter around the old theta: the noise explains all the change -> 0.
+    assert change_lambda(np.array([0.7, 0.7], np.float32), smoothed_mean(np.array([2, 3]), 5), 5) == 0.0
+    # Unanimous votes carry no noise: the full step.
+    assert change_lambda(np.array([0.5, 0.5], np.float32), smoothed_mean(np.array([4, 0]), 4), 4) == 1.0
+    assert change_lambda(np.array([0.5], np.float32), smoothed_mean(np.array([1]), 1), 1) == 1.0
+
+
+def test_mada_change_blends_with_its_gain():
+    scores = np.array([2.0, 2.0], np.float32)
+    res = Aggregator("mada-change").step(scores, np.array([0, 1]), 5, rng=np.random.default_rng(0))
+    lam = change_lambda(sigmoid(scores), smoothed_mean(np.array([0, 1]), 5), 5)
+    assert res.mada_lambda == pytest.approx(lam)
+    np.testing.assert_allclose(res.scores, lam * logit(smoothed_mean(np.array([0, 1]), 5)) + (1 - lam) * scores,
+                               rtol=1e-6)
+    assert set(res.diagnostics) == {"lambda_no_change", "theta_change_sq"}
+
+
+def test_server_adam_first_two_steps_by_hand():
+    agg = Aggregator("adam")
+    s0 = np.array([0.0, 1.0], np.float32)
+    counts, k = np.array([1, 0]), 1                      # theta_agg = (0.99, 0.01)
+    target = np.log(99.0) * np.array([1.0, -1.0])        # logit(0.99) = 4.59512
+    d = target - s0                                       # (4.59512, -5.59512)
+    s1 = agg.step(s0, counts, k, rng=np.random.default_rng(0)).scores
+    # m = 0.1 d, v = 0.01 d^2: the step is 0.1 d / (0.1 |d| + 1e-3), about one unit per weight
+    np.testing.assert_allclose(s1, s0 + 0.1 * d / (0.1 * np.abs(d) + 1e-3), rtol=1e-5)
+    d2 = target - s1
+    m = 0.9 * 0.1 * d + 0.1 * d2
+    v = 0.99 * 0.01 * d * d + 0.01 * d2 * d2
+    s2 = agg.step(s1, counts, k, rng=np.random.default_rng(0)).scores
+    np.testing.assert_allclose(s2, s1 + m / (np.sqrt(v) + 1e-3), rtol=1e-5)
+    restored = Aggregator("adam")
+    restored.load_state_dict(agg.state_dict())
+    np.testing.assert_array_equal(restored.step(s2, counts, k, rng=np.random.default_rng(0)).scores,
+                                  agg.step(s2, counts, k, rng=np.random.default_rng(0)).scores)
+
+
+def test_beta_posterior_with_forgetting_by_hand():
+    agg = Aggregator("beta")
+    s = np.zeros(2, np.float32)
+    # round 1: a = 0.5 * 1 + (3, 0) = (3.5, 0.5), b = 0.5 * 1 + (0, 3) = (0.5, 3.5)
+    r1 = agg.step(s, np.array([3, 0]), 3, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(sigmoid(r1.scores), [0.875, 0.125], rtol=1e-5)
+    # round 2, no ones: a = (1.75, 0.25), b = (0.25 + 3, 1.75 + 3) -> theta = (1.75 / 5, 0.25 / 5)
+    r2 = agg.step(r1.scores, np.array([0, 0]), 3, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(sigmoid(r2.scores), [0.35, 0.05], rtol=1e-5)
+
+
+def test_aggregator_refuses_an_unknown_rule():
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        Aggregator("median")

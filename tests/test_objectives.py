@@ -37,6 +37,24 @@ def test_feature_matching_first_step_by_hand():
     torch.testing.assert_close(fm.v_mean.detach(), torch.tensor([1e-5, -1e-5]))
 
 
+def test_feature_matching_moving_averages_follow_torch_adam():
+    """The written-out Adam step of the moving averages is torch.optim.Adam's, step for step."""
+    torch.manual_seed(0)
+    mu, var = torch.randn(6), torch.rand(6)
+    fm = FeatureMatching(mu, var, lr=1e-2)
+    v_m, v_v = torch.zeros(6, requires_grad=True), torch.zeros(6, requires_grad=True)
+    ref = torch.optim.Adam([v_m, v_v], lr=1e-2, betas=(0.5, 0.999))
+    for _ in range(5):
+        fake = torch.randn(16, 6)
+        fm(fake)
+        mu_f, var_f = fake.mean(0), fake.var(0, unbiased=False)
+        ref.zero_grad()
+        ((v_m - (mu - mu_f)).pow(2).mean() + (v_v - (var - var_f)).pow(2).mean()).backward()
+        ref.step()
+    torch.testing.assert_close(fm.v_mean, v_m.detach())
+    torch.testing.assert_close(fm.v_var, v_v.detach())
+
+
 def test_feature_matching_state_round_trip():
     fm = FeatureMatching(torch.randn(4), torch.rand(4))
     for _ in range(3):

@@ -1,0 +1,136 @@
+"""One client's round, framework-free: global vector in, upload payload + metrics + state out.
+
+``client_round`` is what ``client_app.py``'s ``@app.train`` runs between unpacking and packing
+Flower records, and what the in-process runner (``inprocess.py``) and the benchmarks call for
+every client: the same code path with or without Flower.
+
+Per round: rebuild (or reuse) the frozen network, load the global vector, train locally
+(``training.train_local``), and let the method build its upload (PRISM: one mask sampled from
+theta, through the DP mechanism when ``dp = "theta"``; dense: float32 weights). Randomness is
+reproducible per ``(seed, round, partition)``: one stream for the Bernoulli masks of training,
+one for latents and batches, and, for what must stay hidden from the server under DP (noise and
+the mask sampled from noisy theta), streams seeded from the client's own secret.
+
+``client_evaluate`` is the ``@app.evaluate`` side: pixel MMD^2 between samples of the global
+model and the client's images, and nothing derived from data under DP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from .client_state import ClientRecord
+from .config import RunConfig
+from .features import build_features
+from .generator import GeneratorSpec, ResnetGenerator, generate
+from .masked import set_flat, set_mask_mode
+from .methods import Method, dp_theta_release
+from .objectives import FeatureMatching, mmd2_unbiased
+from .privacy import ThetaAccountant, noise_multiplier_for_budget, privatize_statistics
+from .task import derive_seed, generator_spec
+from .training import train_local
+
+# Metrics a client may report under dp = "statistics" (training saw only the DP statistics);
+# under dp = "theta" nothing computed from data leaves the client but the mask.
+_DP_STATISTICS_METRICS = ("loss", "theta_density", "theta_entropy_bits", "mask_density")
+
+
+@dataclass
+class ClientRoundResult:
+    payload: np.ndarray                   # PRISM: uint8 codec bytes; dense: float32 weights
+    metrics: dict[str, float | list[int]]
+    record: ClientRecord                  # the state to keep for the next round
+
+
+@lru_cache(maxsize=4)
+def _model(spec: GeneratorSpec, method: str, device: str) -> nn.Module:
+    return ResnetGenerator(spec).to(device)
+
+
+def model_with(cfg: RunConfig, method: Method, vector: np.ndarray, device: torch.device) -> nn.Module:
+    """The frozen network of ``cfg`` (built once per process and device) holding ``vector``.
+
+    Everything a round changes is overwritten here (the global vector) or by ``train_local``
+    (mask mode), so a cached network carries nothing from one client or round to the next.
+    """
+    model = _model(generator_spec(cfg), method.name, str(device))
+    set_flat(model, torch.from_numpy(np.asarray(vector, dtype=np.float32)).to(device), method.vector_attr)
+    return model
+
+
+@lru_cache(maxsize=2)
+def features_for(name: str, weights: str, device: str) -> nn.Module:
+    return build_features(name, weights or None).to(device)
+
+
+def new_record(cfg: RunConfig) -> ClientRecord:
+    """A client's state before its first round (with its privacy accountant under dp = theta)."""
+    record = ClientRecord()
+    if cfg.dp == "theta":
+        z = noise_multiplier_for_budget(cfg.dp_epsilon, cfg.dp_delta, cfg.num_server_rounds)
+        record.accountant = ThetaAccountant(z, cfg.dp_delta, cfg.dp_epsilon)
+    return record
+
+
+def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch.Tensor, hist: list[int],
+                 record: ClientRecord, *, partition_id: int, server_round: int) -> ClientRoundResult:
+    """Train on ``data`` from the global ``vector`` and build this client's upload."""
+    device = data.device
+    if len(data) < 2:  # e.g. Dirichlet with a tiny alpha can leave a client (almost) empty
+        raise ValueError(f"partition {partition_id} holds {len(data)} images: nothing to train on")
+    if record.accountant is not None and not record.accountant.can_release():
+        raise RuntimeError(f"client {partition_id}: privacy budget epsilon={cfg.dp_epsilon} spent; not training")
+    model = model_with(cfg, method, vector, device)
+    torch.manual_seed(derive_seed(cfg.seed, server_round, partition_id, 0))
+    gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, server_round, partition_id, 1))
+    hidden = cfg.seed if cfg.dp == "off" else record.secret
+
+    features = features_for(cfg.features, cfg.vgg19_weights, str(device))
+    if cfg.dp == "statistics" and not record.train.objective:
+        # Released once with sample-level DP; every later step and round is post-processing.
+        with torch.no_grad():
+            batches = (features(data[i:i + 256]) for i in range(0, len(data), 256))
+            mu, var, eps = privatize_statistics(batches, cfg.dp_feature_clip, cfg.dp_epsilon, cfg.dp_delta,
+                                                generator=torch.Generator(device=device).manual_seed(
+                                                    derive_seed(hidden, server_round, partition_id, 3)))
+        record.train.objective = FeatureMatching(mu, var).full_state()
+        record.statistics_epsilon = eps
+
+    metrics: dict = train_local(model, features, data, method.train_settings(cfg), record.train, generator=gen)
+    release = None
+    if cfg.dp == "theta":
+        release = dp_theta_release(cfg, record.accountant.noise_multiplier,
+                                   torch.Generator().manual_seed(derive_seed(hidden, server_round, partition_id, 4)))
+    payload, extra = method.upload(model, cfg, release,
+                                   torch.Generator().manual_seed(derive_seed(hidden, server_round, partition_id, 5)))
+    if release is not None:
+        record.accountant.step()
+    metrics.update(extra)
+    metrics.update({"num-examples": len(data), "label_histogram": [int(c) for c in hist]})
+    if cfg.dp == "theta":
+        metrics = {"num-examples": 1, "dp_epsilon": record.epsilon_spent}
+    elif cfg.dp == "statistics":  # n and the labels are raw data
+        metrics = {k: metrics[k] for k in _DP_STATISTICS_METRICS if k in metrics}
+        metrics.update({"num-examples": 1, "dp_epsilon": record.epsilon_spent})
+    return ClientRoundResult(payload, metrics, record)
+
+
+def client_evaluate(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch.Tensor, *,
+                    partition_id: int, server_round: int) -> dict[str, float]:
+    """Pixel MMD^2 between samples of the global model and this client's images.
+
+    Under DP nothing derived from the data is returned (only a constant ``num-examples``)."""
+    if cfg.dp != "off":
+        return {"num-examples": 1}
+    model = model_with(cfg, method, vector, data.device)
+    set_mask_mode(model, method.eval_mask_mode)
+    seed = derive_seed(cfg.seed, server_round, partition_id, 2)
+    n = min(256, len(data))
+    fake = generate(model, n, seed, data.device)
+    real = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].to(data.device)].cpu()
+    return {"num-examples": len(data), "local_mmd_pixels": mmd2_unbiased(fake, real).item()}

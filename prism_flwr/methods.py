@@ -1,0 +1,87 @@
+"""What differs between PRISM and the dense FedAvg baseline, one object per method.
+
+A ``Method`` owns everything the rest of the code would otherwise branch on:
+
+| | ``Prism`` | ``Dense`` (baseline) |
+|---|---|---|
+| global vector sent down (record key, model attribute) | ``scores`` / ``scores`` | ``weights`` / ``weight`` |
+| what a client uploads (record key) | ``mask``: codec bytes, 1 bit per weight | ``weights``: float32 |
+| local training | Adam on the scores, ``lr`` | Adam on the weights, ``dense-lr`` |
+| mask mode for evaluation | ``sample`` (the paper) | ``dense`` |
+
+The ClientApp, the ServerApp, the in-process runner and the benchmarks ask ``method_for(cfg)``
+and never test ``cfg.method`` themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .codec import encode_mask
+from .config import RunConfig
+from .masked import get_flat, iter_thetas, layout_fingerprint, sample_mask
+from .privacy import privatize_theta
+from .task import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY  # noqa: F401  (METRICS_KEY re-exported)
+from .training import TrainSettings
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    down_key: str       # record key of the global vector the server sends
+    up_key: str         # record key of what a client sends back
+    vector_attr: str    # model attribute the global vector fills ("scores" or "weight")
+    eval_mask_mode: str
+
+    def train_settings(self, cfg: RunConfig) -> TrainSettings:
+        raise NotImplementedError
+
+    def upload(self, model: nn.Module, cfg: RunConfig, theta_release, mask_generator: torch.Generator) -> tuple[np.ndarray, dict]:
+        """(payload array, extra metrics) a client sends after local training."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Prism(Method):
+    def train_settings(self, cfg: RunConfig) -> TrainSettings:
+        return TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, objective=cfg.objective,
+                             estimator=cfg.estimator, trainable="scores")
+
+    def upload(self, model, cfg, theta_release, mask_generator):
+        """One mask ``m ~ Bernoulli(theta)`` (theta after ``theta_release``, the DP mechanism, if
+        given), bit-packed by the codec."""
+        thetas = [t.cpu() for t in iter_thetas(model)]
+        if theta_release is not None:
+            thetas = theta_release(thetas)
+        mask = sample_mask(model, thetas, generator=mask_generator)
+        blob = encode_mask(mask.numpy(), layout_fingerprint(model))
+        return np.frombuffer(blob, dtype=np.uint8).copy(), {"mask_density": float(mask.float().mean())}
+
+
+@dataclass(frozen=True)
+class Dense(Method):
+    def train_settings(self, cfg: RunConfig) -> TrainSettings:
+        return TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.dense_lr,
+                             objective=cfg.objective, estimator=cfg.estimator, trainable="weights")
+
+    def upload(self, model, cfg, theta_release, mask_generator):
+        """The trained float32 weights: 32 bits per weight."""
+        return get_flat(model, "weight").numpy(), {}
+
+
+PRISM = Prism("prism", SCORES_KEY, MASK_KEY, "scores", "sample")
+DENSE = Dense("dense", WEIGHTS_KEY, WEIGHTS_KEY, "weight", "dense")
+METHODS = {m.name: m for m in (PRISM, DENSE)}
+
+
+def method_for(cfg: RunConfig) -> Method:
+    return METHODS[cfg.method]
+
+
+def dp_theta_release(cfg: RunConfig, noise_multiplier: float, generator: torch.Generator):
+    """The paper's theta mechanism as a function ``thetas -> noisy clamped thetas``."""
+    return lambda thetas: privatize_theta(thetas, cfg.dp_clip, noise_multiplier, generator=generator)
