@@ -201,6 +201,15 @@ class Aggregator:
         self.state = {k: np.asarray(v, dtype=np.float32).copy() for k, v in state.items()}
 
 
+def combine_masks(aggregator: "Aggregator", scores: np.ndarray, packed_masks: Iterable[np.ndarray], count: int,
+                  seed: int, rnd: int) -> AggregateResult:
+    """A round on the server: count the valid masks' ones and apply the rule. The server's
+    Bernoulli samples use ``default_rng([seed, rnd])``, so a round's result depends only on its
+    inputs (a resumed run is bit-identical). Called by the MADA strategy and the in-process runner."""
+    counts, k = count_ones(packed_masks, count)
+    return aggregator.step(scores, counts, k, rng=np.random.default_rng([seed, rnd]))
+
+
 def mada_blend(scores: np.ndarray, theta_agg: np.ndarray, lam: float, space: str = "score") -> np.ndarray:
     """Move the global scores toward the aggregate by ``lam`` (score space or probability space)."""
     if space == "score":

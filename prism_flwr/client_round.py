@@ -82,7 +82,8 @@ def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch
     """Train on ``data`` from the global ``vector`` and build this client's upload."""
     device = data.device
     if len(data) < 2:  # e.g. Dirichlet with a tiny alpha can leave a client (almost) empty
-        raise ValueError(f"partition {partition_id} holds {len(data)} images: nothing to train on")
+        # (no count in the text: error text reaches the server, and a partition's size is data)
+        raise ValueError(f"partition {partition_id} holds fewer than 2 images: nothing to train on")
     if record.accountant is not None and not record.accountant.can_release():
         raise RuntimeError(f"client {partition_id}: privacy budget epsilon={cfg.dp_epsilon} spent; not training")
     model = model_with(cfg, method, vector, device)

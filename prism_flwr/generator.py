@@ -76,9 +76,10 @@ class ResnetGenerator(nn.Module):
         self.bn = nn.BatchNorm2d(ngf, affine=False, track_running_stats=False)
         self.out = MaskedConv2d(ngf, spec.nc, 3, padding=1, weight_gen=wg, score_gen=sg)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Images from latents ``z``; ``weights`` overrides the layers' ``W * m`` (benchmarks)."""
         # Masked layers in registration order: head, (conv1, conv2, skip) x 3, out.
-        w = masked_weights(masked_layers(self))
+        w = masked_weights(masked_layers(self)) if weights is None else weights
         h = self.head(z.view(z.shape[0], -1, 1, 1), w[0])
         for i, block in enumerate(self.blocks):
             h = block(h, *w[1 + 3 * i: 4 + 3 * i])

@@ -8,6 +8,7 @@ A ``Method`` owns everything the rest of the code would otherwise branch on:
 | what a client uploads (record key) | ``mask``: codec bytes, 1 bit per weight | ``weights``: float32 |
 | local training | Adam on the scores, ``lr`` | Adam on the weights, ``dense-lr`` |
 | mask mode for evaluation | ``sample`` (the paper) | ``dense`` |
+| exported model | ``model.prism``: seed + one sampled mask | ``model-dense.pt``: float32 weights |
 
 The ClientApp, the ServerApp, the in-process runner and the benchmarks ask ``method_for(cfg)``
 and never test ``cfg.method`` themselves.
@@ -16,6 +17,7 @@ and never test ``cfg.method`` themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +25,8 @@ from torch import nn
 
 from .codec import encode_mask
 from .config import RunConfig
-from .masked import get_flat, iter_thetas, layout_fingerprint, sample_mask
+from .export import load_sparse_model, save_sparse_model
+from .masked import get_flat, iter_thetas, layout_fingerprint, make_dense, sample_mask, set_flat
 from .privacy import privatize_theta
 from .task import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY  # noqa: F401  (METRICS_KEY re-exported)
 from .training import TrainSettings
@@ -44,6 +47,10 @@ class Method:
         """(payload array, extra metrics) a client sends after local training."""
         raise NotImplementedError
 
+    def export(self, model: nn.Module, final: np.ndarray, cfg: RunConfig, out: Path) -> tuple[Path, float, nn.Module]:
+        """Write the final model under ``out``; returns (file, density, the model as exported)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Prism(Method):
@@ -61,6 +68,14 @@ class Prism(Method):
         blob = encode_mask(mask.numpy(), layout_fingerprint(model))
         return np.frombuffer(blob, dtype=np.uint8).copy(), {"mask_density": float(mask.float().mean())}
 
+    def export(self, model, final, cfg, out):
+        """The sparse model: one mask sampled from the final theta (as the paper evaluates)."""
+        set_flat(model, torch.from_numpy(final), self.vector_attr)
+        mask = sample_mask(model, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+        path = out / "model.prism"
+        save_sparse_model(path, model.spec, mask, {"dataset": cfg.dataset, "mask": "sample"})
+        return path, float(mask.mean()), load_sparse_model(path)[0]
+
 
 @dataclass(frozen=True)
 class Dense(Method):
@@ -71,6 +86,13 @@ class Dense(Method):
     def upload(self, model, cfg, theta_release, mask_generator):
         """The trained float32 weights: 32 bits per weight."""
         return get_flat(model, "weight").numpy(), {}
+
+    def export(self, model, final, cfg, out):
+        make_dense(model)
+        set_flat(model, torch.from_numpy(final), self.vector_attr)
+        path = out / "model-dense.pt"
+        torch.save(torch.from_numpy(final), path)
+        return path, 1.0, model.eval()
 
 
 PRISM = Prism("prism", SCORES_KEY, MASK_KEY, "scores", "sample")

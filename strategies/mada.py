@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import Array
 from flwr.common import log
 
-from prism_flwr.aggregation import Aggregator, count_ones
+from prism_flwr.aggregation import Aggregator, combine_masks
 from prism_flwr.codec import MaskFormatError, decode_mask
 from prism_flwr.task import MASK_KEY, SCORES_KEY
 
@@ -65,7 +65,6 @@ class MADA(RecordingFedAvg):
             raise ValueError(str(err)) from None
 
     def combine(self, rnd: int, payloads: list[np.ndarray], weights: np.ndarray) -> tuple[np.ndarray, dict]:
-        counts, k = count_ones(payloads, self.num_weights)
-        res = self.aggregator.step(self._global, counts, k, rng=np.random.default_rng([self.seed, rnd]))
+        res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd)
         lam = None if np.isnan(res.mada_lambda) else res.mada_lambda
         return res.scores, {"mada_lambda": lam, **res.diagnostics}

@@ -1,0 +1,66 @@
+"""The in-process runner is the Flower app without Flower: same rounds, same numbers.
+
+One tiny configuration runs through `flwr run` (Ray simulation, 2 clients, 2 rounds) and through
+``prism_flwr.inprocess.run``: every round's loss, lambda and its diagnostics agree, because both
+call the same client round (``client_round``) and the same server step (``combine_masks``) with
+the same seeds. Also a smoke run of the GPU benchmark and the aggregation study at their tiny
+sizes (on the CPU here).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import procs
+from flowerkit import REPO
+from prism_flwr import inprocess
+from prism_flwr.config import RunConfig
+from test_simulation import TINY, Simulation
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def _history(out: Path) -> list[dict]:
+    path = next(p for p in [out / "history.json", *sorted(out.glob("*/history.json"))] if p.is_file())
+    return json.loads(path.read_text())
+
+
+def test_inprocess_run_matches_flwr_run(data_dir: Path, tmp_path: Path) -> None:
+    keys = dict(item.split("=") for item in TINY.split())
+    keys.update({"num-server-rounds": "2", "eval-every": "2", "fraction-evaluate": "0.0", "aggregation": "'mada-change'"})
+    out = tmp_path / "out"
+    config = " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
+    with procs.Processes() as ps:
+        sim = Simulation(tmp_path, ps)
+        assert sim.run(config, nodes=2)["status"] == "finished:completed", sim.logs_tail()
+    procs.assert_gone(ps.pids)
+    flower = [r for r in _history(out) if r["round"] >= 1]
+
+    cfg = RunConfig.parse({**{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
+                           "data-dir": str(data_dir), "output-dir": str(tmp_path / "unused")})
+    local = inprocess.run(cfg, 2)[1:]
+    assert len(flower) == len(local) == 2
+    for f, l in zip(flower, local):
+        for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):
+            assert f[key] == pytest.approx(l[key], rel=1e-6, abs=1e-9), (key, f, l)
+
+
+def test_bench_gpu_tiny_prints_its_table() -> None:
+    import bench_gpu
+    out = bench_gpu.main(["--size", "tiny", "--device", "cpu"])
+    row = out["rows"][0]
+    assert row["width"] == 4 and row["landed_ms_per_step"] > 0 and row["eager_ms_per_step"] > 0
+    assert out["round"]["clients"] == 2 and out["round"]["round_seconds"] > 0
+
+
+def test_aggregation_study_tiny_writes_its_report(tmp_path: Path) -> None:
+    import aggregation_study
+    res = aggregation_study.main(["--size", "tiny", "--out", str(tmp_path), "--seeds", "30",
+                                  "--partitionings", "shards", "--rules", "mada", "mean", "adam"])
+    assert "| shards | adam | 1 |" in res["table"] and res["metric"] == "mmd_pixels"
+    assert (tmp_path / "quality_vs_rounds.png").stat().st_size > 0
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 3
