@@ -157,13 +157,17 @@ def report(out: Path, metric_hint: str | None = None) -> dict:
     table = "\n".join(lines)
     cfg = docs[0]["config"]
     wall = sum(d["wall_seconds"] for d in docs)
+    ran = sorted({d["history"][-1]["round"] for d in docs})
+    stopped = [d["tag"] for d in docs if d["history"][-1].get("stopped_early")]
     settings = (f"ngf {cfg['ngf']}, {docs[0]['clients']} clients, {cfg['local-steps']} local steps, "
                 f"up to {cfg['num-server-rounds']} rounds, batch {cfg['batch-size']}, {cfg['objective']} on "
                 f"{cfg['features']}, eval on {cfg['eval-samples']} samples every {cfg['eval-every']} rounds")
     (out / "study.md").write_text(
         f"# Aggregation study: {settings}\n\n{metric} (lower is better), mean ± sd over seeds "
         f"{sorted({d['seed'] for d in docs})}; rN = after round N (r0: the untrained network). Measured on "
-        f"{docs[0]['machine']}; {len(docs)} runs, {wall / 60:.1f} min of run time in all.\n\n{table}\n\n"
+        f"{docs[0]['machine']}; {len(docs)} runs, {wall / 60:.1f} min of run time in all; rounds run: "
+        f"{', '.join(map(str, ran))}" + (f" (stopped early at the time budget: {', '.join(stopped)})" if stopped else "")
+        + f".\n\n{table}\n\n"
         f"![quality vs rounds](quality_vs_rounds.png)\n\n![quality vs uplink](quality_vs_uplink.png)\n")
     (out / "study.json").write_text(json.dumps({"metric": metric, "settings": settings,
                                                 "rows": [{k: v for k, v in r.items() if k != "history"} for r in rows]}))

@@ -50,10 +50,18 @@ def through_flower(keys: dict, nodes: int, work: Path, timeout: float) -> list[d
                        desc=f"{nodes} SuperNodes online", procs=[link, *started])
         run = ps.start([exe("flwr"), "run", str(ROOT), "loopback", "--stream", "--run-config", run_config],
                        env=env, log_path=logs / "flwr-run.log", cwd=flwr_home)
-        run.wait(timeout=timeout)
-    history = json.loads((out / "history.json").read_text())
-    if len(history) < 2:
-        raise RuntimeError("no round finished:\n" + "\n".join(procs.tail(p, 20) for p in sorted(logs.iterdir())))
+        # Report each round as the ServerApp records it, so a run cut short still says something.
+        deadline, seen, history = time.time() + timeout, 0, []
+        while run.poll() is None and time.time() < deadline:
+            time.sleep(1)
+            path = out / "history.json"
+            history = json.loads(path.read_text()) if path.is_file() else []
+            for a, b in zip(history[seen:], history[seen + 1:]):
+                print(f"[flower] round {b['round']} done: {b['time'] - a['time']:.2f} s", flush=True)
+            seen = max(seen, len(history) - 1)
+        if len(history) < 2:
+            print("\n".join(procs.tail(p, 20) for p in sorted(logs.iterdir())), flush=True)
+            raise RuntimeError(f"no round finished through Flower within {timeout:.0f} s (logs above)")
     return [{"round": b["round"], "seconds": b["time"] - a["time"]} for a, b in zip(history, history[1:])]
 
 

@@ -157,7 +157,11 @@ def masked_weights(layers: list[MaskedLayer]) -> list[torch.Tensor]:
     if mode != "sample":
         return [m.masked_weight() for m in layers]
     flat = torch.cat([m.scores.reshape(-1) for m in layers])
-    mask = _BernoulliSample.apply(torch.sigmoid(flat), layers[0].estimator == "scaled")
+    # A non-finite score must not reach the Bernoulli kernel (on CUDA its range check is a
+    # device-side assert that kills the process): it samples 0 here, and training's one
+    # finiteness check per round reports the NaN in the scores themselves.
+    theta = torch.sigmoid(flat).nan_to_num(0.0)
+    mask = _BernoulliSample.apply(theta, layers[0].estimator == "scaled")
     parts = torch.split(mask, [m.scores.numel() for m in layers])
     return [m.weight * part.view_as(m.weight) for m, part in zip(layers, parts)]
 

@@ -31,7 +31,7 @@ def test_presets_are_valid():
     ("ngf", -1, "run-config key 'ngf' = -1: Input should be greater than or equal to 1"),
     ("ngf", "wide", "run-config key 'ngf' = 'wide': Input should be a valid integer, unable to parse string as an integer"),
     ("lr", 0.0, "run-config key 'lr' = 0.0: Input should be greater than 0"),
-    ("aggregation", "median", "run-config key 'aggregation' = 'median': Input should be 'mada' or 'mean'"),
+    ("aggregation", "median", "run-config key 'aggregation' = 'median': Input should be 'mada', 'mean', 'mada-change', 'adam' or 'beta'"),
     ("fraction-train", 1.5, "run-config key 'fraction-train' = 1.5: Input should be less than or equal to 1"),
     ("fraction-evaluate", -0.5, "run-config key 'fraction-evaluate' = -0.5: Input should be greater than or equal to 0"),
     ("resume", "maybe", "run-config key 'resume' = 'maybe': Input should be a valid boolean, unable to interpret input"),

@@ -56,3 +56,17 @@ def test_feature_matching_training_closes_the_feature_gap(data_dir):
         gaps.append(gap())
     assert set(state.objective) >= {"mu_real", "var_real", "v_mean", "v_var"}
     assert sum(gaps) / len(gaps) < 0.5 * before, (before, gaps)
+
+
+def test_non_finite_values_stop_the_round_with_a_clear_error():
+    """A NaN (here in the data) spreads to the loss and the scores without any host check inside
+    the step loop; the one check after the loop raises NonFiniteError (no number in its text),
+    and sampling never sees a NaN probability."""
+    import pytest
+    from prism_flwr.training import NonFiniteError
+    model = ResnetGenerator(GeneratorSpec(ngf=4, nc=1, seed=3))
+    data = torch.full((16, 1, 32, 32), float("nan"))
+    with pytest.raises(NonFiniteError, match="non-finite") as err:
+        train_local(model, build_features("pixels"), data, TrainSettings(steps=3, objective="mmd"), ClientState(),
+                    torch.Generator().manual_seed(0))
+    assert not any(ch.isdigit() for ch in str(err.value))
