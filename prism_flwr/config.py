@@ -56,7 +56,7 @@ class RunConfig(BaseModel):
     method: Literal["prism", "dense"] = "prism"
     dense_lr: float = Field(1e-3, gt=0)
     # aggregation
-    aggregation: Literal["mada", "mean", "mada-change", "adam", "beta"] = "mada"
+    aggregation: Literal["mada", "mean", "mada-change", "adam", "beta"] = "mean"
     mada_space: Literal["score", "probability"] = "score"
     # evaluation and outputs
     eval_every: int = Field(5, ge=1)

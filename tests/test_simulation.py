@@ -73,7 +73,7 @@ def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, 
     out = tmp_path / "out"
     with procs.Processes() as ps:
         sim = Simulation(tmp_path, ps, extra_env={"PRISM_FAULT_INJECTION": "raise=1 corrupt=2"})
-        run = sim.run(f"num-server-rounds=2 eval-every=1 {TINY} output-dir='{out}' data-dir='{data_dir}'", nodes=4)
+        run = sim.run(f"num-server-rounds=2 eval-every=1 aggregation='mada' {TINY} output-dir='{out}' data-dir='{data_dir}'", nodes=4)
         assert run["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
 
