@@ -19,16 +19,14 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from prism_flwr.client_round import client_evaluate, client_round, new_record
 from prism_flwr.client_state import ClientRecord, read_latest_state_file, write_state_file
 from prism_flwr.config import RunConfig
-from prism_flwr.methods import METRICS_KEY, method_for
-from prism_flwr.task import client_data, pick_device
+from prism_flwr.methods import method_for
+from prism_flwr.task import METRICS_KEY, client_data, pick_device
 
 app = ClientApp()
 log = logging.getLogger("prism.client")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -72,13 +73,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--local-steps", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--keep-logs", type=Path, help="copy the SuperLink/SuperNode/run logs here (also on failure)")
     args = p.parse_args(argv)
     keys = {"ngf": args.ngf, "local-steps": args.local_steps, "num-server-rounds": args.rounds,
             "eval-every": args.rounds, "eval-samples": 64, "eval-feature-metrics": False, "fraction-evaluate": 0.0,
             "min-train-nodes": args.nodes}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        flower = through_flower(keys, args.nodes, Path(tmp), args.timeout)
+        try:
+            flower = through_flower(keys, args.nodes, Path(tmp), args.timeout)
+        finally:
+            if args.keep_logs is not None:
+                shutil.copytree(Path(tmp) / "logs", args.keep_logs, dirs_exist_ok=True)
         flower_wall = time.time() - t0
 
     import torch

@@ -28,7 +28,7 @@ from .config import RunConfig
 from .export import load_sparse_model, save_sparse_model
 from .masked import get_flat, iter_thetas, layout_fingerprint, make_dense, sample_mask, set_flat
 from .privacy import privatize_theta
-from .task import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY  # noqa: F401  (METRICS_KEY re-exported)
+from .task import MASK_KEY, SCORES_KEY, WEIGHTS_KEY
 from .training import TrainSettings
 
 
