@@ -1,0 +1,124 @@
+"""Downlink: the 8-bit score grid (exact, idempotent, unbiased rounding) and its wire format."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from prism_flwr.downlink import (GRID, HEADER_BYTES, LEVELS, SCORE_CLIP, STEP, DownlinkFormatError, dequantise,
+                                 is_on_grid, pack_scores, quantise, snap_to_grid, unpack_scores)
+
+
+def test_grid_is_uniform_in_score_space_over_the_clipped_range():
+    assert GRID.dtype == np.float32 and GRID.size == LEVELS == 256
+    assert GRID[0] == -SCORE_CLIP and GRID[-1] == pytest.approx(SCORE_CLIP, abs=1e-6)
+    np.testing.assert_allclose(np.diff(GRID.astype(np.float64)), STEP, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rng", [None, np.random.default_rng(0)])
+def test_every_level_is_a_fixed_point(rng):
+    codes = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(quantise(dequantise(codes), rng), codes)
+    assert is_on_grid(GRID)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-20, 20, width=32), min_size=1, max_size=200), st.integers(0, 2**31))
+def test_snap_is_idempotent_and_close(values, seed):
+    s = np.array(values, np.float32)
+    once = snap_to_grid(s, np.random.default_rng(seed))
+    np.testing.assert_array_equal(snap_to_grid(once, np.random.default_rng(seed + 1)), once)
+    np.testing.assert_array_equal(snap_to_grid(once), once)
+    inside = np.clip(s, -SCORE_CLIP, SCORE_CLIP)
+    assert np.all(np.abs(snap_to_grid(s) - inside) <= STEP / 2 + 1e-6)     # nearest: half a step
+    assert np.all(np.abs(once - inside) <= STEP + 1e-6)                    # stochastic: one step
+
+
+def test_stochastic_rounding_is_unbiased():
+    """A MADA step of a tenth of a grid step survives on average (nearest rounding would drop it)."""
+    s = np.full(200_000, GRID[100] + np.float32(0.1 * STEP), np.float32)
+    assert np.all(snap_to_grid(s) == GRID[100])
+    mean = snap_to_grid(s, np.random.default_rng(1)).astype(np.float64).mean()
+    assert mean == pytest.approx(float(s[0]), abs=0.01 * STEP)
+
+
+def test_bad_scores_are_refused():
+    with pytest.raises(ValueError, match="finite"):
+        quantise(np.array([0.0, np.nan], np.float32))
+    with pytest.raises(ValueError, match="flat"):
+        quantise(np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        dequantise(np.zeros(3, np.int64))
+
+
+@pytest.mark.parametrize("method", ["raw", "coded", "auto"])
+@pytest.mark.parametrize("n", [1, 9, 5000])
+def test_pack_round_trip(method, n):
+    codes = quantise(np.random.default_rng(n).standard_normal(n).astype(np.float32) * 2)
+    blob = pack_scores(codes, method)
+    np.testing.assert_array_equal(unpack_scores(blob, n), codes)
+    if method == "raw":
+        assert len(blob) == HEADER_BYTES + n
+
+
+def test_auto_codes_peaked_scores_below_8_bits():
+    """Scores concentrated on few levels (late rounds) cost their histogram's entropy."""
+    rng = np.random.default_rng(0)
+    codes = quantise(np.concatenate([rng.normal(-4.4, 0.1, 50_000), rng.normal(4.4, 0.1, 50_000)]).astype(np.float32))
+    blob = pack_scores(codes)
+    p = np.bincount(codes, minlength=256) / codes.size
+    entropy = -(p[p > 0] * np.log2(p[p > 0])).sum()
+    assert 8 * len(blob) / codes.size < 8 * (entropy + 0.01) + 8 * (1024 + HEADER_BYTES) / codes.size
+    assert 8 * len(blob) / codes.size < 5
+    uniform = quantise(rng.uniform(-6, 6, 5000).astype(np.float32))
+    assert len(pack_scores(uniform)) == HEADER_BYTES + 5000   # nothing to gain: raw
+
+
+def _refit(blob: bytes, payload: bytes) -> bytes:
+    head = blob[:HEADER_BYTES - 4]
+    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b[:5], "truncated"),
+    (lambda b: b"XXXX" + b[4:], "not PRISM downlink"),
+    (lambda b: b[:4] + bytes([3]) + b[5:], "unknown downlink version 3"),
+    (lambda b: b[:-1], "payload is 99 bytes"),
+    (lambda b: b[:5] + bytes([1]) + b[6:], "checksum mismatch"),
+    (lambda b: b[:5] + bytes([5]) + b[6:], "unknown downlink method 5"),
+    (lambda b: b[:-1] + bytes([b[-1] ^ 4]), "checksum mismatch"),
+])
+def test_malformed_downlink_is_refused(mutate, message):
+    blob = pack_scores(np.arange(100, dtype=np.uint8), "raw")
+    with pytest.raises(DownlinkFormatError, match=message):
+        unpack_scores(mutate(blob), 100)
+
+
+def test_wrong_count_and_hostile_coded_payloads():
+    codes = quantise(np.random.default_rng(0).normal(0, 0.5, 3000).astype(np.float32))
+    blob = pack_scores(codes, "coded")
+    with pytest.raises(DownlinkFormatError, match="3000 scores, the model has 3001"):
+        unpack_scores(blob, 3001)
+    payload = blob[HEADER_BYTES:]
+    hist = np.frombuffer(payload[:1024], "<u4").copy()
+    hist[0] += 1
+    with pytest.raises(DownlinkFormatError, match="histogram counts 3001"):
+        unpack_scores(_refit(blob, hist.tobytes() + payload[1024:]), 3000)
+    with pytest.raises(DownlinkFormatError, match="trailing data"):
+        unpack_scores(_refit(blob, payload[:1024] + b"\x01\x00\x00\x00" + payload[1024:]), 3000)
+    with pytest.raises(DownlinkFormatError, match="payload is"):
+        unpack_scores(_refit(blob, payload + bytes(3000)), 3000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=400).filter(lambda b: len(b) % 4 == 0))
+def test_arbitrary_coded_words_decode_or_are_refused(words):
+    codes = quantise(np.random.default_rng(0).normal(0, 0.5, 300).astype(np.float32))
+    blob = pack_scores(codes, "coded")
+    try:
+        out = unpack_scores(_refit(blob, blob[HEADER_BYTES:HEADER_BYTES + 1024] + words), 300)
+    except DownlinkFormatError:
+        return
+    assert out.dtype == np.uint8 and out.size == 300
