@@ -13,7 +13,8 @@ For each broadcast mode:
 - ``float32``: the server keeps and sends float32 scores (today's behaviour);
 - ``grid8``: the server state is snapped to the 8-bit grid after every aggregation
   (``downlink.snap_to_grid`` with a generator from ``default_rng([seed, round, 8])``), the
-  initial scores too (nearest), and the downlink is ``downlink.pack_scores``.
+  initial scores too (nearest), and the downlink is ``downlink.pack_scores`` (full state) or
+  ``downlink.pack_delta`` (change from the previous round's state; both sizes are recorded).
 
 Every client encodes its mask with ``codec.encode_mask(mask, layout, mask_model(global))``; the
 server decodes with the same model. Per round it records the coded uplink bits/weight (mean and
@@ -38,7 +39,7 @@ import torch
 from prism_flwr.aggregation import aggregate, count_ones, sigmoid
 from prism_flwr.codec import decode_mask, encode_mask, mask_method, mask_model
 from prism_flwr.config import RunConfig
-from prism_flwr.downlink import pack_scores, quantise, snap_to_grid
+from prism_flwr.downlink import pack_delta, pack_scores, quantise, snap_to_grid
 from prism_flwr.evaluation import Evaluator
 from prism_flwr.features import build_features
 from prism_flwr.generator import ResnetGenerator
@@ -71,7 +72,12 @@ def run(mode: str, args: argparse.Namespace) -> dict:
     rounds = []
     t0 = time.perf_counter()
     for rnd in range(1, args.rounds + 1):
-        down = len(pack_scores(quantise(scores))) if mode == "grid8" else 4 * n
+        down = delta = 4 * n
+        if mode == "grid8":  # full state (new or stale clients), or the change from last round's state
+            codes = quantise(scores)
+            down = len(pack_scores(codes))
+            delta = len(pack_delta(codes, prev_codes)) if rnd > 1 else down
+            prev_codes = codes
         cm = mask_model(scores)
         blobs, rec = [], {"round": rnd, "coded_bits": [], "ideal_bits": [], "exact_theta_bits": [],
                           "theta_entropy_bits": [], "methods": []}
@@ -98,7 +104,8 @@ def run(mode: str, args: argparse.Namespace) -> dict:
         scores = res.scores
         if mode == "grid8":
             scores = snap_to_grid(scores, np.random.default_rng([cfg.seed, rnd, 8]))
-        rec.update({"downlink_bits": 8 * down / n, "mada_lambda": res.mada_lambda})
+        rec.update({"downlink_bits": 8 * down / n, "downlink_delta_bits": 8 * delta / n,
+                    "mada_lambda": res.mada_lambda})
         if rnd % args.eval_every == 0 or rnd == args.rounds:
             set_flat(model, torch.from_numpy(scores.copy()))
             metrics, _ = evaluator.evaluate(model)
@@ -109,7 +116,8 @@ def run(mode: str, args: argparse.Namespace) -> dict:
         rounds.append(rec)
         print(f"[{mode} r{rnd:2d}] up {rec['coded_bits_mean']:.3f} b/w (max {rec['coded_bits_max']:.3f}, "
               f"ideal {rec['ideal_bits_mean']:.3f}, exact-theta {rec['exact_theta_bits_mean']:.3f}, "
-              f"H(theta_client) {rec['theta_entropy_bits_mean']:.3f}) | down {rec['downlink_bits']:.3f} b/w | "
+              f"H(theta_client) {rec['theta_entropy_bits_mean']:.3f}) | down {rec['downlink_bits']:.3f} b/w "
+              f"(delta {rec['downlink_delta_bits']:.3f}) | "
               f"lambda {res.mada_lambda:.3f}" + (f" | FD {rec['eval'][evaluator.metric_name]:.1f}" if "eval" in rec else ""),
               flush=True)
     return {"mode": mode, "weights": n, "ngf": args.ngf, "clients": args.clients, "steps": args.steps,
@@ -139,6 +147,7 @@ def main() -> None:
         print(json.dumps({"bench": "bytes", "mode": mode, "ngf": args.ngf, "weights": res["weights"],
                           "last_round": last["round"], "uplink_bits_per_weight": last["coded_bits_mean"],
                           "downlink_bits_per_weight": last["downlink_bits"],
+                          "downlink_delta_bits_per_weight": last["downlink_delta_bits"],
                           "theta_entropy_bits": last["theta_entropy_bits_mean"],
                           "fd": last.get("eval", {}).get(res["metric"]), "wall_s": res["wall_s"]}))
 

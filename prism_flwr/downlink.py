@@ -32,9 +32,16 @@ Wire format (little endian), 24 header bytes then the payload::
                  method 1: 256 uint32 code counts (the histogram, summing to N), then the ANS
                  words (uint32) of the codes coded i.i.d. with that histogram as a categorical
                  model (constriction, 24-bit precision)
+                 method 2 (delta): base I (crc32 of the codes the receiver must hold), target I
+                 (crc32 of the new codes), then method 1's histogram + words applied to
+                 ``d = (new - base) mod 256``; the receiver rebuilds ``(base + d) mod 256``
+                 and checks both checksums
 
-``pack_scores`` picks the smaller method. Coding costs the histogram's entropy (``H(codes)``
-bits per weight, at most 8) plus 1 KiB of histogram.
+``pack_scores`` picks the smaller of methods 0 and 1: the full state, for new or stale
+clients. ``pack_delta`` sends only the change from the previous state a client holds: MADA
+moves most scores by a few grid steps per round, so ``d`` has a peaked histogram. Coding costs
+the histogram's entropy (``H(codes)`` or ``H(d)`` bits per weight, at most 8) plus 1 KiB.
+Integer arithmetic only: both sides end with the same codes, or the receiver refuses.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ _ON_GRID_TOL = 1e-3  # in grid steps: a value this close to a level is that leve
 
 MAGIC = b"PRSD"
 DOWNLINK_VERSION = 1
-RAW, CODED = 0, 1
+RAW, CODED, DELTA = 0, 1, 2
 _HEADER = struct.Struct("<4sBB2sQI")
 HEADER_BYTES = _HEADER.size
 
@@ -161,11 +168,26 @@ def pack_scores(codes: np.ndarray, method: str = "auto") -> bytes:
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
 
 
-def unpack_scores(data: bytes, count: int) -> np.ndarray:
+def pack_delta(codes: np.ndarray, base: np.ndarray) -> bytes:
+    """The new grid codes as a coded change from ``base``, the codes the receiver already holds."""
+    codes, base = np.asarray(codes), np.asarray(base)
+    for name, a in (("codes", codes), ("base", base)):
+        if a.ndim != 1 or a.dtype != np.uint8:
+            raise ValueError(f"{name} must be a flat uint8 array, got {a.dtype} {a.shape}")
+    if codes.size != base.size:
+        raise ValueError(f"codes have {codes.size} entries, base {base.size}")
+    payload = struct.pack("<II", codes_fingerprint(base), codes_fingerprint(codes)) + _encode_codes(codes - base)
+    head = _HEADER.pack(MAGIC, DOWNLINK_VERSION, DELTA, bytes(2), codes.size, 0)[:-4]
+    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+def unpack_scores(data: bytes, count: int, base: np.ndarray | None = None) -> np.ndarray:
     """Check ``data`` against the expected score count; return the uint8 codes.
 
-    ``dequantise`` of the result is the global state as the server holds it. Decoding work is
-    bounded by ``count``: a payload longer than the raw codes is refused before any decoding.
+    ``dequantise`` of the result is the global state as the server holds it. A delta needs
+    ``base``, the codes this receiver holds (refused, naming both checksums, when they are not
+    the ones the sender based it on). Decoding work is bounded by ``count``: a payload longer
+    than the raw codes (plus the histogram) is refused before any decoding.
     """
     data = bytes(data)
     if len(data) < HEADER_BYTES:
@@ -177,15 +199,29 @@ def unpack_scores(data: bytes, count: int) -> np.ndarray:
         raise DownlinkFormatError(f"unknown downlink version {version}, this build reads {DOWNLINK_VERSION}")
     if pad != bytes(2):
         raise DownlinkFormatError("downlink header reserved bytes are not zero")
-    if kind not in (RAW, CODED):
+    if kind not in (RAW, CODED, DELTA):
         raise DownlinkFormatError(f"unknown downlink method {kind}")
     if got_count != count:
         raise DownlinkFormatError(f"downlink has {got_count} scores, the model has {count}")
     payload = data[HEADER_BYTES:]
-    if len(payload) > count + 4 * LEVELS + 4 or (kind == RAW and len(payload) != count):
+    if len(payload) > count + 4 * LEVELS + 12 or (kind == RAW and len(payload) != count):
         raise DownlinkFormatError(f"downlink payload is {len(payload)} bytes, expected {count} or fewer coded")
     if zlib.crc32(payload, zlib.crc32(data[:HEADER_BYTES - 4])) != crc:
         raise DownlinkFormatError("downlink checksum mismatch: header or payload corrupted")
     if kind == RAW:
         return np.frombuffer(payload, np.uint8).copy()
-    return _decode_codes(payload, count)
+    if kind == CODED:
+        return _decode_codes(payload, count)
+    if len(payload) < 8:
+        raise DownlinkFormatError("delta downlink truncated")
+    want_base, want_new = struct.unpack_from("<II", payload)
+    if base is None:
+        raise DownlinkFormatError("downlink is a delta but this receiver holds no previous scores")
+    base = np.asarray(base)
+    if base.dtype != np.uint8 or base.shape != (count,) or codes_fingerprint(base) != want_base:
+        raise DownlinkFormatError(f"downlink delta is based on scores {want_base:08x}, this receiver holds "
+                                  f"{codes_fingerprint(base) if base.dtype == np.uint8 else 0:08x}: needs the full state")
+    codes = base + _decode_codes(payload[8:], count)
+    if codes_fingerprint(codes) != want_new:
+        raise DownlinkFormatError("downlink delta does not rebuild the sender's scores (checksum mismatch)")
+    return codes

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from prism_flwr.downlink import (GRID, HEADER_BYTES, LEVELS, SCORE_CLIP, STEP, DownlinkFormatError, dequantise,
+from prism_flwr.downlink import (GRID, HEADER_BYTES, LEVELS, SCORE_CLIP, STEP, DownlinkFormatError, codes_fingerprint,
+                                 dequantise, pack_delta,
                                  is_on_grid, pack_scores, quantise, snap_to_grid, unpack_scores)
 
 
@@ -122,3 +123,42 @@ def test_arbitrary_coded_words_decode_or_are_refused(words):
     except DownlinkFormatError:
         return
     assert out.dtype == np.uint8 and out.size == 300
+
+
+def _rounds(n=20_000, seed=0):
+    """Two consecutive global states: a MADA-like step of 0.15 towards new aggregates."""
+    rng = np.random.default_rng(seed)
+    old = snap_to_grid(rng.normal(0, 2, n).astype(np.float32))
+    agg = rng.normal(0, 3, n).astype(np.float32)
+    new = snap_to_grid(0.85 * old + 0.15 * agg, np.random.default_rng(seed + 1))
+    return quantise(old), quantise(new)
+
+
+def test_delta_rebuilds_the_new_state_exactly_and_is_smaller():
+    old, new = _rounds()
+    blob = pack_delta(new, old)
+    np.testing.assert_array_equal(unpack_scores(blob, old.size, base=old), new)
+    assert len(blob) < 0.75 * len(pack_scores(new))
+    wrapped = np.array([0, 255, 7], np.uint8)  # changes across the ends wrap mod 256, still exact
+    np.testing.assert_array_equal(unpack_scores(pack_delta(wrapped[::-1].copy(), wrapped), 3, base=wrapped),
+                                  wrapped[::-1])
+
+
+def test_delta_on_the_wrong_base_is_refused():
+    old, new = _rounds()
+    blob = pack_delta(new, old)
+    with pytest.raises(DownlinkFormatError, match="holds no previous scores"):
+        unpack_scores(blob, old.size)
+    stale = old.copy()
+    stale[0] ^= 1
+    with pytest.raises(DownlinkFormatError, match=f"based on scores {codes_fingerprint(old):08x}.*needs the full state"):
+        unpack_scores(blob, old.size, base=stale)
+
+
+def test_delta_that_does_not_rebuild_the_target_is_refused():
+    old, new = _rounds(n=500)
+    blob = pack_delta(new, old)
+    payload = bytearray(blob[HEADER_BYTES:])
+    payload[4] ^= 1  # the target checksum
+    with pytest.raises(DownlinkFormatError, match="does not rebuild"):
+        unpack_scores(_refit(blob, bytes(payload)), 500, base=old)
