@@ -220,3 +220,14 @@ def test_byte_distribution_is_the_product_of_bits():
     assert d.sum() == pytest.approx(1.0, abs=1e-12)
     assert d[0] == pytest.approx(0.8**8) and d[255] == pytest.approx(0.2**8)
     assert d[0b101] == pytest.approx(0.2**2 * 0.8**6)
+
+
+def test_coded_bytes_are_pinned():
+    """Client and server must code identically: a constriction (or grid) change that alters the
+    bytes would make old and new builds decode each other's masks wrongly. Inputs use no RNG."""
+    n = 10_007
+    i = np.arange(n)
+    scores = np.linspace(-5, 5, n).astype(np.float32)
+    mask = ((i * 7919) % 1000) < (1000 / (1 + np.exp(-scores.astype(np.float64))))
+    blob = encode_mask(mask, b"LAYOUT01", mask_model(scores))
+    assert (len(blob), zlib.crc32(blob)) == (616, 0x7AC5B73C)

@@ -162,3 +162,9 @@ def test_delta_that_does_not_rebuild_the_target_is_refused():
     payload[4] ^= 1  # the target checksum
     with pytest.raises(DownlinkFormatError, match="does not rebuild"):
         unpack_scores(_refit(blob, bytes(payload)), 500, base=old)
+
+
+def test_coded_downlink_bytes_are_pinned():
+    codes = quantise(np.linspace(-5, 5, 10_007).astype(np.float32))
+    blob = pack_scores(codes, "coded")
+    assert (len(blob), zlib.crc32(blob)) == (10_724, 0x45DE9999)
