@@ -14,9 +14,11 @@ Prints a table and one JSON line. Everything runs in this process on the same in
   move; the cross-entropy cost of moving is measured on real training by
   ``bytes_experiment.py``). Per level: coded bits/weight vs the ideal cross-entropy, the
   per-round coding model (``mask_model``, once per round on each side), encode and decode time,
-  the server's decoding of 10 clients, and the 8-bit downlink (``pack_scores``: size, pack and
+  the server's decoding of 10 clients (into weight order, and into the grouped layout: the
+  fast path), and the 8-bit downlink (``pack_scores``: size, pack and
   unpack time);
-- decode + count + aggregate for K coded clients at the round-10 entropy, next to raw.
+- decode + count + smoothed mean for K coded clients at the round-10 entropy, plain and
+  grouped (count in the grouped layout, map the counts back once), next to raw.
 Timings are the best of ``--repeats``.
 """
 
@@ -95,6 +97,10 @@ def main() -> None:
         counts, k = count_ones((decode_mask(b, n, layout, model) for b in blobs), n)
         return smoothed_mean(counts, k)
 
+    def mean_from_grouped(blobs, model):  # the server's fast path: count in the grouped layout
+        counts, k = count_ones((decode_mask(b, n, layout, model, grouped=True) for b in blobs), model.grouped_bits)
+        return smoothed_mean(model.ungroup_counts(counts), k)
+
     t_ours = best_of(lambda: mean_from_bits(blobs), args.repeats)
     counts, k = count_ones((decode_mask(b, n, layout) for b in blobs), n)
     t_mada = best_of(lambda: aggregate(scores, counts, k, method="mada", rng=np.random.default_rng(1)), args.repeats)
@@ -116,6 +122,7 @@ def main() -> None:
         t_cenc = best_of(lambda: encode_mask(ms[0], layout, cm), args.repeats)
         t_cdec = best_of(lambda: decode_mask(cb[0], n, layout, cm), args.repeats)
         t_dec10 = best_of(lambda: [decode_mask(b, n, layout, cm) for b in cb], args.repeats)
+        t_dec10g = best_of(lambda: [decode_mask(b, n, layout, cm, grouped=True) for b in cb], args.repeats)
         codes = quantise(glob)
         down = pack_scores(codes)
         t_pack = best_of(lambda: pack_scores(codes), args.repeats)
@@ -126,11 +133,14 @@ def main() -> None:
             "uplink_bits_per_weight": float(np.mean([8 * len(b) / n for b in cb])),
             "uplink_ideal_bits_per_weight": ideal, "uplink_methods": sorted({mask_method(b) for b in cb}),
             "model_s": t_model, "encode_s": t_cenc, "decode_s": t_cdec, "decode_10_clients_s": t_dec10,
+            "decode_10_clients_grouped_s": t_dec10g,
             "downlink_bits_per_weight": 8 * len(down) / n, "downlink_pack_s": t_pack, "downlink_unpack_s": t_unpack,
         }
         if rnd == 10:
             cblobs = [cb[i % len(cb)] for i in range(args.clients)]  # decoding work does not depend on repeats
             t_coded_mean = best_of(lambda: mean_from_bits(cblobs, cm), args.repeats)
+            t_coded_mean_g = best_of(lambda: mean_from_grouped(cblobs, cm), args.repeats)
+            np.testing.assert_array_equal(mean_from_bits(cblobs[:3], cm), mean_from_grouped(cblobs[:3], cm))
             coded_input_mb = sum(map(len, cblobs)) / 1e6
         del ms, cb
 
@@ -144,19 +154,23 @@ def main() -> None:
         "decode_mweights_per_s": mb / t_dec, "decode_float32_mweights_per_s": mb / t_dec_f32,
         "mean_from_bits_s": t_ours, "naive_float32_mean_s": t_naive, "mean_speedup": t_naive / t_ours,
         "mada_update_s": t_mada, "coded_mean_from_bits_s_round10": t_coded_mean,
+        "coded_mean_from_grouped_s_round10": t_coded_mean_g,
         "coded_aggregate_input_mb_round10": coded_input_mb,
         "levels": levels,
     }
     print(f"# bench_core on {out['machine']}, {n:,} weights, best of {args.repeats}, client drift sd {args.drift}")
     print(f"raw: encode {mb / t_enc:,.0f} M weights/s, decode {mb / t_dec:,.0f} M weights/s; "
-          f"decode+count+mean of {args.clients} clients {t_ours:.3f} s raw vs {t_coded_mean:.3f} s coded (round-10 "
-          f"entropy) vs {t_naive:.3f} s naive float32; MADA update {t_mada:.3f} s")
-    print("| round | H(theta) bits | up bits/w | ideal | encode s | decode s | 10 clients s | model s | down bits/w | pack s | unpack s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"decode+count+mean of {args.clients} clients {t_ours:.3f} s raw vs {t_coded_mean:.3f} s coded "
+          f"({t_coded_mean_g:.3f} s grouped fast path; round-10 entropy) vs {t_naive:.3f} s naive float32; "
+          f"MADA update {t_mada:.3f} s")
+    print("| round | H(theta) bits | up bits/w | ideal | encode s | decode s | 10 clients s | 10 grouped s | model s "
+          "| down bits/w | pack s | unpack s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rnd, lv in levels.items():
         print(f"| {rnd} | {lv['theta_entropy_bits']:.3f} | {lv['uplink_bits_per_weight']:.4f} | "
               f"{lv['uplink_ideal_bits_per_weight']:.4f} | {lv['encode_s']:.3f} | {lv['decode_s']:.3f} | "
-              f"{lv['decode_10_clients_s']:.3f} | {lv['model_s']:.3f} | {lv['downlink_bits_per_weight']:.3f} | "
+              f"{lv['decode_10_clients_s']:.3f} | {lv['decode_10_clients_grouped_s']:.3f} | {lv['model_s']:.3f} | "
+              f"{lv['downlink_bits_per_weight']:.3f} | "
               f"{lv['downlink_pack_s']:.3f} | {lv['downlink_unpack_s']:.3f} |")
     print(json.dumps(out))
 

@@ -112,22 +112,48 @@ class MaskModel:
     """Per-weight coding probabilities both sides derive from the broadcast global scores.
 
     ``codes[i]`` is weight ``i``'s grid level (probability ``LEVEL_PROBABILITIES[codes[i]]``);
-    ``order`` lists the weights grouped by level (stable), group ``c`` being
-    ``order[bounds[c]:bounds[c + 1]]``; ``fingerprint`` is crc32 of ``codes``.
+    ``fingerprint`` is crc32 of ``codes``. The *grouped layout* puts the weights of level ``c``
+    (in their original order) at bits ``8 offsets[c] ..`` with each group padded to whole bytes:
+    ``slot[i]`` is weight ``i``'s bit in it, ``sizes[c]`` the group sizes, ``grouped_bits`` the
+    layout's length (at most ``N + 7 * 256``). A group's byte symbols are then packed bits of
+    the layout as they are, so a server can count ones there and map the counts back once.
     """
 
     codes: np.ndarray
-    order: np.ndarray
-    bounds: np.ndarray
+    sizes: np.ndarray
+    offsets: np.ndarray
+    slot: np.ndarray
     fingerprint: int
 
     @property
     def size(self) -> int:
         return self.codes.size
 
+    @property
+    def grouped_bits(self) -> int:
+        return int(self.offsets[-1]) * 8
+
     def probabilities(self) -> np.ndarray:
         """Per-weight probability of a 1 under the model (float64)."""
         return LEVEL_PROBABILITIES[self.codes]
+
+    def to_grouped(self, packed: np.ndarray) -> np.ndarray:
+        """Packed bits in weight order -> packed bits in the grouped layout (padding bits 0)."""
+        grouped = np.zeros(self.grouped_bits, dtype=np.uint8)
+        grouped[self.slot] = np.unpackbits(packed, count=self.size, bitorder="little")
+        return np.packbits(grouped, bitorder="little")
+
+    def from_grouped(self, packed: np.ndarray) -> np.ndarray:
+        """Packed bits in the grouped layout -> packed bits in weight order."""
+        bits = np.unpackbits(packed, count=self.grouped_bits, bitorder="little")[self.slot]
+        return np.packbits(bits, bitorder="little")
+
+    def ungroup_counts(self, counts: np.ndarray) -> np.ndarray:
+        """Per-position counts over the grouped layout (``count_ones(.., grouped_bits)``) ->
+        per-weight counts in weight order."""
+        if counts.shape != (self.grouped_bits,):
+            raise ValueError(f"counts have shape {counts.shape}, the grouped layout {self.grouped_bits} bits")
+        return counts[self.slot]
 
 
 def mask_model_from_codes(codes: np.ndarray) -> MaskModel:
@@ -135,8 +161,13 @@ def mask_model_from_codes(codes: np.ndarray) -> MaskModel:
     if codes.ndim != 1 or codes.dtype != np.uint8:
         raise ValueError(f"codes must be a flat uint8 array, got {codes.dtype} {codes.shape}")
     order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(LEVELS + 1))
-    return MaskModel(codes, order, bounds, codes_fingerprint(codes))
+    sizes = np.bincount(codes, minlength=LEVELS)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    offsets = np.concatenate([[0], np.cumsum((sizes + 7) // 8)])
+    rank = np.empty(codes.size, dtype=np.int64)       # position of each weight within its group
+    rank[order] = np.arange(codes.size) - np.repeat(starts, sizes)
+    slot = offsets[codes].astype(np.int64) * 8 + rank
+    return MaskModel(codes, sizes, offsets, slot, codes_fingerprint(codes))
 
 
 def mask_model(scores: np.ndarray) -> MaskModel:
@@ -153,20 +184,19 @@ def _header(method: int, count: int, layout: bytes, model: int, payload: bytes) 
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head)))
 
 
-def _encode_coded(bits: np.ndarray, model: MaskModel) -> bytes:
+def _encode_coded(packed: np.ndarray, model: MaskModel) -> bytes:
     import constriction
 
-    grouped = bits[model.order]
+    grouped = model.to_grouped(packed)
     coder = constriction.stream.stack.AnsCoder()
     for c in range(LEVELS - 1, -1, -1):  # ANS is a stack: encode backwards, decode forwards
-        a, b = model.bounds[c], model.bounds[c + 1]
-        if a == b:
-            continue
-        full = a + (b - a) // 8 * 8
-        if full < b:  # the group's last (b - a) % 8 bits one at a time (decoded last, so encoded first)
-            coder.encode_reverse(grouped[full:b].astype(np.int32), _bit_model(c))
-        if full > a:
-            coder.encode_reverse(np.packbits(grouped[a:full], bitorder="little").astype(np.int32), _group_model(c))
+        size, off = int(model.sizes[c]), int(model.offsets[c])
+        full, rem = divmod(size, 8)
+        if rem:  # the group's last bits one at a time (decoded last, so encoded first)
+            last = np.unpackbits(grouped[off + full:off + full + 1], count=rem, bitorder="little")
+            coder.encode_reverse(last.astype(np.int32), _bit_model(c))
+        if full:
+            coder.encode_reverse(grouped[off:off + full].astype(np.int32), _group_model(c))
     return coder.get_compressed().astype("<u4").tobytes()
 
 
@@ -177,62 +207,70 @@ def encode_mask(mask: np.ndarray, layout: bytes, model: MaskModel | None = None)
         raise ValueError(f"mask must be flat, got shape {mask.shape}")
     if len(layout) != 8:
         raise ValueError("layout fingerprint must be 8 bytes")
-    bits = mask.astype(bool, copy=False)
-    raw = np.packbits(bits, bitorder="little").tobytes()
+    packed = np.packbits(mask.astype(bool, copy=False), bitorder="little")
+    raw = packed.tobytes()
     if model is not None:
         if model.size != mask.size:
             raise ValueError(f"coding model has {model.size} weights, the mask {mask.size}")
-        coded = _encode_coded(bits, model)
+        coded = _encode_coded(packed, model)
         if len(coded) < len(raw):
             return _header(CODED, mask.size, layout, model.fingerprint, coded) + coded
     return _header(RAW, mask.size, layout, 0, raw) + raw
 
 
-def _decode_coded(payload: bytes, count: int, model: MaskModel) -> np.ndarray:
+def _decode_coded(payload: bytes, model: MaskModel) -> np.ndarray:
+    """ANS words -> packed bits in the model's grouped layout (padding bits 0)."""
     import constriction
 
     if len(payload) % 4:  # empty is legal: ANS codes leading zero bytes into an empty stack for free
         raise MaskFormatError(f"coded mask payload of {len(payload)} bytes is not a whole number of 32-bit words")
     words = np.frombuffer(payload, "<u4").astype(np.uint32)
-    grouped = np.empty(count, dtype=bool)
+    grouped = np.zeros(int(model.offsets[-1]), dtype=np.uint8)
     try:
         coder = constriction.stream.stack.AnsCoder(words)
         for c in range(LEVELS):
-            a, b = model.bounds[c], model.bounds[c + 1]
-            if a == b:
-                continue
-            full = a + (b - a) // 8 * 8
-            if full > a:
-                symbols = coder.decode(_group_model(c), (full - a) // 8).astype(np.uint8)
-                grouped[a:full] = np.unpackbits(symbols, bitorder="little")
-            if full < b:
-                grouped[full:b] = coder.decode(_bit_model(c), b - full) != 0
+            size, off = int(model.sizes[c]), int(model.offsets[c])
+            full, rem = divmod(size, 8)
+            if full:
+                grouped[off:off + full] = coder.decode(_group_model(c), full)
+            if rem:
+                grouped[off + full] = np.packbits(coder.decode(_bit_model(c), rem) != 0, bitorder="little")[0]
         empty = coder.is_empty()
-    except MaskFormatError:
-        raise
     except Exception as err:  # constriction raises its own types for malformed streams
         raise MaskFormatError(f"coded mask does not decode: {err}") from None
     if not empty:
         raise MaskFormatError("coded mask has trailing data")
-    bits = np.empty(count, dtype=bool)
-    bits[model.order] = grouped
-    return np.packbits(bits, bitorder="little")
+    return grouped
 
 
-def decode_mask(data: bytes, count: int, layout: bytes, model: MaskModel | None = None) -> np.ndarray:
+def decode_mask(data: bytes, count: int, layout: bytes, model: MaskModel | None = None,
+                grouped: bool = False) -> np.ndarray:
     """Validate ``data`` against the expected weight count and layout; return the packed bits.
 
     The result is a ``uint8`` array of ``packed_length(count)`` bytes (bit ``i`` of the mask is
     bit ``i % 8`` of byte ``i // 8``); ``unpack_mask`` turns it into booleans. A coded mask
     needs ``model``, the coding model of the global scores this round's clients received.
+    ``grouped=True`` (needs ``model``) returns the bits in the model's grouped layout instead
+    (``model.grouped_bits`` bits, raw masks moved into it): the server's fast path, where
+    ``count_ones(.., model.grouped_bits)`` then ``model.ungroup_counts`` replace one
+    permutation per client by one per round.
     """
+    if grouped and model is None:
+        raise ValueError("grouped=True needs the coding model")
+    packed, coded = _decode_checked(data, count, layout, model)
+    if grouped:
+        return packed if coded else model.to_grouped(packed)
+    return model.from_grouped(packed) if coded else packed
+
+
+def _decode_checked(data: bytes, count: int, layout: bytes, model: MaskModel | None) -> tuple[np.ndarray, bool]:
     data = bytes(data)
     if len(data) < 5:
         raise MaskFormatError(f"mask payload truncated: {len(data)} bytes, the header alone is {HEADER_BYTES}")
     if data[:4] != MAGIC:
         raise MaskFormatError(f"not a PRISM mask: magic {data[:4]!r}, expected {MAGIC!r}")
     if data[4] == 1:
-        return _decode_v1(data, count, layout)
+        return _decode_v1(data, count, layout), False
     if data[4] != FORMAT_VERSION:
         raise MaskFormatError(f"unknown mask format version {data[4]}, this build reads 1 and {FORMAT_VERSION}")
     if len(data) < HEADER_BYTES:
@@ -256,7 +294,7 @@ def decode_mask(data: bytes, count: int, layout: bytes, model: MaskModel | None 
     if method == RAW:
         if got_model != 0:
             raise MaskFormatError("raw mask names a coding model")
-        return _check_padding(np.frombuffer(payload, dtype=np.uint8), count)
+        return _check_padding(np.frombuffer(payload, dtype=np.uint8), count), False
     if model is None:
         raise MaskFormatError("mask is entropy-coded but no coding model was given to decode it")
     if model.size != count:
@@ -264,7 +302,7 @@ def decode_mask(data: bytes, count: int, layout: bytes, model: MaskModel | None 
     if got_model != model.fingerprint:
         raise MaskFormatError(f"mask was coded against global model {got_model:08x}, this round's is "
                               f"{model.fingerprint:08x} (stale or foreign scores)")
-    return _decode_coded(payload, count, model)
+    return _decode_coded(payload, model), True
 
 
 def _check_padding(packed: np.ndarray, count: int) -> np.ndarray:

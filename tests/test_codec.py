@@ -201,7 +201,27 @@ def test_model_is_the_same_from_float32_scores_or_from_the_8_bit_broadcast():
     c = mask_model_from_codes(quantise(scores))
     assert a.fingerprint == b.fingerprint == c.fingerprint
     np.testing.assert_array_equal(a.codes, b.codes)
-    np.testing.assert_array_equal(a.order, c.order)
+    np.testing.assert_array_equal(a.slot, c.slot)
+
+
+def test_grouped_fast_path_counts_the_same():
+    """Server fast path: masks decoded into the grouped layout (coded as they come, raw ones
+    moved there), counted there, counts mapped back once: equal to counting in weight order."""
+    from prism_flwr.aggregation import count_ones
+
+    n = 20_011
+    model = mask_model(_scores(n, seed=4))
+    masks = [_sample(model, s) for s in range(5)] + [np.random.default_rng(9).random(n) < 0.5]
+    blobs = [encode_mask(m, LAYOUT, model) for m in masks[:5]] + [encode_mask(masks[5], LAYOUT)]
+    assert [mask_method(b) for b in blobs] == ["coded"] * 5 + ["raw"]
+    grouped = [decode_mask(b, n, LAYOUT, model, grouped=True) for b in blobs]
+    assert all(g.size == model.grouped_bits // 8 for g in grouped) and model.grouped_bits <= n + 7 * 256
+    counts, k = count_ones(grouped, model.grouped_bits)
+    np.testing.assert_array_equal(model.ungroup_counts(counts), np.sum(masks, axis=0))
+    plain = [decode_mask(b, n, LAYOUT, model) for b in blobs]
+    np.testing.assert_array_equal(count_ones(plain, n)[0], np.sum(masks, axis=0))
+    with pytest.raises(ValueError, match="needs the coding model"):
+        decode_mask(blobs[5], n, LAYOUT, grouped=True)
 
 
 def test_level_probabilities_cannot_differ_between_machines():
