@@ -11,6 +11,10 @@ default_rng([seed, round])), real Fashion-MNIST split by label shards, kernel MM
 For each broadcast mode:
 
 - ``float32``: the server keeps and sends float32 scores (today's behaviour);
+- ``jitter``: a control for ``grid8``: float32 state and broadcast, but every score moved by
+  ``U(-STEP/2, STEP/2)`` where ``grid8`` rounds (initial scores and after each aggregation),
+  i.e. a perturbation of the rounding's size without the grid: how far FD moves between two
+  runs that differ only by noise of that size;
 - ``grid8``: the server state is snapped to the 8-bit grid after every aggregation
   (``downlink.snap_to_grid`` with a generator from ``default_rng([seed, round, 8])``), the
   initial scores too (nearest), and the downlink is ``downlink.pack_scores`` (full state) or
@@ -22,7 +26,7 @@ max over clients), the ideal cross-entropy of the mask against the coding model,
 own theta entropy (``theta_entropy_bits`` as in history.json), the coding cost with the exact
 float32 global theta (no grid) and the downlink bits/weight. At the end (and every
 ``--eval-every`` rounds) the server evaluates FD-FMNIST-CNN on ``--eval-samples`` samples.
-Writes ``<out>/bytes-<mode>-ngf<ngf>.json`` and prints a table and one JSON line per mode.
+Writes ``<out>/bytes-<mode>-ngf<ngf>-seed<seed>.json`` and prints a table and one JSON line per mode.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 from prism_flwr.aggregation import aggregate, count_ones, sigmoid
 from prism_flwr.codec import decode_mask, encode_mask, mask_method, mask_model
 from prism_flwr.config import RunConfig
-from prism_flwr.downlink import pack_delta, pack_scores, quantise, snap_to_grid
+from prism_flwr.downlink import STEP, pack_delta, pack_scores, quantise, snap_to_grid
 from prism_flwr.evaluation import Evaluator
 from prism_flwr.features import build_features
 from prism_flwr.generator import ResnetGenerator
@@ -53,6 +57,10 @@ def _bits(mask: np.ndarray, p: np.ndarray) -> float:
     return float(-np.where(mask, np.log2(p), np.log2(1 - p)).mean())
 
 
+def _jitter(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (scores + rng.uniform(-STEP / 2, STEP / 2, scores.size)).astype(np.float32)
+
+
 def run(mode: str, args: argparse.Namespace) -> dict:
     cfg = RunConfig.parse({"ngf": args.ngf, "local-steps": args.steps, "seed": args.seed,
                            "num-server-rounds": args.rounds})
@@ -63,6 +71,8 @@ def run(mode: str, args: argparse.Namespace) -> dict:
     scores = get_flat(model, "scores").numpy().astype(np.float32)
     if mode == "grid8":
         scores = snap_to_grid(scores)
+    if mode == "jitter":
+        scores = _jitter(scores, np.random.default_rng([cfg.seed, 0, 9]))
     data = [client_data(cfg, pid, args.clients, device)[0] for pid in range(args.clients)]
     states = [ClientState() for _ in range(args.clients)]
     features = build_features(cfg.features).to(device)
@@ -104,6 +114,8 @@ def run(mode: str, args: argparse.Namespace) -> dict:
         scores = res.scores
         if mode == "grid8":
             scores = snap_to_grid(scores, np.random.default_rng([cfg.seed, rnd, 8]))
+        if mode == "jitter":
+            scores = _jitter(scores, np.random.default_rng([cfg.seed, rnd, 9]))
         rec.update({"downlink_bits": 8 * down / n, "downlink_delta_bits": 8 * delta / n,
                     "mada_lambda": res.mada_lambda})
         if rnd % args.eval_every == 0 or rnd == args.rounds:
@@ -134,7 +146,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=30)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--eval-samples", type=int, default=1000)
-    ap.add_argument("--broadcast", nargs="+", default=["float32", "grid8"], choices=["float32", "grid8"])
+    ap.add_argument("--broadcast", nargs="+", default=["float32", "grid8"], choices=["float32", "grid8", "jitter"])
     ap.add_argument("--out", type=Path, default=Path("results/bytes"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +154,7 @@ def main() -> None:
     for mode in args.broadcast:
         res = run(mode, args)
         res["machine"] = f"2-core CPU ({platform.machine()}), torch threads {torch.get_num_threads()}"
-        (args.out / f"bytes-{mode}-ngf{args.ngf}.json").write_text(json.dumps(res, indent=1))
+        (args.out / f"bytes-{mode}-ngf{args.ngf}-seed{args.seed}.json").write_text(json.dumps(res, indent=1))
         last = res["rounds"][-1]
         print(json.dumps({"bench": "bytes", "mode": mode, "ngf": args.ngf, "weights": res["weights"],
                           "last_round": last["round"], "uplink_bits_per_weight": last["coded_bits_mean"],
