@@ -12,7 +12,8 @@ Prints a table and one JSON line. Everything runs in this process on the same in
   solved so that the grid's mean entropy is that value, put on the 8-bit grid; each client's
   mask is drawn from ``sigmoid(global + N(0, drift^2))`` (``--drift 0``: the client did not
   move; the cross-entropy cost of moving is measured on real training by
-  ``bytes_experiment.py``). Per level: coded bits/weight vs the ideal cross-entropy, the
+  ``bytes_experiment.py``). Per level: coded bits/weight (mean over 10 clients' masks) vs the
+  ideal cross-entropy (mean over the first 2 of them), the
   per-round coding model (``mask_model``, once per round on each side), encode and decode time,
   the server's decoding of 10 clients (into weight order, and into the grouped layout: the
   fast path), and the 8-bit downlink (``pack_scores``: size, pack and
@@ -147,6 +148,7 @@ def main() -> None:
     mb = n / 1e6
     out = {
         "bench": "core", "machine": f"2-core CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "load_average_1min_at_end": os.getloadavg()[0],
         "torch_threads": torch.get_num_threads(), "weights": n, "clients": args.clients, "drift": args.drift,
         "uplink_raw_bytes_per_client": HEADER_BYTES + packed_length(n),
         "float32_bytes_per_client": 4 * n,
@@ -158,7 +160,8 @@ def main() -> None:
         "coded_aggregate_input_mb_round10": coded_input_mb,
         "levels": levels,
     }
-    print(f"# bench_core on {out['machine']}, {n:,} weights, best of {args.repeats}, client drift sd {args.drift}")
+    print(f"# bench_core on {out['machine']}, {n:,} weights, best of {args.repeats}, client drift sd {args.drift}, "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"raw: encode {mb / t_enc:,.0f} M weights/s, decode {mb / t_dec:,.0f} M weights/s; "
           f"decode+count+mean of {args.clients} clients {t_ours:.3f} s raw vs {t_coded_mean:.3f} s coded "
           f"({t_coded_mean_g:.3f} s grouped fast path; round-10 entropy) vs {t_naive:.3f} s naive float32; "
