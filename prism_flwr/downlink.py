@@ -20,7 +20,7 @@ inside the range; a MADA step smaller than half a grid step still moves the stat
 where nearest rounding would freeze it); values already on the grid never move, so
 ``dequantise(quantise(dequantise(q))) == dequantise(q)`` for every code, with or without rng.
 
-Wire format (little endian), 24 header bytes then the payload::
+Wire format (little endian), 20 header bytes then the payload::
 
     magic   4s   b"PRSD"
     version B    DOWNLINK_VERSION (names the grid above)
@@ -33,14 +33,19 @@ Wire format (little endian), 24 header bytes then the payload::
                  words (uint32) of the codes coded i.i.d. with that histogram as a categorical
                  model (constriction, 24-bit precision)
                  method 2 (delta): base I (crc32 of the codes the receiver must hold), target I
-                 (crc32 of the new codes), then method 1's histogram + words applied to
-                 ``d = (new - base) mod 256``; the receiver rebuilds ``(base + d) mod 256``
-                 and checks both checksums
+                 (crc32 of the new codes), context bits B (b in 0, 2, 4, 6, 8), then for each of
+                 the 2^b contexts (weights whose base code has the same top b bits) a sparse
+                 histogram of ``d = (new - base) mod 256`` (nnz H, nnz symbols B, nnz counts
+                 I), then the ANS words of ``d`` coded context by context with those
+                 histograms; the receiver rebuilds ``(base + d) mod 256`` and checks both
+                 checksums
 
 ``pack_scores`` picks the smaller of methods 0 and 1: the full state, for new or stale
-clients. ``pack_delta`` sends only the change from the previous state a client holds: MADA
-moves most scores by a few grid steps per round, so ``d`` has a peaked histogram. Coding costs
-the histogram's entropy (``H(codes)`` or ``H(d)`` bits per weight, at most 8) plus 1 KiB.
+clients. ``pack_delta`` sends only the change from the previous state a client holds; MADA's
+new score is ``lambda logit(theta_agg) + (1 - lambda) s``, so the change depends on the old
+score, and coding ``d`` per context of the old code costs about ``H(d | context)`` bits per
+weight, well under ``H(d)`` (the encoder picks the context count that minimises the estimated
+size, histograms included). ``pack_update`` sends whichever of delta and full state is smaller.
 Integer arithmetic only: both sides end with the same codes, or the receiver refuses.
 """
 
@@ -168,6 +173,89 @@ def pack_scores(codes: np.ndarray, method: str = "auto") -> bytes:
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
 
 
+CONTEXT_BITS = (0, 2, 4, 6, 8)  # the delta encoder's choices: 1 to 256 contexts
+
+
+def _context(base: np.ndarray, bits: int) -> np.ndarray:
+    return (base >> (8 - bits)).astype(np.int64) if bits else np.zeros(base.size, np.int64)
+
+
+def _coded_bits(hist: np.ndarray) -> float:
+    """Ideal code length of symbols with per-row histograms ``hist`` (contexts x 256), in bits."""
+    rows = hist.sum(axis=1, keepdims=True)
+    p = np.where(hist > 0, hist / np.maximum(rows, 1), 1.0)
+    return float(-(hist * np.log2(p)).sum())
+
+
+def _encode_delta(d: np.ndarray, base: np.ndarray) -> bytes:
+    import constriction
+
+    best = None
+    for bits in CONTEXT_BITS:  # pick the context count with the smallest estimated size
+        ctx = _context(base, bits)
+        hist = np.bincount(ctx * LEVELS + d, minlength=(1 << bits) * LEVELS).reshape(1 << bits, LEVELS)
+        size = _coded_bits(hist) / 8 + 5 * np.count_nonzero(hist) + 2 * (1 << bits)
+        if best is None or size < best[0]:
+            best = (size, bits, ctx, hist)
+    _, bits, ctx, hist = best
+    tables = bytearray([bits])
+    for row in hist:
+        nz = np.flatnonzero(row)
+        tables += struct.pack("<H", nz.size) + nz.astype(np.uint8).tobytes() + row[nz].astype("<u4").tobytes()
+    order = np.argsort(ctx, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(hist.sum(axis=1))])
+    coder = constriction.stream.stack.AnsCoder()
+    for k in range((1 << bits) - 1, -1, -1):  # a stack: encode the last context first
+        if bounds[k + 1] > bounds[k]:
+            coder.encode_reverse(d[order[bounds[k]:bounds[k + 1]]].astype(np.int32), _histogram_model(hist[k]))
+    return bytes(tables) + coder.get_compressed().astype("<u4").tobytes()
+
+
+def _decode_delta(payload: bytes, base: np.ndarray) -> np.ndarray:
+    import constriction
+
+    if not payload or payload[0] not in CONTEXT_BITS:
+        raise DownlinkFormatError("delta downlink names an unknown context count")
+    bits, pos = payload[0], 1
+    ctx = _context(base, bits)
+    sizes = np.bincount(ctx, minlength=1 << bits)
+    hist = np.zeros((1 << bits, LEVELS), np.int64)
+    for k in range(1 << bits):
+        if pos + 2 > len(payload):
+            raise DownlinkFormatError("delta downlink histograms truncated")
+        (nnz,) = struct.unpack_from("<H", payload, pos)
+        syms = np.frombuffer(payload, np.uint8, nnz, pos + 2) if pos + 2 + 5 * nnz <= len(payload) else None
+        if syms is None or nnz > LEVELS:
+            raise DownlinkFormatError("delta downlink histograms truncated")
+        counts = np.frombuffer(payload, "<u4", nnz, pos + 2 + nnz).astype(np.int64)
+        if (nnz and (np.any(np.diff(syms.astype(int)) <= 0) or counts.min() < 1)) or counts.sum() != sizes[k]:
+            raise DownlinkFormatError(f"delta downlink histogram {k} does not fit the base scores")
+        hist[k, syms] = counts
+        pos += 2 + 5 * nnz
+    if (len(payload) - pos) % 4:
+        raise DownlinkFormatError("delta downlink words are not whole 32-bit words")
+    words = np.frombuffer(payload[pos:], "<u4").astype(np.uint32)
+    order = np.argsort(ctx, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    d = np.empty(base.size, np.uint8)
+    try:
+        coder = constriction.stream.stack.AnsCoder(words)
+        for k in range(1 << bits):
+            if sizes[k]:
+                part = coder.decode(_histogram_model(hist[k]), int(sizes[k])).astype(np.uint8)
+                if not np.array_equal(np.bincount(part, minlength=LEVELS), hist[k]):
+                    raise DownlinkFormatError(f"delta downlink context {k} does not match its histogram")
+                d[order[bounds[k]:bounds[k + 1]]] = part
+        empty = coder.is_empty()
+    except DownlinkFormatError:
+        raise
+    except Exception as err:  # constriction raises its own types for malformed streams
+        raise DownlinkFormatError(f"delta downlink does not decode: {err}") from None
+    if not empty:
+        raise DownlinkFormatError("delta downlink has trailing data")
+    return d
+
+
 def pack_delta(codes: np.ndarray, base: np.ndarray) -> bytes:
     """The new grid codes as a coded change from ``base``, the codes the receiver already holds."""
     codes, base = np.asarray(codes), np.asarray(base)
@@ -176,9 +264,19 @@ def pack_delta(codes: np.ndarray, base: np.ndarray) -> bytes:
             raise ValueError(f"{name} must be a flat uint8 array, got {a.dtype} {a.shape}")
     if codes.size != base.size:
         raise ValueError(f"codes have {codes.size} entries, base {base.size}")
-    payload = struct.pack("<II", codes_fingerprint(base), codes_fingerprint(codes)) + _encode_codes(codes - base)
+    payload = struct.pack("<II", codes_fingerprint(base), codes_fingerprint(codes)) + _encode_delta(codes - base, base)
     head = _HEADER.pack(MAGIC, DOWNLINK_VERSION, DELTA, bytes(2), codes.size, 0)[:-4]
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+def pack_update(codes: np.ndarray, base: np.ndarray | None) -> bytes:
+    """What the server sends a client: the delta from ``base`` (the state that client holds)
+    when that is smaller than the full state, else the full state; ``base=None``: full state."""
+    full = pack_scores(codes)
+    if base is None:
+        return full
+    delta = pack_delta(codes, base)
+    return delta if len(delta) < len(full) else full
 
 
 def unpack_scores(data: bytes, count: int, base: np.ndarray | None = None) -> np.ndarray:
@@ -204,7 +302,8 @@ def unpack_scores(data: bytes, count: int, base: np.ndarray | None = None) -> np
     if got_count != count:
         raise DownlinkFormatError(f"downlink has {got_count} scores, the model has {count}")
     payload = data[HEADER_BYTES:]
-    if len(payload) > count + 4 * LEVELS + 12 or (kind == RAW and len(payload) != count):
+    limit = count + (4 * LEVELS + 4 if kind == CODED else (1 << max(CONTEXT_BITS)) * (2 + 5 * LEVELS) + 16)
+    if len(payload) > limit or (kind == RAW and len(payload) != count):
         raise DownlinkFormatError(f"downlink payload is {len(payload)} bytes, expected {count} or fewer coded")
     if zlib.crc32(payload, zlib.crc32(data[:HEADER_BYTES - 4])) != crc:
         raise DownlinkFormatError("downlink checksum mismatch: header or payload corrupted")
@@ -221,7 +320,7 @@ def unpack_scores(data: bytes, count: int, base: np.ndarray | None = None) -> np
     if base.dtype != np.uint8 or base.shape != (count,) or codes_fingerprint(base) != want_base:
         raise DownlinkFormatError(f"downlink delta is based on scores {want_base:08x}, this receiver holds "
                                   f"{codes_fingerprint(base) if base.dtype == np.uint8 else 0:08x}: needs the full state")
-    codes = base + _decode_codes(payload[8:], count)
+    codes = base + _decode_delta(payload[8:], base)
     if codes_fingerprint(codes) != want_new:
         raise DownlinkFormatError("downlink delta does not rebuild the sender's scores (checksum mismatch)")
     return codes

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from prism_flwr.downlink import (GRID, HEADER_BYTES, LEVELS, SCORE_CLIP, STEP, DownlinkFormatError, codes_fingerprint,
-                                 dequantise, pack_delta,
+                                 dequantise, pack_delta, pack_update,
                                  is_on_grid, pack_scores, quantise, snap_to_grid, unpack_scores)
 
 
@@ -125,12 +125,15 @@ def test_arbitrary_coded_words_decode_or_are_refused(words):
     assert out.dtype == np.uint8 and out.size == 300
 
 
-def _rounds(n=20_000, seed=0):
-    """Two consecutive global states: a MADA-like step of 0.15 towards new aggregates."""
+def _rounds(n=20_000, seed=0, clients=4, lam=0.25):
+    """Two consecutive global states of a MADA round: ``lam logit(theta_agg) + (1 - lam) s``,
+    theta_agg the smoothed mean of ``clients`` masks drawn near the old theta."""
     rng = np.random.default_rng(seed)
     old = snap_to_grid(rng.normal(0, 2, n).astype(np.float32))
-    agg = rng.normal(0, 3, n).astype(np.float32)
-    new = snap_to_grid(0.85 * old + 0.15 * agg, np.random.default_rng(seed + 1))
+    theta = np.clip(1 / (1 + np.exp(-old.astype(np.float64))) + rng.normal(0, 0.1, n), 0.001, 0.999)
+    counts = sum((rng.random(n) < theta).astype(int) for _ in range(clients))
+    agg = np.log(0.01 + 0.98 * counts / clients) - np.log(0.99 - 0.98 * counts / clients)
+    new = snap_to_grid((lam * agg + (1 - lam) * old).astype(np.float32), np.random.default_rng(seed + 1))
     return quantise(old), quantise(new)
 
 
@@ -138,7 +141,12 @@ def test_delta_rebuilds_the_new_state_exactly_and_is_smaller():
     old, new = _rounds()
     blob = pack_delta(new, old)
     np.testing.assert_array_equal(unpack_scores(blob, old.size, base=old), new)
-    assert len(blob) < 0.85 * len(pack_scores(new))  # change sd ~11 grid steps here: ~5.5 bits per weight
+    full = pack_scores(new)
+    change = np.bincount((new - old).astype(np.uint8), minlength=256) / new.size
+    h_change = -(change[change > 0] * np.log2(change[change > 0])).sum()
+    assert 8 * len(full) / new.size > 7 and h_change > 5           # neither the state nor the change is cheap
+    assert 8 * len(blob) / new.size < 0.7 * h_change                # the change given the old score is
+    assert pack_update(new, old) == blob and pack_update(new, None) == full
     wrapped = np.array([0, 255, 7], np.uint8)  # changes across the ends wrap mod 256, still exact
     np.testing.assert_array_equal(unpack_scores(pack_delta(wrapped[::-1].copy(), wrapped), 3, base=wrapped),
                                   wrapped[::-1])
@@ -168,3 +176,37 @@ def test_coded_downlink_bytes_are_pinned():
     codes = quantise(np.linspace(-5, 5, 10_007).astype(np.float32))
     blob = pack_scores(codes, "coded")
     assert (len(blob), zlib.crc32(blob)) == (10_724, 0x45DE9999)
+
+
+def test_delta_histograms_must_fit_the_base():
+    old, new = _rounds(n=3000)
+    blob = pack_delta(new, old)
+    payload = bytearray(blob[HEADER_BYTES:])
+    bits = payload[8]
+    assert bits in (0, 2, 4, 6, 8)
+    payload[8] = 3
+    with pytest.raises(DownlinkFormatError, match="unknown context count"):
+        unpack_scores(_refit(blob, bytes(payload)), 3000, base=old)
+    payload[8] = bits
+    (nnz,) = struct.unpack_from("<H", payload, 9)
+    first_count = 9 + 2 + nnz
+    payload[first_count] ^= 1  # the first context's first count: no longer sums to its size
+    with pytest.raises(DownlinkFormatError, match="histogram 0 does not fit the base"):
+        unpack_scores(_refit(blob, bytes(payload)), 3000, base=old)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=400).filter(lambda b: len(b) % 4 == 0))
+def test_arbitrary_delta_words_decode_or_are_refused(words):
+    old, new = _rounds(n=300)
+    blob = pack_delta(new, old)
+    payload = blob[HEADER_BYTES:]
+    tables_end = 9  # base, target, context bits, then each context's sparse histogram
+    for _ in range(1 << payload[8]):
+        tables_end += 2 + 5 * struct.unpack_from("<H", payload, tables_end)[0]
+    assert (len(payload) - tables_end) % 4 == 0
+    try:
+        out = unpack_scores(_refit(blob, payload[:tables_end] + words), 300, base=old)
+    except DownlinkFormatError:
+        return
+    assert out.dtype == np.uint8 and out.size == 300
