@@ -177,7 +177,8 @@ CONTEXT_BITS = (0, 2, 4, 6, 8)  # the delta encoder's choices: 1 to 256 contexts
 
 
 def _context(base: np.ndarray, bits: int) -> np.ndarray:
-    return (base >> (8 - bits)).astype(np.int64) if bits else np.zeros(base.size, np.int64)
+    """uint8 context of each weight: the top ``bits`` bits of its base code (uint8 sorts by radix)."""
+    return base >> np.uint8(8 - bits) if bits else np.zeros(base.size, np.uint8)
 
 
 def _coded_bits(hist: np.ndarray) -> float:
@@ -193,7 +194,7 @@ def _encode_delta(d: np.ndarray, base: np.ndarray) -> bytes:
     best = None
     for bits in CONTEXT_BITS:  # pick the context count with the smallest estimated size
         ctx = _context(base, bits)
-        hist = np.bincount(ctx * LEVELS + d, minlength=(1 << bits) * LEVELS).reshape(1 << bits, LEVELS)
+        hist = np.bincount(ctx.astype(np.intp) * LEVELS + d, minlength=(1 << bits) * LEVELS).reshape(1 << bits, LEVELS)
         size = _coded_bits(hist) / 8 + 5 * np.count_nonzero(hist) + 2 * (1 << bits)
         if best is None or size < best[0]:
             best = (size, bits, ctx, hist)
