@@ -17,7 +17,7 @@ Prints a table and one JSON line. Everything runs in this process on the same in
   per-round coding model (``mask_model``, once per round on each side), encode and decode time,
   the server's decoding of 10 clients (into weight order, and into the grouped layout: the
   fast path), and the 8-bit downlink (``pack_scores``: size, pack and
-  unpack time);
+  unpack time) and the delta to the next state (MADA over these 10 masks, snapped).
 - decode + count + smoothed mean for K coded clients at the round-10 entropy, plain and
   grouped (count in the grouped layout, map the counts back once), next to raw.
 Timings are the best of ``--repeats``.
@@ -36,7 +36,7 @@ import torch
 
 from prism_flwr.aggregation import aggregate, count_ones, smoothed_mean
 from prism_flwr.codec import HEADER_BYTES, decode_mask, encode_mask, mask_method, mask_model, packed_length
-from prism_flwr.downlink import dequantise, pack_scores, quantise, unpack_scores
+from prism_flwr.downlink import dequantise, pack_delta, pack_scores, quantise, snap_to_grid, unpack_scores
 from prism_flwr.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.masked import layout_fingerprint, num_masked
 
@@ -128,6 +128,13 @@ def main() -> None:
         down = pack_scores(codes)
         t_pack = best_of(lambda: pack_scores(codes), args.repeats)
         t_unpack = best_of(lambda: unpack_scores(down, n), args.repeats)
+        # the next state: MADA over these 10 clients' masks, snapped; sent as a delta from this one
+        counts, k = count_ones((decode_mask(b, n, layout, cm) for b in cb), n)
+        nxt = quantise(snap_to_grid(aggregate(glob, counts, k, method="mada", rng=np.random.default_rng(rnd)).scores,
+                                    np.random.default_rng([rnd, 8])))
+        delta = pack_delta(nxt, codes)
+        t_dpack = best_of(lambda: pack_delta(nxt, codes), args.repeats)
+        t_dunpack = best_of(lambda: unpack_scores(delta, n, base=codes), args.repeats)
         levels[rnd] = {
             "theta_entropy_bits": float(binary_entropy(sigmoid64(glob)).mean()),
             "client_theta_entropy_bits": float(binary_entropy(q).mean()),
@@ -136,6 +143,7 @@ def main() -> None:
             "model_s": t_model, "encode_s": t_cenc, "decode_s": t_cdec, "decode_10_clients_s": t_dec10,
             "decode_10_clients_grouped_s": t_dec10g,
             "downlink_bits_per_weight": 8 * len(down) / n, "downlink_pack_s": t_pack, "downlink_unpack_s": t_unpack,
+            "downlink_delta_bits_per_weight": 8 * len(delta) / n, "delta_pack_s": t_dpack, "delta_unpack_s": t_dunpack,
         }
         if rnd == 10:
             cblobs = [cb[i % len(cb)] for i in range(args.clients)]  # decoding work does not depend on repeats
@@ -167,14 +175,15 @@ def main() -> None:
           f"({t_coded_mean_g:.3f} s grouped fast path; round-10 entropy) vs {t_naive:.3f} s naive float32; "
           f"MADA update {t_mada:.3f} s")
     print("| round | H(theta) bits | up bits/w | ideal | encode s | decode s | 10 clients s | 10 grouped s | model s "
-          "| down bits/w | pack s | unpack s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| down bits/w | pack s | unpack s | delta bits/w | delta pack s | delta unpack s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rnd, lv in levels.items():
         print(f"| {rnd} | {lv['theta_entropy_bits']:.3f} | {lv['uplink_bits_per_weight']:.4f} | "
               f"{lv['uplink_ideal_bits_per_weight']:.4f} | {lv['encode_s']:.3f} | {lv['decode_s']:.3f} | "
               f"{lv['decode_10_clients_s']:.3f} | {lv['decode_10_clients_grouped_s']:.3f} | {lv['model_s']:.3f} | "
               f"{lv['downlink_bits_per_weight']:.3f} | "
-              f"{lv['downlink_pack_s']:.3f} | {lv['downlink_unpack_s']:.3f} |")
+              f"{lv['downlink_pack_s']:.3f} | {lv['downlink_unpack_s']:.3f} | {lv['downlink_delta_bits_per_weight']:.3f} | "
+              f"{lv['delta_pack_s']:.3f} | {lv['delta_unpack_s']:.3f} |")
     print(json.dumps(out))
 
 
