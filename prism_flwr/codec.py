@@ -19,16 +19,19 @@ identity when the broadcast already is the 8-bit grid) and its code ``c`` select
 probability ``P[c] = sigmoid(downlink.GRID[c])``, rounded to a multiple of 2^-32 so that a
 last-ulp difference of ``exp`` between machines cannot change it (a test checks every level's
 margin). ``P`` lies in ``[0.00247, 0.99753]``: a surprising bit costs at most 8.7 bits.
-Weights are grouped by code (a stable sort, done once per round per side: ``mask_model``);
-within group ``c`` the bits are i.i.d. Bernoulli(``P[c]``) under the model, so 8 of them at a
+Weights are grouped by code (``mask_model``, once per round per side; see ``MaskModel`` for
+the byte-aligned grouped layout); within group ``c`` the bits are i.i.d. Bernoulli(``P[c]``) under the model, so 8 of them at a
 time form one byte symbol coded with the exact product distribution
 ``P(byte) = P[c]^ones (1 - P[c])^(8 - ones)`` and the group's last ``size % 8`` bits are coded
 one at a time with ``(1 - P[c], P[c])`` (constriction's ANS coder, categorical models at 24-bit
-precision, groups in code order 0..255; no padding). The
-expected size is the cross-entropy ``sum_i H(q_i, P_i)`` of the client's own probabilities
+precision, groups in code order 0..255; nothing padded on the wire). The expected size is the cross-entropy ``sum_i H(q_i, P_i)`` of the client's own probabilities
 ``q_i`` against the global ones: ``H(q_i)`` plus how far the client moved (KL), plus under 0.1%
 coder overhead. The encoder falls back to raw whenever coding is not smaller, so a mask never
 costs more than raw.
+
+Server fast path: ``decode_mask(..., grouped=True)`` returns the bits in the grouped layout
+(what the decoder produces anyway); ``count_ones`` over ``model.grouped_bits`` and
+``model.ungroup_counts`` then move the counts back once per round instead of every mask.
 
 Decoding checks every field and raises ``MaskFormatError`` naming what is wrong; nothing
 malformed ever reaches aggregation. A coded payload longer than the raw size is refused before
