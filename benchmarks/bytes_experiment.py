@@ -48,7 +48,7 @@ from prism_flwr.evaluation import Evaluator
 from prism_flwr.features import build_features
 from prism_flwr.generator import ResnetGenerator
 from prism_flwr.masked import get_flat, iter_thetas, layout_fingerprint, num_masked, sample_mask, set_flat
-from prism_flwr.task import client_data, derive_seed, generator_spec
+from prism_flwr.task import client_data, derive_seed, generator_spec, pick_device
 from prism_flwr.training import ClientState, TrainSettings, train_local
 
 
@@ -64,9 +64,9 @@ def _jitter(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def run(mode: str, args: argparse.Namespace) -> dict:
     cfg = RunConfig.parse({"ngf": args.ngf, "local-steps": args.steps, "seed": args.seed,
                            "num-server-rounds": args.rounds})
-    device = torch.device("cpu")
+    device = pick_device(args.device)
     spec = generator_spec(cfg)
-    model = ResnetGenerator(spec)
+    model = ResnetGenerator(spec).to(device)
     n, layout = num_masked(model), layout_fingerprint(model)
     scores = get_flat(model, "scores").numpy().astype(np.float32)
     if mode == "grid8":
@@ -78,7 +78,7 @@ def run(mode: str, args: argparse.Namespace) -> dict:
     features = build_features(cfg.features).to(device)
     settings = TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, objective=cfg.objective,
                              estimator=cfg.estimator)
-    evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), args.eval_samples, cfg.seed)
+    evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), args.eval_samples, cfg.seed, device=device)
     rounds = []
     t0 = time.perf_counter()
     for rnd in range(1, args.rounds + 1):
@@ -92,10 +92,10 @@ def run(mode: str, args: argparse.Namespace) -> dict:
         blobs, rec = [], {"round": rnd, "coded_bits": [], "ideal_bits": [], "exact_theta_bits": [],
                           "theta_entropy_bits": [], "methods": []}
         for pid in range(args.clients):
-            local = ResnetGenerator(spec)
-            set_flat(local, torch.from_numpy(scores.copy()))
+            local = ResnetGenerator(spec).to(device)
+            set_flat(local, torch.from_numpy(scores.copy()).to(device))
             torch.manual_seed(derive_seed(cfg.seed, rnd, pid, 0))
-            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, rnd, pid, 1))
+            gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, rnd, pid, 1))
             metrics = train_local(local, features, data[pid], settings, states[pid], generator=gen)
             thetas = [t.cpu() for t in iter_thetas(local)]
             mask = sample_mask(local, thetas, generator=torch.Generator().manual_seed(
@@ -119,7 +119,7 @@ def run(mode: str, args: argparse.Namespace) -> dict:
         rec.update({"downlink_bits": 8 * down / n, "downlink_delta_bits": 8 * delta / n,
                     "mada_lambda": res.mada_lambda})
         if rnd % args.eval_every == 0 or rnd == args.rounds:
-            set_flat(model, torch.from_numpy(scores.copy()))
+            set_flat(model, torch.from_numpy(scores.copy()).to(device))
             metrics, _ = evaluator.evaluate(model)
             rec["eval"] = {k: float(v) for k, v in metrics.items()}
         for key in ("coded_bits", "ideal_bits", "exact_theta_bits", "theta_entropy_bits"):
@@ -147,13 +147,15 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--eval-samples", type=int, default=1000)
     ap.add_argument("--broadcast", nargs="+", default=["float32", "grid8"], choices=["float32", "grid8", "jitter"])
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (as the run-config key)")
     ap.add_argument("--out", type=Path, default=Path("results/bytes"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for mode in args.broadcast:
         res = run(mode, args)
-        res["machine"] = f"2-core CPU ({platform.machine()}), torch threads {torch.get_num_threads()}"
+        res["machine"] = (torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available()
+                          else f"2-core CPU ({platform.machine()}), torch threads {torch.get_num_threads()}")
         (args.out / f"bytes-{mode}-ngf{args.ngf}-seed{args.seed}.json").write_text(json.dumps(res, indent=1))
         last = res["rounds"][-1]
         print(json.dumps({"bench": "bytes", "mode": mode, "ngf": args.ngf, "weights": res["weights"],
