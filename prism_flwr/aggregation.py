@@ -202,11 +202,17 @@ class Aggregator:
 
 
 def combine_masks(aggregator: "Aggregator", scores: np.ndarray, packed_masks: Iterable[np.ndarray], count: int,
-                  seed: int, rnd: int) -> AggregateResult:
+                  seed: int, rnd: int, coding=None) -> AggregateResult:
     """A round on the server: count the valid masks' ones and apply the rule. The server's
     Bernoulli samples use ``default_rng([seed, rnd])``, so a round's result depends only on its
-    inputs (a resumed run is bit-identical). Called by the MADA strategy and the in-process runner."""
-    counts, k = count_ones(packed_masks, count)
+    inputs (a resumed run is bit-identical). ``coding``: the round's ``codec.MaskModel`` when the
+    masks were decoded into its grouped layout (counted there, moved back to weight order once).
+    Called by the MADA strategy and the in-process runner."""
+    if coding is not None:
+        counts, k = count_ones(packed_masks, coding.grouped_bits)
+        counts = coding.ungroup_counts(counts)
+    else:
+        counts, k = count_ones(packed_masks, count)
     return aggregator.step(scores, counts, k, rng=np.random.default_rng([seed, rnd]))
 
 

@@ -107,7 +107,7 @@ def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch
     if cfg.dp == "theta":
         release = dp_theta_release(cfg, record.accountant.noise_multiplier,
                                    torch.Generator().manual_seed(derive_seed(hidden, server_round, partition_id, 4)))
-    payload, extra = method.upload(model, cfg, release,
+    payload, extra = method.upload(model, cfg, vector, release,
                                    torch.Generator().manual_seed(derive_seed(hidden, server_round, partition_id, 5)))
     if release is not None:
         record.accountant.step()

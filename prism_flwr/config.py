@@ -57,6 +57,7 @@ class RunConfig(BaseModel):
     dense_lr: float = Field(1e-3, gt=0)
     # aggregation
     aggregation: Literal["mada", "mean", "mada-change", "adam", "beta"] = "mean"
+    uplink_coding: Literal["coded", "raw"] = "coded"
     mada_space: Literal["score", "probability"] = "score"
     # evaluation and outputs
     eval_every: int = Field(5, ge=1)

@@ -23,7 +23,7 @@ import torch
 
 from .aggregation import Aggregator, combine_masks
 from .client_round import client_round, model_with, new_record
-from .codec import decode_mask
+from .codec import decode_mask, mask_model
 from .config import RunConfig
 from .evaluation import Evaluator, save_grid
 from .generator import ResnetGenerator
@@ -66,14 +66,15 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
     for rnd in range(1, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
         packed, losses, sizes = [], [], []
+        coding = mask_model(scores)  # what MADA.configure_train derives from the scores it sends
         for pid, (data, hist) in enumerate(clients):
             res = client_round(cfg, PRISM, scores, data, hist, states[pid], partition_id=pid, server_round=rnd)
             states[pid] = res.record
-            packed.append(decode_mask(res.payload.tobytes(), n, layout))
+            packed.append(decode_mask(res.payload.tobytes(), n, layout, coding, grouped=True))
             losses.append(res.metrics.get("loss", float("nan")))
             sizes.append(res.payload.nbytes)
         t1 = time.perf_counter()
-        agg = combine_masks(aggregator, scores, packed, n, cfg.seed, rnd)
+        agg = combine_masks(aggregator, scores, packed, n, cfg.seed, rnd, coding)
         scores = agg.scores
         t2 = time.perf_counter()
         record = {"round": rnd, "clients": num_clients, "uplink_bytes": int(sum(sizes)),

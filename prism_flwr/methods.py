@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .codec import encode_mask
+from .codec import encode_mask, mask_model
 from .config import RunConfig
 from .export import load_sparse_model, save_sparse_model
 from .masked import get_flat, iter_thetas, layout_fingerprint, make_dense, sample_mask, set_flat
@@ -43,8 +43,10 @@ class Method:
     def train_settings(self, cfg: RunConfig) -> TrainSettings:
         raise NotImplementedError
 
-    def upload(self, model: nn.Module, cfg: RunConfig, theta_release, mask_generator: torch.Generator) -> tuple[np.ndarray, dict]:
-        """(payload array, extra metrics) a client sends after local training."""
+    def upload(self, model: nn.Module, cfg: RunConfig, received: np.ndarray, theta_release,
+               mask_generator: torch.Generator) -> tuple[np.ndarray, dict]:
+        """(payload array, extra metrics) a client sends after local training; ``received`` is
+        the global vector as it arrived this round."""
         raise NotImplementedError
 
     def export(self, model: nn.Module, final: np.ndarray, cfg: RunConfig, out: Path) -> tuple[Path, float, nn.Module]:
@@ -58,14 +60,17 @@ class Prism(Method):
         return TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, objective=cfg.objective,
                              estimator=cfg.estimator, trainable="scores")
 
-    def upload(self, model, cfg, theta_release, mask_generator):
+    def upload(self, model, cfg, received, theta_release, mask_generator):
         """One mask ``m ~ Bernoulli(theta)`` (theta after ``theta_release``, the DP mechanism, if
-        given), bit-packed by the codec."""
+        given). ``uplink-coding = "coded"``: entropy-coded against the global scores received
+        this round (``codec.mask_model``, what the server derives from the scores it sent);
+        ``"raw"``: bit-packed, 1 bit per weight."""
         thetas = [t.cpu() for t in iter_thetas(model)]
         if theta_release is not None:
             thetas = theta_release(thetas)
         mask = sample_mask(model, thetas, generator=mask_generator)
-        blob = encode_mask(mask.numpy(), layout_fingerprint(model))
+        coding = mask_model(received) if cfg.uplink_coding == "coded" else None
+        blob = encode_mask(mask.numpy(), layout_fingerprint(model), coding)
         return np.frombuffer(blob, dtype=np.uint8).copy(), {"mask_density": float(mask.float().mean())}
 
     def export(self, model, final, cfg, out):
@@ -83,7 +88,7 @@ class Dense(Method):
         return TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.dense_lr,
                              objective=cfg.objective, estimator=cfg.estimator, trainable="weights")
 
-    def upload(self, model, cfg, theta_release, mask_generator):
+    def upload(self, model, cfg, received, theta_release, mask_generator):
         """The trained float32 weights: 32 bits per weight."""
         return get_flat(model, "weight").numpy(), {}
 
