@@ -22,7 +22,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from prism_flwr.client_round import client_evaluate, client_round, new_record
+from prism_flwr.client_round import client_evaluate, client_round, new_record, received_vector
 from prism_flwr.client_state import ClientRecord, read_latest_state_file, write_state_file
 from prism_flwr.config import RunConfig
 from prism_flwr.methods import method_for
@@ -70,7 +70,7 @@ def _unpack(msg: Message, context: Context):
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
     device = pick_device(cfg.device)
-    vector = msg.content[method.down_key][method.down_key].numpy()
+    vector = received_vector(cfg, method, msg.content[method.down_key][method.down_key].numpy())
     data, hist = client_data(cfg, pid, num, device)
     return cfg, method, pid, vector, data, hist
 

@@ -28,7 +28,7 @@ from .client_state import ClientRecord
 from .config import RunConfig
 from .features import build_features
 from .generator import GeneratorSpec, ResnetGenerator, generate
-from .masked import set_flat, set_mask_mode
+from .masked import num_masked, set_flat, set_mask_mode
 from .methods import Method, dp_theta_release
 from .objectives import FeatureMatching, mmd2_unbiased
 from .privacy import ThetaAccountant, noise_multiplier_for_budget, privatize_statistics
@@ -61,6 +61,11 @@ def model_with(cfg: RunConfig, method: Method, vector: np.ndarray, device: torch
     model = _model(generator_spec(cfg), method.name, str(device))
     set_flat(model, torch.from_numpy(np.asarray(vector, dtype=np.float32)).to(device), method.vector_attr)
     return model
+
+
+def received_vector(cfg: RunConfig, method: Method, array: np.ndarray) -> np.ndarray:
+    """The global vector from what arrived on the wire (checked against this run's format)."""
+    return method.unpack_global(array, num_masked(_model(generator_spec(cfg), method.name, "cpu")), cfg)
 
 
 @lru_cache(maxsize=2)

@@ -58,6 +58,7 @@ class RunConfig(BaseModel):
     # aggregation
     aggregation: Literal["mada", "mean", "mada-change", "adam", "beta"] = "mean"
     uplink_coding: Literal["coded", "raw"] = "coded"
+    downlink: Literal["grid8", "float32"] = "grid8"
     mada_space: Literal["score", "probability"] = "score"
     # evaluation and outputs
     eval_every: int = Field(5, ge=1)
