@@ -30,7 +30,7 @@ class RunConfig(BaseModel):
     # data
     dataset: Literal["mnist", "fmnist", "cifar10", "celeba"] = "fmnist"
     data_dir: str = "~/.cache/prism-flwr/data"
-    download: bool = False
+    download: Literal["auto"] | bool = "auto"  # auto: fetch a missing dataset once (needs the internet)
     partitioning: Literal["iid", "shards", "dirichlet", "attribute"] = "shards"
     dirichlet_alpha: float = Field(0.1, gt=0)
     shards_per_partition: int = Field(4, ge=1)
