@@ -9,9 +9,9 @@ allowed, so a typo stops the run before any training.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .privacy import check_dp_compatible
 
@@ -24,13 +24,20 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _download(value: Any) -> bool | str:
+    """true / false / "auto" (booleans also as strings), else one clear message."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in ("auto", "true", "false")):
+        return value if isinstance(value, bool) else {"true": True, "false": False}.get(value.strip().lower(), "auto")
+    raise ValueError('Input should be true, false or "auto"')
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
 
     # data
     dataset: Literal["mnist", "fmnist", "cifar10", "celeba"] = "fmnist"
     data_dir: str = "~/.cache/prism-flwr/data"
-    download: Literal["auto"] | bool = "auto"  # auto: fetch a missing dataset once (needs the internet)
+    download: Annotated[Literal["auto"] | bool, BeforeValidator(_download)] = "auto"  # auto/true: fetch once
     partitioning: Literal["iid", "shards", "dirichlet", "attribute"] = "shards"
     dirichlet_alpha: float = Field(0.1, gt=0)
     shards_per_partition: int = Field(4, ge=1)
@@ -49,7 +56,7 @@ class RunConfig(BaseModel):
     batch_size: int = Field(64, ge=2)
     lr: float = Field(0.1, gt=0)
     objective: Literal["feature-matching", "mmd"] = "mmd"
-    features: Literal["pixels", "vgg19"] = "pixels"
+    features: Literal["pixels", "random-conv", "vgg19"] = "pixels"
     vgg19_weights: str = ""
     estimator: Literal["scaled", "identity"] = "scaled"
     # what is learned: PRISM's masks, or the dense FedAvg baseline (same generator, trained weights)
@@ -103,4 +110,4 @@ def _describe(error: dict) -> str:
         return f"run-config key '{key}' is unknown; known keys: {allowed}"
     if not key:  # a cross-key check
         return f"invalid run config: {error['msg'].removeprefix('Value error, ')}"
-    return f"run-config key '{key}' = {error['input']!r}: {error['msg']}"
+    return f"run-config key '{key}' = {error['input']!r}: {error['msg'].removeprefix('Value error, ')}"
