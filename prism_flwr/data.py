@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 
+from .progress import Progress
+
 DATASETS = ("mnist", "fmnist", "cifar10", "celeba")
 NUM_CHANNELS = {"mnist": 1, "fmnist": 1, "cifar10": 3, "celeba": 3}
 NUM_CLASSES = {"mnist": 10, "fmnist": 10, "cifar10": 10, "celeba": 2}
@@ -293,7 +295,13 @@ def _load_celeba(root: Path, train: bool) -> tuple[torch.Tensor, np.ndarray]:
     """Centre-crop 160 then resize to 32, image by image through PIL, as in the paper."""
     transform = T.Compose([T.CenterCrop(CELEBA_CROP), T.Resize(IMAGE_SIZE), T.PILToTensor()])
     dataset = _CelebA(root, split="train" if train else "test", target_type="attr", transform=transform)
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    progress = Progress(f"celeba {'train' if train else 'test'} split: centre-crop and resize", len(dataset), "images")
+    images = []
+    for i in range(len(dataset)):
+        progress.update(i)
+        images.append(dataset[i][0])
+    progress.close()
+    images = torch.stack(images)
     labels = dataset.attr[:, dataset.attr_names.index("Male")].numpy()
     return images, labels
 
