@@ -263,3 +263,15 @@ def test_download_mode(given: object, mode: object) -> None:
 def test_download_mode_rejects_others() -> None:
     with pytest.raises(ValueError, match="download must be true, false or \"auto\", got 'sometimes'"):
         data.download_mode("sometimes")
+
+
+def test_data_command_fetches_or_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None,
+                                          capsys: pytest.CaptureFixture) -> None:
+    from prism_flwr import cli
+
+    assert cli.main(["data", "mnist", "--data-dir", str(tmp_path / "a"), "--download", "false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Dataset 'mnist' not found (download is off).") and "Traceback" not in err
+    _serve_mnist(tmp_path, monkeypatch, tvd.MNIST)
+    assert cli.main(["data", "mnist", "--data-dir", str(tmp_path / "b")]) == 0  # --download auto by default
+    assert "mnist: 30 training images (1, 32, 32) ready in" in capsys.readouterr().out
