@@ -28,7 +28,7 @@ import torch
 from prism_flwr import objectives, training
 from prism_flwr.aggregation import aggregate, count_ones
 from prism_flwr.config import RunConfig
-from prism_flwr.evaluation import Evaluator
+from prism_flwr.evaluation import Evaluator, save_grid
 from prism_flwr.features import build_features
 from prism_flwr.generator import ResnetGenerator
 from prism_flwr.masked import get_scores, iter_thetas, sample_mask, set_scores
@@ -37,7 +37,6 @@ from prism_flwr.training import ClientState, TrainSettings, train_local
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "default-run"
 CLIENTS = 4
-FIXED_PIXEL_BANDWIDTHS = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)  # the objective's widths before the median rule
 
 # name -> settings; every trial: rounds * steps * batch = 19,200 images per client.
 TRIALS: dict[str, dict] = {
@@ -64,19 +63,30 @@ TRIALS: dict[str, dict] = {
 }
 
 
+def median_widths(x: torch.Tensor, y: torch.Tensor, factors: tuple[float, ...]) -> tuple[float, ...]:
+    """The median heuristic: ``f * median |z_i - z_j|`` over the pooled batch, for each ``f``."""
+    with torch.no_grad():
+        z = torch.cat([x.flatten(1), y.flatten(1)])
+        d2 = torch.cdist(z, z).pow(2)
+        med = d2[~torch.eye(len(z), dtype=torch.bool)].median().clamp_min(1e-12).sqrt().item()
+    return tuple(f * med for f in factors)
+
+
 def set_bandwidths(bw) -> None:
     """Point the local objective at fixed pixel widths or at median-rule multiples ``bw``."""
-    if bw == "fixed":
-        def fixed(x, y):
-            scale = (x[0].numel() / 1024) ** 0.5
-            return objectives.mmd2_unbiased(x, y, tuple(b * scale for b in FIXED_PIXEL_BANDWIDTHS))
-        training.mmd2_unbiased = fixed
-    else:
-        objectives.MMD_BANDWIDTHS = tuple(float(f) for f in bw)
+    if bw == "fixed":  # the objective's own default: MMD_BANDWIDTHS scaled by sqrt(d / 1024)
         training.mmd2_unbiased = objectives.mmd2_unbiased
+    else:
+        factors = tuple(float(f) for f in bw)
+        training.mmd2_unbiased = lambda x, y: objectives.mmd2_unbiased(x, y, median_widths(x, y, factors))
 
 
-def run_trial(spec: dict, evaluator: Evaluator, data: list[torch.Tensor], seed: int) -> dict:
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def run_trial(spec: dict, evaluator: Evaluator, data: list[torch.Tensor], seed: int,
+              grid: Path | None = None) -> dict:
     cfg = RunConfig(seed=seed)
     set_bandwidths(spec["bw"])
     batch = spec.get("batch", 64)
@@ -106,7 +116,9 @@ def run_trial(spec: dict, evaluator: Evaluator, data: list[torch.Tensor], seed: 
         print(f"  round {rnd}/{spec['rounds']}: loss {np.mean(losses[-CLIENTS:]):.4f}", flush=True)
     cpu_train = time.process_time() - t0
     set_scores(model, torch.from_numpy(scores))
-    metrics, _ = evaluator.evaluate(model, "sample")
+    metrics, fake = evaluator.evaluate(model, "sample")
+    if grid is not None:  # the first 64 of the evaluated samples, as the ServerApp's samples/ grids
+        save_grid(fake[:64], grid)
     return {"settings": {**spec, "batch": batch, "lr": spec.get("lr", 0.1), "bw": spec["bw"]},
             "images_per_client": spec["rounds"] * spec["steps"] * batch, "seed": seed,
             "eval": metrics, "final_loss": float(np.mean(losses[-CLIENTS:])),
@@ -155,7 +167,8 @@ def main() -> None:
         if f"{name} [{key}]" in results:
             continue
         print(f"trial: {name}", flush=True)
-        r = run_trial(TRIALS[name], evaluator, data, args.seed)
+        r = run_trial(TRIALS[name], evaluator, data, args.seed,
+                      grid=args.out.parent / "samples" / f"{slug(name)}-seed{args.seed}.png")
         print(f"  -> {json.dumps(r['eval'])} ({r['train_cpu_seconds']} CPU s)", flush=True)
         results[f"{name} [{key}]"] = r
         args.out.parent.mkdir(parents=True, exist_ok=True)
