@@ -42,7 +42,7 @@ class RunConfig(BaseModel):
     dirichlet_alpha: float = Field(0.1, gt=0)
     shards_per_partition: int = Field(4, ge=1)
     # federation
-    num_server_rounds: int = Field(15, ge=1)
+    num_server_rounds: int = Field(3, ge=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_train_nodes: int = Field(2, ge=1)
@@ -52,7 +52,7 @@ class RunConfig(BaseModel):
     nz: int = Field(128, ge=1)
     seed: int = Field(30, ge=0)
     # local training
-    local_steps: int = Field(20, ge=1)
+    local_steps: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(0.1, gt=0)
     objective: Literal["feature-matching", "mmd"] = "mmd"
@@ -63,10 +63,10 @@ class RunConfig(BaseModel):
     method: Literal["prism", "dense"] = "prism"
     dense_lr: float = Field(1e-3, gt=0)
     # aggregation
-    aggregation: Literal["mada", "mean"] = "mada"
+    aggregation: Literal["mada", "mean"] = "mean"
     mada_space: Literal["score", "probability"] = "score"
     # evaluation and outputs
-    eval_every: int = Field(5, ge=1)
+    eval_every: int = Field(1, ge=1)
     eval_samples: int = Field(1000, ge=7)  # precision/recall need more than k + 1 = 6 samples
     eval_feature_metrics: bool = True
     inception_weights: str = ""
