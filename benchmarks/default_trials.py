@@ -131,7 +131,9 @@ def report(results: dict, path: Path, metric: str) -> None:
     base = next((r["eval"][metric] for name, r in results.items() if name.startswith("today")), None)
     lines = ["| trial | images/client | FD-FMNIST-CNN | vs today | precision | recall | density | coverage | "
              "mmd_pixels | train CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
+    order = sorted(results, key=lambda n: (not n.startswith("today"), results[n]["eval"][metric]))
+    for name in order:  # today first, then best first
+        r = results[name]
         e = r["eval"]
         vs = f"{100 * e[metric] / base:.0f} %" if base else "-"
         lines.append(f"| {name} | {r['images_per_client']:,} | {e[metric]:.1f} | {vs} | "
