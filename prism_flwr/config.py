@@ -54,7 +54,7 @@ class RunConfig(BaseModel):
     # local training
     local_steps: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=2)
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.2, gt=0)
     objective: Literal["feature-matching", "mmd"] = "mmd"
     features: Literal["pixels", "random-conv", "vgg19"] = "pixels"
     vgg19_weights: str = ""

@@ -36,3 +36,12 @@ def test_run_sh_example_uses_a_form_flower_accepts() -> None:
     text = (ROOT / "run.sh").read_text()
     assert "dataset=cifar10" not in text
     assert "presets/cifar10.toml" in text
+
+
+@pytest.mark.parametrize("name", ["paper-fmnist", "paper-fmnist-dp"])
+def test_paper_presets_pin_the_paper_values_whatever_the_defaults(name: str) -> None:
+    values = tomllib.loads((ROOT / "presets" / f"{name}.toml").read_text())
+    assert {k: values.get(k) for k in ("local-steps", "batch-size", "lr", "aggregation", "ngf", "num-server-rounds",
+                                       "objective", "features")} == {
+        "local-steps": 100, "batch-size": 64, "lr": 0.1, "aggregation": "mada", "ngf": 64, "num-server-rounds": 500,
+        "objective": "feature-matching", "features": "vgg19"}
