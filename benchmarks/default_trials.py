@@ -128,14 +128,17 @@ def run_trial(spec: dict, evaluator: Evaluator, data: list[torch.Tensor], seed: 
 
 def report(results: dict, path: Path, metric: str) -> None:
     """Markdown table of ``results``; "vs today" against the trial named "today: ..."."""
-    base = next((r["eval"][metric] for name, r in results.items() if name.startswith("today")), None)
+    def tag(name: str) -> str:  # "[seed 30, eval 1000]": trials compare within one seed and sample count
+        return name[name.rfind("["):]
+
+    base = {tag(n): r["eval"][metric] for n, r in results.items() if n.startswith("today")}
     lines = ["| trial | images/client | FD-FMNIST-CNN | vs today | precision | recall | density | coverage | "
              "mmd_pixels | train CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    order = sorted(results, key=lambda n: (not n.startswith("today"), results[n]["eval"][metric]))
+    order = sorted(results, key=lambda n: (tag(n), not n.startswith("today"), results[n]["eval"][metric]))
     for name in order:  # today first, then best first
         r = results[name]
         e = r["eval"]
-        vs = f"{100 * e[metric] / base:.0f} %" if base else "-"
+        vs = f"{100 * e[metric] / base[tag(name)]:.0f} %" if tag(name) in base else "-"
         lines.append(f"| {name} | {r['images_per_client']:,} | {e[metric]:.1f} | {vs} | "
                      f"{e['precision']:.3f} | {e['recall']:.3f} | {e['density']:.3f} | {e['coverage']:.3f} | "
                      f"{e['mmd_pixels']:.4f} | {r['train_cpu_seconds']} |")
