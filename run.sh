@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (once) and run PRISM on the Flower simulation engine: 4 SuperNodes, 1 CPU each.
-# Extra arguments go to `flwr run`, e.g.  ./run.sh --run-config "dataset=cifar10 ngf=64"
+# Extra arguments go to `flwr run`, e.g.  ./run.sh --run-config presets/cifar10.toml
+# or ./run.sh --run-config 'dataset="cifar10" ngf=32'   (TOML values: strings in double quotes)
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh

@@ -1,6 +1,6 @@
 """``prism-flwr`` command line: data preparation, sampling from an exported model, run status.
 
-    prism-flwr data fmnist [--data-dir DIR] [--download]   prepare / check a dataset
+    prism-flwr data cifar10 [--data-dir DIR] [--download auto|true|false]   prepare / check a dataset
     prism-flwr sample MODEL.prism [--n 64] [--out grid.png] [--seed 0]
     prism-flwr evaluate MODEL.prism [--dataset fmnist] [--n 10000] [--inception-weights FILE]
     prism-flwr feature-net fmnist [--seed 0] [--force]     train (once) the FD feature classifier
@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 from .config import RunConfig
-from .data import DATASETS, load_dataset
+from .data import DATASETS, DatasetMissingError, load_dataset
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("data", help="prepare or check a dataset")
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--data-dir", default=RunConfig().data_dir)
-    p.add_argument("--download", action="store_true", help="allow torchvision to download (needs the internet)")
+    p.add_argument("--download", choices=("auto", "true", "false"), default="auto", nargs="?", const="true",
+                   help="auto (default) or true (also plain --download): fetch a missing dataset once with "
+                        "torchvision (needs the internet); false: never")
     p.set_defaults(fn=_data)
     p = sub.add_parser("sample", help="sample a grid PNG from an exported model")
     p.add_argument("model")
@@ -109,14 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=RunConfig().data_dir)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--download", action="store_true", help="allow torchvision to download (needs the internet)")
+    p.add_argument("--download", choices=("auto", "true", "false"), default="auto", nargs="?", const="true",
+                   help="auto (default) or true (also plain --download): fetch a missing dataset once with "
+                        "torchvision (needs the internet); false: never")
     p.add_argument("--force", action="store_true", help="retrain even when cached")
     p.set_defaults(fn=_feature_net)
     p = sub.add_parser("last-run", help="status of the newest Flower run; exit 1 unless it completed")
     p.add_argument("connection", nargs="?", help="SuperLink connection name (default: the default one)")
     p.set_defaults(fn=_last_run)
     args = ap.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except DatasetMissingError as err:  # the message is the whole story: no traceback
+        print(err, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

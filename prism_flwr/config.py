@@ -9,9 +9,9 @@ allowed, so a typo stops the run before any training.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .privacy import check_dp_compatible
 
@@ -24,18 +24,25 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _download(value: Any) -> bool | str:
+    """true / false / "auto" (booleans also as strings), else one clear message."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in ("auto", "true", "false")):
+        return value if isinstance(value, bool) else {"true": True, "false": False}.get(value.strip().lower(), "auto")
+    raise ValueError('Input should be true, false or "auto"')
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
 
     # data
     dataset: Literal["mnist", "fmnist", "cifar10", "celeba"] = "fmnist"
     data_dir: str = "~/.cache/prism-flwr/data"
-    download: bool = False
+    download: Annotated[Literal["auto"] | bool, BeforeValidator(_download)] = "auto"  # auto/true: fetch once
     partitioning: Literal["iid", "shards", "dirichlet", "attribute"] = "shards"
     dirichlet_alpha: float = Field(0.1, gt=0)
     shards_per_partition: int = Field(4, ge=1)
     # federation
-    num_server_rounds: int = Field(15, ge=1)
+    num_server_rounds: int = Field(3, ge=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_train_nodes: int = Field(2, ge=1)
@@ -45,11 +52,11 @@ class RunConfig(BaseModel):
     nz: int = Field(128, ge=1)
     seed: int = Field(30, ge=0)
     # local training
-    local_steps: int = Field(20, ge=1)
+    local_steps: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=2)
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.2, gt=0)
     objective: Literal["feature-matching", "mmd"] = "mmd"
-    features: Literal["pixels", "vgg19"] = "pixels"
+    features: Literal["pixels", "random-conv", "vgg19"] = "pixels"
     vgg19_weights: str = ""
     estimator: Literal["scaled", "identity"] = "scaled"
     # what is learned: PRISM's masks, or the dense FedAvg baseline (same generator, trained weights)
@@ -61,7 +68,7 @@ class RunConfig(BaseModel):
     downlink: Literal["grid8", "float32"] = "grid8"
     mada_space: Literal["score", "probability"] = "score"
     # evaluation and outputs
-    eval_every: int = Field(5, ge=1)
+    eval_every: int = Field(1, ge=1)
     eval_samples: int = Field(1000, ge=7)  # precision/recall need more than k + 1 = 6 samples
     eval_feature_metrics: bool = True
     inception_weights: str = ""
@@ -105,4 +112,4 @@ def _describe(error: dict) -> str:
         return f"run-config key '{key}' is unknown; known keys: {allowed}"
     if not key:  # a cross-key check
         return f"invalid run config: {error['msg'].removeprefix('Value error, ')}"
-    return f"run-config key '{key}' = {error['input']!r}: {error['msg']}"
+    return f"run-config key '{key}' = {error['input']!r}: {error['msg'].removeprefix('Value error, ')}"

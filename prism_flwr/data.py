@@ -3,17 +3,26 @@
 Every dataset comes back as one ``ImageData``: uint8 images of shape (N, C, 32, 32), already
 preprocessed as in the paper (MNIST/Fashion-MNIST resized 28 -> 32, CelebA centre-cropped to 160
 and resized to 32, CIFAR-10 as is), and int64 labels. ``to_float`` maps pixels to [-1, 1].
-Nothing is downloaded unless ``download=True``; missing files raise ``DatasetMissingError`` whose
-message says where we looked and how to get the data. Fashion-MNIST is taken from the Debian
-package ``dataset-fashion-mnist`` when the data directory lacks it.
+Fashion-MNIST is taken from the Debian package ``dataset-fashion-mnist`` when the data directory
+lacks it. Otherwise a missing dataset is fetched once with torchvision's own download (its
+progress bar on stderr; checksums of the downloaded archives checked) when ``download`` is
+``"auto"`` (the default) or ``True``; with ``download=False``, or when the download fails (no
+network, Google Drive refusing CelebA, ``gdown`` missing), ``DatasetMissingError`` says why, where
+we looked and how to put the files in place by hand. Files already present are never fetched again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import urllib.error
+import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets as tvd
 from torchvision import transforms as T
+
+from .progress import Progress
 
 DATASETS = ("mnist", "fmnist", "cifar10", "celeba")
 NUM_CHANNELS = {"mnist": 1, "fmnist": 1, "cifar10": 3, "celeba": 3}
@@ -40,10 +51,24 @@ _IDX_FILES = (
 # torchvision looks under <root>/<class name>/raw/.
 _IDX_FOLDER = {"mnist": "MNIST", "fmnist": "FashionMNIST"}
 _RESIZE_CHUNK = 8192  # images per vectorised resize: bounds the float32 working memory
+DOWNLOAD_TIMEOUT = 60.0  # seconds without an answer before a download counts as "no network"
+# Approximate download sizes, for the message printed before fetching.
+DOWNLOAD_SIZES = {"mnist": "12 MB", "fmnist": "30 MB", "cifar10": "170 MB", "celeba": "1.4 GB"}
+CELEBA_PAGE = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
 
 
 class DatasetMissingError(FileNotFoundError):
-    """A dataset's files are not in the data directory and downloading was not asked for."""
+    """A dataset's files are not in the data directory and could not (or may not) be downloaded."""
+
+
+def download_mode(download: bool | str) -> bool | str:
+    """``True``, ``False`` or ``"auto"`` (also from the strings "true"/"false"); else ``ValueError``."""
+    if isinstance(download, bool):
+        return download
+    value = str(download).strip().lower()
+    if value in ("auto", "true", "false"):
+        return {"true": True, "false": False}.get(value, "auto")
+    raise ValueError(f"download must be true, false or \"auto\", got {download!r}")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: compare and hash by identity, never element-wise
@@ -114,24 +139,116 @@ def _layout(name: str, root: Path) -> str:
             "  (the aligned-and-cropped JPEGs and the five annotation files)")
 
 
-def _missing_message(name: str, root: Path, missing: list[Path]) -> str:
+def _missing_message(name: str, root: Path, missing: list[Path], why: str = "download is off") -> str:
     looked = [str(path) for path in missing]
     if name == "fmnist":
         looked += [str(FMNIST_SYSTEM_DIR / f"{file}.gz") for file in _IDX_FILES
                    if not (FMNIST_SYSTEM_DIR / f"{file}.gz").is_file()]
-    ways = [f"set run-config key `download = true` on a machine with internet "
-            f"(flwr run . --run-config \"download=true\"); torchvision downloads it into {root}"]
+    if why == "download is off":
+        ways = [f"set run-config key `download` to \"auto\" (the default) on a machine with internet "
+                f"(flwr run . --run-config 'download=\"auto\"'); torchvision downloads it once into {root}"]
+    else:
+        ways = [f"run again where {_host(name)} is reachable: the download goes into {root}"]
     if name == "celeba":
-        ways[0] += " (from Google Drive: needs the `gdown` package)"
+        ways[0] += (" (from Google Drive: needs the `gdown` package, pip install gdown; Google Drive often "
+                    "refuses it for a day once its quota is spent)")
+        ways.append(f"download by hand from {CELEBA_PAGE} (Google Drive or Baidu links): "
+                    "'Align&Cropped Images' img_align_celeba.zip (unzip it) and the files of 'Anno' and 'Eval'")
     ways.append(f"put the files there yourself, in this layout:\n      {_layout(name, root)}\n"
                 "    or set run-config key `data-dir` to a directory with this layout")
     if name == "fmnist":
         ways.append(f"apt-get install dataset-fashion-mnist (Debian/Ubuntu); its files in {FMNIST_SYSTEM_DIR} "
                     "are then used automatically")
-    return "\n".join([f"Dataset '{name}' not found (download is off). Looked for these files, missing:",
+    return "\n".join([f"Dataset '{name}' not found ({why}). Looked for these files, missing:",
                       *(f"  {path}" for path in looked),
                       "Get it in one of these ways:",
                       *(f"  - {way}" for way in ways)])
+
+
+def _urls(name: str) -> list[str]:
+    if name in _IDX_FOLDER:
+        loader = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+        return [f"{mirror}{file}" for mirror in loader.mirrors for file, _ in loader.resources]
+    if name == "cifar10":
+        return [tvd.CIFAR10.url]
+    return ["https://drive.google.com/"]
+
+
+def _host(name: str) -> str:
+    return " or ".join(dict.fromkeys(urllib.parse.urlsplit(url).netloc for url in _urls(name)))
+
+
+@contextmanager
+def _download_lock(root: Path, name: str):
+    """One downloader per (data directory, dataset) across processes (simulated clients, server)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.download.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _socket_timeout(seconds: float):
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _no_network(err: BaseException) -> bool:
+    """Whether ``err`` (or what it wraps) is a failure to reach the server, not a bad file."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, socket.gaierror)):
+            return True
+        if isinstance(err, RuntimeError) and ("urlopen error" in str(err) or "timed out" in str(err)):
+            return True  # MNIST's loop over mirrors re-raises their URLErrors as one RuntimeError
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _torchvision_download(name: str, root: Path) -> None:
+    """torchvision's download of the whole dataset (both splits) into ``root``."""
+    if name in _IDX_FOLDER:
+        (tvd.MNIST if name == "mnist" else tvd.FashionMNIST)(root, train=True, download=True)
+    elif name == "cifar10":
+        _CIFAR10(root, train=True, download=True)
+    else:
+        try:
+            import gdown  # noqa: F401  torchvision's CelebA download needs it
+        except ImportError:
+            raise RuntimeError("the Python package `gdown` is not installed (pip install gdown)") from None
+        tvd.CelebA(root, split="all", download=True)
+
+
+def fetch(name: str, root: Path) -> None:
+    """Download ``name`` into ``root`` once (missing files only); ``DatasetMissingError`` on failure."""
+    with _download_lock(root, name):
+        missing = [path for path in _expected_files(name, root) if not path.exists()]
+        if not missing:  # another process fetched it while we waited for the lock
+            return
+        print(f"Dataset '{name}' is not in {root}: downloading it once (about {DOWNLOAD_SIZES[name]}) "
+              f"from {_host(name)} ...", file=sys.stderr, flush=True)
+        try:
+            with _socket_timeout(DOWNLOAD_TIMEOUT):
+                _torchvision_download(name, root)
+        except Exception as err:  # noqa: BLE001  every failure becomes one clear message
+            lines = str(err).splitlines() or [err.__class__.__name__]
+            detail = next((line for line in lines if "urlopen error" in line or "timed out" in line), lines[0])
+            why = (f"no network: could not reach {_host(name)}: {detail}" if _no_network(err)
+                   else f"the download failed: {detail}")
+            missing = [path for path in _expected_files(name, root) if not path.exists()]
+            raise DatasetMissingError(_missing_message(name, root, missing, why)) from err
+        missing = [path for path in _expected_files(name, root) if not path.exists()]
+        if missing:
+            raise DatasetMissingError(_missing_message(name, root, missing, "the download left files missing"))
+        print(f"Dataset '{name}' downloaded into {root}", file=sys.stderr, flush=True)
 
 
 def _prepare_fmnist(root: Path) -> None:
@@ -174,32 +291,38 @@ def _resize_idx_images(images: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _load_celeba(root: Path, train: bool, download: bool) -> tuple[torch.Tensor, np.ndarray]:
+def _load_celeba(root: Path, train: bool) -> tuple[torch.Tensor, np.ndarray]:
     """Centre-crop 160 then resize to 32, image by image through PIL, as in the paper."""
     transform = T.Compose([T.CenterCrop(CELEBA_CROP), T.Resize(IMAGE_SIZE), T.PILToTensor()])
-    dataset = _CelebA(root, split="train" if train else "test", target_type="attr", transform=transform,
-                      download=download)
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    dataset = _CelebA(root, split="train" if train else "test", target_type="attr", transform=transform)
+    progress = Progress(f"celeba {'train' if train else 'test'} split: centre-crop and resize", len(dataset), "images")
+    images = []
+    for i in range(len(dataset)):
+        progress.update(i)
+        images.append(dataset[i][0])
+    progress.close()
+    images = torch.stack(images)
     labels = dataset.attr[:, dataset.attr_names.index("Male")].numpy()
     return images, labels
 
 
-def _load(name: str, root: Path, train: bool, download: bool) -> ImageData:
+def _load(name: str, root: Path, train: bool, download: bool | str) -> ImageData:
     if name == "fmnist":
         _prepare_fmnist(root)
-    if not download:
-        missing = [path for path in _expected_files(name, root) if not path.exists()]
-        if missing:
+    missing = [path for path in _expected_files(name, root) if not path.exists()]
+    if missing:
+        if download_mode(download) is False:
             raise DatasetMissingError(_missing_message(name, root, missing))
+        fetch(name, root)
     if name == "cifar10":
-        cifar = _CIFAR10(root, train=train, download=download)
+        cifar = _CIFAR10(root, train=train)
         images = torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
         labels = np.asarray(cifar.targets)
     elif name == "celeba":
-        images, labels = _load_celeba(root, train, download)
+        images, labels = _load_celeba(root, train)
     else:
         loader = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
-        idx = loader(root, train=train, download=download)
+        idx = loader(root, train=train)
         images, labels = _resize_idx_images(idx.data), idx.targets.numpy()
     return ImageData(name, images, labels.astype(np.int64), NUM_CLASSES[name])
 
@@ -208,11 +331,12 @@ _CACHE: dict[tuple[str, Path, bool], ImageData] = {}
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike = "data", train: bool = True,
-                 download: bool = False) -> ImageData:
+                 download: bool | str = False) -> ImageData:
     """Load one split of ``name`` from ``data_dir``, once per process.
 
     Cached by (name, resolved data_dir, train): every simulated client a process hosts shares the
-    same tensors. Raises ``DatasetMissingError`` when files are missing and ``download`` is off.
+    same tensors. Missing files are downloaded once with ``download`` ``"auto"`` or ``True``;
+    ``DatasetMissingError`` when that is off or fails.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -8,8 +8,10 @@
   classifier (``feature_net``);
 - ``precision``, ``recall``, ``density``, ``coverage`` (``prdc``, k = 5) on the same features
   (these two items are skipped with ``feature_metrics=False``);
-- ``mmd_pixels``: unbiased pixel-space MMD^2 (Gaussian kernels, ``objectives.MMD_BANDWIDTHS``)
-  between the two image sets in [-1, 1]. Lower is better; ~0 for two samples of one distribution.
+- ``mmd_pixels``: unbiased pixel-space MMD^2 (Gaussian kernels of the fixed widths
+  ``PIXEL_METRIC_BANDWIDTHS`` times ``sqrt(d / 1024)``, so values compare across runs whatever the
+  training objective's widths) between the two image sets in [-1, 1]. Lower is better; ~0 for two
+  samples of one distribution.
 
 The features of the whole real test split are computed once per (dataset, feature network): kept
 in memory for the process and saved as ``<data_dir>/feature-nets/<dataset>-<net>.test-features.pt``.
@@ -29,9 +31,18 @@ from .generator import generate
 from .masked import set_mask_mode
 from .metrics import NEAREST_K, FrechetDistance, prdc_metrics
 from .objectives import mmd2_unbiased
+from .progress import Progress
 
+_REFERENCE_CHUNK = 1000  # test images per feature pass (and per progress line) when caching the reference
 _FEATURE_BATCH = 200  # images per feature-network call: bounds Inception's activations at 299 x 299
 _REFERENCE: dict[Path, torch.Tensor] = {}
+PIXEL_METRIC_BANDWIDTHS = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)  # the metric's widths since its first release
+
+
+def mmd_pixels(fake: torch.Tensor, real: torch.Tensor) -> float:
+    """The ``mmd_pixels`` metric: fixed-width MMD^2 on flat pixels (see the module docstring)."""
+    scale = (real[0].numel() / 1024) ** 0.5
+    return float(mmd2_unbiased(fake, real, tuple(b * scale for b in PIXEL_METRIC_BANDWIDTHS)))
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
@@ -53,8 +64,14 @@ def reference_features(net: nn.Module, data: ImageData, data_dir: str | Path, de
         if path.is_file():
             _REFERENCE[path] = torch.load(path, weights_only=True)
         else:
-            feats = torch.cat([extract_features(net, data.to_float(torch.arange(i, min(i + 5000, len(data)))), device)
-                               for i in range(0, len(data), 5000)])  # 5000 at a time: bounds the float copy
+            progress, parts = Progress(f"features of the {data.name} test split ({net.metric_name})", len(data),
+                                       "images"), []
+            for i in range(0, len(data), _REFERENCE_CHUNK):  # a chunk at a time: bounds the float copy
+                progress.update(i)
+                parts.append(extract_features(net, data.to_float(torch.arange(i, min(i + _REFERENCE_CHUNK, len(data)))),
+                                              device))
+            feats = torch.cat(parts)
+            progress.close(f"cached in {path}")
             atomic_write(path, lambda tmp: torch.save(feats, tmp))
             _REFERENCE[path] = feats
     return _REFERENCE[path]
@@ -100,5 +117,5 @@ class Evaluator:
             fake_features = extract_features(self.features, fake, self.device)
             metrics = {self.metric_name: self._fd(fake_features),
                        **prdc_metrics(self.real_features, fake_features, self.nearest_k)}
-        metrics["mmd_pixels"] = float(mmd2_unbiased(fake, self.real))
+        metrics["mmd_pixels"] = mmd_pixels(fake, self.real)
         return metrics, fake

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import NUM_CHANNELS, NUM_CLASSES, load_dataset
+from .progress import Progress
 
 CNN_FEATURES = 128
 INCEPTION_FEATURES = 2048
@@ -171,10 +172,12 @@ def train_classifier(dataset: str, data_dir: str | Path, seed: int = 0, epochs: 
     steps_per_epoch = len(x_train) // batch_size  # drop the ragged last batch: BatchNorm dislikes tiny batches
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     t0 = time.time()
-    for _ in range(epochs):
+    progress = Progress(f"{dataset} feature classifier", epochs * steps_per_epoch, "steps")
+    for epoch in range(epochs):
         cnn.train()
         order = torch.randperm(len(x_train), generator=gen)
         for b in range(steps_per_epoch):
+            progress.update(epoch * steps_per_epoch + b, f"epoch {epoch + 1}/{epochs}")
             idx = order[b * batch_size:(b + 1) * batch_size]
             loss = F.cross_entropy(cnn(x_train[idx].to(device)), y_train[idx].to(device))
             opt.zero_grad(set_to_none=True)
@@ -182,6 +185,7 @@ def train_classifier(dataset: str, data_dir: str | Path, seed: int = 0, epochs: 
             opt.step()
             sched.step()
     seconds = time.time() - t0
+    progress.close()
     acc = _accuracy(cnn, test.to_float(), torch.from_numpy(test.labels), device)
     info = {"dataset": dataset, "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "test_accuracy": acc, "train_seconds": round(seconds, 1), "train_images": len(x_train),

@@ -1,6 +1,12 @@
 """Feature maps ``phi`` for the local objectives.
 
 - ``pixels``: the flattened image in [-1, 1]. Needs nothing; the default.
+- ``random-conv``: a fixed random convolutional network, no pretrained weights: the image itself
+  plus the ReLU activations (grey images repeated to 3 channels) of three seeded random 3x3 conv layers (32, 64, 128 channels, each
+  followed by 2x2 average pooling), each block divided by the square root of its size so every
+  scale weighs the same in a squared distance. The weights come from a constant seed
+  (``RANDOM_CONV_SEED``), independent of the run's seed, so every client of every run computes
+  the same map; nothing is learned and nothing depends on data.
 - ``vgg19``: the official code's choice: activations of the last 16 ReLU layers of an
   ImageNet-pretrained VGG19 (all 16 ReLUs of ``vgg19.features``), flattened and concatenated.
   Grayscale is repeated to 3 channels and [-1, 1] is mapped to ImageNet normalisation. The
@@ -14,9 +20,12 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-FEATURES = ("pixels", "vgg19")
+FEATURES = ("pixels", "random-conv", "vgg19")
+RANDOM_CONV_SEED = 1234
+RANDOM_CONV_WIDTHS = (32, 64, 128)
 VGG19_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's IMAGENET1K_V1 checkpoint name
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +34,31 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 class PixelFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
+
+
+class RandomConvFeatures(nn.Module):
+    """Pixels plus three blocks of seeded random conv-ReLU-avgpool activations (frozen)."""
+
+    def __init__(self, in_ch: int = 3, widths: tuple[int, ...] = RANDOM_CONV_WIDTHS, seed: int = RANDOM_CONV_SEED) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        convs = []
+        for cin, cout in zip((in_ch, *widths[:-1]), widths):
+            conv = nn.Conv2d(cin, cout, 3, padding=1)
+            with torch.no_grad():  # He init from our own generator: identical on every machine
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / (cin * 9)) ** 0.5)
+                conv.bias.zero_()
+            convs.append(conv)
+        self.convs = nn.ModuleList(convs).requires_grad_(False)
+        self.in_ch = in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = [x.flatten(1) / x[0].numel() ** 0.5]
+        h = x.expand(-1, self.in_ch, -1, -1) if x.shape[1] == 1 else x  # grey: the same map as colour
+        for conv in self.convs:
+            h = F.avg_pool2d(F.relu(conv(h)), 2)
+            blocks.append(h.flatten(1) / h[0].numel() ** 0.5)
+        return torch.cat(blocks, dim=1)
 
 
 class VGG19Features(nn.Module):
@@ -62,6 +96,8 @@ def vgg19_weights_locations(weights_path: str | None) -> list[Path]:
 def build_features(name: str, weights_path: str | None = None) -> nn.Module:
     if name == "pixels":
         return PixelFeatures()
+    if name == "random-conv":
+        return RandomConvFeatures()
     if name != "vgg19":
         raise ValueError(f"features must be one of {FEATURES}, got {name!r}")
     places = vgg19_weights_locations(weights_path)

@@ -23,5 +23,5 @@ if ! .venv/bin/python -c "import prism_flwr, flwr, torch, pytest, hypothesis" >/
     touch .venv/.prism-installed
 fi
 if [ ! -d "$FMNIST" ]; then
-    .venv/bin/prism-flwr data fmnist --download
+    .venv/bin/prism-flwr data fmnist --download auto
 fi

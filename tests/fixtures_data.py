@@ -137,3 +137,55 @@ def write_celeba(root: Path, partitions: list[int], male: list[int], centre_gree
     }
     for file, text in texts.items():
         (base / file).write_text(text)
+
+
+def gzip_file(source: Path, target: Path) -> bytes:
+    """``target`` = gzip of ``source`` (as the MNIST mirrors serve the idx files); returns its bytes."""
+    import gzip
+
+    target.write_bytes(gzip.compress(source.read_bytes(), mtime=0))
+    return target.read_bytes()
+
+
+def tar_gz_folder(folder: Path, target: Path) -> bytes:
+    """``target`` = a .tar.gz holding ``folder`` under its own name (as CIFAR-10's archive); its bytes."""
+    import tarfile
+
+    with tarfile.open(target, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return target.read_bytes()
+
+
+class FakeResponse:
+    """What ``urllib.request.urlopen`` returns, enough for torchvision's download helpers."""
+
+    def __init__(self, url: str, body: bytes) -> None:
+        self.url, self.length, self._body, self._pos = url, len(body), body, 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._body) if size < 0 else self._pos + size
+        chunk, self._pos = self._body[self._pos:end], min(end, len(self._body))
+        return chunk
+
+    def __enter__(self) -> "FakeResponse":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def fake_urlopen(files: dict[str, bytes], calls: list[str]):
+    """A stand-in for ``urllib.request.urlopen`` serving ``files`` by URL; records every URL asked.
+
+    An unknown URL raises ``URLError`` as a machine without a network would.
+    """
+    import urllib.error
+
+    def urlopen(request, *args, **kwargs):
+        url = getattr(request, "full_url", request)
+        calls.append(url)
+        if url not in files:
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+        return FakeResponse(url, files[url])
+
+    return urlopen

@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from fixtures_data import write_celeba, write_cifar10, write_idx, write_mnist
+import hashlib
+import urllib.error
+import urllib.request
+
+from torchvision import datasets as tvd
+
+from fixtures_data import (fake_urlopen, gzip_file, tar_gz_folder, write_celeba, write_cifar10, write_idx,
+                           write_mnist)
 from prism_flwr import data
 from prism_flwr.data import DatasetMissingError, load_dataset
 
@@ -121,8 +128,8 @@ def test_missing_dataset_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert message.startswith(f"Dataset '{name}' not found (download is off). Looked for these files, missing:\n")
     for path in data._expected_files(name, root):
         assert f"\n  {path}\n" in message
-    assert ("  - set run-config key `download = true` on a machine with internet "
-            f"(flwr run . --run-config \"download=true\"); torchvision downloads it into {root}") in message
+    assert ("  - set run-config key `download` to \"auto\" (the default) on a machine with internet "
+            f"(flwr run . --run-config 'download=\"auto\"'); torchvision downloads it once into {root}") in message
     assert f"  - put the files there yourself, in this layout:\n      {root}/{layout}" in message
     assert "or set run-config key `data-dir` to a directory with this layout" in message
     has_apt = f"  - apt-get install dataset-fashion-mnist (Debian/Ubuntu); its files in {tmp_path / 'no-debian-package'}"
@@ -147,3 +154,124 @@ def test_unknown_dataset_and_image_data_checks(tmp_path: Path) -> None:
     pair = data.ImageData("mnist", images, np.array([3, 4]), 10)
     assert pair.to_float().amin(dim=(1, 2, 3)).tolist() == [-1.0, 1.0]
     assert pair.to_float(np.array([1])).shape == (1, 1, 32, 32)
+
+
+# ---- downloads: torchvision's real download and extraction code, with urlopen stubbed ----
+
+@pytest.fixture
+def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_CACHE", {})
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", Path("/nonexistent-debian-package"))
+
+
+def _serve_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type) -> tuple[dict, list[str]]:
+    """MNIST-format fixtures gzipped and served at the loader's first mirror (md5s set to theirs)."""
+    written = write_mnist(tmp_path / "source", "X", n_train=30, n_test=10)
+    files, resources = {}, []
+    for name in data._IDX_FILES:
+        body = gzip_file(tmp_path / "source" / "X" / "raw" / name, tmp_path / f"{name}.gz")
+        files[f"{loader.mirrors[0]}{name}.gz"] = body
+        resources.append((f"{name}.gz", hashlib.md5(body).hexdigest()))
+    monkeypatch.setattr(loader, "resources", resources)
+    calls: list[str] = []
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen(files, calls))
+    return written, calls
+
+
+@pytest.mark.parametrize("name, loader", [("mnist", tvd.MNIST), ("fmnist", tvd.FashionMNIST)])
+def test_auto_download_fetches_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None,
+                                    capsys: pytest.CaptureFixture, name: str, loader: type) -> None:
+    written, calls = _serve_mnist(tmp_path, monkeypatch, loader)
+    root = tmp_path / "data"
+    train = load_dataset(name, root, download="auto")
+    assert len(train) == 30 and train.images.shape == (30, 1, 32, 32)
+    np.testing.assert_array_equal(train.labels, written["train_labels"])
+    assert len(load_dataset(name, root, train=False, download="auto")) == 10
+    fetched = [url for url in calls if url.endswith(".gz")]
+    assert sorted(set(fetched)) == sorted(f"{loader.mirrors[0]}{f}.gz" for f in data._IDX_FILES)
+    assert f"Dataset '{name}' is not in {root.resolve()}: downloading it once" in capsys.readouterr().err
+    # present now: a new process (empty cache) reads the files without asking the network
+    monkeypatch.setattr(data, "_CACHE", {})
+    n_calls = len(calls)
+    assert len(load_dataset(name, root, download=True)) == 30
+    assert len(calls) == n_calls
+
+
+def test_auto_download_cifar10_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None) -> None:
+    written = write_cifar10(tmp_path / "source", per_batch=2, n_test=3)
+    body = tar_gz_folder(tmp_path / "source" / "cifar-10-batches-py", tmp_path / "cifar.tar.gz")
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", hashlib.md5(body).hexdigest())
+    calls: list[str] = []
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen({tvd.CIFAR10.url: body}, calls))
+    train = load_dataset("cifar10", tmp_path / "data", download="auto")
+    np.testing.assert_array_equal(train.images.numpy(), written["train_images"])
+    test = load_dataset("cifar10", tmp_path / "data", train=False, download="auto")
+    np.testing.assert_array_equal(test.labels, written["test_labels"])
+    assert set(calls) == {tvd.CIFAR10.url}
+
+
+def test_corrupted_download_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None) -> None:
+    """A download whose md5 is not the archive's stops with one clear error; nothing is loaded."""
+    write_cifar10(tmp_path / "source", per_batch=1, n_test=1)
+    body = tar_gz_folder(tmp_path / "source" / "cifar-10-batches-py", tmp_path / "cifar.tar.gz")
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen({tvd.CIFAR10.url: body}, []))
+    with pytest.raises(DatasetMissingError, match=r"the download failed: File not found or corrupted"):
+        load_dataset("cifar10", tmp_path / "data", download=True)
+
+
+@pytest.mark.parametrize("name, host", [("cifar10", "www.cs.toronto.edu"),
+                                        ("mnist", "ossci-datasets.s3.amazonaws.com or yann.lecun.com")])
+def test_no_network_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None,
+                            name: str, host: str) -> None:
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen({}, []))
+    root = (tmp_path / "data").resolve()
+    with pytest.raises(DatasetMissingError) as caught:
+        load_dataset(name, root, download="auto")
+    message = str(caught.value)
+    assert message.startswith(f"Dataset '{name}' not found (no network: could not reach {host}: "
+                              "<urlopen error [Errno -2] Name or service not known>). Looked for")
+    assert f"  - run again where {host} is reachable: the download goes into {root}" in message
+    assert "  - put the files there yourself, in this layout:" in message
+    assert all(f"\n  {path}\n" in message for path in data._expected_files(name, root))
+
+
+def test_download_false_never_asks_the_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               fresh_cache: None) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen({}, calls))
+    with pytest.raises(DatasetMissingError, match=r"not found \(download is off\)"):
+        load_dataset("cifar10", tmp_path, download=False)
+    assert calls == []
+
+
+def test_celeba_without_gdown_gives_the_manual_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     fresh_cache: None) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "gdown", None)  # import gdown -> ImportError
+    with pytest.raises(DatasetMissingError) as caught:
+        load_dataset("celeba", tmp_path, download="auto")
+    message = str(caught.value)
+    assert "(the download failed: the Python package `gdown` is not installed (pip install gdown))" in message
+    assert f"download by hand from {data.CELEBA_PAGE}" in message and "img_align_celeba.zip (unzip it)" in message
+
+
+@pytest.mark.parametrize("given, mode", [(True, True), (False, False), ("auto", "auto"), ("true", True),
+                                         ("False", False), (" AUTO ", "auto")])
+def test_download_mode(given: object, mode: object) -> None:
+    assert data.download_mode(given) == mode
+
+
+def test_download_mode_rejects_others() -> None:
+    with pytest.raises(ValueError, match="download must be true, false or \"auto\", got 'sometimes'"):
+        data.download_mode("sometimes")
+
+
+def test_data_command_fetches_or_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None,
+                                          capsys: pytest.CaptureFixture) -> None:
+    from prism_flwr import cli
+
+    assert cli.main(["data", "mnist", "--data-dir", str(tmp_path / "a"), "--download", "false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Dataset 'mnist' not found (download is off).") and "Traceback" not in err
+    _serve_mnist(tmp_path, monkeypatch, tvd.MNIST)
+    assert cli.main(["data", "mnist", "--data-dir", str(tmp_path / "b")]) == 0  # --download auto by default
+    assert "mnist: 30 training images (1, 32, 32) ready in" in capsys.readouterr().out
