@@ -1,9 +1,13 @@
 """PRISM ServerApp: run MADA rounds, evaluate, checkpoint, export the sparse model.
 
-Everything a run produces lands in ``output-dir``:
-``checkpoint.pt`` (every round, atomic), ``history.json`` (one record per round),
-``samples/round-XXXX.png`` (every evaluation), ``model.prism`` (final sparse model),
-``samples.png`` (final grid) and ``summary.json``.
+Every run writes into its own folder ``output-dir/<start time>-run<Flower run id>-<random>/``
+(``output-dir/latest`` points at the newest), locked for the run's lifetime so two runs never
+share files (``prism_flwr/checkpoint.py``): ``checkpoint-<round>.ckpt`` (every round, atomic,
+pickle-free, the last 3 kept), ``history.json`` (one record per round), ``samples/round-XXXX.png``
+(every evaluation), ``model.prism`` (final sparse model), ``samples.png`` (final grid) and
+``summary.json``. ``resume=true`` continues the run folder ``resume-run`` (default: ``latest``)
+from its newest readable checkpoint, and refuses one trained under a run config that differs in
+anything that changes the model or its privacy.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from prism_flwr.checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
+from prism_flwr.checkpoint import (RunLock, check_resume_config, find_run_dir, load_checkpoint, new_run_dir,
+                                  point_latest, save_checkpoint, write_text_atomic)
 from prism_flwr.config import RunConfig
+from prism_flwr.data import NUM_CLASSES
 from prism_flwr.evaluation import Evaluator, save_grid
 from prism_flwr.export import dense_float32_bytes, load_sparse_model, save_sparse_model
 from prism_flwr.generator import ResnetGenerator, generate
@@ -32,6 +38,8 @@ from strategies.mada import MADA
 
 app = ServerApp()
 log = logging.getLogger("prism.server")
+# Training-set sizes: no honest client reports more examples than its dataset has.
+TRAIN_SIZE = {"mnist": 60_000, "fmnist": 60_000, "cifar10": 50_000, "celeba": 162_770}
 
 
 def _fmt(record: dict) -> str:
@@ -55,37 +63,53 @@ def _fmt(record: dict) -> str:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.parse(context.run_config)  # a bad key stops the run here, before any training
+    if cfg.method == "dense" and cfg.robust_aggregation != "off":
+        raise ValueError("robust-aggregation applies to PRISM's masks; the dense baseline always clips "
+                         "update norms: use robust-aggregation='off' with method='dense'")
     out = cfg.resolved_output_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir = find_run_dir(out, cfg.resume_run) if cfg.resume else new_run_dir(out, context.run_id)
+    lock = RunLock(run_dir).acquire()  # released when the run ends, or by the kernel if it dies
+    try:
+        _run(grid, cfg, out, run_dir)
+    finally:
+        lock.release()
+
+
+def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
     device = pick_device(cfg.device)
     spec = generator_spec(cfg)
     model = ResnetGenerator(spec)
     n, layout = num_masked(model), layout_fingerprint(model)
-    ckpt_path = out / "checkpoint.pt"
 
     dense = cfg.method == "dense"
     key, attr = global_vector(cfg)
     start_round, history, run_tag = 0, [], secrets.token_hex(4)
     vector = get_flat(model, attr).numpy()  # the global vector: scores, or weights for the baseline
     if cfg.resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"resume=true but there is no checkpoint at {ckpt_path}")
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(run_dir)  # the newest readable one; falls back past a corrupt one
+        check_resume_config(ckpt["run_config"], cfg.model_dump(by_alias=True), run_dir,
+                            defaults=RunConfig().model_dump(by_alias=True))
         if ckpt["spec"] != spec.to_dict():
-            raise ValueError(f"checkpoint {ckpt_path} is for generator {ckpt['spec']}, this run builds {spec.to_dict()}")
+            raise ValueError(f"checkpoint in {run_dir} is for generator {ckpt['spec']}, this run builds {spec.to_dict()}")
+        if ckpt["scores"].numel() != n:
+            raise ValueError(f"checkpoint in {run_dir} holds {ckpt['scores'].numel()} values, the model has {n}")
         start_round, history, run_tag = ckpt["round"], ckpt["history"], ckpt["run_tag"]
         vector = ckpt["scores"].numpy()
-        log.warning("resuming from %s at round %d of %d", ckpt_path, start_round, cfg.num_server_rounds)
+        point_latest(out, run_dir)
+        log.warning("resuming %s at round %d of %d", run_dir, start_round, cfg.num_server_rounds)
     remaining = cfg.num_server_rounds - start_round
     print(f"PRISM: {cfg.dataset}, ngf {cfg.ngf} ({n:,} masked weights), {'dense FedAvg' if dense else cfg.aggregation}, "
-          f"{remaining} rounds to go; outputs in {out}", flush=True)
+          f"{remaining} rounds to go; outputs in {run_dir}", flush=True)
 
     common = dict(num_weights=n, seed=cfg.seed, eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
                   # under DP a client's local evaluation would leak data outside the guarantee
                   fraction_evaluate=0.0 if cfg.dp != "off" else cfg.fraction_evaluate,
-                  min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes)
+                  min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes,
+                  num_classes=NUM_CLASSES[cfg.dataset], max_examples=TRAIN_SIZE[cfg.dataset])
     strategy = (DenseFedAvg(**common) if dense else
                 MADA(layout=layout, method=cfg.aggregation, space=cfg.mada_space, **common))
+    strategy.robust = (dict(trim=cfg.robust_trim, outlier_mads=cfg.robust_outlier_mads)
+                       if cfg.robust_aggregation == "on" else None)
     strategy.round_offset = start_round
     evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), cfg.eval_samples, cfg.seed, device, cfg.download,
                           inception_weights=cfg.inception_weights or None, feature_metrics=cfg.eval_feature_metrics)
@@ -100,18 +124,18 @@ def main(grid: Grid, context: Context) -> None:
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds:
             set_flat(model, torch.from_numpy(s), attr)
             metrics, fake = evaluator.evaluate(model, "dense" if dense else "sample")
-            save_grid(fake[:64], out / "samples" / f"round-{rnd:04d}.png")
+            save_grid(fake[:64], run_dir / "samples" / f"round-{rnd:04d}.png")
             record["eval"] = metrics
         record["time"] = time.time()
         history.append(record)
         if rnd > 0:
             print(_fmt(record), flush=True)
         # Checkpoint first: whatever history.json shows is already safe to resume from.
-        save_checkpoint(ckpt_path, {"round": rnd, "scores": torch.from_numpy(s.copy()), "history": history,
-                                    "run_tag": run_tag, "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True)})
-        write_text_atomic(out / "history.json", json.dumps(history, indent=1))
+        save_checkpoint(run_dir, {"round": rnd, "scores": s.copy(), "history": history, "run_tag": run_tag,
+                                  "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True)})
+        write_text_atomic(run_dir / "history.json", json.dumps(history, indent=1))
         if "eval" in record:
-            plot_history(history, out / "history.png")
+            plot_history(history, run_dir / "history.png")
         return MetricRecord(record["eval"]) if "eval" in record else None
 
     t0 = time.time()
@@ -119,7 +143,7 @@ def main(grid: Grid, context: Context) -> None:
                             num_rounds=remaining, timeout=cfg.round_timeout,
                             train_config=ConfigRecord({"run-tag": run_tag}), evaluate_fn=evaluate_and_record)
     final = result.arrays[key].numpy() if key in result.arrays else vector
-    _export(cfg, out, model, final, history, time.time() - t0, evaluator.feature_info)
+    _export(cfg, run_dir, model, final, history, time.time() - t0, evaluator.feature_info)
 
 
 def _export(cfg: RunConfig, out, model: ResnetGenerator, final: np.ndarray, history: list, seconds: float,

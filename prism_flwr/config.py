@@ -81,6 +81,11 @@ class RunConfig(BaseModel):
     dp_delta: float = Field(1e-5, gt=0, lt=1)
     dp_clip: float = Field(0.1, gt=0, lt=0.5)
     dp_feature_clip: float = Field(32.0, gt=0)
+    # security and reliability (issue 16)
+    resume_run: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")  # run folder to resume; "" = latest
+    robust_aggregation: Literal["off", "on"] = "off"  # PRISM: duplicates, Hamming outliers, trimmed counts
+    robust_trim: int = Field(1, ge=0)                 # votes trimmed at each end, per weight
+    robust_outlier_mads: float = Field(3.0, ge=0)     # Hamming-distance outlier threshold; 0 = no filter
 
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":

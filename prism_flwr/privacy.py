@@ -131,6 +131,7 @@ every step, so "statistics" DP cannot cover it: ``check_dp_compatible`` raises.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -155,6 +156,7 @@ __all__ = [
     "statistics_sensitivity",
     "privatize_statistics",
     "check_dp_compatible",
+    "fresh_generator",
 ]
 
 DP_MODES = ("off", "theta", "statistics")
@@ -361,12 +363,17 @@ def privatize_theta(
     per-tensor: ``z sqrt(K) (1-2c) sqrt(n_k)``; for one tensor both are
     ``z (1-2c) sqrt(n)``).  Either way one call is ONE step of a ``ThetaAccountant`` with
     the same ``noise_multiplier``.  Returns new detached tensors (same shape, dtype,
-    device); the noise is drawn on the generator's device (CPU by default) in float32.
+    device); the noise is drawn on the generator's device in float32.
+
+    ``generator=None`` (what a client must use): a fresh generator seeded from the OS's
+    cryptographic source for this one release (``fresh_generator``), so no two releases share
+    noise and nobody who knows the run's seeds can predict it.  Pass a generator only in tests.
     """
     _check_clip(clip)
     thetas = list(thetas)
     stds = theta_noise_stds([t.numel() for t in thetas], clip, noise_multiplier, calibration)
-    noise_device = generator.device if generator is not None else None
+    if generator is None and thetas:
+        generator = fresh_generator(thetas[0].device)
     out: list[torch.Tensor] = []
     with torch.no_grad():
         for theta, sigma in zip(thetas, stds):
@@ -375,7 +382,7 @@ def privatize_theta(
                 theta.shape,
                 generator=generator,
                 dtype=torch.float32,
-                device=noise_device if noise_device is not None else theta.device,
+                device=generator.device,
             )
             noisy = base + (noise * sigma).to(device=theta.device, dtype=base.dtype)
             out.append(noisy.clamp_(clip, 1.0 - clip))
@@ -544,7 +551,8 @@ def privatize_statistics(
     (count noised under add-remove adjacency; public under replace-one), calibrated
     with a one-step accountant to spend ``epsilon`` (``epsilon_spent`` is that
     accountant's value, within 1e-6 relative below the target).  Call it once per client:
-    each call is a new release and its epsilons add up.
+    each call is a new release and its epsilons add up.  ``generator=None`` (what a client
+    must use): fresh cryptographically seeded noise, as in ``privatize_theta``.
     """
     _check_eps_delta(epsilon, delta)
     _check_accountant(accountant)
@@ -561,8 +569,9 @@ def privatize_statistics(
     spent = compute_epsilon(z, delta, 1, accountant)
     sigma = z * statistics_sensitivity(clip_norm, d, adjacency)
 
-    noise_device = generator.device if generator is not None else s1.device
-    noise = torch.randn(2 * d + 1, generator=generator, dtype=torch.float64, device=noise_device)
+    if generator is None:
+        generator = fresh_generator(s1.device)
+    noise = torch.randn(2 * d + 1, generator=generator, dtype=torch.float64, device=generator.device)
     noise = noise.to(s1.device) * sigma
     s1n = s1 + noise[:d]
     s2n = s2 + noise[d : 2 * d]
@@ -574,6 +583,18 @@ def privatize_statistics(
     mu = s1n / n_noisy
     var = torch.clamp(s2n / n_noisy - mu * mu, min=0.0)
     return mu.float(), var.float(), spent
+
+
+# ------------------------------------------------------------------------- randomness
+
+
+def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with 63 bits from ``secrets`` (the OS's CSPRNG).
+
+    One per release: the seed is never stored, logged or derived from the run's seeds, so DP noise
+    is independent across releases and unknown to the server.
+    """
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 # -------------------------------------------------------------------- compatibility

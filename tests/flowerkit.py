@@ -71,3 +71,35 @@ def online_nodes(env: dict[str, str], connection: str) -> list[dict]:
 def newest_run(env: dict[str, str], connection: str) -> dict:
     """The most recently submitted run on ``connection`` as `flwr ls --format json` reports it."""
     return max(flwr_json(["ls", connection], env)["runs"], key=lambda r: r["pending-at"])
+
+
+# ------------------------------------------------------------------------------------ fleet-proxy
+def nginx() -> str | None:
+    """The nginx binary (Debian's nginx-light / nginx), or None when it is not installed."""
+    for path in ("/usr/sbin/nginx", shutil.which("nginx")):
+        if path and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _gen_compose_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_compose", REPO / "docker" / "gen-compose.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fleet_proxy_command(folder: Path, listen_port: int, upstream: str, certs: Path | None = None) -> list[str]:
+    """Write docker/fleet-proxy's nginx.conf for loopback (foreground, files under ``folder``) and
+    return the command that runs it: the same generator as the committed files, other addresses."""
+    folder.mkdir(parents=True, exist_ok=True)
+    user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the test's private folder
+    main = (f"{user}daemon off;\npid {folder / 'nginx.pid'};\nerror_log stderr warn;\n")
+    conf = _gen_compose_module().nginx_conf(certs is not None, listen=f"127.0.0.1:{listen_port}", upstream=upstream,
+                                            certs=str(certs) if certs else "/etc/nginx/certs", main=main)
+    temp = "".join(f"    {kind}_temp_path {folder / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = conf.replace("http {\n", "http {\n" + temp, 1)
+    (folder / "nginx.conf").write_text(conf)
+    return [nginx(), "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", "stderr"]

@@ -1,11 +1,16 @@
-"""The sparse model file: exact round trip, size, and rejection of a damaged file."""
+"""The sparse model file: exact round trip, size, and one clear error for every malformed file."""
+
+import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
-from prism_flwr.codec import MaskFormatError
-from prism_flwr.export import dense_float32_bytes, load_sparse_model, save_sparse_model
+from prism_flwr.export import (ModelFileError, dense_float32_bytes, expected_weight_count, load_sparse_model,
+                               save_sparse_model)
 from prism_flwr.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.masked import get_scores, masked_layers, num_masked, set_mask_mode
 
@@ -31,12 +36,93 @@ def test_round_trip_rebuilds_the_masked_network(tmp_path):
     assert size < dense_float32_bytes(spec) / 30  # 1 bit vs 32 bits per weight, plus a small header
 
 
-def test_damaged_file_is_rejected(tmp_path):
-    spec = GeneratorSpec(ngf=4)
-    mask = np.ones(num_masked(ResnetGenerator(spec)), bool)
-    save_sparse_model(tmp_path / "m.prism", spec, mask)
-    blob = bytearray((tmp_path / "m.prism").read_bytes())
-    blob[-1] ^= 0x10
-    (tmp_path / "bad.prism").write_bytes(bytes(blob))
-    with pytest.raises(MaskFormatError, match="checksum"):
+@pytest.mark.parametrize("spec", [GeneratorSpec(ngf=64), GeneratorSpec(ngf=4, nz=7, nc=3), GeneratorSpec(ngf=16)])
+def test_weight_count_is_known_before_building(spec):
+    assert expected_weight_count(spec) == num_masked(ResnetGenerator(spec))
+
+
+SPEC = GeneratorSpec(ngf=2, nz=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "m.prism"
+    save_sparse_model(path, SPEC, np.ones(expected_weight_count(SPEC), bool), {"mask": "sample"})
+    return path.read_bytes()
+
+
+def _with_header(good: bytes, header, hlen=None, mask=None) -> bytes:
+    """A file whose checksum is VALID: only the schema and the sizes can refuse it."""
+    old = struct.unpack_from("<I", good, 12)[0]
+    head = json.dumps(header).encode() if isinstance(header, dict) else header
+    wire = good[16 + old:-4] if mask is None else mask
+    body = good[:12] + struct.pack("<I", len(head) if hlen is None else hlen) + head + wire
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+GEN = {"nz": 8, "ngf": 2, "nc": 1, "seed": 3}
+CRAFTED = [
+    ({"format": 2, "generator": {**GEN, "ngf": 0}}, "ngf = 0"),
+    ({"format": 2, "generator": {**GEN, "ngf": 10**9}}, "ngf = 1000000000"),
+    ({"format": 2, "generator": {**GEN, "nz": 2**40}}, "nz"),
+    ({"format": 2, "generator": {**GEN, "nc": 2}}, "nc"),
+    ({"format": 2, "generator": {**GEN, "seed": -1}}, "seed"),
+    ({"format": 2, "generator": {**GEN, "ngf": True}}, "ngf = True"),
+    ({"format": 2, "generator": {**GEN, "ngf": 2.0}}, "ngf"),
+    ({"format": 2, "generator": {**GEN, "x": 1}}, "exactly"),
+    ({"format": 2, "generator": GEN, "evil": 1}, "unknown header keys"),
+    ({"format": 2, "generator": GEN, "dataset": "../../x"}, "dataset"),
+    ({"format": 3, "generator": GEN}, "format 3"),
+    ({"format": 2, "generator": {**GEN, "ngf": 512}}, "mask section"),  # huge network, refused before allocation
+    ({"format": 2, "generator": [8, 2, 1, 3]}, "exactly"),
+    (b'{"format": 2, "format": 2, "generator": {}}', "duplicate key"),
+    (b"\xff\xfe not json", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+]
+
+
+@pytest.mark.parametrize("header, why", CRAFTED)
+def test_crafted_header_with_valid_checksum_is_refused(tmp_path, good, header, why):
+    (tmp_path / "bad.prism").write_bytes(_with_header(good, header))
+    with pytest.raises(ModelFileError, match=why):
         load_sparse_model(tmp_path / "bad.prism")
+
+
+def test_header_length_mask_and_count_bounds(tmp_path, good):
+    path = tmp_path / "bad.prism"
+    for blob, why in [(_with_header(good, {"format": 2, "generator": GEN}, hlen=2**32 - 1), "header length"),
+                      (_with_header(good, {"format": 2, "generator": GEN}, mask=b"x" * 40), "mask section"),
+                      (struct.pack("<I", 2) + b"{}" + b"\0" * 40, "older version"),
+                      (b"", "truncated"), (b"PRISMMDL", "truncated"), (b"\0" * 64, "not a PRISM model")]:
+        path.write_bytes(blob)
+        with pytest.raises(ModelFileError, match=why):
+            load_sparse_model(path)
+    path.write_bytes(good)
+    with pytest.raises(ModelFileError, match="allowed"):
+        load_sparse_model(path, max_weights=100)
+    with pytest.raises(ValueError, match="unknown header keys"):  # never written in the first place
+        save_sparse_model(path, SPEC, np.ones(expected_weight_count(SPEC), bool), {"evil": 1})
+
+
+def test_checksum_covers_the_header(tmp_path, good):
+    blob = bytearray(good)
+    blob[16 + good[16:].index(b'"ngf": 2') + 7] = ord("3")  # ngf 2 -> 3 in the JSON, same length
+    (tmp_path / "bad.prism").write_bytes(bytes(blob))
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_sparse_model(tmp_path / "bad.prism")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**9), st.sampled_from(["flip", "cut", "append"]))
+def test_any_damage_gives_one_clear_error(tmp_path_factory, good, pos, how):
+    blob = bytearray(good)
+    if how == "flip":
+        blob[pos % len(blob)] ^= 1 << (pos % 8)
+    elif how == "cut":
+        blob = blob[:pos % len(blob)]
+    else:
+        blob += bytes([pos % 256]) * (1 + pos % 7)
+    path = tmp_path_factory.mktemp("fuzz") / "m.prism"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ModelFileError):
+        load_sparse_model(path)

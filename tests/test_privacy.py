@@ -332,3 +332,16 @@ def test_statistics_from_batches_equal_the_whole_matrix():
     torch.testing.assert_close(whole[0], parts[0])
     torch.testing.assert_close(whole[1], parts[1])
     assert whole[2] == parts[2]
+
+
+def test_noise_is_fresh_per_release_unless_a_test_passes_a_generator():
+    """Without a generator, no seed the run knows (torch's global one included) fixes the noise."""
+    thetas = [torch.full((2000,), 0.5)]
+    feats = torch.randn(50, 8)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        outs.append((P.privatize_theta(thetas, 0.1, 0.01)[0], P.privatize_statistics(feats, 2.0, 1.0, 1e-5)[0]))
+    assert not torch.equal(outs[0][0], outs[1][0]) and not torch.equal(outs[0][1], outs[1][1])
+    g = P.fresh_generator()
+    assert isinstance(g, torch.Generator) and g.initial_seed() != P.fresh_generator().initial_seed()

@@ -147,19 +147,39 @@ def test_round_offset_continues_the_numbering():
     assert 8 in s.round_records
 
 
-def test_dense_fedavg_weighted_mean_and_bad_weights():
-    s = DenseFedAvg(num_weights=N, seed=5, min_train_nodes=2, min_available_nodes=3)
-    s.configure_train(1, ArrayRecord({WEIGHTS_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid([1, 2, 3]))
+def _dense(nodes=(1, 2, 3)):
+    s = DenseFedAvg(num_weights=N, seed=5, min_train_nodes=2, min_available_nodes=len(nodes), max_examples=60_000)
+    s.configure_train(1, ArrayRecord({WEIGHTS_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid(list(nodes)))
+    return s
 
-    def dense_reply(node, w, n):
-        m = reply(node, None, {"num-examples": n, "loss": 0.1})
-        m.content[WEIGHTS_KEY] = ArrayRecord({WEIGHTS_KEY: Array(w.astype(np.float32))})
-        return m
 
+def dense_reply(node, w, n):
+    m = reply(node, None, {"num-examples": n, "loss": 0.1})
+    m.content[WEIGHTS_KEY] = ArrayRecord({WEIGHTS_KEY: Array(np.asarray(w, dtype=np.float32))})
+    return m
+
+
+def test_dense_fedavg_counts_clients_equally_and_drops_bad_weights():
+    """num-examples is the client's claim: the baseline averages clients equally."""
+    s = _dense()
     a, b = np.full(N, 1.0), np.full(N, 4.0)
-    bad = np.full(N, np.nan)
-    arrays, metrics = s.aggregate_train(1, [dense_reply(1, a, 10), dense_reply(2, b, 30), dense_reply(3, bad, 10)])
-    np.testing.assert_allclose(arrays[WEIGHTS_KEY].numpy(), np.full(N, (10 * 1 + 30 * 4) / 40))  # FedAvg
+    arrays, metrics = s.aggregate_train(1, [dense_reply(1, a, 10), dense_reply(2, b, 30),
+                                            dense_reply(3, np.full(N, np.nan), 10)])
+    np.testing.assert_allclose(arrays[WEIGHTS_KEY].numpy(), np.full(N, 2.5), rtol=1e-6)
     rec = s.round_records[1]
     assert rec["clients"] == 2 and "NaN" in rec["dropped"][0]
     assert rec["uplink_bits_per_weight"] == 32.0 and rec["mada_lambda"] is None
+
+
+def test_dense_fedavg_clips_an_oversized_update():
+    """One client sending global + 1000 x an honest update moves the model at most 2 x the median norm."""
+    s = _dense(nodes=(1, 2, 3, 4))
+    rng = np.random.default_rng(0)
+    honest = [SCORES + 0.01 * rng.standard_normal(N) for _ in range(3)]
+    attack = SCORES + 1000.0 * (honest[0] - SCORES)
+    arrays, _ = s.aggregate_train(1, [dense_reply(i + 1, w, 100) for i, w in enumerate([*honest, attack])])
+    new = arrays[WEIGHTS_KEY].numpy()
+    norms = sorted(np.linalg.norm(w - SCORES) for w in honest)
+    bound = s.round_records[1]["update_norm_bound"]
+    assert bound <= 2 * norms[-1] + 1e-6  # the median of 4 norms lies between two honest ones
+    assert np.linalg.norm(new - SCORES) <= (sum(norms) + bound) / 4 + 1e-5

@@ -5,7 +5,7 @@
 #
 # SAN: every host name or IP address that SuperNodes, SuperExecs and `flwr` use to reach the
 # SuperLink (`--superlink HOST:PORT`, `address = "HOST:PORT"`): the TLS handshake fails for any
-# name missing here. Defaults: localhost, superlink (the compose service), 127.0.0.1, ::1.
+# name missing here. Defaults: localhost, superlink and fleet-proxy (the compose services), 127.0.0.1, ::1.
 #
 # Writes OUT_DIR (default: docker/certs/out/, git-ignored):
 #   ca.key ca.crt        the CA (created once, reused on later calls: keep ca.key offline)
@@ -27,7 +27,7 @@ while getopts "o:n:d:h" opt; do
     esac
 done
 shift $((OPTIND - 1))
-[ "$#" -gt 0 ] || set -- localhost superlink 127.0.0.1 ::1
+[ "$#" -gt 0 ] || set -- localhost superlink fleet-proxy 127.0.0.1 ::1
 
 sans=""
 for host in "$@"; do
