@@ -22,8 +22,10 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from prism_flwr.client_round import client_evaluate, client_round, new_record, received_vector
-from prism_flwr.client_state import ClientRecord, read_latest_state_file, write_state_file
+from prism_flwr.client_round import (client_evaluate, client_round, ledger_params, new_record, received_vector,
+                                     theta_noise_multiplier)
+from prism_flwr.client_state import (ClientRecord, PrivacyLedger, client_state_dir, read_latest_state_file,
+                                     write_state_file)
 from prism_flwr.config import RunConfig
 from prism_flwr.methods import method_for
 from prism_flwr.task import METRICS_KEY, client_data, pick_device
@@ -42,18 +44,27 @@ def _injected_fault(pid: int) -> str | None:
 
 
 def _state_dir(cfg: RunConfig, msg: Message) -> Path:
-    return cfg.resolved_output_dir() / "client-state" / str(msg.content["config"]["run-tag"])
+    """``<output-dir>/client-state/<run-tag>``; the server's run tag must be hex (no path tricks)."""
+    return client_state_dir(cfg.resolved_output_dir(), msg.content["config"]["run-tag"])
 
 
-def load_client_state(msg: Message, context: Context, cfg: RunConfig, pid: int, server_round: int) -> ClientRecord:
-    """The newest state this client saved before ``server_round`` (memory first, then disk)."""
+def load_client_state(msg: Message, context: Context, cfg: RunConfig, pid: int, server_round: int,
+                      ledger: PrivacyLedger | None) -> ClientRecord:
+    """The newest state this client saved before ``server_round`` (memory first, then disk).
+
+    Under DP the privacy accountant is always rebuilt from the append-only ledger, whatever a
+    state file says: losing or rolling back state never hands out a fresh budget."""
     rec = context.state.config_records.get(STATE_KEY)
-    if rec is not None and rec["round"] < server_round:
-        return ClientRecord.from_bytes(rec["blob"])
     saved = read_latest_state_file(_state_dir(cfg, msg), pid, server_round)
-    if saved is not None:
-        return ClientRecord.from_bytes(saved[1])
-    return new_record(cfg)
+    if rec is not None and rec["round"] < server_round:
+        record = ClientRecord.from_bytes(rec["blob"])
+    elif saved is not None:
+        record = ClientRecord.from_bytes(saved[1])
+    else:
+        record = new_record(cfg)
+    if ledger is not None and cfg.dp == "theta":
+        record.accountant = ledger.accountant(theta_noise_multiplier(cfg), cfg.dp_delta, cfg.dp_epsilon)
+    return record
 
 
 def save_client_state(msg: Message, context: Context, cfg: RunConfig, pid: int, server_round: int,
@@ -82,8 +93,18 @@ def train(msg: Message, context: Context) -> Message:
     fault = _injected_fault(pid)
     if fault == "raise":
         raise RuntimeError(f"{FAULT_ENV}: partition {pid} fails on purpose")
-    record = load_client_state(msg, context, cfg, pid, server_round)
+    ledger = None
+    if cfg.dp != "off":  # refuses a round at or below one already released, before any training
+        ledger = PrivacyLedger(_state_dir(cfg, msg), pid, ledger_params(cfg))
+        ledger.check_round(server_round)
+    record = load_client_state(msg, context, cfg, pid, server_round, ledger)
+    had_statistics = bool(record.train.objective)
     result = client_round(cfg, method, vector, data, hist, record, partition_id=pid, server_round=server_round)
+    if ledger is not None:  # fsynced before the reply leaves
+        if cfg.dp == "theta":
+            ledger.record(server_round, "theta", result.record.epsilon_spent)
+        elif cfg.dp == "statistics" and not had_statistics:
+            ledger.record(server_round, "statistics", result.record.epsilon_spent)
     payload = result.payload
     if fault == "corrupt":
         payload = payload.copy()

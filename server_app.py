@@ -27,16 +27,25 @@ from prism_flwr.checkpoint import (RunLock, check_resume_config, find_run_dir, l
 from prism_flwr.config import RunConfig
 from prism_flwr.data import NUM_CLASSES
 from prism_flwr.evaluation import Evaluator, save_grid
-from prism_flwr.export import dense_float32_bytes, load_sparse_model, save_sparse_model
+from prism_flwr.export import dense_float32_bytes
 from prism_flwr.generator import ResnetGenerator, generate
 from prism_flwr.plots import plot_history
-from prism_flwr.masked import get_flat, layout_fingerprint, num_masked, sample_mask, set_flat, set_mask_mode, set_scores
-from prism_flwr.task import generator_spec, global_vector, pick_device
+from prism_flwr.masked import get_flat, layout_fingerprint, num_masked, set_flat
+from prism_flwr.methods import Method, method_for
+from prism_flwr.summary import closing_summary
+from prism_flwr.task import generator_spec, pick_device
 from strategies.base import empty_record
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
 
 app = ServerApp()
+# One strategy per method (prism_flwr.methods): what the ServerApp builds and how it names it.
+STRATEGIES = {
+    "prism": lambda cfg, layout, common: MADA(layout=layout, method=cfg.aggregation, space=cfg.mada_space,
+                                              run_config=cfg, **common),
+    "dense": lambda cfg, layout, common: DenseFedAvg(**common),
+}
+STRATEGY_NAME = {"prism": lambda cfg: f"PRISM, {cfg.aggregation}", "dense": lambda cfg: "dense FedAvg"}
 log = logging.getLogger("prism.server")
 # Training-set sizes: no honest client reports more examples than its dataset has.
 TRAIN_SIZE = {"mnist": 60_000, "fmnist": 60_000, "cifar10": 50_000, "celeba": 162_770}
@@ -81,10 +90,11 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
     model = ResnetGenerator(spec)
     n, layout = num_masked(model), layout_fingerprint(model)
 
-    dense = cfg.method == "dense"
-    key, attr = global_vector(cfg)
+    method = method_for(cfg)
+    key = method.down_key
     start_round, history, run_tag = 0, [], secrets.token_hex(4)
-    vector = get_flat(model, attr).numpy()  # the global vector: scores, or weights for the baseline
+    # the global vector (scores, or weights for the baseline), as the state the server keeps
+    vector = method.settle(get_flat(model, method.vector_attr).numpy(), cfg, None)
     if cfg.resume:
         ckpt = load_checkpoint(run_dir)  # the newest readable one; falls back past a corrupt one
         check_resume_config(ckpt["run_config"], cfg.model_dump(by_alias=True), run_dir,
@@ -95,10 +105,11 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
             raise ValueError(f"checkpoint in {run_dir} holds {ckpt['scores'].numel()} values, the model has {n}")
         start_round, history, run_tag = ckpt["round"], ckpt["history"], ckpt["run_tag"]
         vector = ckpt["scores"].numpy()
+        aggregator_state = ckpt.get("aggregator", {})
         point_latest(out, run_dir)
         log.warning("resuming %s at round %d of %d", run_dir, start_round, cfg.num_server_rounds)
     remaining = cfg.num_server_rounds - start_round
-    print(f"PRISM: {cfg.dataset}, ngf {cfg.ngf} ({n:,} masked weights), {'dense FedAvg' if dense else cfg.aggregation}, "
+    print(f"PRISM: {cfg.dataset}, ngf {cfg.ngf} ({n:,} masked weights), {STRATEGY_NAME[method.name](cfg)}, "
           f"{remaining} rounds to go; outputs in {run_dir}", flush=True)
 
     common = dict(num_weights=n, seed=cfg.seed, eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
@@ -106,8 +117,9 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
                   fraction_evaluate=0.0 if cfg.dp != "off" else cfg.fraction_evaluate,
                   min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes,
                   num_classes=NUM_CLASSES[cfg.dataset], max_examples=TRAIN_SIZE[cfg.dataset])
-    strategy = (DenseFedAvg(**common) if dense else
-                MADA(layout=layout, method=cfg.aggregation, space=cfg.mada_space, **common))
+    strategy = STRATEGIES[method.name](cfg, layout, common)
+    if cfg.resume and hasattr(strategy, "aggregator"):
+        strategy.aggregator.load_state_dict(aggregator_state)  # server Adam's moments, Beta counts
     strategy.robust = (dict(trim=cfg.robust_trim, outlier_mads=cfg.robust_outlier_mads)
                        if cfg.robust_aggregation == "on" else None)
     strategy.round_offset = start_round
@@ -119,11 +131,11 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
         rnd = local_round + start_round
         if local_round == 0 and start_round > 0:
             return None  # resumed: round start_round was evaluated and recorded before the crash
-        s = arrays[key].numpy()
+        s = method.unpack_global(arrays[key].numpy(), n, cfg)
         record = strategy.round_records.get(rnd) or empty_record(rnd)
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds:
-            set_flat(model, torch.from_numpy(s), attr)
-            metrics, fake = evaluator.evaluate(model, "dense" if dense else "sample")
+            set_flat(model, torch.from_numpy(s), method.vector_attr)
+            metrics, fake = evaluator.evaluate(model, method.eval_mask_mode)
             save_grid(fake[:64], run_dir / "samples" / f"round-{rnd:04d}.png")
             record["eval"] = metrics
         record["time"] = time.time()
@@ -132,41 +144,34 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
             print(_fmt(record), flush=True)
         # Checkpoint first: whatever history.json shows is already safe to resume from.
         save_checkpoint(run_dir, {"round": rnd, "scores": s.copy(), "history": history, "run_tag": run_tag,
-                                  "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True)})
+                                  "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True),
+                                  "aggregator": strategy.aggregator.state_dict() if hasattr(strategy, "aggregator") else {}})
         write_text_atomic(run_dir / "history.json", json.dumps(history, indent=1))
         if "eval" in record:
             plot_history(history, run_dir / "history.png")
         return MetricRecord(record["eval"]) if "eval" in record else None
 
     t0 = time.time()
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord({key: Array(vector)}),
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord({key: Array(method.pack_global(vector, cfg))}),
                             num_rounds=remaining, timeout=cfg.round_timeout,
                             train_config=ConfigRecord({"run-tag": run_tag}), evaluate_fn=evaluate_and_record)
-    final = result.arrays[key].numpy() if key in result.arrays else vector
-    _export(cfg, run_dir, model, final, history, time.time() - t0, evaluator.feature_info)
+    final = method.unpack_global(result.arrays[key].numpy(), n, cfg) if key in result.arrays else vector
+    _export(cfg, method, run_dir, model, final, history, time.time() - t0, evaluator.feature_info)
 
 
-def _export(cfg: RunConfig, out, model: ResnetGenerator, final: np.ndarray, history: list, seconds: float,
-            feature_info: dict | None) -> None:
-    """Final model (PRISM: sparse file with a mask sampled from theta, as the paper evaluates;
-    dense baseline: its float32 weights), sample grid and summary."""
-    if cfg.method == "dense":
-        set_flat(model, torch.from_numpy(final), "weight")
-        set_mask_mode(model, "dense")
-        torch.save(torch.from_numpy(final), out / "model-dense.pt")
-        size, density, exported = (out / "model-dense.pt").stat().st_size, 1.0, model.eval()
-    else:
-        set_scores(model, torch.from_numpy(final))
-        mask = sample_mask(model, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
-        size = save_sparse_model(out / "model.prism", model.spec, mask, {"dataset": cfg.dataset, "mask": "sample"})
-        density = float(mask.mean())
-        exported, _ = load_sparse_model(out / "model.prism")
+def _export(cfg: RunConfig, method: Method, out, model: ResnetGenerator, final: np.ndarray, history: list,
+            seconds: float, feature_info: dict | None) -> None:
+    """Final model (the method's: PRISM a sparse file with a mask sampled from theta, as the paper
+    evaluates; the dense baseline its float32 weights), sample grid, summary and closing lines."""
+    path, density, exported = method.export(model, final, cfg, out)
+    size = path.stat().st_size
     save_grid(generate(exported, 64, cfg.seed), out / "samples.png")
     summary = {
         "method": cfg.method, "rounds": cfg.num_server_rounds, "wall_seconds": seconds,
         "model_bytes": size, "dense_float32_bytes": dense_float32_bytes(model.spec),
         "density": density, "masked_weights": num_masked(model),
         "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in history)),
+        "downlink_bytes_total": int(sum(r.get("downlink_bytes") or 0 for r in history)),
         "final_eval": next((r["eval"] for r in reversed(history) if "eval" in r), None),
         "eval_features": feature_info,  # metric name, network, weights path, classifier test accuracy
         "dp": cfg.dp,
@@ -175,6 +180,5 @@ def _export(cfg: RunConfig, out, model: ResnetGenerator, final: np.ndarray, hist
                                        if "dp_epsilon_per_client" in r), None),
     }
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
-    print(f"PRISM done: model {size / 1e3:.1f} kB vs dense float32 {summary['dense_float32_bytes'] / 1e6:.2f} MB, "
-          f"density {summary['density']:.3f}; samples in {out / 'samples.png'}", flush=True)
+    print(closing_summary(history, out, summary), flush=True)
 

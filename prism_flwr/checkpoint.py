@@ -191,13 +191,15 @@ def checkpoint_files(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int = KEEP) -> Path:
     """Write ``checkpoint-<round>.ckpt`` (``state``: round, scores, history, run_tag, spec,
-    run_config) atomically, then delete all but the ``keep`` newest."""
+    run_config, and optionally ``aggregator``: the aggregation rule's float32 arrays) atomically,
+    then delete all but the ``keep`` newest."""
     run_dir = Path(run_dir)
     scores = state["scores"]
-    meta = {k: v for k, v in state.items() if k != "scores"}
+    meta = {k: v for k, v in state.items() if k not in ("scores", "aggregator")}
+    tensors = {"scores": np.asarray(scores, dtype=np.float32) if not isinstance(scores, torch.Tensor) else scores}
+    tensors.update({f"aggregator/{k}": np.asarray(v, dtype=np.float32) for k, v in state.get("aggregator", {}).items()})
     path = run_dir / f"checkpoint-{int(state['round']):06d}.ckpt"
-    write_bytes_atomic(path, pack(MAGIC, meta, {"scores": np.asarray(scores, dtype=np.float32)
-                                                if not isinstance(scores, torch.Tensor) else scores}))
+    write_bytes_atomic(path, pack(MAGIC, meta, tensors))
     for _, old in checkpoint_files(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -210,14 +212,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except BlobError as err:
         raise CheckpointError(str(err)) from None
     need = {"round", "history", "run_tag", "spec", "run_config"}
-    if not isinstance(meta, dict) or not need <= set(meta) or set(tensors) != {"scores"}:
+    extra = {k for k in tensors if k != "scores"}
+    if not isinstance(meta, dict) or not need <= set(meta) or "scores" not in tensors \
+            or not all(k.startswith("aggregator/") and len(k) > 11 for k in extra):
         raise CheckpointError(f"checkpoint {path} lacks {sorted(need - set(meta or {}))} or its scores")
     if type(meta["round"]) is not int or meta["round"] < 0 or not isinstance(meta["history"], list):
         raise CheckpointError(f"checkpoint {path}: bad round or history")
     scores = tensors["scores"]
     if scores.dtype != torch.float32 or scores.dim() != 1 or not torch.isfinite(scores).all():
         raise CheckpointError(f"checkpoint {path}: scores must be a finite flat float32 vector")
-    return {**meta, "scores": scores}
+    aggregator = {k[len("aggregator/"):]: tensors[k].numpy() for k in extra}
+    if any(a.dtype != np.float32 or a.shape != (scores.numel(),) or not np.isfinite(a).all() for a in aggregator.values()):
+        raise CheckpointError(f"checkpoint {path}: aggregator state must be finite float32 vectors like the scores")
+    return {**meta, "scores": scores, "aggregator": aggregator}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -9,7 +9,8 @@ Per round: rebuild (or reuse) the frozen network, load the global vector, train 
 theta, through the DP mechanism when ``dp = "theta"``; dense: float32 weights). Randomness is
 reproducible per ``(seed, round, partition)``: one stream for the Bernoulli masks of training,
 one for latents and batches, and, for what must stay hidden from the server under DP (noise and
-the mask sampled from noisy theta), streams seeded from the client's own secret.
+the mask sampled from noisy theta), the noise from a fresh cryptographic seed per release
+(``privacy.fresh_generator``) and the mask from a stream seeded by the client's own secret.
 
 ``client_evaluate`` is the ``@app.evaluate`` side: pixel MMD^2 between samples of the global
 model and the client's images, and nothing derived from data under DP.
@@ -31,7 +32,7 @@ from .generator import GeneratorSpec, ResnetGenerator, generate
 from .masked import num_masked, set_flat, set_mask_mode
 from .methods import Method, dp_theta_release
 from .objectives import FeatureMatching, mmd2_unbiased
-from .privacy import ThetaAccountant, noise_multiplier_for_budget, privatize_statistics
+from .privacy import ThetaAccountant, fresh_generator, noise_multiplier_for_budget, privatize_statistics
 from .task import derive_seed, generator_spec
 from .training import train_local
 
@@ -73,13 +74,28 @@ def features_for(name: str, weights: str, device: str) -> nn.Module:
     return build_features(name, weights or None).to(device)
 
 
-def new_record(cfg: RunConfig) -> ClientRecord:
-    """A client's state before its first round (with its privacy accountant under dp = theta)."""
+def new_record(cfg: RunConfig, released_rounds: int = 0) -> ClientRecord:
+    """A client's state before its first round; under dp = theta with its accountant, which has
+    already spent ``released_rounds`` releases (from the client's privacy ledger, never fresh
+    when one exists)."""
     record = ClientRecord()
     if cfg.dp == "theta":
-        z = noise_multiplier_for_budget(cfg.dp_epsilon, cfg.dp_delta, cfg.num_server_rounds)
-        record.accountant = ThetaAccountant(z, cfg.dp_delta, cfg.dp_epsilon)
+        record.accountant = ThetaAccountant(theta_noise_multiplier(cfg), cfg.dp_delta, cfg.dp_epsilon,
+                                            steps=released_rounds)
     return record
+
+
+def theta_noise_multiplier(cfg: RunConfig) -> float:
+    """The noise multiplier that spends exactly the budget over ``num-server-rounds`` releases."""
+    return noise_multiplier_for_budget(cfg.dp_epsilon, cfg.dp_delta, cfg.num_server_rounds)
+
+
+def ledger_params(cfg: RunConfig) -> dict:
+    """What a client's privacy ledger is tied to (a change opens no fresh budget: it is refused)."""
+    keys = ("dp", "dp-epsilon", "dp-delta", "dp-clip", "dp-feature-clip", "num-server-rounds", "seed", "dataset",
+            "partitioning")
+    dump = cfg.model_dump(by_alias=True)
+    return {k: dump[k] for k in keys}
 
 
 def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch.Tensor, hist: list[int],
@@ -102,16 +118,14 @@ def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch
         with torch.no_grad():
             batches = (features(data[i:i + 256]) for i in range(0, len(data), 256))
             mu, var, eps = privatize_statistics(batches, cfg.dp_feature_clip, cfg.dp_epsilon, cfg.dp_delta,
-                                                generator=torch.Generator(device=device).manual_seed(
-                                                    derive_seed(hidden, server_round, partition_id, 3)))
+                                                generator=fresh_generator(device))
         record.train.objective = FeatureMatching(mu, var).full_state()
         record.statistics_epsilon = eps
 
     metrics: dict = train_local(model, features, data, method.train_settings(cfg), record.train, generator=gen)
     release = None
     if cfg.dp == "theta":
-        release = dp_theta_release(cfg, record.accountant.noise_multiplier,
-                                   torch.Generator().manual_seed(derive_seed(hidden, server_round, partition_id, 4)))
+        release = dp_theta_release(cfg, record.accountant.noise_multiplier, fresh_generator())
     payload, extra = method.upload(model, cfg, vector, release,
                                    torch.Generator().manual_seed(derive_seed(hidden, server_round, partition_id, 5)))
     if release is not None:

@@ -62,6 +62,8 @@ class Method:
         ``pack_global`` makes for ``cfg`` with ``count`` entries."""
         if array.dtype != np.float32 or array.shape != (count,):
             raise ValueError(f"global vector must be float32 of shape ({count},), got {array.dtype} {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError("global vector holds NaN or inf")
         return array
 
     def upload(self, model: nn.Module, cfg: RunConfig, received: np.ndarray, theta_release,

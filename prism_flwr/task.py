@@ -17,17 +17,12 @@ from .data import NUM_CHANNELS, load_dataset
 from .generator import GeneratorSpec
 from .partition import label_histogram, partition_indices
 
-# Keys of the records exchanged between ServerApp and ClientApps.
-SCORES_KEY = "scores"   # server -> client: ArrayRecord {"scores": float32 vector}
+# Keys of the records exchanged between ServerApp and ClientApps (which method uses which:
+# prism_flwr/methods.py).
+SCORES_KEY = "scores"   # server -> client: ArrayRecord {"scores": 8-bit grid bytes or float32 vector}
 MASK_KEY = "mask"       # client -> server: ArrayRecord {"mask": uint8 codec bytes}
 WEIGHTS_KEY = "weights" # method = "dense", both ways: ArrayRecord {"weights": float32 vector}
 METRICS_KEY = "metrics"
-
-
-def global_vector(cfg: RunConfig) -> tuple[str, str]:
-    """(record key, model attribute) of the float32 vector the server sends down: PRISM's scores,
-    or the dense baseline's weights."""
-    return (WEIGHTS_KEY, "weight") if cfg.method == "dense" else (SCORES_KEY, "scores")
 
 
 def generator_spec(cfg: RunConfig) -> GeneratorSpec:

@@ -142,6 +142,7 @@ class RecordingFedAvg(FedAvg):
     # ------------------------------------------------------------------------------ configure
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = arrays[self.payload_key].numpy()
+        self._sent_bytes = int(self._global.nbytes)  # per client: the global vector as it goes on the wire
         messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
         self._asked = len(messages)
         self._asked_nodes = {m.metadata.dst_node_id for m in messages}
@@ -256,7 +257,7 @@ class RecordingFedAvg(FedAvg):
             metrics.append(mr)
             sizes.append(size)
 
-        record = {**empty_record(rnd, self._asked, int(self._asked * self._global.nbytes)),
+        record = {**empty_record(rnd, self._asked, int(self._asked * self._sent_bytes)),
                   "clients": len(payloads), "dropped": dropped, "uplink_bytes": int(sum(sizes)),
                   "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / self.num_weights if sizes else None}
         self.round_records[rnd] = record
@@ -266,10 +267,7 @@ class RecordingFedAvg(FedAvg):
         weights = np.array([m["num-examples"] for m in metrics], dtype=np.float64)
         try:
             new, extra = self.combine(rnd, payloads, weights)
-            new = np.asarray(new)
-            if new.shape != self._global.shape or new.dtype != self._global.dtype or not np.isfinite(new).all():
-                raise ValueError(f"aggregate is {new.dtype} {new.shape} and must be finite "
-                                 f"{self._global.dtype} {self._global.shape}")
+            new = self.check_aggregate(np.asarray(new))
         except Exception as err:  # noqa: BLE001 - keep the global state rather than end the run
             log(ERROR, "round %d: aggregation failed: %s", rnd, _reason(err))
             record["aggregation_error"] = _reason(err)
@@ -284,6 +282,14 @@ class RecordingFedAvg(FedAvg):
         out = {**agg, **{k: v for k, v in extra.items() if v is not None}, "clients": len(payloads),
                **{k: record[k] for k in ("uplink_bytes", "uplink_bits_per_weight", "downlink_bytes")}}
         return ArrayRecord({self.payload_key: Array(new)}), MetricRecord(out)
+
+    def check_aggregate(self, new: np.ndarray) -> np.ndarray:
+        """The new global vector as it will be sent; raises when it is not a finite vector like
+        this round's (a subclass whose wire format differs from its working vector overrides)."""
+        if new.shape != self._global.shape or new.dtype != self._global.dtype or not np.isfinite(new).all():
+            raise ValueError(f"aggregate is {new.dtype} {new.shape} and must be finite "
+                             f"{self._global.dtype} {self._global.shape}")
+        return new
 
     def _skip(self, record: dict, why: str) -> tuple[None, None]:
         record["skipped"] = True

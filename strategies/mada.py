@@ -26,6 +26,9 @@ from flwr.common import log
 
 from prism_flwr.aggregation import Aggregator, combine_masks
 from prism_flwr.codec import MaskFormatError, decode_mask, mask_model
+from prism_flwr.config import RunConfig
+from prism_flwr.methods import PRISM
+from prism_flwr.robust import robust_counts
 from prism_flwr.task import MASK_KEY, SCORES_KEY
 
 from .base import RecordingFedAvg
@@ -43,21 +46,29 @@ class MADA(RecordingFedAvg):
     Other keywords: see ``RecordingFedAvg``.
     """
 
-    payload_key = SCORES_KEY  # float32 scores down
+    payload_key = SCORES_KEY  # the global scores down (8-bit grid or float32, see ``run_config.downlink``)
     upload_key = MASK_KEY     # codec bytes up
 
-    def __init__(self, *, num_weights: int, layout: bytes, method: str = "mada", space: str = "score", **kwargs) -> None:
+    def __init__(self, *, num_weights: int, layout: bytes, method: str = "mada", space: str = "score",
+                 run_config: RunConfig | None = None, **kwargs) -> None:
         super().__init__(num_weights=num_weights, **kwargs)
         self.layout = layout
         self.method = method
         self.space = space
         self.aggregator = Aggregator(method, space)
+        # the wire format of the scores (methods.PRISM with this run's downlink); float32 by default
+        self.run_config = run_config or RunConfig(downlink="float32")
         self._coding = None  # codec.MaskModel of the scores sent this round
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = super().configure_train(server_round, arrays, config, grid)
+        self._global = PRISM.unpack_global(self._global, self.num_weights, self.run_config)  # the working scores
         self._coding = mask_model(self._global)
         return messages
+
+    def check_aggregate(self, new: np.ndarray) -> np.ndarray:
+        PRISM.unpack_global(new, self.num_weights, self.run_config)  # decodes, or raises
+        return new
 
     def summary(self) -> None:
         log(INFO, "\t├──> PRISM aggregation: %s (MADA space: %s), %d masked weights",
@@ -73,6 +84,15 @@ class MADA(RecordingFedAvg):
             raise ValueError(str(err)) from None
 
     def combine(self, rnd: int, payloads: list[np.ndarray], weights: np.ndarray) -> tuple[np.ndarray, dict]:
-        res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd, self._coding)
+        extra = {}
+        if self.robust is not None:  # duplicates and Hamming outliers dropped, votes trimmed per weight
+            counts, k, info = robust_counts(payloads, self._coding.grouped_bits, **self.robust)
+            res = self.aggregator.step(self._global, self._coding.ungroup_counts(counts), k,
+                                       rng=np.random.default_rng([self.seed, rnd]))
+            extra = {"robust_dropped_duplicates": len(info.duplicates), "robust_dropped_outliers": len(info.outliers),
+                     "robust_trim": info.trim}
+        else:
+            res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd, self._coding)
         lam = None if np.isnan(res.mada_lambda) else res.mada_lambda
-        return res.scores, {"mada_lambda": lam, **res.diagnostics}
+        scores = PRISM.settle(res.scores, self.run_config, np.random.default_rng([self.seed, rnd, 8]))
+        return PRISM.pack_global(scores, self.run_config), {"mada_lambda": lam, **res.diagnostics, **extra}

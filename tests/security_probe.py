@@ -621,7 +621,7 @@ def probe_resume(rng: np.random.Generator) -> str:
     from prism_flwr.config import RunConfig
 
     saved = RunConfig().model_dump(by_alias=True)
-    changes = {"dataset": "mnist", "ngf": 8, "nz": 64, "seed": 1, "method": "dense", "aggregation": "mean",
+    changes = {"dataset": "mnist", "ngf": 8, "nz": 64, "seed": 1, "method": "dense", "aggregation": "mada",
                "objective": "feature-matching", "dp-epsilon": 1.0, "dp-delta": 1e-6, "dp-clip": 0.2,
                "mada-space": "probability", "estimator": "identity", "lr": 0.5, "local-steps": 3,
                "partitioning": "iid", "robust-aggregation": "on", "batch-size": 32}

@@ -97,7 +97,7 @@ def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
     assert [r["round"] for r in rounds] == [1, 2]
     for record in rounds:
         assert record["clients"] == 2, record
-        assert 0.99 <= record["uplink_bits_per_weight"] <= 1.01, record
+        assert 0.0 < record["uplink_bits_per_weight"] <= 1.01, record  # coded: below 1 bit once theta moves
     assert (run_dir / "model.prism").stat().st_size > 0
     # ClientApps write their state under the same output-dir (here one machine for all).
     assert (out / "client-state").is_dir()

@@ -146,7 +146,7 @@ def test_run_folders_latest_and_lock(tmp_path):
 def test_resume_refuses_model_and_privacy_changes_and_names_the_key():
     cfg = RunConfig().model_dump(by_alias=True)
     check_resume_config(cfg, {**cfg, "eval-every": 1, "num-server-rounds": 30, "output-dir": "/x"})
-    for key, value in [("ngf", 8), ("seed", 1), ("dp-epsilon", 1.0), ("aggregation", "mean"), ("dataset", "mnist")]:
+    for key, value in [("ngf", 8), ("seed", 1), ("dp-epsilon", 1.0), ("aggregation", "mada"), ("dataset", "mnist")]:
         with pytest.raises(CheckpointError, match=f"'{key}'"):
             check_resume_config(cfg, {**cfg, key: value})
     dp = {**cfg, "dp": "theta"}

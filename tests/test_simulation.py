@@ -64,7 +64,7 @@ class Simulation:
 
 
 def rounds_of(out: Path) -> list[dict]:
-    return [r for r in json.loads((out / "history.json").read_text()) if r["round"] >= 1]
+    return [r for r in json.loads((out / "latest" / "history.json").read_text()) if r["round"] >= 1]
 
 
 def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, 
 
     rounds = rounds_of(out)
     assert [r["round"] for r in rounds] == [1, 2]
-    model, header = load_sparse_model(out / "model.prism")
+    model, header = load_sparse_model(out / "latest" / "model.prism")
     weights = num_masked(model)
     limit = 8 * (HEADER_BYTES + (weights + 7) // 8) / weights  # 1 bit per weight plus the header
     for r in rounds:
@@ -93,8 +93,8 @@ def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, 
     images = generate(model, 8, seed=0)
     assert images.shape == (8, 1, 32, 32) and torch.isfinite(images).all()
     assert header["generator"] == {"nz": 128, "ngf": 4, "nc": 1, "seed": 30}
-    assert (out / "samples.png").stat().st_size > 0 and (out / "history.png").stat().st_size > 0
-    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "latest" / "samples.png").stat().st_size > 0 and (out / "latest" / "history.png").stat().st_size > 0
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["model_bytes"] < summary["dense_float32_bytes"] / 20
 
 
@@ -131,7 +131,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data_dir: Path, tmp_path: 
 
         sim = Simulation(tmp_path / "b", ps)
         run = sim.start_run(f"{config} output-dir='{crashed}'")
-        procs.wait_for(lambda: (crashed / "history.json").is_file() and len(rounds_of(crashed)) >= 2,
+        procs.wait_for(lambda: (crashed / "latest" / "history.json").is_file() and len(rounds_of(crashed)) >= 2,
                        timeout=RUN_TIMEOUT, desc="two rounds done", procs=[run])
         ps.snapshot()
         server = [p for p in procs.descendants(sim.link.pid) if b"flwr-simulation" in _cmdline(p)]
@@ -139,7 +139,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data_dir: Path, tmp_path: 
         for pid in server:
             os.kill(pid, signal.SIGKILL)  # the server dies mid-run, without any chance to clean up
         ps.stop_all()
-        killed_at = load_checkpoint(crashed / "checkpoint.pt")["round"]
+        killed_at = load_checkpoint(crashed / "latest")["round"]
         assert 2 <= killed_at < rounds
 
         sim = Simulation(tmp_path / "c", ps)
@@ -147,7 +147,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data_dir: Path, tmp_path: 
         assert run["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
 
-    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(crashed / "checkpoint.pt")
+    a, b = load_checkpoint(straight / "latest"), load_checkpoint(crashed / "latest")
     assert a["round"] == b["round"] == rounds
     assert torch.equal(a["scores"], b["scores"]), "resumed run diverged from the uninterrupted one"
     assert [r["round"] for r in rounds_of(crashed)] == list(range(1, rounds + 1))
@@ -179,7 +179,7 @@ def test_dp_modes_account_epsilon_per_client(data_dir: Path, tmp_path: Path, dp:
         assert all(r["loss"] is None and "label_histograms" not in r for r in rounds_of(out))  # only the mask leaves
     else:
         assert firsts[0] == firsts[1] == firsts[2] == pytest.approx(5.0, rel=1e-3)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["dp"] == dp and summary["dp_epsilon_per_client"] == rounds_of(out)[-1]["dp_epsilon_per_client"]
 
 
@@ -194,7 +194,7 @@ def test_dense_fedavg_baseline_runs_the_same_generator(data_dir: Path, tmp_path:
     for r in rounds_of(out):
         assert r["clients"] == 2 and r["uplink_bits_per_weight"] == 32.0 and np.isfinite(r["loss"]), r
         assert r["mada_lambda"] is None
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["method"] == "dense" and summary["density"] == 1.0
     assert summary["model_bytes"] >= summary["dense_float32_bytes"]
-    assert torch.isfinite(torch.load(out / "model-dense.pt")).all()
+    assert torch.isfinite(torch.load(out / "latest" / "model-dense.pt")).all()
