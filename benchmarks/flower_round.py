@@ -55,7 +55,7 @@ def through_flower(keys: dict, nodes: int, work: Path, timeout: float) -> list[d
         deadline, seen, history = time.time() + timeout, 0, []
         while run.poll() is None and time.time() < deadline:
             time.sleep(1)
-            path = out / "history.json"
+            path = out / "latest" / "history.json"  # each run writes into its own folder
             history = json.loads(path.read_text()) if path.is_file() else []
             for a, b in zip(history[seen:], history[seen + 1:]):
                 print(f"[flower] round {b['round']} done: {b['time'] - a['time']:.2f} s", flush=True)

@@ -39,8 +39,8 @@ def run_app(run_config: dict, out_dir: Path, nodes: int = 4, cpus_per_node: int 
     with open(log or os.devnull, "w") as sink:
         subprocess.run(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, check=True, cwd=REPO)
     wall = time.time() - t0
-    summary_path = out_dir / "summary.json"
+    summary_path = out_dir / "latest" / "summary.json"  # each run writes into its own folder
     if not summary_path.is_file():
         raise RuntimeError(f"run with {cfg!r} produced no summary (see {log}); `prism-flwr last-run` says why")
-    return {"history": json.loads((out_dir / "history.json").read_text()),
+    return {"history": json.loads((out_dir / "latest" / "history.json").read_text()),
             "summary": json.loads(summary_path.read_text()), "wall_seconds": wall}

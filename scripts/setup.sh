@@ -6,10 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FMNIST=/usr/share/datasets/fashion-mnist
-if [ ! -d "$FMNIST" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "[setup] installing Debian's dataset-fashion-mnist"
-    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-        || echo "[setup] apt-get could not install dataset-fashion-mnist; will try torchvision's download"
+# nginx-light: the Fleet-API-only reverse proxy of the deployment (tested on loopback; without it
+# those checks are skipped).
+if { [ ! -d "$FMNIST" ] || ! command -v nginx >/dev/null 2>&1; } && command -v apt-get >/dev/null 2>&1 \
+        && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing Debian's dataset-fashion-mnist and nginx-light"
+    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist nginx-light >/dev/null) \
+        || echo "[setup] apt-get could not install them; Fashion-MNIST will come from torchvision's download"
 fi
 if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv"
