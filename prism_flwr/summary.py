@@ -83,7 +83,7 @@ def closing_summary(history: Sequence[Mapping[str, Any]], out: str | Path, summa
     evaluated = [r for r in history if r.get("eval")]
     if evaluated:
         files.append(("samples/", f"a 64-sample grid at each of the {len(evaluated)} evaluations"))
-    files.append(("checkpoint.pt", "server state after the last round (resume = true continues from it)"))
+    files.append(("checkpoint-*.ckpt", "server state after each of the last rounds (resume = true continues)"))
     width = max(len(f) for f, _ in files)
     lines += [f"  {f:<{width}}  {w}" for f, w in files]
 

@@ -27,7 +27,7 @@ def test_summary_names_outputs_metrics_sizes_and_the_sample_command(tmp_path: Pa
     text = closing_summary(_history(), out, SUMMARY)
     lines = text.splitlines()
     assert lines[0] == f"PRISM run finished: 3 rounds in 2 min 31 s. Outputs in {out}:"
-    assert ("  model.prism    the exported model: frozen seed + 1-bit mask, 52.4 kB "
+    assert ("  model.prism        the exported model: frozen seed + 1-bit mask, 52.4 kB "
             "(dense float32: 1.7 MB, 32x larger)") in lines
     assert any(line.startswith("  samples/ ") and "at each of the 2 evaluations" in line for line in lines)
     assert "Quality, round 0 (untrained) -> round 3:" in lines
