@@ -20,3 +20,14 @@ def data_dir(tmp_path_factory) -> Path:
     if not FMNIST_DEBIAN.is_dir():
         pytest.skip("real Fashion-MNIST needs `apt-get install dataset-fashion-mnist` (the README's test command does it)")
     return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def task_identity():
+    """Flower messages need the identity a running ServerApp has; give them one outside Flower
+    (``pytestmark = pytest.mark.usefixtures("task_identity")`` in a test module)."""
+    import security_probe
+
+    saved = security_probe.set_task_identity()
+    yield
+    security_probe.restore_task_identity(saved)

@@ -24,11 +24,7 @@ from prism_flwr.config import RunConfig
 from prism_flwr.training import ClientState
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = sp.set_task_identity()
-    yield
-    sp.restore_task_identity(saved)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 # ------------------------------------------------------------------------------------ replies

@@ -13,15 +13,7 @@ from prism_flwr.task import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages need the identity a running ServerApp has; give them one outside Flower."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 N = 53

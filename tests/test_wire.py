@@ -12,14 +12,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from strategies.wire import bits_per_weight, content_bytes, envelope_bytes, message_wire_bytes, object_bytes
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _message(payload: np.ndarray) -> Message:
