@@ -32,6 +32,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from prism_flwr.task import METRICS_KEY
 
+from .wire import message_wire_bytes
+
 PER_CLIENT = {"dp_epsilon": "dp_epsilon_per_client", "label_histogram": "label_histograms"}
 MAX_EXAMPLES = 2**31 - 1      # num-examples bound when the strategy is not told the dataset's size
 MAX_CLASSES = 1000            # label_histogram length bound when the strategy is not told num_classes
@@ -66,6 +68,16 @@ EVALUATE_METRICS = {
 
 class ReplyRejected(ValueError):
     """One reply breaks the protocol; the message says how."""
+
+
+def _wire_bytes(messages: list[Message]) -> int | None:
+    """Serialised bytes of ``messages`` as Flower sends them; None (and a log line) if a message
+    cannot be counted: a byte count never ends a round."""
+    try:
+        return sum(message_wire_bytes(m) for m in messages)
+    except Exception as err:  # noqa: BLE001
+        log(WARNING, "wire bytes not counted: %s", _reason(err))
+        return None
 
 
 def empty_record(rnd: int, asked: int = 0, downlink_bytes: int = 0) -> dict:
@@ -119,6 +131,7 @@ class RecordingFedAvg(FedAvg):
         self.round_offset = 0
         self.round_records: dict[int, dict] = {}  # global round -> what happened
         self._global: np.ndarray | None = None    # the arrays sent this round
+        self._sent_bytes, self._down_wire = 0, None  # their bytes per client; all messages as serialised
         self._asked = 0
         self._asked_nodes: set[int] | None = None  # None: accept any node (tests without configure_*)
         # robust-aggregation: keyword arguments for prism_flwr.robust.robust_counts, None when off
@@ -146,6 +159,7 @@ class RecordingFedAvg(FedAvg):
         messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
         self._asked = len(messages)
         self._asked_nodes = {m.metadata.dst_node_id for m in messages}
+        self._down_wire = _wire_bytes(messages)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -241,7 +255,7 @@ class RecordingFedAvg(FedAvg):
     # ------------------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
-        payloads, metrics, sizes, nodes, dropped = [], [], [], [], []
+        payloads, metrics, sizes, nodes, dropped, accepted = [], [], [], [], [], []
         for msg in list(replies):
             try:
                 if msg.has_error():
@@ -253,13 +267,23 @@ class RecordingFedAvg(FedAvg):
                 log(WARNING, "round %d: dropped reply from node %s: %s", rnd, _node(msg), _reason(err))
                 continue
             nodes.append(msg.metadata.src_node_id)
+            accepted.append(msg)
             payloads.append(payload)
             metrics.append(mr)
             sizes.append(size)
 
         record = {**empty_record(rnd, self._asked, int(self._asked * self._sent_bytes)),
                   "clients": len(payloads), "dropped": dropped, "uplink_bytes": int(sum(sizes)),
-                  "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / self.num_weights if sizes else None}
+                  "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / self.num_weights if sizes else None,
+                  "downlink_bits_per_weight": 8 * self._sent_bytes / self.num_weights}
+        # The same, counted as Flower serialises the messages (strategies/wire.py): per client and round.
+        up_wire = _wire_bytes(accepted) if accepted else None
+        if up_wire is not None:
+            record["uplink_wire_bytes"] = up_wire
+            record["wire_bits_per_weight_up"] = 8 * up_wire / len(accepted) / self.num_weights
+        if self._down_wire is not None and self._asked:
+            record["downlink_wire_bytes"] = self._down_wire
+            record["wire_bits_per_weight_down"] = 8 * self._down_wire / self._asked / self.num_weights
         self.round_records[rnd] = record
         if len(payloads) < self.min_train_nodes:
             return self._skip(record, f"{len(payloads)} valid replies, min-train-nodes is {self.min_train_nodes}")

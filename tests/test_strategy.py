@@ -65,6 +65,10 @@ def test_valid_replies_are_aggregated_exactly():
     assert metrics["clients"] == 4 and 0 <= metrics["mada_lambda"] <= 1
     rec = s.round_records[1]
     assert rec["uplink_bytes"] == 4 * len(encode_mask(masks[0], LAYOUT)) and rec["dropped"] == []
+    # counted as Flower serialises the messages: the payload plus the envelope, records and .npy headers
+    assert rec["uplink_wire_bytes"] > rec["uplink_bytes"] and rec["downlink_wire_bytes"] > rec["downlink_bytes"]
+    assert rec["wire_bits_per_weight_up"] > rec["uplink_bits_per_weight"] > 0
+    assert rec["downlink_bits_per_weight"] == 32.0  # float32 scores in this test
 
 
 def test_bad_replies_are_dropped_with_a_reason():
