@@ -16,6 +16,7 @@ import sys
 
 from .config import RunConfig
 from .data import DATASETS, DatasetMissingError, load_dataset
+from .export import ModelFileError
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except DatasetMissingError as err:  # the message is the whole story: no traceback
+    except (DatasetMissingError, ModelFileError) as err:  # the message is the whole story: no traceback
         print(err, file=sys.stderr)
         return 2
 

@@ -126,3 +126,12 @@ def test_any_damage_gives_one_clear_error(tmp_path_factory, good, pos, how):
     path.write_bytes(bytes(blob))
     with pytest.raises(ModelFileError):
         load_sparse_model(path)
+
+
+def test_cli_names_a_malformed_model_file_without_a_traceback(tmp_path, capsys):
+    from prism_flwr.cli import main
+    bad = tmp_path / "bad.prism"
+    bad.write_bytes(b"garbage")
+    assert main(["sample", str(bad), "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "truncated" in err and "Traceback" not in err and not (tmp_path / "g.png").exists()
