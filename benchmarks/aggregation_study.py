@@ -173,6 +173,7 @@ def report(out: Path, metric_hint: str | None = None) -> dict:
                                                 "rows": [{k: v for k, v in r.items() if k != "history"} for r in rows]}))
     plot(rows, metric, "round", out / "quality_vs_rounds.png")
     plot(rows, metric, "uplink_mb", out / "quality_vs_uplink.png")
+    plot(rows, metric, "total_mb", out / "quality_vs_traffic.png")
     print(table, flush=True)
     return {"metric": metric, "table": table}
 

@@ -32,17 +32,21 @@ LABELS = {"mada": "PRISM (MADA)", "mean": "PRISM, plain mean", "dense": "dense F
 
 
 def run_series(history: list[dict], metric: str) -> list[dict]:
-    """Evaluated rounds of one run: ``{"round", "uplink_mb", "value"}``.
+    """Evaluated rounds of one run: ``{"round", "uplink_mb", "total_mb", "value"}``.
 
     ``uplink_mb`` is the cumulative uplink per participating client up to and including the round,
-    in MB (1e6 bytes): the sum over rounds of ``uplink_bytes / clients``. Round 0 has sent nothing.
+    in MB (1e6 bytes): the sum over rounds of ``uplink_bytes / clients``. ``total_mb`` adds the
+    downlink per client asked (``downlink_bytes / asked``): traffic both ways. Round 0 has sent nothing.
     """
-    out, cum = [], 0.0
+    out, cum, total = [], 0.0, 0.0
     for rec in sorted(history, key=lambda r: r["round"]):
         if rec["clients"]:
             cum += rec["uplink_bytes"] / rec["clients"] / 1e6
+            total += rec["uplink_bytes"] / rec["clients"] / 1e6
+        if rec.get("downlink_bytes") and rec.get("asked", rec["clients"]):
+            total += rec["downlink_bytes"] / rec.get("asked", rec["clients"]) / 1e6
         if metric in (rec.get("eval") or {}):
-            out.append({"round": rec["round"], "uplink_mb": cum, "value": rec["eval"][metric]})
+            out.append({"round": rec["round"], "uplink_mb": cum, "total_mb": total, "value": rec["eval"][metric]})
     return out
 
 
@@ -104,14 +108,14 @@ def table(rows: list[dict], metric: str) -> str:
 def plot(rows: list[dict], metric: str, x: str, path: Path) -> None:
     """One panel per partitioning; per method the mean over seeds, shaded from min to max.
 
-    ``x = "round"`` or ``"uplink_mb"``: a symlog axis, linear up to PRISM's first round of uplink
+    ``x = "round"``, ``"uplink_mb"`` or ``"total_mb"`` (up + down): a symlog axis, linear up to PRISM's first round
     and logarithmic beyond, so round 0 (nothing sent, the untrained network) stays on the plot and
     dense FedAvg's 32x larger rounds fit beside PRISM's.
     """
     parts = list(dict.fromkeys(r["partitioning"] for r in rows))
     fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts), 3.6), sharey=True, squeeze=False)
     groups = _groups(rows)
-    first_up = min(p["uplink_mb"] for r in rows for p in r["series"] if p["uplink_mb"] > 0)
+    first_up = min((p[x] for r in rows for p in r["series"] if x != "round" and p[x] > 0), default=1.0)
     for ax, part in zip(axes[0], parts):
         for (p, method), group in groups.items():
             if p != part:
@@ -123,9 +127,9 @@ def plot(rows: list[dict], metric: str, x: str, path: Path) -> None:
             ax.plot(xs, [statistics.mean(v) for v in vals], marker="o", ms=3, color=COLORS.get(method),
                     label=LABELS.get(method, method))
             ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, color=COLORS.get(method))
-        if x == "uplink_mb":
+        if x != "round":
             ax.set_xscale("symlog", linthresh=first_up)
-            ax.set_xlabel("cumulative uplink per client (MB; symlog)")
+            ax.set_xlabel(f"cumulative {'uplink' if x == 'uplink_mb' else 'traffic up + down'} per client (MB; symlog)")
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("round")
@@ -148,9 +152,11 @@ def write_report(out: Path) -> dict:
     (out / "experiments.md").write_text(
         f"# Experiments: {settings}\n\nMean ± sd over seeds {doc['seeds']}; (rN) = the round the value is from. "
         f"Measured on {doc['machine']}; the runs took {doc['total_wall_seconds'] / 60:.1f} min in all.\n\n"
-        f"{text}\n![quality vs rounds](quality_vs_rounds.png)\n\n![quality vs uplink](quality_vs_uplink.png)\n")
+        f"{text}\n![quality vs rounds](quality_vs_rounds.png)\n\n![quality vs uplink](quality_vs_uplink.png)\n\n"
+        f"![quality vs traffic both ways](quality_vs_traffic.png)\n")
     plot(rows, metric, "round", out / "quality_vs_rounds.png")
     plot(rows, metric, "uplink_mb", out / "quality_vs_uplink.png")
+    plot(rows, metric, "total_mb", out / "quality_vs_traffic.png")
     return {"metric": metric, "table": text}
 
 

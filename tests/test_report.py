@@ -33,7 +33,15 @@ def _row(method: str, seed: int, history: list[dict], lam: float | None = None) 
 
 def test_series_accumulates_uplink_per_client_and_keeps_evaluated_rounds() -> None:
     series = run_series(_history(1_000_000, {0: 300.0, 2: 200.0}), METRIC)
-    assert series == [{"round": 0, "uplink_mb": 0.0, "value": 300.0}, {"round": 2, "uplink_mb": 2.0, "value": 200.0}]
+    assert series == [{"round": 0, "uplink_mb": 0.0, "total_mb": 0.0, "value": 300.0},
+                      {"round": 2, "uplink_mb": 2.0, "total_mb": 2.0, "value": 200.0}]
+
+
+def test_series_total_adds_the_downlink_per_client_asked() -> None:
+    history = _history(1_000_000, {2: 200.0})
+    for rec in history[1:]:
+        rec.update({"asked": 4, "downlink_bytes": 4 * 3_000_000})  # 3 MB to each of the 4 asked
+    assert run_series(history, METRIC) == [{"round": 2, "uplink_mb": 2.0, "total_mb": 8.0, "value": 200.0}]
 
 
 def test_value_at_budget_takes_the_last_point_within_it() -> None:
