@@ -168,7 +168,8 @@ def report(out: Path, metric_hint: str | None = None) -> dict:
         f"{docs[0]['machine']}; {len(docs)} runs, {wall / 60:.1f} min of run time in all; rounds run: "
         f"{', '.join(map(str, ran))}" + (f" (stopped early at the time budget: {', '.join(stopped)})" if stopped else "")
         + f".\n\n{table}\n\n"
-        f"![quality vs rounds](quality_vs_rounds.png)\n\n![quality vs uplink](quality_vs_uplink.png)\n")
+        f"![quality vs rounds](quality_vs_rounds.png)\n\n![quality vs uplink](quality_vs_uplink.png)\n\n"
+        f"![quality vs traffic both ways](quality_vs_traffic.png)\n")
     (out / "study.json").write_text(json.dumps({"metric": metric, "settings": settings,
                                                 "rows": [{k: v for k, v in r.items() if k != "history"} for r in rows]}))
     plot(rows, metric, "round", out / "quality_vs_rounds.png")
