@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import struct
 import sys
 import tempfile
@@ -508,6 +507,18 @@ def crafted_model(rng: np.random.Generator) -> bytes:
     return model_with_header(h)
 
 
+def refused(call, refusal: type[Exception] | tuple[type[Exception], ...]) -> str:
+    """The verdict on an input that must be refused: "handled" if ``call()`` raises ``refusal``,
+    "crashed" on any other exception, "accepted" if it goes through."""
+    try:
+        call()
+    except refusal:
+        return "handled"
+    except Exception:  # noqa: BLE001 - what the probe measures
+        return "crashed"
+    return "accepted"
+
+
 def probe_model(rng: np.random.Generator, crafted: bool) -> str:
     from prism_flwr.export import ModelFileError, load_sparse_model
 
@@ -517,13 +528,10 @@ def probe_model(rng: np.random.Generator, crafted: bool) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.prism"
         path.write_bytes(blob)
-        try:
-            load_sparse_model(path)
-        except ModelFileError:
-            return "handled"
-        except Exception:  # noqa: BLE001
-            return "crashed"
-    return "accepted" if blob != model_file_bytes() else "handled"
+        verdict = refused(lambda: load_sparse_model(path), ModelFileError)
+    if verdict == "accepted" and blob == model_file_bytes():  # the damage left the file intact
+        return "handled"
+    return verdict
 
 
 def probe_checkpoint(rng: np.random.Generator) -> str:
@@ -554,13 +562,7 @@ def probe_client_state(rng: np.random.Generator) -> str:
 
     rec = ClientRecord(ClientState({"0.exp_avg": torch.ones(4), "0.step": torch.tensor(3.0)}, {}))
     blob = _damage(rng, rec.to_bytes())
-    try:
-        ClientRecord.from_bytes(blob)
-    except StateError:
-        return "handled"
-    except Exception:  # noqa: BLE001
-        return "crashed"
-    return "accepted"
+    return refused(lambda: ClientRecord.from_bytes(blob), StateError)
 
 
 def probe_ledger(rng: np.random.Generator) -> str:
@@ -572,7 +574,8 @@ def probe_ledger(rng: np.random.Generator) -> str:
         for r in (1, 2, 3):
             ledger.record(r, "theta", 0.5 * r)
         how = int(rng.integers(0, 6))
-        try:
+
+        def attack() -> None:
             if how == 0:  # a round already released, or an earlier one
                 ledger.record(int(rng.integers(-2, 4)), "theta", 9.0)
             elif how == 1:  # partition 0's ledger copied into partition 1's folder
@@ -592,11 +595,8 @@ def probe_ledger(rng: np.random.Generator) -> str:
                     lines[1], lines[3] = lines[3], lines[1]
                     path.write_bytes(b"\n".join(lines))
                 PrivacyLedger(tmp, 0, params)
-        except LedgerError:
-            return "handled"
-        except Exception:  # noqa: BLE001
-            return "crashed"
-    return "accepted"
+
+        return refused(attack, LedgerError)
 
 
 def probe_run_tag(rng: np.random.Generator) -> str:
@@ -606,13 +606,7 @@ def probe_run_tag(rng: np.random.Generator) -> str:
                       "..", "deadbeef\n", "ab\0cdef01"])
     if rng.random() < 0.2:
         tag = [int(rng.integers(0, 10))][0]
-    try:
-        client_state_dir("/tmp/out", tag)
-    except ValueError:
-        return "handled"
-    except Exception:  # noqa: BLE001
-        return "crashed"
-    return "accepted"
+    return refused(lambda: client_state_dir("/tmp/out", tag), ValueError)
 
 
 def probe_resume(rng: np.random.Generator) -> str:
@@ -643,13 +637,8 @@ def probe_dp_rounds_change(rng: np.random.Generator) -> str:
     from prism_flwr.config import RunConfig
 
     saved = {**RunConfig().model_dump(by_alias=True), "dp": "theta"}
-    try:
-        check_resume_config(saved, {**saved, "num-server-rounds": int(rng.integers(16, 500))})
-    except CheckpointError:
-        return "handled"
-    except Exception:  # noqa: BLE001
-        return "crashed"
-    return "accepted"
+    return refused(lambda: check_resume_config(saved, {**saved, "num-server-rounds": int(rng.integers(16, 500))}),
+                   CheckpointError)
 
 
 def probe_lock(rng: np.random.Generator) -> str:
@@ -657,13 +646,7 @@ def probe_lock(rng: np.random.Generator) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         with RunLock(tmp):
-            try:
-                RunLock(tmp).acquire()
-            except RunLocked:
-                return "handled"
-            except Exception:  # noqa: BLE001
-                return "crashed"
-    return "accepted"
+            return refused(lambda: RunLock(tmp).acquire(), RunLocked)
 
 
 PROBES: dict[str, tuple[str, Callable[[np.random.Generator], str]]] = {
