@@ -9,13 +9,15 @@ ServerApp stamps each round's record when it is complete). Then runs the same co
 in-process (``prism_flwr.inprocess.run``: the same client round and aggregation, clients one
 after another on one device). Flower's share of a round = 1 - in-process / through Flower, from
 rounds >= 2 (round 1 pays process and CUDA start-up in both). All SuperNodes share the machine's
-one GPU when there is one. Prints a table and one JSON line.
+one GPU when there is one, and its cores: each gets ``OMP_NUM_THREADS = cores // nodes`` unless
+the variable is set. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -35,6 +37,9 @@ def through_flower(keys: dict, nodes: int, work: Path, timeout: float) -> list[d
     flwr_home, out, logs = work / "flwr-home", work / "outputs", work / "logs"
     logs.mkdir(parents=True)
     env = flower_env(flwr_home)
+    # SuperNodes sharing a machine share its cores: without a thread count each ClientApp's
+    # torch/OpenMP takes all of them, and 4 nodes on 2 cores ran 3.6x slower (README).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nodes)))
     link_port, node_ports = procs.free_port(), procs.free_ports(nodes)
     write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
     run_config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
