@@ -55,10 +55,9 @@ def load_client_state(msg: Message, context: Context, cfg: RunConfig, pid: int, 
     Under DP the privacy accountant is always rebuilt from the append-only ledger, whatever a
     state file says: losing or rolling back state never hands out a fresh budget."""
     rec = context.state.config_records.get(STATE_KEY)
-    saved = read_latest_state_file(_state_dir(cfg, msg), pid, server_round)
     if rec is not None and rec["round"] < server_round:
         record = ClientRecord.from_bytes(rec["blob"])
-    elif saved is not None:
+    elif (saved := read_latest_state_file(_state_dir(cfg, msg), pid, server_round)) is not None:
         record = ClientRecord.from_bytes(saved[1])
     else:
         record = new_record(cfg)
@@ -81,7 +80,7 @@ def _unpack(msg: Message, context: Context):
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
     device = pick_device(cfg.device)
-    vector = received_vector(cfg, method, msg.content[method.down_key][method.down_key].numpy())
+    vector = received_vector(cfg, method, msg.content[method.down_key][method.down_key].numpy(), device)
     data, hist = client_data(cfg, pid, num, device)
     return cfg, method, pid, vector, data, hist
 

@@ -64,9 +64,10 @@ def model_with(cfg: RunConfig, method: Method, vector: np.ndarray, device: torch
     return model
 
 
-def received_vector(cfg: RunConfig, method: Method, array: np.ndarray) -> np.ndarray:
-    """The global vector from what arrived on the wire (checked against this run's format)."""
-    return method.unpack_global(array, num_masked(_model(generator_spec(cfg), method.name, "cpu")), cfg)
+def received_vector(cfg: RunConfig, method: Method, array: np.ndarray, device: torch.device) -> np.ndarray:
+    """The global vector from what arrived on the wire (checked against this run's format); the
+    weight count comes from the network the round will train (cached per process and device)."""
+    return method.unpack_global(array, num_masked(_model(generator_spec(cfg), method.name, str(device))), cfg)
 
 
 @lru_cache(maxsize=2)
@@ -74,14 +75,12 @@ def features_for(name: str, weights: str, device: str) -> nn.Module:
     return build_features(name, weights or None).to(device)
 
 
-def new_record(cfg: RunConfig, released_rounds: int = 0) -> ClientRecord:
-    """A client's state before its first round; under dp = theta with its accountant, which has
-    already spent ``released_rounds`` releases (from the client's privacy ledger, never fresh
-    when one exists)."""
+def new_record(cfg: RunConfig) -> ClientRecord:
+    """A client's state before its first round (with a fresh accountant under dp = theta; the
+    ClientApp replaces it by the one its privacy ledger rebuilds)."""
     record = ClientRecord()
     if cfg.dp == "theta":
-        record.accountant = ThetaAccountant(theta_noise_multiplier(cfg), cfg.dp_delta, cfg.dp_epsilon,
-                                            steps=released_rounds)
+        record.accountant = ThetaAccountant(theta_noise_multiplier(cfg), cfg.dp_delta, cfg.dp_epsilon)
     return record
 
 

@@ -107,8 +107,6 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
         nn.Conv2d.__init__(self, in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
         self._make_masked(weight_gen, score_gen)
 
-    forward = MaskedLayer.forward
-
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, weight, None)
 
@@ -118,8 +116,6 @@ class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
                  weight_gen: torch.Generator, score_gen: torch.Generator) -> None:
         nn.ConvTranspose2d.__init__(self, in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
         self._make_masked(weight_gen, score_gen)
-
-    forward = MaskedLayer.forward
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv_transpose2d(x, weight, None, self.stride, self.padding,
@@ -131,8 +127,6 @@ class MaskedLinear(MaskedLayer, nn.Linear):
                  weight_gen: torch.Generator, score_gen: torch.Generator) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=False)
         self._make_masked(weight_gen, score_gen)
-
-    forward = MaskedLayer.forward
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
