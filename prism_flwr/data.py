@@ -24,13 +24,12 @@ import urllib.error
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision import datasets as tvd
-from torchvision import transforms as T
 
 from .progress import Progress
 
@@ -94,8 +93,12 @@ class ImageData:
 
     def to_float(self, idx: np.ndarray | torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """float32 images in [-1, 1] (x / 127.5 - 1), all of them or those at ``idx``."""
-        images = self.images if idx is None else self.images[torch.as_tensor(idx, dtype=torch.long)]
-        return images.float().div_(127.5).sub_(1.0)
+        return to_float(self.images if idx is None else self.images[torch.as_tensor(idx, dtype=torch.long)])
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (x / 127.5 - 1)."""
+    return images.float().div_(127.5).sub_(1.0)
 
 
 # torchvision checks the md5 of every CIFAR-10 and CelebA file before loading. Re-packaged copies
@@ -103,27 +106,46 @@ class ImageData:
 # formats with other bytes, so offline we only check that the files exist. A download
 # (download=True) still verifies the md5 of what torchvision fetches: these classes keep the md5s
 # of the archives (CIFAR-10's tgz_md5) and of the downloaded files (CelebA's file_list).
-class _CIFAR10(tvd.CIFAR10):
-    train_list = [[file, None] for file, _ in tvd.CIFAR10.train_list]
-    test_list = [[file, None] for file, _ in tvd.CIFAR10.test_list]
-    meta = {**tvd.CIFAR10.meta, "md5": None}
+#
+# torchvision is imported on first use (``_tvd``): it costs about 1 s, and a ClientApp process of
+# Flower's deployment engine (one per message) that finds its images in the client cache
+# (client_cache.py) never needs it.
+def _tvd():
+    from torchvision import datasets
+
+    return datasets
 
 
-class _CelebA(tvd.CelebA):
-    def _check_integrity(self) -> bool:
-        return all(path.exists() for path in _expected_files("celeba", Path(self.root)))
+@lru_cache(maxsize=None)
+def _cifar10_class() -> type:
+    tvd = _tvd()
+
+    class _CIFAR10(tvd.CIFAR10):
+        train_list = [[file, None] for file, _ in tvd.CIFAR10.train_list]
+        test_list = [[file, None] for file, _ in tvd.CIFAR10.test_list]
+        meta = {**tvd.CIFAR10.meta, "md5": None}
+    return _CIFAR10
 
 
-def _expected_files(name: str, root: Path) -> list[Path]:
+@lru_cache(maxsize=None)
+def _celeba_class() -> type:
+    class _CelebA(_tvd().CelebA):
+        def _check_integrity(self) -> bool:
+            return all(path.exists() for path in expected_files("celeba", Path(self.root)))
+    return _CelebA
+
+
+def expected_files(name: str, root: Path) -> list[Path]:
     """Every file (and CelebA's image folder) torchvision's loader needs under ``root``."""
     if name in _IDX_FOLDER:
         return [root / _IDX_FOLDER[name] / "raw" / file for file in _IDX_FILES]
     if name == "cifar10":
-        base = root / _CIFAR10.base_folder
-        files = [file for file, _ in _CIFAR10.train_list + _CIFAR10.test_list] + [_CIFAR10.meta["filename"]]
-        return [base / file for file in files]
-    base = root / tvd.CelebA.base_folder
-    texts = [base / file for _, _, file in tvd.CelebA.file_list if not file.endswith(".zip")]
+        cifar = _cifar10_class()
+        files = [file for file, _ in cifar.train_list + cifar.test_list] + [cifar.meta["filename"]]
+        return [root / cifar.base_folder / file for file in files]
+    celeba = _tvd().CelebA
+    base = root / celeba.base_folder
+    texts = [base / file for _, _, file in celeba.file_list if not file.endswith(".zip")]
     return [base / "img_align_celeba", *texts]
 
 
@@ -166,6 +188,7 @@ def _missing_message(name: str, root: Path, missing: list[Path], why: str = "dow
 
 
 def _urls(name: str) -> list[str]:
+    tvd = _tvd()
     if name in _IDX_FOLDER:
         loader = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
         return [f"{mirror}{file}" for mirror in loader.mirrors for file, _ in loader.resources]
@@ -215,10 +238,11 @@ def _no_network(err: BaseException) -> bool:
 
 def _torchvision_download(name: str, root: Path) -> None:
     """torchvision's download of the whole dataset (both splits) into ``root``."""
+    tvd = _tvd()
     if name in _IDX_FOLDER:
         (tvd.MNIST if name == "mnist" else tvd.FashionMNIST)(root, train=True, download=True)
     elif name == "cifar10":
-        _CIFAR10(root, train=True, download=True)
+        _cifar10_class()(root, train=True, download=True)
     else:
         try:
             import gdown  # noqa: F401  torchvision's CelebA download needs it
@@ -230,7 +254,7 @@ def _torchvision_download(name: str, root: Path) -> None:
 def fetch(name: str, root: Path) -> None:
     """Download ``name`` into ``root`` once (missing files only); ``DatasetMissingError`` on failure."""
     with _download_lock(root, name):
-        missing = [path for path in _expected_files(name, root) if not path.exists()]
+        missing = [path for path in expected_files(name, root) if not path.exists()]
         if not missing:  # another process fetched it while we waited for the lock
             return
         print(f"Dataset '{name}' is not in {root}: downloading it once (about {DOWNLOAD_SIZES[name]}) "
@@ -243,9 +267,9 @@ def fetch(name: str, root: Path) -> None:
             detail = next((line for line in lines if "urlopen error" in line or "timed out" in line), lines[0])
             why = (f"no network: could not reach {_host(name)}: {detail}" if _no_network(err)
                    else f"the download failed: {detail}")
-            missing = [path for path in _expected_files(name, root) if not path.exists()]
+            missing = [path for path in expected_files(name, root) if not path.exists()]
             raise DatasetMissingError(_missing_message(name, root, missing, why)) from err
-        missing = [path for path in _expected_files(name, root) if not path.exists()]
+        missing = [path for path in expected_files(name, root) if not path.exists()]
         if missing:
             raise DatasetMissingError(_missing_message(name, root, missing, "the download left files missing"))
         print(f"Dataset '{name}' downloaded into {root}", file=sys.stderr, flush=True)
@@ -293,8 +317,10 @@ def _resize_idx_images(images: torch.Tensor) -> torch.Tensor:
 
 def _load_celeba(root: Path, train: bool) -> tuple[torch.Tensor, np.ndarray]:
     """Centre-crop 160 then resize to 32, image by image through PIL, as in the paper."""
+    from torchvision import transforms as T
+
     transform = T.Compose([T.CenterCrop(CELEBA_CROP), T.Resize(IMAGE_SIZE), T.PILToTensor()])
-    dataset = _CelebA(root, split="train" if train else "test", target_type="attr", transform=transform)
+    dataset = _celeba_class()(root, split="train" if train else "test", target_type="attr", transform=transform)
     progress = Progress(f"celeba {'train' if train else 'test'} split: centre-crop and resize", len(dataset), "images")
     images = []
     for i in range(len(dataset)):
@@ -309,19 +335,19 @@ def _load_celeba(root: Path, train: bool) -> tuple[torch.Tensor, np.ndarray]:
 def _load(name: str, root: Path, train: bool, download: bool | str) -> ImageData:
     if name == "fmnist":
         _prepare_fmnist(root)
-    missing = [path for path in _expected_files(name, root) if not path.exists()]
+    missing = [path for path in expected_files(name, root) if not path.exists()]
     if missing:
         if download_mode(download) is False:
             raise DatasetMissingError(_missing_message(name, root, missing))
         fetch(name, root)
     if name == "cifar10":
-        cifar = _CIFAR10(root, train=train)
+        cifar = _cifar10_class()(root, train=train)
         images = torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
         labels = np.asarray(cifar.targets)
     elif name == "celeba":
         images, labels = _load_celeba(root, train)
     else:
-        loader = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+        loader = _tvd().MNIST if name == "mnist" else _tvd().FashionMNIST
         idx = loader(root, train=train)
         images, labels = _resize_idx_images(idx.data), idx.targets.numpy()
     return ImageData(name, images, labels.astype(np.int64), NUM_CLASSES[name])

@@ -1,21 +1,19 @@
 """What the ServerApp and the ClientApps build from a ``RunConfig``: model, device, local data.
 
-Framework-free glue shared by ``client_app.py``, ``server_app.py`` and the benchmarks. Data and
-partitions are cached per process: a Ray worker that hosts several simulated clients loads the
-dataset once.
+Framework-free glue shared by ``client_app.py``, ``server_app.py`` and the benchmarks. A client's
+data comes through ``client_cache.py``: from one small file per client on disk, and per process
+a Ray worker hosting several simulated clients loads the dataset once.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 
+from .client_cache import client_images
 from .config import RunConfig
-from .data import NUM_CHANNELS, load_dataset
+from .data import NUM_CHANNELS, to_float
 from .generator import GeneratorSpec
-from .partition import label_histogram, partition_indices
 
 # Keys of the records exchanged between ServerApp and ClientApps (which method uses which:
 # prism_flwr/methods.py).
@@ -42,22 +40,8 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-@lru_cache(maxsize=4)
-def _partitions(dataset: str, data_dir: str, download: bool, num_partitions: int, method: str,
-                seed: int, alpha: float, shards: int) -> list[np.ndarray]:
-    labels = load_dataset(dataset, data_dir, train=True, download=download).labels
-    return partition_indices(labels, num_partitions, method, seed, alpha=alpha, shards_per_partition=shards)
-
-
-def client_indices(cfg: RunConfig, partition_id: int, num_partitions: int) -> np.ndarray:
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
-    return _partitions(cfg.dataset, str(cfg.resolved_data_dir()), cfg.download, num_partitions,
-                       cfg.partitioning, cfg.seed, cfg.dirichlet_alpha, cfg.shards_per_partition)[partition_id]
-
-
 def client_data(cfg: RunConfig, partition_id: int, num_partitions: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
-    """This client's images (float, [-1, 1], on ``device``) and its label histogram."""
-    data = load_dataset(cfg.dataset, cfg.resolved_data_dir(), train=True, download=cfg.download)
-    idx = client_indices(cfg, partition_id, num_partitions)
-    return data.to_float(idx).to(device), label_histogram(data.labels, idx, data.num_classes)
+    """This client's images (float, [-1, 1], on ``device``) and its label histogram, read through
+    the client cache (client_cache.py: one small file instead of the whole dataset per process)."""
+    images, hist = client_images(cfg, partition_id, num_partitions)
+    return to_float(images).to(device), hist

@@ -126,7 +126,7 @@ def test_missing_dataset_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     message = str(caught.value)
     assert isinstance(caught.value, FileNotFoundError)
     assert message.startswith(f"Dataset '{name}' not found (download is off). Looked for these files, missing:\n")
-    for path in data._expected_files(name, root):
+    for path in data.expected_files(name, root):
         assert f"\n  {path}\n" in message
     assert ("  - set run-config key `download` to \"auto\" (the default) on a machine with internet "
             f"(flwr run . --run-config 'download=\"auto\"'); torchvision downloads it once into {root}") in message
@@ -232,7 +232,7 @@ def test_no_network_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fre
                               "<urlopen error [Errno -2] Name or service not known>). Looked for")
     assert f"  - run again where {host} is reachable: the download goes into {root}" in message
     assert "  - put the files there yourself, in this layout:" in message
-    assert all(f"\n  {path}\n" in message for path in data._expected_files(name, root))
+    assert all(f"\n  {path}\n" in message for path in data.expected_files(name, root))
 
 
 def test_download_false_never_asks_the_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -1,0 +1,159 @@
+"""prism_flwr.client_cache: a ClientApp process reads its own images from one file, built once,
+refused and rebuilt when it does not match, and never needs torchvision or flwr-datasets then."""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures_data import write_mnist
+
+from prism_flwr import client_cache, data
+from prism_flwr.config import RunConfig
+from prism_flwr.partition import label_histogram, partition_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(root: Path, **keys) -> RunConfig:
+    return RunConfig.parse({"dataset": "mnist", "data-dir": str(root), "download": False, "seed": 3, **keys})
+
+
+def _fresh_process_state() -> None:
+    """What a new ClientApp process would not have: the in-memory dataset and partitions."""
+    data._CACHE.clear()
+    client_cache._partitions.cache_clear()
+
+
+@pytest.fixture
+def mnist_root(tmp_path: Path) -> Path:
+    write_mnist(tmp_path, "MNIST", n_train=400, n_test=20)
+    _fresh_process_state()
+    yield tmp_path
+    _fresh_process_state()
+
+
+def _forbid_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dataset was read although the cache holds this client")
+    monkeypatch.setattr(client_cache, "load_dataset", refuse)
+
+
+def test_built_once_then_read_alone(mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg(mnist_root)
+    images, hist = client_cache.client_images(cfg, 1, 4)
+    full = data.load_dataset("mnist", mnist_root)
+    idx = partition_indices(full.labels, 4, "shards", 3, shards_per_partition=4)[1]
+    assert torch.equal(images, full.images[torch.as_tensor(idx)])
+    assert hist == label_histogram(full.labels, idx, 10) and sum(hist) == len(images) > 0
+    assert len(list((mnist_root / client_cache.CACHE_FOLDER).glob("mnist-*.npz"))) == 1
+
+    _fresh_process_state()
+    _forbid_dataset(monkeypatch)
+    again, hist_again = client_cache.client_images(cfg, 1, 4)
+    assert torch.equal(again, images) and hist_again == hist
+
+
+@pytest.mark.parametrize("change", ["partition", "seed", "partitioning", "source file"])
+def test_what_decides_the_content_names_the_file(mnist_root: Path, change: str) -> None:
+    cfg = _cfg(mnist_root)
+    before = client_cache.cache_path(cfg, client_cache._key(cfg, 0, 4))
+    other, pid = cfg, 0
+    if change == "partition":
+        pid = 2
+    elif change == "seed":
+        other = _cfg(mnist_root, seed=4)
+    elif change == "partitioning":
+        other = _cfg(mnist_root, partitioning="iid")
+    else:  # a replaced dataset file: same name, new modification time
+        path = mnist_root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert client_cache.cache_path(other, client_cache._key(other, pid, 4)) != before
+
+
+def test_no_key_while_the_dataset_is_missing(tmp_path: Path) -> None:
+    assert client_cache._key(_cfg(tmp_path), 0, 4) is None
+    with pytest.raises(data.DatasetMissingError):
+        client_cache.client_images(_cfg(tmp_path), 0, 4)
+    assert not (tmp_path / client_cache.CACHE_FOLDER).exists()
+
+
+def _rewrite(path: Path, **arrays) -> None:
+    with np.load(path) as f:
+        content = {k: f[k] for k in f.files}
+    content.update(arrays)
+    np.savez(path, **{k: v for k, v in content.items() if v is not None})
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncated", "unreadable"),
+    ("other key", "written for other data"),
+    ("float images", "not uint8"),
+    ("histogram", "does not count"),
+    ("missing array", "not key, images and hist"),
+])
+def test_a_file_that_does_not_match_is_refused_and_rebuilt(mnist_root: Path, caplog: pytest.LogCaptureFixture,
+                                                           damage: str, reason: str) -> None:
+    cfg = _cfg(mnist_root)
+    images, hist = client_cache.client_images(cfg, 0, 4)
+    path = client_cache.cache_path(cfg, client_cache._key(cfg, 0, 4))
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "other key":
+        _rewrite(path, key=np.frombuffer(b'{"format": 1}', dtype=np.uint8))
+    elif damage == "float images":
+        _rewrite(path, images=images.numpy().astype(np.float32))
+    elif damage == "histogram":
+        _rewrite(path, hist=np.asarray(hist, dtype=np.int64) + 1)
+    else:
+        _rewrite(path, hist=None)
+    _fresh_process_state()
+    with caplog.at_level(logging.WARNING, logger="prism.data"):
+        again, hist_again = client_cache.client_images(cfg, 0, 4)
+    assert torch.equal(again, images) and hist_again == hist
+    assert any("refused" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+    _fresh_process_state()
+    caplog.clear()
+    assert torch.equal(client_cache.client_images(cfg, 0, 4)[0], images)  # rebuilt file: read quietly
+    assert not caplog.records
+
+
+def test_an_unwritable_data_dir_only_costs_the_speed_up(mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(client_cache, "write_bytes_atomic", read_only)
+    images, hist = client_cache.client_images(_cfg(mnist_root), 0, 4)
+    assert len(images) == sum(hist) > 0
+    assert not (mnist_root / client_cache.CACHE_FOLDER).exists()
+
+
+def test_partition_id_checked(mnist_root: Path) -> None:
+    with pytest.raises(ValueError, match="partition-id 4 outside"):
+        client_cache.client_images(_cfg(mnist_root), 4, 4)
+
+
+def test_a_clientapp_process_with_a_warm_cache_imports_neither_torchvision_nor_flwr_datasets(mnist_root: Path) -> None:
+    client_cache.client_images(_cfg(mnist_root), 1, 4)  # the first process builds the file
+    script = ("import sys, torch, client_app\n"
+              "from prism_flwr.config import RunConfig\nfrom prism_flwr.task import client_data\n"
+              f"cfg = RunConfig.parse({{'dataset': 'mnist', 'data-dir': {str(mnist_root)!r}, 'download': False, 'seed': 3}})\n"
+              "x, hist = client_data(cfg, 1, 4, torch.device('cpu'))\n"
+              "print(len(x), sum(hist), [m for m in ('torchvision', 'flwr_datasets', 'datasets') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    n, total, imported = out.stdout.split(" ", 2)
+    assert int(n) == int(total) > 0 and imported.strip() == "[]"
+
+
+def test_startup_benchmark_prints_its_table(mnist_root: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import clientapp_startup
+
+    out = clientapp_startup.main(["--dataset", "mnist", "--data-dir", str(mnist_root), "--repeats", "1", "--ngf", "4"])
+    assert out["images"] > 0 and len(out["cold_s"]) == len(out["warm_s"]) == len(clientapp_startup.PHASES)
+    assert all(t >= 0 for t in out["cold_s"] + out["warm_s"])
