@@ -39,6 +39,7 @@ if want checks; then
 fi
 want bench && stage bench-gpu 150 python3 benchmarks/bench_gpu.py $BENCH
 if want flower; then
+    stage clientapp-startup 60 python3 benchmarks/clientapp_startup.py --repeats 2
     stage flower-round 180 python3 benchmarks/flower_round.py $FLOWER --timeout 150 --keep-logs "$OUT/flower-logs"
     [ -d "$OUT/flower-logs" ] && tar -czf "$OUT/flower-logs.tar.gz" -C "$OUT" flower-logs && rm -rf "$OUT/flower-logs"
     stage tf32-check 60 python3 benchmarks/tf32_check.py --ngf 64 --steps 200 --seeds 30 --eval-samples 1000
