@@ -37,6 +37,7 @@ from prism_flwr.task import generator_spec, pick_device
 from strategies.base import empty_record
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
+from strategies.prompt_grid import PromptGrid
 
 app = ServerApp()
 # One strategy per method (prism_flwr.methods): what the ServerApp builds and how it names it.
@@ -152,7 +153,7 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
         return MetricRecord(record["eval"]) if "eval" in record else None
 
     t0 = time.time()
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord({key: Array(method.pack_global(vector, cfg))}),
+    result = strategy.start(grid=PromptGrid(grid), initial_arrays=ArrayRecord({key: Array(method.pack_global(vector, cfg))}),
                             num_rounds=remaining, timeout=cfg.round_timeout,
                             train_config=ConfigRecord({"run-tag": run_tag}), evaluate_fn=evaluate_and_record)
     final = method.unpack_global(result.arrays[key].numpy(), n, cfg) if key in result.arrays else vector

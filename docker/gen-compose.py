@@ -53,7 +53,10 @@ NODE_PORT = 9094  # SuperNode Runtime API port (1.42 default); each node is its 
 DATA = "/app/.cache/prism-flwr/data"  # default run-config data-dir under the images' HOME=/app
 OUTPUTS = "/app/prism-flwr/outputs"  # default run-config output-dir ~/prism-flwr/outputs, HOME=/app
 CERTS = "/app/certificates"
-ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+# SuperExec looks for a new task (a round's ClientApp or the ServerApp) every second by default;
+# every 0.1 s a round's ClientApps start up to 0.9 s sooner (one local request per poll).
+ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+       "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 def build(dockerfile: str, image: str) -> dict:
