@@ -1,16 +1,20 @@
-"""Round time through Flower's deployment engine vs the same round in one process.
+"""Round time through Flower (deployment engine, Ray simulation) vs the same round in one process.
 
     python benchmarks/flower_round.py --nodes 10 --ngf 64 --local-steps 100 --rounds 3
+    python benchmarks/flower_round.py --nodes 4 --ngf 16 --engines deployment simulation
 
-Starts a SuperLink and ``--nodes`` SuperNodes on loopback (insecure, as the deployment test
-does; no Ray needed), runs this app with ``flwr run`` for ``--rounds`` rounds (server evaluation
-only after the last one, pixel MMD only), and reads the round times from ``history.json`` (the
-ServerApp stamps each round's record when it is complete). Then runs the same configuration
-in-process (``prism_flwr.inprocess.run``: the same client round and aggregation, clients one
-after another on one device). Flower's share of a round = 1 - in-process / through Flower, from
-rounds >= 2 (round 1 pays process and CUDA start-up in both). All SuperNodes share the machine's
-one GPU when there is one, and its cores: each gets ``OMP_NUM_THREADS = cores // nodes`` unless
-the variable is set. Prints a table and one JSON line.
+``deployment``: a SuperLink and ``--nodes`` SuperNodes on loopback (insecure, as the deployment
+test does; no Ray needed); every round starts one ClientApp process per node. ``simulation``: a
+SuperLink with ``--simulation`` and ``num-supernodes = --nodes`` on Ray workers (each worker
+``cores // nodes`` CPUs, or ``--gpus-per-client`` of the GPU), which live for the whole run.
+Either way this app runs with ``flwr run`` for ``--rounds`` rounds (server evaluation only after
+the last one, pixel MMD only), and the round times come from ``history.json`` (the ServerApp
+stamps each round's record when it is complete). Then the same configuration runs in-process
+(``prism_flwr.inprocess.run``: the same client round and aggregation, clients one after another
+on one device). Flower's share of a round = 1 - in-process / through Flower, from rounds >= 2
+(round 1 pays process and CUDA start-up in both). All clients share the machine's one GPU when
+there is one, and its cores: each SuperNode gets ``OMP_NUM_THREADS = cores // nodes`` unless the
+variable is set. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("deployment", "simulation")
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -33,7 +38,8 @@ import procs  # noqa: E402
 from flowerkit import exe, flower_env, online_nodes, write_connection  # noqa: E402
 
 
-def through_flower(keys: dict, nodes: int, work: Path, timeout: float) -> list[dict]:
+def through_flower(keys: dict, nodes: int, work: Path, timeout: float, engine: str = "deployment",
+                   gpus_per_client: float = 0.0) -> list[dict]:
     flwr_home, out, logs = work / "flwr-home", work / "outputs", work / "logs"
     logs.mkdir(parents=True)
     env = flower_env(flwr_home)
@@ -44,17 +50,25 @@ def through_flower(keys: dict, nodes: int, work: Path, timeout: float) -> list[d
     write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
     run_config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
                           for k, v in {**keys, "output-dir": str(out)}.items())
+    federation = []
     with procs.Processes() as ps:
-        link = ps.start([exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+        sim = ["--simulation", "--isolation", "subprocess", "--database", str(work / "state.db")] \
+            if engine == "simulation" else []
+        link = ps.start([exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", *sim,
                          "--host", "127.0.0.1", "--port", str(link_port)], env=env, log_path=logs / "superlink.log")
         procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
-        started = [ps.start([exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                             "--host", "127.0.0.1", "--port", str(port),
-                             "--node-config", f"partition-id={i} num-partitions={nodes}"],
-                            env=env, log_path=logs / f"supernode-{i}.log") for i, port in enumerate(node_ports)]
-        procs.wait_for(lambda: len(online_nodes(env, "loopback")) == nodes, timeout=90,
-                       desc=f"{nodes} SuperNodes online", procs=[link, *started])
-        run = ps.start([exe("flwr"), "run", str(ROOT), "loopback", "--stream", "--run-config", run_config],
+        if engine == "simulation":  # Ray workers, each hosting clients one after another
+            cpus = max(1, (os.cpu_count() or 1) // nodes) if not gpus_per_client else 1
+            federation = ["--federation-config", f"num-supernodes={nodes} client-resources-num-cpus={cpus} "
+                                                 f"client-resources-num-gpus={gpus_per_client}"]
+        else:
+            started = [ps.start([exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                                 "--host", "127.0.0.1", "--port", str(port),
+                                 "--node-config", f"partition-id={i} num-partitions={nodes}"],
+                                env=env, log_path=logs / f"supernode-{i}.log") for i, port in enumerate(node_ports)]
+            procs.wait_for(lambda: len(online_nodes(env, "loopback")) == nodes, timeout=90,
+                           desc=f"{nodes} SuperNodes online", procs=[link, *started])
+        run = ps.start([exe("flwr"), "run", str(ROOT), "loopback", "--stream", "--run-config", run_config, *federation],
                        env=env, log_path=logs / "flwr-run.log", cwd=flwr_home)
         # Report each round as the ServerApp records it, so a run cut short still says something.
         deadline, seen, history = time.time() + timeout, 0, []
@@ -77,20 +91,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ngf", type=int, default=64)
     p.add_argument("--local-steps", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=["deployment"])
+    p.add_argument("--gpus-per-client", type=float, default=0.0, help="simulation: client-resources-num-gpus")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per engine")
     p.add_argument("--keep-logs", type=Path, help="copy the SuperLink/SuperNode/run logs here (also on failure)")
     args = p.parse_args(argv)
     keys = {"ngf": args.ngf, "local-steps": args.local_steps, "num-server-rounds": args.rounds,
             "eval-every": args.rounds, "eval-samples": 64, "eval-feature-metrics": False, "fraction-evaluate": 0.0,
             "min-train-nodes": args.nodes}
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.time()
-        try:
-            flower = through_flower(keys, args.nodes, Path(tmp), args.timeout)
-        finally:
-            if args.keep_logs is not None:
-                shutil.copytree(Path(tmp) / "logs", args.keep_logs, dirs_exist_ok=True)
-        flower_wall = time.time() - t0
+    flower: dict[str, list[dict]] = {}
+    for engine in args.engines:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                flower[engine] = through_flower(keys, args.nodes, Path(tmp), args.timeout, engine, args.gpus_per_client)
+            finally:
+                if args.keep_logs is not None:
+                    shutil.copytree(Path(tmp) / "logs", args.keep_logs / engine, dirs_exist_ok=True)
 
     import torch
 
@@ -98,18 +114,23 @@ def main(argv: list[str] | None = None) -> dict:
     from prism_flwr.config import RunConfig
     hist = inprocess.run(RunConfig.parse({**keys, "output-dir": "/tmp/unused"}), args.nodes)
     local = [{"round": r["round"], "seconds": r["round_seconds"]} for r in hist[1:]]
-    warm_flower = statistics.mean(r["seconds"] for r in flower[1:]) if len(flower) > 1 else flower[0]["seconds"]
-    warm_local = statistics.mean(r["seconds"] for r in local[1:]) if len(local) > 1 else local[0]["seconds"]
+
+    def warm(rounds: list[dict]) -> float:  # round 1 pays process and CUDA start-up
+        return statistics.mean(r["seconds"] for r in (rounds[1:] if len(rounds) > 1 else rounds))
+    shares = {engine: 1 - warm(local) / warm(rounds) for engine, rounds in flower.items()}
     out = {"bench": "flower_round", "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "cores": os.cpu_count(), "threads_per_client": os.environ.get("OMP_NUM_THREADS"),
            "nodes": args.nodes, "ngf": args.ngf, "local_steps": args.local_steps,
-           "flower_rounds": flower, "inprocess_rounds": local, "flower_wall_seconds": flower_wall,
-           "warm_round_flower_s": warm_flower, "warm_round_inprocess_s": warm_local,
-           "flower_share": 1 - warm_local / warm_flower}
-    print(f"{'round':>5} {'through Flower s':>17} {'in-process s':>13}")
-    for f, l in zip(flower, local):
-        print(f"{f['round']:>5} {f['seconds']:>17.2f} {l['seconds']:>13.2f}")
-    print(f"warm rounds: Flower {warm_flower:.2f} s, in-process {warm_local:.2f} s: Flower's share "
-          f"{100 * out['flower_share']:.0f} %")
+           "flower_rounds": flower, "inprocess_rounds": local, "inprocess_threads": torch.get_num_threads(),
+           "warm_round_flower_s": {e: warm(r) for e, r in flower.items()}, "warm_round_inprocess_s": warm(local),
+           "flower_share": shares}
+    print(f"{'round':>5} " + " ".join(f"{e + ' s':>14}" for e in flower) + f" {'in-process s':>13}")
+    for i, loc in enumerate(local):
+        print(f"{loc['round']:>5} " + " ".join(f"{r[i]['seconds'] if i < len(r) else float('nan'):>14.2f}"
+                                               for r in flower.values()) + f" {loc['seconds']:>13.2f}")
+    for engine, share in shares.items():
+        print(f"warm rounds, {engine}: {warm(flower[engine]):.2f} s through Flower vs {warm(local):.2f} s in one "
+              f"process: Flower's share {100 * share:.0f} %")
     print(json.dumps(out), flush=True)
     return out
 
