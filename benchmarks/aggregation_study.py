@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import mean_spread, plot, run_series  # noqa: E402
+from report import mean_spread, plot, run_series, value_at_budget  # noqa: E402
 
 from prism_flwr import inprocess  # noqa: E402
 from prism_flwr.aggregation import AGGREGATIONS  # noqa: E402
@@ -126,6 +126,28 @@ def dominance(rows: list[dict], part: str, rule: str) -> str:
     return f"{'yes' if never_worse and better else 'no'} (better at {len(better)}/{len(rounds)} rounds)"
 
 
+def _budget_table(rows: list[dict], order: list[str], metric: str) -> str:
+    """Uplink per client over the whole run, and quality at an equal uplink budget: the smallest
+    total any rule of the partitioning used (each seed's last evaluated round within it)."""
+    lines = [f"Uplink per client over the run (MB, mean ± sd over seeds), and {metric} at the last evaluated "
+             "round whose cumulative uplink fits the smallest of those totals (same budget for every rule):", "",
+             "| partitioning | rule | uplink MB | budget MB | round reached | " + metric + " at budget |",
+             "|---|---|---|---|---|---|"]
+    for part in dict.fromkeys(r["partitioning"] for r in rows):
+        groups = {rule: [r for r in rows if r["partitioning"] == part and r["method"] == rule and r["series"]]
+                  for rule in order}
+        groups = {rule: g for rule, g in groups.items() if g}
+        if not groups:
+            continue
+        budget = min(statistics.mean(r["series"][-1]["uplink_mb"] for r in g) for g in groups.values())
+        for rule, group in groups.items():
+            at = [value_at_budget(r["series"], budget) for r in group]
+            lines.append(f"| {part} | {rule} | {mean_spread([r['series'][-1]['uplink_mb'] for r in group])} | "
+                         f"{budget:.3f} | {mean_spread([p['round'] for p in at])} | "
+                         f"{mean_spread([p['value'] for p in at])} |")
+    return "\n".join(lines)
+
+
 def report(out: Path, metric_hint: str | None = None) -> dict:
     docs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     if not docs:
@@ -155,6 +177,7 @@ def report(out: Path, metric_hint: str | None = None) -> dict:
             dom = dominance(rows, part, rule) if rule not in ("mada", "mean") else "-"
             lines.append(f"| {part} | {rule} | {len(group)} | {' | '.join(cells)} | {lam_cell} | {nochange_cell} | {dom} |")
     table = "\n".join(lines)
+    budget_table = _budget_table(rows, order, metric)
     cfg = docs[0]["config"]
     wall = sum(d["wall_seconds"] for d in docs)
     ran = sorted({d["history"][-1]["round"] for d in docs})
@@ -167,7 +190,7 @@ def report(out: Path, metric_hint: str | None = None) -> dict:
         f"{sorted({d['seed'] for d in docs})}; rN = after round N (r0: the untrained network). Measured on "
         f"{docs[0]['machine']}; {len(docs)} runs, {wall / 60:.1f} min of run time in all; rounds run: "
         f"{', '.join(map(str, ran))}" + (f" (stopped early at the time budget: {', '.join(stopped)})" if stopped else "")
-        + f".\n\n{table}\n\n"
+        + f".\n\n{table}\n\n{budget_table}\n\n"
         f"![quality vs rounds](quality_vs_rounds.png)\n\n![quality vs uplink](quality_vs_uplink.png)\n\n"
         f"![quality vs traffic both ways](quality_vs_traffic.png)\n")
     (out / "study.json").write_text(json.dumps({"metric": metric, "settings": settings,
