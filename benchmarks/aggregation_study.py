@@ -126,6 +126,32 @@ def dominance(rows: list[dict], part: str, rule: str) -> str:
     return f"{'yes' if never_worse and better else 'no'} (better at {len(better)}/{len(rounds)} rounds)"
 
 
+def _paired_table(rows: list[dict], order: list[str]) -> str:
+    """Each rule against the plain mean run on the same seed (same network, partition, random streams):
+    at how many (seed, evaluated round) pairs is it better, and its FD minus the mean's at the end."""
+    lines = ["Paired with the plain mean (same seed: same random network, partition and random streams):", "",
+             "| partitioning | rule | better than mean at (seed, round) pairs | last round: rule - mean, per seed |",
+             "|---|---|---|---|"]
+    for part in dict.fromkeys(r["partitioning"] for r in rows):
+        means = {r["seed"]: {p["round"]: p["value"] for p in r["series"]}
+                 for r in rows if r["partitioning"] == part and r["method"] == "mean"}
+        for rule in order:
+            if rule == "mean":
+                continue
+            pairs, last = [], []
+            for r in rows:
+                if r["partitioning"] != part or r["method"] != rule or r["seed"] not in means:
+                    continue
+                ref = means[r["seed"]]
+                shared = [p for p in r["series"] if p["round"] in ref and p["round"] > 0]
+                pairs += [p["value"] < ref[p["round"]] for p in shared]
+                if shared:
+                    last.append(f"{shared[-1]['value'] - ref[shared[-1]['round']]:+.1f}")
+            if pairs:
+                lines.append(f"| {part} | {rule} | {sum(pairs)}/{len(pairs)} | {', '.join(last)} |")
+    return "\n".join(lines)
+
+
 def _budget_table(rows: list[dict], order: list[str], metric: str) -> str:
     """Uplink per client over the whole run, and quality at an equal uplink budget: the smallest
     total any rule of the partitioning used (each seed's last evaluated round within it)."""
@@ -177,7 +203,7 @@ def report(out: Path, metric_hint: str | None = None) -> dict:
             dom = dominance(rows, part, rule) if rule not in ("mada", "mean") else "-"
             lines.append(f"| {part} | {rule} | {len(group)} | {' | '.join(cells)} | {lam_cell} | {nochange_cell} | {dom} |")
     table = "\n".join(lines)
-    budget_table = _budget_table(rows, order, metric)
+    budget_table = _paired_table(rows, order) + "\n\n" + _budget_table(rows, order, metric)
     cfg = docs[0]["config"]
     wall = sum(d["wall_seconds"] for d in docs)
     ran = sorted({d["history"][-1]["round"] for d in docs})
