@@ -27,8 +27,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-COLORS = {"mada": "tab:blue", "mean": "tab:orange", "dense": "tab:green"}
-LABELS = {"mada": "PRISM (MADA)", "mean": "PRISM, plain mean", "dense": "dense FedAvg"}
+COLORS = {"mada": "tab:blue", "mean": "tab:orange", "dense": "tab:green",
+          "mada-change": "tab:red", "adam": "tab:purple", "beta": "tab:brown"}
+LABELS = {"mada": "PRISM (MADA)", "mean": "PRISM, plain mean", "dense": "dense FedAvg",
+          "mada-change": "PRISM, mada-change", "adam": "PRISM, server Adam", "beta": "PRISM, Beta posterior"}
 
 
 def run_series(history: list[dict], metric: str) -> list[dict]:
