@@ -43,7 +43,7 @@ def _key(cfg: RunConfig, partition_id: int, num_partitions: int) -> str | None:
     files = expected_files(cfg.dataset, root)
     if not all(path.exists() for path in files):
         return None
-    stats = [[str(path.relative_to(root)), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+    stats = [[str(path.relative_to(root)), st.st_size, st.st_mtime_ns] for path in files for st in [path.stat()]]
     return json.dumps({"format": FORMAT, "dataset": cfg.dataset, "partitioning": cfg.partitioning,
                        "num-partitions": num_partitions, "partition-id": partition_id, "seed": cfg.seed,
                        "dirichlet-alpha": cfg.dirichlet_alpha, "shards": cfg.shards_per_partition,
