@@ -1,6 +1,6 @@
 """PRISM ClientApp: unpack Flower records, run one client round, pack the reply.
 
-All the work is framework-free (``prism_flwr/client_round.py``, the same code the in-process
+All the work is framework-free (``prism_flwr/federated/client_round.py``, the same code the in-process
 runner and the benchmarks call); this file only moves records:
 
 - ``@app.train``: the global vector (PRISM's float32 scores, or the dense baseline's weights) in;
@@ -22,13 +22,15 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from prism_flwr.client_round import (client_evaluate, client_round, ledger_params, new_record, received_vector,
+from prism_flwr.federated.client_round import (client_evaluate, client_round, ledger_params, new_record, received_vector,
                                      theta_noise_multiplier)
-from prism_flwr.client_state import (ClientRecord, PrivacyLedger, client_state_dir, read_latest_state_file,
+from prism_flwr.storage.client_state import (ClientRecord, PrivacyLedger, client_state_dir, read_latest_state_file,
                                      write_state_file)
 from prism_flwr.config import RunConfig
-from prism_flwr.methods import method_for
-from prism_flwr.task import METRICS_KEY, client_data, pick_device
+from prism_flwr.federated.methods import method_for
+from prism_flwr.federated.records import METRICS_KEY
+from prism_flwr.data.client_cache import client_data
+from prism_flwr.model.build import pick_device
 
 app = ClientApp()
 log = logging.getLogger("prism.client")

@@ -2,7 +2,7 @@
 
 Every run writes into its own folder ``output-dir/<start time>-run<Flower run id>-<random>/``
 (``output-dir/latest`` points at the newest), locked for the run's lifetime so two runs never
-share files (``prism_flwr/checkpoint.py``): ``checkpoint-<round>.ckpt`` (every round, atomic,
+share files (``prism_flwr/storage/checkpoint.py``): ``checkpoint-<round>.ckpt`` (every round, atomic,
 pickle-free, the last 3 kept), ``history.json`` (one record per round), ``samples/round-XXXX.png``
 (every evaluation), ``model.prism`` (final sparse model), ``samples.png`` (final grid) and
 ``summary.json``. ``resume=true`` continues the run folder ``resume-run`` (default: ``latest``)
@@ -22,25 +22,25 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from prism_flwr.checkpoint import (RunLock, check_resume_config, find_run_dir, load_checkpoint, new_run_dir,
+from prism_flwr.storage.checkpoint import (RunLock, check_resume_config, find_run_dir, load_checkpoint, new_run_dir,
                                   point_latest, save_checkpoint, write_text_atomic)
 from prism_flwr.config import RunConfig
-from prism_flwr.data import NUM_CLASSES
-from prism_flwr.evaluation import Evaluator, save_grid
-from prism_flwr.export import dense_float32_bytes
-from prism_flwr.generator import ResnetGenerator, generate
-from prism_flwr.plots import plot_history
-from prism_flwr.masked import get_flat, layout_fingerprint, num_masked, set_flat
-from prism_flwr.methods import Method, method_for
-from prism_flwr.summary import closing_summary
-from prism_flwr.task import generator_spec, pick_device
+from prism_flwr.data.datasets import NUM_CLASSES
+from prism_flwr.evaluation.evaluator import Evaluator, save_grid
+from prism_flwr.storage.export import dense_float32_bytes
+from prism_flwr.model.generator import ResnetGenerator, generate
+from prism_flwr.evaluation.plots import plot_history
+from prism_flwr.model.masked import get_flat, layout_fingerprint, num_masked, set_flat
+from prism_flwr.federated.methods import Method, method_for
+from prism_flwr.evaluation.summary import closing_summary
+from prism_flwr.model.build import generator_spec, pick_device
 from strategies.base import empty_record
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
 from strategies.prompt_grid import PromptGrid
 
 app = ServerApp()
-# One strategy per method (prism_flwr.methods): what the ServerApp builds and how it names it.
+# One strategy per method (prism_flwr.federated.methods): what the ServerApp builds and how it names it.
 STRATEGIES = {
     "prism": lambda cfg, layout, common: MADA(layout=layout, method=cfg.aggregation, space=cfg.mada_space,
                                               run_config=cfg, **common),

@@ -1,6 +1,6 @@
 """Codec, downlink and aggregation speed at paper scale, raw and entropy-coded.
 
-    python benchmarks/bench_core.py [--clients 100] [--ngf 64] [--repeats 3] [--drift 0.0]
+    python -m benchmarks.bench_core [--clients 100] [--ngf 64] [--repeats 3] [--drift 0.0]
 
 Prints a table and one JSON line. Everything runs in this process on the same inputs:
 
@@ -34,11 +34,11 @@ import time
 import numpy as np
 import torch
 
-from prism_flwr.aggregation import aggregate, count_ones, smoothed_mean
-from prism_flwr.codec import HEADER_BYTES, decode_mask, encode_mask, mask_method, mask_model, packed_length
-from prism_flwr.downlink import dequantise, pack_delta, pack_scores, quantise, snap_to_grid, unpack_scores
-from prism_flwr.generator import GeneratorSpec, ResnetGenerator
-from prism_flwr.masked import layout_fingerprint, num_masked
+from prism_flwr.federated.aggregation import aggregate, count_ones, smoothed_mean
+from prism_flwr.federated.codec import HEADER_BYTES, decode_mask, encode_mask, mask_method, mask_model, packed_length
+from prism_flwr.federated.downlink import dequantise, pack_delta, pack_scores, quantise, snap_to_grid, unpack_scores
+from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
+from prism_flwr.model.masked import layout_fingerprint, num_masked
 
 ENTROPY_LEVELS = {1: 0.85, 5: 0.59, 10: 0.42, 15: 0.33}  # round -> mean theta entropy of the default run
 

@@ -1,7 +1,7 @@
 """Local-step speed by generator width and objective, and a round in one process.
 
-    python benchmarks/bench_gpu.py                 # widths 16, 32, 64; on CUDA when visible
-    python benchmarks/bench_gpu.py --size tiny     # a seconds-long CPU smoke run (the test suite)
+    python -m benchmarks.bench_gpu                 # widths 16, 32, 64; on CUDA when visible
+    python -m benchmarks.bench_gpu --size tiny     # a seconds-long CPU smoke run (the test suite)
 
 For each width and objective it times ``--steps`` local steps (batch 64) three ways, side by side
 in one process on the same device:
@@ -40,14 +40,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism_flwr.config import RunConfig  # noqa: E402
-from prism_flwr.features import PixelFeatures, VGG19Features  # noqa: E402
-from prism_flwr.generator import GeneratorSpec, ResnetGenerator  # noqa: E402
-from prism_flwr.masked import masked_layers, set_mask_mode  # noqa: E402
-from prism_flwr.objectives import FeatureMatching, mmd2_unbiased  # noqa: E402
-from prism_flwr.training import ClientState, TrainSettings, real_feature_moments, train_local  # noqa: E402
+from prism_flwr.model.features import PixelFeatures, VGG19Features  # noqa: E402
+from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator  # noqa: E402
+from prism_flwr.model.masked import masked_layers, set_mask_mode  # noqa: E402
+from prism_flwr.model.objectives import FeatureMatching, mmd2_unbiased  # noqa: E402
+from prism_flwr.model.training import ClientState, TrainSettings, real_feature_moments, train_local  # noqa: E402
 
 SIZES = {
     "gpu": {"widths": [16, 32, 64], "objectives": ["mmd", "fm-vgg19"], "steps": 100, "repeats": 4,
@@ -122,7 +121,7 @@ def time_variant(variant: str, width: int, objective: str, device: torch.device,
 
 
 def time_round(width: int, clients: int, round_steps: int, device: torch.device) -> dict:
-    from prism_flwr import inprocess
+    from prism_flwr.federated import inprocess
     cfg = RunConfig.parse({"ngf": width, "local-steps": round_steps, "num-server-rounds": 2,
                            "device": device.type, "partitioning": "shards"})
     hist = inprocess.run(cfg, clients)

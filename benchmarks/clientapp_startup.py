@@ -1,7 +1,7 @@
 """What a fresh ClientApp process pays before it trains, with and without the client cache.
 
-    python benchmarks/clientapp_startup.py                  # Fashion-MNIST, 4 partitions, partition 1
-    python benchmarks/clientapp_startup.py --repeats 1 --dataset mnist --data-dir DIR   # the test suite
+    python -m benchmarks.clientapp_startup                  # Fashion-MNIST, 4 partitions, partition 1
+    python -m benchmarks.clientapp_startup --repeats 1 --dataset mnist --data-dir DIR   # the test suite
 
 Flower's deployment engine starts a new ClientApp process for every message (every round's
 train and evaluate), so this cost is paid by every client in every round. Each repeat starts a
@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PHASES = ("import torch", "import ClientApp", "client data", "network")
 CHILD = """
@@ -36,9 +35,10 @@ import torch
 t1 = time.perf_counter()
 import client_app
 t2 = time.perf_counter()
-from prism_flwr.client_round import _model
+from prism_flwr.federated.client_round import _model
 from prism_flwr.config import RunConfig
-from prism_flwr.task import client_data, generator_spec
+from prism_flwr.data.client_cache import client_data
+from prism_flwr.model.build import generator_spec
 cfg = RunConfig.parse(json.loads(sys.argv[1]))
 data, hist = client_data(cfg, int(sys.argv[2]), int(sys.argv[3]), torch.device("cpu"))
 t3 = time.perf_counter()
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
 
-    from prism_flwr.client_cache import _key, cache_path
+    from prism_flwr.data.client_cache import _key, cache_path
     from prism_flwr.config import RunConfig
     keys = {"dataset": args.dataset, "ngf": args.ngf, **({"data-dir": args.data_dir} if args.data_dir else {})}
     cfg = RunConfig.parse(keys)

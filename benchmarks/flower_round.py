@@ -1,7 +1,7 @@
 """Round time through Flower (deployment engine, Ray simulation) vs the same round in one process.
 
-    python benchmarks/flower_round.py --nodes 10 --ngf 64 --local-steps 100 --rounds 3
-    python benchmarks/flower_round.py --nodes 4 --ngf 16 --engines deployment simulation
+    python -m benchmarks.flower_round --nodes 10 --ngf 64 --local-steps 100 --rounds 3
+    python -m benchmarks.flower_round --nodes 4 --ngf 16 --engines deployment simulation
 
 ``deployment``: a SuperLink and ``--nodes`` SuperNodes on loopback (insecure, as the deployment
 test does; no Ray needed); every round starts one ClientApp process per node. ``simulation``: a
@@ -10,7 +10,7 @@ SuperLink with ``--simulation`` and ``num-supernodes = --nodes`` on Ray workers 
 Either way this app runs with ``flwr run`` for ``--rounds`` rounds (server evaluation only after
 the last one, pixel MMD only), and the round times come from ``history.json`` (the ServerApp
 stamps each round's record when it is complete). Then the same configuration runs in-process
-(``prism_flwr.inprocess.run``: the same client round and aggregation, clients one after another
+(``prism_flwr.federated.inprocess.run``: the same client round and aggregation, clients one after another
 on one device). Flower's share of a round = 1 - in-process / through Flower, from rounds >= 2
 (round 1 pays process and CUDA start-up in both). All clients share the machine's one GPU when
 there is one, and its cores: each SuperNode gets ``OMP_NUM_THREADS = cores // nodes`` unless the
@@ -31,11 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("deployment", "simulation")
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-import procs  # noqa: E402
-from flowerkit import exe, flower_env, online_nodes, write_connection  # noqa: E402
+from tools import procs
+from tools.flowerkit import exe, flower_env, online_nodes, write_connection
 
 
 def through_flower(keys: dict, nodes: int, work: Path, timeout: float, engine: str = "deployment",
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from prism_flwr import inprocess
+    from prism_flwr.federated import inprocess
     from prism_flwr.config import RunConfig
     hist = inprocess.run(RunConfig.parse({**keys, "output-dir": "/tmp/unused"}), args.nodes)
     local = [{"round": r["round"], "seconds": r["round_seconds"]} for r in hist[1:]]

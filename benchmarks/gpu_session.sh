@@ -37,12 +37,12 @@ if want checks; then
     stage feature-net 90 python3 -m prism_flwr.cli feature-net fmnist
     stage pytest-cuda 60 python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider
 fi
-want bench && stage bench-gpu 150 python3 benchmarks/bench_gpu.py $BENCH
+want bench && stage bench-gpu 150 python -m benchmarks.bench_gpu $BENCH
 if want flower; then
-    stage clientapp-startup 60 python3 benchmarks/clientapp_startup.py --repeats 2
-    stage flower-round 180 python3 benchmarks/flower_round.py $FLOWER --timeout 150 --keep-logs "$OUT/flower-logs"
+    stage clientapp-startup 60 python -m benchmarks.clientapp_startup --repeats 2
+    stage flower-round 180 python -m benchmarks.flower_round $FLOWER --timeout 150 --keep-logs "$OUT/flower-logs"
     [ -d "$OUT/flower-logs" ] && tar -czf "$OUT/flower-logs.tar.gz" -C "$OUT" flower-logs && rm -rf "$OUT/flower-logs"
-    stage tf32-check 60 python3 benchmarks/tf32_check.py --ngf 64 --steps 200 --seeds 30 --eval-samples 1000
+    stage tf32-check 60 python -m benchmarks.tf32_check --ngf 64 --steps 200 --seeds 30 --eval-samples 1000
 fi
 if want studies; then
     # What is left, less a margin for the last rounds, evaluations and the tar, goes to the studies.
@@ -52,12 +52,12 @@ if want studies; then
     budget=$(python3 -c "print(max(0.5, $left / 60))")
     log "start studies (budget $budget min)"
     for rule in mada mean mada-change adam beta; do
-        timeout $((left + 30)) python3 benchmarks/aggregation_study.py --size $PAPER --out "$OUT/paper" --rules $rule \
+        timeout $((left + 30)) python -m experiments.aggregation_study --size $PAPER --out "$OUT/paper" --rules $rule \
             --seeds 30 --partitionings shards --shard 0/2 --samples \
             --run-deadline-min "$(python3 -c "print($budget - 0.4)")" > "$OUT/paper-$rule.log" 2>&1 &
     done
     for w in 0 1 2; do
-        timeout $((left + 30)) python3 benchmarks/aggregation_study.py --size $SMALL --out "$OUT/small" --shard $w/3 --partitionings shards \
+        timeout $((left + 30)) python -m experiments.aggregation_study --size $SMALL --out "$OUT/small" --shard $w/3 --partitionings shards \
             --deadline-min "$budget" --run-deadline-min "$budget" > "$OUT/small-$w.log" 2>&1 &
     done
     wait

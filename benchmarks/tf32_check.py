@@ -1,6 +1,6 @@
 """TF32 vs full float32 convolutions, side by side with the same seeds (CUDA only).
 
-    python benchmarks/tf32_check.py --ngf 64 --steps 300
+    python -m benchmarks.tf32_check --ngf 64 --steps 300
 
 PyTorch runs cuDNN convolutions in TF32 by default on Ampere and newer GPUs (matrix products
 stay float32 unless asked). Here one client trains ``--steps`` local steps on a real
@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism_flwr.config import RunConfig  # noqa: E402
-from prism_flwr.evaluation import Evaluator  # noqa: E402
-from prism_flwr.features import PixelFeatures  # noqa: E402
-from prism_flwr.generator import ResnetGenerator  # noqa: E402
-from prism_flwr.methods import PRISM  # noqa: E402
-from prism_flwr.task import client_data, generator_spec  # noqa: E402
-from prism_flwr.training import ClientState, train_local  # noqa: E402
+from prism_flwr.evaluation.evaluator import Evaluator  # noqa: E402
+from prism_flwr.model.features import PixelFeatures  # noqa: E402
+from prism_flwr.model.generator import ResnetGenerator  # noqa: E402
+from prism_flwr.federated.methods import PRISM  # noqa: E402
+from prism_flwr.data.client_cache import client_data
+from prism_flwr.model.build import generator_spec
+from prism_flwr.model.training import ClientState, train_local  # noqa: E402
 
 
 def main(argv=None) -> dict:

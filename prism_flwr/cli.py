@@ -14,9 +14,9 @@ import json
 import subprocess
 import sys
 
-from .config import RunConfig
-from .data import DATASETS, DatasetMissingError, load_dataset
-from .export import ModelFileError
+from prism_flwr.config import RunConfig
+from prism_flwr.data.datasets import DATASETS, DatasetMissingError, load_dataset
+from prism_flwr.storage.export import ModelFileError
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -26,9 +26,9 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .evaluation import save_grid
-    from .export import load_sparse_model
-    from .generator import generate
+    from prism_flwr.evaluation.evaluator import save_grid
+    from prism_flwr.storage.export import load_sparse_model
+    from prism_flwr.model.generator import generate
 
     model, header = load_sparse_model(args.model)
     save_grid(generate(model, args.n, args.seed), args.out)
@@ -37,9 +37,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import Evaluator
-    from .export import load_sparse_model
-    from .task import pick_device
+    from prism_flwr.evaluation.evaluator import Evaluator
+    from prism_flwr.storage.export import load_sparse_model
+    from prism_flwr.model.build import pick_device
 
     model, header = load_sparse_model(args.model)
     dataset = args.dataset or header.get("dataset")
@@ -58,8 +58,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _feature_net(args: argparse.Namespace) -> int:
-    from .feature_net import load_or_train_classifier
-    from .task import pick_device
+    from prism_flwr.evaluation.feature_net import load_or_train_classifier
+    from prism_flwr.model.build import pick_device
 
     _, info, path = load_or_train_classifier(args.dataset, args.data_dir, args.seed, pick_device(args.device),
                                              args.download, force=args.force)

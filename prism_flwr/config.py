@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from .privacy import check_dp_compatible
+from prism_flwr.privacy import check_dp_compatible
 
 
 class ConfigError(ValueError):

@@ -30,7 +30,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from prism_flwr.task import METRICS_KEY
+from prism_flwr.federated.records import METRICS_KEY
 
 from .wire import message_wire_bytes
 
@@ -134,7 +134,7 @@ class RecordingFedAvg(FedAvg):
         self._sent_bytes, self._down_wire = 0, None  # their bytes per client; all messages as serialised
         self._asked = 0
         self._asked_nodes: set[int] | None = None  # None: accept any node (tests without configure_*)
-        # robust-aggregation: keyword arguments for prism_flwr.robust.robust_counts, None when off
+        # robust-aggregation: keyword arguments for prism_flwr.federated.robust.robust_counts, None when off
         self.robust: dict | None = None
 
     @property

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array
 
-from prism_flwr.task import WEIGHTS_KEY
+from prism_flwr.federated.records import WEIGHTS_KEY
 
 from .base import RecordingFedAvg, ReplyRejected
 

@@ -8,7 +8,7 @@ Sampling, message construction, reply validation and the round record come from
   coding model of the scores sent this round (``codec.mask_model``, set in ``configure_train``),
   into its grouped layout, where they are counted;
 - ``combine``: per-weight counts of ones on the packed bits, then the run's
-  ``prism_flwr.aggregation.Aggregator`` rule: MADA ``s_{t+1} = lambda logit(theta_agg) + (1 - lambda) s_t``
+  ``prism_flwr.federated.aggregation.Aggregator`` rule: MADA ``s_{t+1} = lambda logit(theta_agg) + (1 - lambda) s_t``
   with lambda the Hamming distance of global-mask samples, the plain mean, or a rule beyond the
   paper (``mada-change``, ``adam``, ``beta``); lambda's no-change expectation and the change
   term go into the round's record. The server's
@@ -24,12 +24,12 @@ import numpy as np
 from flwr.app import Array
 from flwr.common import log
 
-from prism_flwr.aggregation import Aggregator, combine_masks
-from prism_flwr.codec import MaskFormatError, decode_mask, mask_model
+from prism_flwr.federated.aggregation import Aggregator, combine_masks
+from prism_flwr.federated.codec import MaskFormatError, decode_mask, mask_model
 from prism_flwr.config import RunConfig
-from prism_flwr.methods import PRISM
-from prism_flwr.robust import robust_counts
-from prism_flwr.task import MASK_KEY, SCORES_KEY
+from prism_flwr.federated.methods import PRISM
+from prism_flwr.federated.robust import robust_counts
+from prism_flwr.federated.records import MASK_KEY, SCORES_KEY
 
 from .base import RecordingFedAvg
 
@@ -40,7 +40,7 @@ class MADA(RecordingFedAvg):
     Parameters
     ----------
     num_weights, layout : the model's masked-weight count and layout fingerprint (codec checks).
-    method : an aggregation rule of ``prism_flwr.aggregation.AGGREGATIONS`` (``"mada"``: the
+    method : an aggregation rule of ``prism_flwr.federated.aggregation.AGGREGATIONS`` (``"mada"``: the
         paper's; ``"mean"``: PRISM without MADA).
     space : ``"score"`` (official code) or ``"probability"`` (the paper's figure).
     Other keywords: see ``RecordingFedAvg``.

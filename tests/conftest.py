@@ -26,7 +26,7 @@ def data_dir(tmp_path_factory) -> Path:
 def task_identity():
     """Flower messages need the identity a running ServerApp has; give them one outside Flower
     (``pytestmark = pytest.mark.usefixtures("task_identity")`` in a test module)."""
-    import security_probe
+    from tools import security_probe
 
     saved = security_probe.set_task_identity()
     yield

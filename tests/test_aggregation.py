@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from prism_flwr.aggregation import (aggregate, count_ones, hamming_lambda, logit, mada_blend,
+from prism_flwr.federated.aggregation import (aggregate, count_ones, hamming_lambda, logit, mada_blend,
                                     smoothed_mean)
 
 C1 = np.array([1, 1, 0, 0, 1, 0, 1, 0], dtype=bool)
@@ -102,7 +102,7 @@ def test_count_ones_past_the_uint8_block():
 
 # --- lambda diagnostics and the rules beyond the paper, each against numbers worked by hand ---
 
-from prism_flwr.aggregation import Aggregator, change_lambda, lambda_diagnostics, sigmoid  # noqa: E402
+from prism_flwr.federated.aggregation import Aggregator, change_lambda, lambda_diagnostics, sigmoid  # noqa: E402
 
 
 def test_lambda_diagnostics_by_hand():

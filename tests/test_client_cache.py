@@ -1,4 +1,4 @@
-"""prism_flwr.client_cache: a ClientApp process reads its own images from one file, built once,
+"""prism_flwr.data.client_cache: a ClientApp process reads its own images from one file, built once,
 refused and rebuilt when it does not match, and never needs torchvision or flwr-datasets then."""
 
 import logging
@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import write_mnist
+from tests.support.fixtures_data import write_mnist
 
-from prism_flwr import client_cache, data
+from prism_flwr.data import client_cache
+from prism_flwr.data import datasets as data
 from prism_flwr.config import RunConfig
-from prism_flwr.partition import label_histogram, partition_indices
+from prism_flwr.data.partition import label_histogram, partition_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +140,7 @@ def test_partition_id_checked(mnist_root: Path) -> None:
 def test_a_clientapp_process_with_a_warm_cache_imports_neither_torchvision_nor_flwr_datasets(mnist_root: Path) -> None:
     client_cache.client_images(_cfg(mnist_root), 1, 4)  # the first process builds the file
     script = ("import sys, torch, client_app\n"
-              "from prism_flwr.config import RunConfig\nfrom prism_flwr.task import client_data\n"
+              "from prism_flwr.config import RunConfig\nfrom prism_flwr.data.client_cache import client_data\n"
               f"cfg = RunConfig.parse({{'dataset': 'mnist', 'data-dir': {str(mnist_root)!r}, 'download': False, 'seed': 3}})\n"
               "x, hist = client_data(cfg, 1, 4, torch.device('cpu'))\n"
               "print(len(x), sum(hist), [m for m in ('torchvision', 'flwr_datasets', 'datasets') if m in sys.modules])\n")
@@ -151,8 +152,7 @@ def test_a_clientapp_process_with_a_warm_cache_imports_neither_torchvision_nor_f
 
 
 def test_startup_benchmark_prints_its_table(mnist_root: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import clientapp_startup
+    from benchmarks import clientapp_startup
 
     out = clientapp_startup.main(["--dataset", "mnist", "--data-dir", str(mnist_root), "--repeats", "1", "--ngf", "4"])
     assert out["images"] > 0 and len(out["cold_s"]) == len(out["warm_s"]) == len(clientapp_startup.PHASES)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from prism_flwr.codec import (HEADER_BYTES, LEVEL_PROBABILITIES, PROB_BITS, MaskFormatError, byte_distribution,
+from prism_flwr.federated.codec import (HEADER_BYTES, LEVEL_PROBABILITIES, PROB_BITS, MaskFormatError, byte_distribution,
                               decode_mask, encode_mask, mask_method, mask_model, mask_model_from_codes,
                               packed_length, unpack_mask)
-from prism_flwr.downlink import GRID, quantise, snap_to_grid
+from prism_flwr.federated.downlink import GRID, quantise, snap_to_grid
 
 LAYOUT = b"\x01\x02\x03\x04\x05\x06\x07\x08"
 
@@ -207,7 +207,7 @@ def test_model_is_the_same_from_float32_scores_or_from_the_8_bit_broadcast():
 def test_grouped_fast_path_counts_the_same():
     """Server fast path: masks decoded into the grouped layout (coded as they come, raw ones
     moved there), counted there, counts mapped back once: equal to counting in weight order."""
-    from prism_flwr.aggregation import count_ones
+    from prism_flwr.federated.aggregation import count_ones
 
     n = 20_011
     model = mask_model(_scores(n, seed=4))

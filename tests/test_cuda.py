@@ -10,10 +10,10 @@ machine (their result is in README's GPU section). What they pin down:
 import pytest
 import torch
 
-from prism_flwr.features import PixelFeatures
-from prism_flwr.generator import GeneratorSpec, ResnetGenerator
-from prism_flwr.masked import get_scores
-from prism_flwr.training import ClientState, NonFiniteError, TrainSettings, train_local
+from prism_flwr.model.features import PixelFeatures
+from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
+from prism_flwr.model.masked import get_scores
+from prism_flwr.model.training import ClientState, NonFiniteError, TrainSettings, train_local
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

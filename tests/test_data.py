@@ -1,4 +1,4 @@
-"""prism_flwr.data: real Fashion-MNIST from the Debian package, fixtures for the other datasets."""
+"""prism_flwr.data.datasets: real Fashion-MNIST from the Debian package, fixtures for the other datasets."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import urllib.request
 
 from torchvision import datasets as tvd
 
-from fixtures_data import (fake_urlopen, gzip_file, tar_gz_folder, write_celeba, write_cifar10, write_idx,
+from tests.support.fixtures_data import (fake_urlopen, gzip_file, tar_gz_folder, write_celeba, write_cifar10, write_idx,
                            write_mnist)
-from prism_flwr import data
-from prism_flwr.data import DatasetMissingError, load_dataset
+from prism_flwr.data import datasets as data
+from prism_flwr.data.datasets import DatasetMissingError, load_dataset
 
 needs_fmnist = pytest.mark.skipif(
     not all((data.FMNIST_SYSTEM_DIR / f"{f}.gz").is_file() for f in data._IDX_FILES),

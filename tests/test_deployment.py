@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-import procs
-from flowerkit import (REPO, exe, fleet_proxy_command, flower_env, flwr, flwr_json, newest_run, nginx, online_nodes,
+from tools import procs
+from tools.flowerkit import (REPO, exe, fleet_proxy_command, flower_env, flwr, flwr_json, newest_run, nginx, online_nodes,
                        write_connection)
 
 RUN_TIMEOUT = 300  # seconds for `flwr run` (about 90 s on 2 CPU cores)

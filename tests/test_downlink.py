@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from prism_flwr.downlink import (GRID, HEADER_BYTES, LEVELS, SCORE_CLIP, STEP, DownlinkFormatError, codes_fingerprint,
+from prism_flwr.federated.downlink import (GRID, HEADER_BYTES, LEVELS, SCORE_CLIP, STEP, DownlinkFormatError, codes_fingerprint,
                                  dequantise, pack_delta, pack_update,
                                  is_on_grid, pack_scores, quantise, snap_to_grid, unpack_scores)
 

@@ -11,16 +11,16 @@ import torch
 from PIL import Image
 
 from prism_flwr import cli
-from prism_flwr.data import load_dataset
-from prism_flwr.evaluation import Evaluator, extract_features, reference_features
-from prism_flwr.export import save_sparse_model
-from prism_flwr.feature_net import InceptionFeatures, build_feature_net, classifier_path
-from prism_flwr.features import build_features
-from prism_flwr.generator import GeneratorSpec, ResnetGenerator
-from prism_flwr.masked import sample_mask
-from prism_flwr.metrics import frechet_distance, prdc_metrics
-from prism_flwr.plots import plot_history
-from prism_flwr.training import ClientState, TrainSettings, train_local
+from prism_flwr.data.datasets import load_dataset
+from prism_flwr.evaluation.evaluator import Evaluator, extract_features, reference_features
+from prism_flwr.storage.export import save_sparse_model
+from prism_flwr.evaluation.feature_net import InceptionFeatures, build_feature_net, classifier_path
+from prism_flwr.model.features import build_features
+from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
+from prism_flwr.model.masked import sample_mask
+from prism_flwr.evaluation.metrics import frechet_distance, prdc_metrics
+from prism_flwr.evaluation.plots import plot_history
+from prism_flwr.model.training import ClientState, TrainSettings, train_local
 
 ACCURACY_FLOOR = 0.88  # measured 0.9067 (seed 0, 2 epochs); a weak classifier makes the metric meaningless
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from prism_flwr.export import (ModelFileError, dense_float32_bytes, expected_weight_count, load_sparse_model,
+from prism_flwr.storage.export import (ModelFileError, dense_float32_bytes, expected_weight_count, load_sparse_model,
                                save_sparse_model)
-from prism_flwr.generator import GeneratorSpec, ResnetGenerator
-from prism_flwr.masked import get_scores, masked_layers, num_masked, set_mask_mode
+from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
+from prism_flwr.model.masked import get_scores, masked_layers, num_masked, set_mask_mode
 
 
 def test_round_trip_rebuilds_the_masked_network(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prism_flwr.features import RandomConvFeatures, build_features
+from prism_flwr.model.features import RandomConvFeatures, build_features
 
 
 def test_random_conv_is_fixed_seeded_frozen_and_differentiable() -> None:

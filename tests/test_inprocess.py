@@ -1,7 +1,7 @@
 """The in-process runner is the Flower app without Flower: same rounds, same numbers.
 
 One tiny configuration runs through `flwr run` (Ray simulation, 2 clients, 2 rounds) and through
-``prism_flwr.inprocess.run``: every round's loss, lambda and its diagnostics agree, because both
+``prism_flwr.federated.inprocess.run``: every round's loss, lambda and its diagnostics agree, because both
 call the same client round (``client_round``) and the same server step (``combine_masks``) with
 the same seeds. Also a smoke run of the GPU benchmark and the aggregation study at their tiny
 sizes (on the CPU here).
@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
-import procs
-from flowerkit import REPO
-from prism_flwr import inprocess
+from tools import procs
+from tools.flowerkit import REPO
+from prism_flwr.federated import inprocess
 from prism_flwr.config import RunConfig
-from test_simulation import TINY, Simulation
+from tests.test_simulation import TINY, Simulation
 
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def _history(out: Path) -> list[dict]:
@@ -50,7 +49,7 @@ def test_inprocess_run_matches_flwr_run(data_dir: Path, tmp_path: Path) -> None:
 
 
 def test_bench_gpu_tiny_prints_its_table() -> None:
-    import bench_gpu
+    from benchmarks import bench_gpu
     out = bench_gpu.main(["--size", "tiny", "--device", "cpu"])
     row = out["rows"][0]
     assert row["width"] == 4 and row["landed_ms_per_step"] > 0 and row["eager_ms_per_step"] > 0
@@ -58,7 +57,7 @@ def test_bench_gpu_tiny_prints_its_table() -> None:
 
 
 def test_aggregation_study_tiny_writes_its_report(tmp_path: Path) -> None:
-    import aggregation_study
+    from experiments import aggregation_study
     res = aggregation_study.main(["--size", "tiny", "--out", str(tmp_path), "--seeds", "30",
                                   "--partitionings", "shards", "--rules", "mada", "mean", "adam"])
     assert "| shards | adam | 1 |" in res["table"] and res["metric"] == "mmd_pixels"

@@ -3,8 +3,8 @@
 import torch
 import pytest
 
-from prism_flwr.generator import GeneratorSpec, ResnetGenerator
-from prism_flwr.masked import (MaskedLinear, get_flat, get_scores, layout_fingerprint, make_dense, masked_layers, num_masked,
+from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
+from prism_flwr.model.masked import (MaskedLinear, get_flat, get_scores, layout_fingerprint, make_dense, masked_layers, num_masked,
                                sample_mask, set_flat, set_mask_mode, set_scores)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from prism_flwr.metrics import FrechetDistance, frechet_distance, prdc_metrics
+from prism_flwr.evaluation.metrics import FrechetDistance, frechet_distance, prdc_metrics
 
 
 def test_prdc_hand_computed_example():

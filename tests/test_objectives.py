@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from prism_flwr.features import build_features
-from prism_flwr.objectives import FeatureMatching, mmd2_unbiased
+from prism_flwr.model.features import build_features
+from prism_flwr.model.objectives import FeatureMatching, mmd2_unbiased
 
 
 def test_mmd2_hand_computed():

@@ -1,4 +1,4 @@
-"""prism_flwr.partition: flwr-datasets partitioners over label arrays."""
+"""prism_flwr.data.partition: flwr-datasets partitioners over label arrays."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from prism_flwr.data import FMNIST_SYSTEM_DIR
-from prism_flwr.partition import PARTITIONINGS, label_histogram, label_skew, partition_indices
+from prism_flwr.data.datasets import FMNIST_SYSTEM_DIR
+from prism_flwr.data.partition import PARTITIONINGS, label_histogram, label_skew, partition_indices
 
 # 10 balanced classes in random order; 2000 = 10 partitions * 4 shards * 50, so shards cover all.
 LABELS = np.random.default_rng(0).permutation(np.arange(2000) % 10)

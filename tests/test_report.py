@@ -1,4 +1,4 @@
-"""The experiments report (benchmarks/report.py): series, equal-uplink selection, table, plots."""
+"""The experiments report (experiments/report.py): series, equal-uplink selection, table, plots."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from report import run_series, table, value_at_budget, write_report  # noqa: E402
+from experiments.report import run_series, table, value_at_budget, write_report
 
 METRIC = "FD-FMNIST-CNN"
 

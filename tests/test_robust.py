@@ -1,11 +1,11 @@
-"""Robust counting of masks (prism_flwr/robust.py): hand-computed cases and one invariant."""
+"""Robust counting of masks (prism_flwr/federated/robust.py): hand-computed cases and one invariant."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from prism_flwr.aggregation import count_ones
-from prism_flwr.robust import (consensus_distances, distinct_masks, majority, outliers, robust_counts,
+from prism_flwr.federated.aggregation import count_ones
+from prism_flwr.federated.robust import (consensus_distances, distinct_masks, majority, outliers, robust_counts,
                                trimmed_counts)
 
 

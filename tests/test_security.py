@@ -15,13 +15,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import security_probe as sp
-from prism_flwr.checkpoint import (CheckpointError, RunLock, RunLocked, check_resume_config, checkpoint_files,
+from tools import security_probe as sp
+from prism_flwr.storage.checkpoint import (CheckpointError, RunLock, RunLocked, check_resume_config, checkpoint_files,
                                    find_run_dir, load_checkpoint, new_run_dir, save_checkpoint)
-from prism_flwr.client_state import (ClientRecord, LedgerError, PrivacyLedger, StateError, client_state_dir,
+from prism_flwr.storage.client_state import (ClientRecord, LedgerError, PrivacyLedger, StateError, client_state_dir,
                                      read_latest_state_file, validate_run_tag, write_state_file)
 from prism_flwr.config import RunConfig
-from prism_flwr.training import ClientState
+from prism_flwr.model.training import ClientState
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-import procs
-from flowerkit import REPO, exe, flower_env, newest_run, write_connection
-from prism_flwr.checkpoint import load_checkpoint
-from prism_flwr.codec import HEADER_BYTES
-from prism_flwr.generator import generate
-from prism_flwr.export import load_sparse_model
-from prism_flwr.masked import num_masked
+from tools import procs
+from tools.flowerkit import REPO, exe, flower_env, newest_run, write_connection
+from prism_flwr.storage.checkpoint import load_checkpoint
+from prism_flwr.federated.codec import HEADER_BYTES
+from prism_flwr.model.generator import generate
+from prism_flwr.storage.export import load_sparse_model
+from prism_flwr.model.masked import num_masked
 
 RUN_TIMEOUT = 300
 TINY = "local-steps=3 ngf=4 eval-samples=64 min-train-nodes=2 eval-feature-metrics=false"

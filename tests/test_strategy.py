@@ -7,9 +7,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from hypothesis import given, settings, strategies as st
 
-from prism_flwr.aggregation import aggregate, count_ones
-from prism_flwr.codec import encode_mask
-from prism_flwr.task import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY
+from prism_flwr.federated.aggregation import aggregate, count_ones
+from prism_flwr.federated.codec import encode_mask
+from prism_flwr.federated.records import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
 

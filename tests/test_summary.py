@@ -1,10 +1,10 @@
-"""prism_flwr.summary: the closing text of a run, from history records and the summary dict."""
+"""prism_flwr.evaluation.summary: the closing text of a run, from history records and the summary dict."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prism_flwr.summary import closing_summary, human_bytes, human_seconds
+from prism_flwr.evaluation.summary import closing_summary, human_bytes, human_seconds
 
 
 def _history() -> list[dict]:

@@ -2,13 +2,13 @@
 
 import torch
 
-from prism_flwr.data import load_dataset
-from prism_flwr.generator import generate
-from prism_flwr.features import build_features
-from prism_flwr.generator import GeneratorSpec, ResnetGenerator
-from prism_flwr.masked import masked_layers, set_mask_mode
-from prism_flwr.objectives import mmd2_unbiased
-from prism_flwr.training import ClientState, TrainSettings, train_local
+from prism_flwr.data.datasets import load_dataset
+from prism_flwr.model.generator import generate
+from prism_flwr.model.features import build_features
+from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
+from prism_flwr.model.masked import masked_layers, set_mask_mode
+from prism_flwr.model.objectives import mmd2_unbiased
+from prism_flwr.model.training import ClientState, TrainSettings, train_local
 
 
 def _mmd_to_test_split(model, data_dir, n=500):
@@ -63,7 +63,7 @@ def test_non_finite_values_stop_the_round_with_a_clear_error():
     the step loop; the one check after the loop raises NonFiniteError (no number in its text),
     and sampling never sees a NaN probability."""
     import pytest
-    from prism_flwr.training import NonFiniteError
+    from prism_flwr.model.training import NonFiniteError
     model = ResnetGenerator(GeneratorSpec(ngf=4, nc=1, seed=3))
     data = torch.full((16, 1, 32, 32), float("nan"))
     with pytest.raises(NonFiniteError, match="non-finite") as err:

@@ -1,0 +1,1 @@
+"""Studies that write results/: ``python -m experiments.NAME`` from the repository root."""

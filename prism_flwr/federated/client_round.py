@@ -1,0 +1,156 @@
+"""One client's round, framework-free: global vector in, upload payload + metrics + state out.
+
+``client_round`` is what ``client_app.py``'s ``@app.train`` runs between unpacking and packing
+Flower records, and what the in-process runner (``inprocess.py``) and the benchmarks call for
+every client: the same code path with or without Flower.
+
+Per round: rebuild (or reuse) the frozen network, load the global vector, train locally
+(``training.train_local``), and let the method build its upload (PRISM: one mask sampled from
+theta, through the DP mechanism when ``dp = "theta"``; dense: float32 weights). Randomness is
+reproducible per ``(seed, round, partition)``: one stream for the Bernoulli masks of training,
+one for latents and batches, and, for what must stay hidden from the server under DP (noise and
+the mask sampled from noisy theta), the noise from a fresh cryptographic seed per release
+(``privacy.fresh_generator``) and the mask from a stream seeded by the client's own secret.
+
+``client_evaluate`` is the ``@app.evaluate`` side: pixel MMD^2 between samples of the global
+model and the client's images, and nothing derived from data under DP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from prism_flwr.storage.client_state import ClientRecord
+from prism_flwr.config import RunConfig
+from prism_flwr.model.features import build_features
+from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator, generate
+from prism_flwr.model.masked import num_masked, set_flat, set_mask_mode
+from prism_flwr.federated.methods import Method, dp_theta_release
+from prism_flwr.model.objectives import FeatureMatching, mmd2_unbiased
+from prism_flwr.privacy import ThetaAccountant, fresh_generator, noise_multiplier_for_budget, privatize_statistics
+from prism_flwr.federated.seeds import derive_seed
+from prism_flwr.model.build import generator_spec
+from prism_flwr.model.training import train_local
+
+# Metrics a client may report under dp = "statistics" (training saw only the DP statistics);
+# under dp = "theta" nothing computed from data leaves the client but the mask.
+_DP_STATISTICS_METRICS = ("loss", "theta_density", "theta_entropy_bits", "mask_density")
+
+
+@dataclass
+class ClientRoundResult:
+    payload: np.ndarray                   # PRISM: uint8 codec bytes; dense: float32 weights
+    metrics: dict[str, float | list[int]]
+    record: ClientRecord                  # the state to keep for the next round
+
+
+@lru_cache(maxsize=4)
+def _model(spec: GeneratorSpec, method: str, device: str) -> nn.Module:
+    return ResnetGenerator(spec).to(device)
+
+
+def model_with(cfg: RunConfig, method: Method, vector: np.ndarray, device: torch.device) -> nn.Module:
+    """The frozen network of ``cfg`` (built once per process and device) holding ``vector``.
+
+    Everything a round changes is overwritten here (the global vector) or by ``train_local``
+    (mask mode), so a cached network carries nothing from one client or round to the next.
+    """
+    model = _model(generator_spec(cfg), method.name, str(device))
+    set_flat(model, torch.from_numpy(np.asarray(vector, dtype=np.float32)).to(device), method.vector_attr)
+    return model
+
+
+def received_vector(cfg: RunConfig, method: Method, array: np.ndarray, device: torch.device) -> np.ndarray:
+    """The global vector from what arrived on the wire (checked against this run's format); the
+    weight count comes from the network the round will train (cached per process and device)."""
+    return method.unpack_global(array, num_masked(_model(generator_spec(cfg), method.name, str(device))), cfg)
+
+
+@lru_cache(maxsize=2)
+def features_for(name: str, weights: str, device: str) -> nn.Module:
+    return build_features(name, weights or None).to(device)
+
+
+def new_record(cfg: RunConfig) -> ClientRecord:
+    """A client's state before its first round (with a fresh accountant under dp = theta; the
+    ClientApp replaces it by the one its privacy ledger rebuilds)."""
+    record = ClientRecord()
+    if cfg.dp == "theta":
+        record.accountant = ThetaAccountant(theta_noise_multiplier(cfg), cfg.dp_delta, cfg.dp_epsilon)
+    return record
+
+
+def theta_noise_multiplier(cfg: RunConfig) -> float:
+    """The noise multiplier that spends exactly the budget over ``num-server-rounds`` releases."""
+    return noise_multiplier_for_budget(cfg.dp_epsilon, cfg.dp_delta, cfg.num_server_rounds)
+
+
+def ledger_params(cfg: RunConfig) -> dict:
+    """What a client's privacy ledger is tied to (a change opens no fresh budget: it is refused)."""
+    keys = ("dp", "dp-epsilon", "dp-delta", "dp-clip", "dp-feature-clip", "num-server-rounds", "seed", "dataset",
+            "partitioning")
+    dump = cfg.model_dump(by_alias=True)
+    return {k: dump[k] for k in keys}
+
+
+def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch.Tensor, hist: list[int],
+                 record: ClientRecord, *, partition_id: int, server_round: int) -> ClientRoundResult:
+    """Train on ``data`` from the global ``vector`` and build this client's upload."""
+    device = data.device
+    if len(data) < 2:  # e.g. Dirichlet with a tiny alpha can leave a client (almost) empty
+        # (no count in the text: error text reaches the server, and a partition's size is data)
+        raise ValueError(f"partition {partition_id} holds fewer than 2 images: nothing to train on")
+    if record.accountant is not None and not record.accountant.can_release():
+        raise RuntimeError(f"client {partition_id}: privacy budget epsilon={cfg.dp_epsilon} spent; not training")
+    model = model_with(cfg, method, vector, device)
+    torch.manual_seed(derive_seed(cfg.seed, server_round, partition_id, 0))
+    gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, server_round, partition_id, 1))
+    hidden = cfg.seed if cfg.dp == "off" else record.secret
+
+    features = features_for(cfg.features, cfg.vgg19_weights, str(device))
+    if cfg.dp == "statistics" and not record.train.objective:
+        # Released once with sample-level DP; every later step and round is post-processing.
+        with torch.no_grad():
+            batches = (features(data[i:i + 256]) for i in range(0, len(data), 256))
+            mu, var, eps = privatize_statistics(batches, cfg.dp_feature_clip, cfg.dp_epsilon, cfg.dp_delta,
+                                                generator=fresh_generator(device))
+        record.train.objective = FeatureMatching(mu, var).full_state()
+        record.statistics_epsilon = eps
+
+    metrics: dict = train_local(model, features, data, method.train_settings(cfg), record.train, generator=gen)
+    release = None
+    if cfg.dp == "theta":
+        release = dp_theta_release(cfg, record.accountant.noise_multiplier, fresh_generator())
+    payload, extra = method.upload(model, cfg, vector, release,
+                                   torch.Generator().manual_seed(derive_seed(hidden, server_round, partition_id, 5)))
+    if release is not None:
+        record.accountant.step()
+    metrics.update(extra)
+    metrics.update({"num-examples": len(data), "label_histogram": [int(c) for c in hist]})
+    if cfg.dp == "theta":
+        metrics = {"num-examples": 1, "dp_epsilon": record.epsilon_spent}
+    elif cfg.dp == "statistics":  # n and the labels are raw data
+        metrics = {k: metrics[k] for k in _DP_STATISTICS_METRICS if k in metrics}
+        metrics.update({"num-examples": 1, "dp_epsilon": record.epsilon_spent})
+    return ClientRoundResult(payload, metrics, record)
+
+
+def client_evaluate(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch.Tensor, *,
+                    partition_id: int, server_round: int) -> dict[str, float]:
+    """Pixel MMD^2 between samples of the global model and this client's images.
+
+    Under DP nothing derived from the data is returned (only a constant ``num-examples``)."""
+    if cfg.dp != "off":
+        return {"num-examples": 1}
+    model = model_with(cfg, method, vector, data.device)
+    set_mask_mode(model, method.eval_mask_mode)
+    seed = derive_seed(cfg.seed, server_round, partition_id, 2)
+    n = min(256, len(data))
+    fake = generate(model, n, seed, data.device)
+    real = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].to(data.device)].cpu()
+    return {"num-examples": len(data), "local_mmd_pixels": mmd2_unbiased(fake, real).item()}

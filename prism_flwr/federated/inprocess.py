@@ -1,0 +1,98 @@
+"""PRISM in one process: the Flower apps' client round and server aggregation, without Flower.
+
+Each round every client runs ``client_round.client_round`` (what ``@app.train`` runs), its upload
+goes through the real codec (``encode`` in the client round, ``decode_mask`` here, as the MADA
+strategy does), and the server applies ``aggregation.combine_masks`` with the run's rule (what
+``MADA.combine`` calls). Only the transport, Flower's sampling of nodes and the reply checks are
+missing, so an in-process run of a config gives the same rounds as ``flwr run`` of that config
+with every client taking part (``tests/test_inprocess.py`` checks one point against
+``flwr run``). Clients train one after another on one device, which is what the aggregation study
+and the GPU benchmark use: no run pays Flower's start-up.
+
+PRISM only (``method = "prism"``); the dense baseline runs through Flower.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from prism_flwr.federated.aggregation import Aggregator, combine_masks
+from prism_flwr.federated.client_round import client_round, model_with, new_record
+from prism_flwr.federated.codec import decode_mask, mask_model
+from prism_flwr.config import RunConfig
+from prism_flwr.evaluation.evaluator import Evaluator, save_grid
+from prism_flwr.model.generator import ResnetGenerator
+from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
+from prism_flwr.federated.methods import PRISM, method_for
+from prism_flwr.data.client_cache import client_data
+from prism_flwr.model.build import generator_spec, pick_device
+
+
+def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
+        on_record: Callable[[dict], None] | None = None, deadline: float | None = None,
+        samples_dir: Path | None = None) -> list[dict]:
+    """Train ``cfg.num_server_rounds`` rounds of ``num_clients`` clients; returns the history.
+
+    Records follow ``history.json``'s names (``round, clients, uplink_bytes,
+    uplink_bits_per_weight, mada_lambda, lambda_no_change, theta_change_sq, loss, eval``) plus
+    timings (``client_seconds``, ``server_seconds``, ``round_seconds``). ``evaluator`` scores the
+    global model at round 0, every ``eval-every`` rounds and at the last round. ``deadline``
+    (``time.time()`` value): stop after the round that passes it (``stopped_early`` in the last
+    record). ``samples_dir``: a grid of 64 evaluation samples per evaluated round
+    (``round-XXXX.png``, as the ServerApp writes).
+    """
+    if method_for(cfg) is not PRISM:
+        raise ValueError("the in-process runner trains PRISM (method = 'prism'); the dense baseline runs through Flower")
+    device = pick_device(cfg.device)
+    template = ResnetGenerator(generator_spec(cfg))
+    n, layout = num_masked(template), layout_fingerprint(template)
+    scores = PRISM.settle(get_scores(template).numpy(), cfg, None)  # the ServerApp's initial state
+    aggregator = Aggregator(cfg.aggregation, cfg.mada_space)
+    clients = [client_data(cfg, pid, num_clients, device) for pid in range(num_clients)]
+    states = [new_record(cfg) for _ in range(num_clients)]
+
+    def evaluate(rnd: int, record: dict) -> None:
+        if evaluator is not None and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
+            record["eval"], fake = evaluator.evaluate(model_with(cfg, PRISM, scores, device), PRISM.eval_mask_mode)
+            if samples_dir is not None:
+                save_grid(fake[:64], Path(samples_dir) / f"round-{rnd:04d}.png")
+
+    history = [{"round": 0, "clients": 0, "uplink_bytes": 0}]
+    evaluate(0, history[0])
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        t0 = time.perf_counter()
+        packed, losses, sizes = [], [], []
+        coding = mask_model(scores)  # what MADA.configure_train derives from the scores it sends
+        sent = PRISM.pack_global(scores, cfg)
+        received = PRISM.unpack_global(sent, n, cfg)
+        for pid, (data, hist) in enumerate(clients):
+            res = client_round(cfg, PRISM, received, data, hist, states[pid], partition_id=pid, server_round=rnd)
+            states[pid] = res.record
+            packed.append(decode_mask(res.payload.tobytes(), n, layout, coding, grouped=True))
+            losses.append(res.metrics.get("loss", float("nan")))
+            sizes.append(res.payload.nbytes)
+        t1 = time.perf_counter()
+        agg = combine_masks(aggregator, scores, packed, n, cfg.seed, rnd, coding)
+        scores = PRISM.settle(agg.scores, cfg, np.random.default_rng([cfg.seed, rnd, 8]))
+        t2 = time.perf_counter()
+        record = {"round": rnd, "clients": num_clients, "uplink_bytes": int(sum(sizes)),
+                  "downlink_bytes": int(num_clients * sent.nbytes),
+                  "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / n,
+                  "mada_lambda": None if np.isnan(agg.mada_lambda) else agg.mada_lambda, **agg.diagnostics,
+                  "loss": float(np.mean(losses)), "client_seconds": t1 - t0, "server_seconds": t2 - t1,
+                  "round_seconds": t2 - t0}
+        evaluate(rnd, record)
+        history.append(record)
+        if on_record is not None:
+            on_record(record)
+        if deadline is not None and time.time() > deadline and rnd < cfg.num_server_rounds:
+            record["stopped_early"] = True
+            break
+    if device.type == "cuda":
+        history[-1]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    return history

@@ -1,0 +1,157 @@
+"""What differs between PRISM and the dense FedAvg baseline, one object per method.
+
+A ``Method`` owns everything the rest of the code would otherwise branch on:
+
+| | ``Prism`` | ``Dense`` (baseline) |
+|---|---|---|
+| global vector sent down (record key, model attribute) | ``scores`` / ``scores`` | ``weights`` / ``weight`` |
+| what a client uploads (record key) | ``mask``: codec bytes, 1 bit per weight | ``weights``: float32 |
+| local training | Adam on the scores, ``lr`` | Adam on the weights, ``dense-lr`` |
+| mask mode for evaluation | ``sample`` (the paper) | ``dense`` |
+| exported model | ``model.prism``: seed + one sampled mask | ``model-dense.pt``: float32 weights |
+| global vector on the wire | ``downlink = "grid8"``: the scores' 8-bit grid codes, entropy-coded (``downlink.py``); ``"float32"`` | float32 |
+
+With ``downlink = "grid8"`` the server's state *is* the grid: after each aggregation
+``settle`` snaps the scores to it (unbiased stochastic rounding, seeded per round), so what the
+server keeps and what every client decodes are the same float32 numbers.
+
+The ClientApp, the ServerApp, the in-process runner and the benchmarks ask ``method_for(cfg)``
+and never test ``cfg.method`` themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from prism_flwr.federated.codec import encode_mask, mask_model
+from prism_flwr.federated.downlink import DownlinkFormatError, dequantise, pack_scores, quantise, snap_to_grid, unpack_scores
+from prism_flwr.config import RunConfig
+from prism_flwr.storage.export import load_sparse_model, save_sparse_model
+from prism_flwr.model.masked import get_flat, iter_thetas, layout_fingerprint, make_dense, sample_mask, set_flat
+from prism_flwr.privacy import privatize_theta
+from prism_flwr.federated.records import MASK_KEY, SCORES_KEY, WEIGHTS_KEY
+from prism_flwr.model.training import TrainSettings
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    down_key: str       # record key of the global vector the server sends
+    up_key: str         # record key of what a client sends back
+    vector_attr: str    # model attribute the global vector fills ("scores" or "weight")
+    eval_mask_mode: str
+
+    def train_settings(self, cfg: RunConfig) -> TrainSettings:
+        raise NotImplementedError
+
+    def settle(self, vector: np.ndarray, cfg: RunConfig, rng: np.random.Generator | None) -> np.ndarray:
+        """The global state the server keeps after an aggregation (default: as computed)."""
+        return np.asarray(vector, dtype=np.float32)
+
+    def pack_global(self, vector: np.ndarray, cfg: RunConfig) -> np.ndarray:
+        """The global vector as it goes on the wire (default: float32)."""
+        return np.asarray(vector, dtype=np.float32)
+
+    def unpack_global(self, array: np.ndarray, count: int, cfg: RunConfig) -> np.ndarray:
+        """The wire array back to the float32 vector; ``ValueError`` when it is not what
+        ``pack_global`` makes for ``cfg`` with ``count`` entries."""
+        if array.dtype != np.float32 or array.shape != (count,):
+            raise ValueError(f"global vector must be float32 of shape ({count},), got {array.dtype} {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError("global vector holds NaN or inf")
+        return array
+
+    def upload(self, model: nn.Module, cfg: RunConfig, received: np.ndarray, theta_release,
+               mask_generator: torch.Generator) -> tuple[np.ndarray, dict]:
+        """(payload array, extra metrics) a client sends after local training; ``received`` is
+        the global vector as it arrived this round."""
+        raise NotImplementedError
+
+    def export(self, model: nn.Module, final: np.ndarray, cfg: RunConfig, out: Path) -> tuple[Path, float, nn.Module]:
+        """Write the final model under ``out``; returns (file, density, the model as exported)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Prism(Method):
+    def train_settings(self, cfg: RunConfig) -> TrainSettings:
+        return TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, objective=cfg.objective,
+                             estimator=cfg.estimator, trainable="scores")
+
+    def settle(self, vector, cfg, rng):
+        if cfg.downlink == "grid8":
+            return snap_to_grid(np.asarray(vector, dtype=np.float32), rng)
+        return super().settle(vector, cfg, rng)
+
+    def pack_global(self, vector, cfg):
+        if cfg.downlink == "grid8":
+            return np.frombuffer(pack_scores(quantise(np.asarray(vector, dtype=np.float32))), np.uint8).copy()
+        return super().pack_global(vector, cfg)
+
+    def unpack_global(self, array, count, cfg):
+        if cfg.downlink != "grid8":
+            return super().unpack_global(array, count, cfg)
+        if array.dtype != np.uint8 or array.ndim != 1:
+            raise ValueError(f"global scores must arrive as uint8 downlink bytes, got {array.dtype} {array.shape}")
+        try:
+            return dequantise(unpack_scores(array.tobytes(), count))
+        except DownlinkFormatError as err:
+            raise ValueError(str(err)) from None
+
+    def upload(self, model, cfg, received, theta_release, mask_generator):
+        """One mask ``m ~ Bernoulli(theta)`` (theta after ``theta_release``, the DP mechanism, if
+        given). ``uplink-coding = "coded"``: entropy-coded against the global scores received
+        this round (``codec.mask_model``, what the server derives from the scores it sent);
+        ``"raw"``: bit-packed, 1 bit per weight."""
+        thetas = [t.cpu() for t in iter_thetas(model)]
+        if theta_release is not None:
+            thetas = theta_release(thetas)
+        mask = sample_mask(model, thetas, generator=mask_generator)
+        coding = mask_model(received) if cfg.uplink_coding == "coded" else None
+        blob = encode_mask(mask.numpy(), layout_fingerprint(model), coding)
+        return np.frombuffer(blob, dtype=np.uint8).copy(), {"mask_density": float(mask.float().mean())}
+
+    def export(self, model, final, cfg, out):
+        """The sparse model: one mask sampled from the final theta (as the paper evaluates)."""
+        set_flat(model, torch.from_numpy(final), self.vector_attr)
+        mask = sample_mask(model, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+        path = out / "model.prism"
+        save_sparse_model(path, model.spec, mask, {"dataset": cfg.dataset, "mask": "sample"})
+        return path, float(mask.mean()), load_sparse_model(path)[0]
+
+
+@dataclass(frozen=True)
+class Dense(Method):
+    def train_settings(self, cfg: RunConfig) -> TrainSettings:
+        return TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.dense_lr,
+                             objective=cfg.objective, estimator=cfg.estimator, trainable="weights")
+
+    def upload(self, model, cfg, received, theta_release, mask_generator):
+        """The trained float32 weights: 32 bits per weight."""
+        return get_flat(model, "weight").numpy(), {}
+
+    def export(self, model, final, cfg, out):
+        make_dense(model)
+        set_flat(model, torch.from_numpy(final), self.vector_attr)
+        path = out / "model-dense.pt"
+        torch.save(torch.from_numpy(final), path)
+        return path, 1.0, model.eval()
+
+
+PRISM = Prism("prism", SCORES_KEY, MASK_KEY, "scores", "sample")
+DENSE = Dense("dense", WEIGHTS_KEY, WEIGHTS_KEY, "weight", "dense")
+METHODS = {m.name: m for m in (PRISM, DENSE)}
+
+
+def method_for(cfg: RunConfig) -> Method:
+    return METHODS[cfg.method]
+
+
+def dp_theta_release(cfg: RunConfig, noise_multiplier: float, generator: torch.Generator):
+    """The paper's theta mechanism as a function ``thetas -> noisy clamped thetas``."""
+    return lambda thetas: privatize_theta(thetas, cfg.dp_clip, noise_multiplier, generator=generator)

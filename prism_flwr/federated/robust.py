@@ -1,0 +1,133 @@
+"""Robust counting of client masks: what a few hostile clients can do to theta, bounded.
+
+PRISM's server turns K binary masks into per-weight counts ``c`` of ones (``count_ones``) and
+``theta_agg = eps + (1 - 2 eps) c / K``. A client that sends all ones, all zeros, the complement of
+the global mask, or the same mask under several identities (Sybils) moves every weight's count at
+once. Three pure functions, on packed masks (``numpy.packbits(..., bitorder="little")`` as the codec
+decodes them), each usable alone; ``robust_counts`` chains them as a drop-in for ``count_ones``:
+
+1. ``distinct_masks``: identical masks count once. Two honest clients' Bernoulli samples of N
+   weights agree on every bit with probability ``prod_i (theta_i^2 + (1 - theta_i)^2)``, nil
+   for any real N: an exact duplicate is a copy, i.e. a Sybil.
+2. ``consensus_distances`` + ``outliers``: each mask's Hamming distance (fraction of weights) to
+   the per-weight majority vote; a mask farther than ``median + outlier_mads * MAD`` (MAD scaled
+   to a standard deviation, floored at ``min_spread``) is dropped. Honest masks' distances
+   concentrate (a sum of N independent bits), so an all-ones, all-zeros or anti-target mask stands
+   out once theta has moved away from 1/2. At most ``(K - 1) // 2`` masks are ever dropped.
+3. ``trimmed_counts``: the coordinate-wise trimmed mean for bits. Per weight, drop ``trim`` votes
+   from the top (ones, if any) and ``trim`` from the bottom (zeros): ``c' = clip(c - trim, 0,
+   K - 2 trim)`` over ``K' = K - 2 trim``. ``trim`` attackers then move a weight's theta by at
+   most what ``trim`` honest extremes would, whatever they send.
+
+``robust_counts`` returns counts in ``count_ones``' form, so ``aggregation.aggregate`` (MADA or
+the mean) runs unchanged after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from prism_flwr.federated.aggregation import count_ones
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+MAD_TO_SD = 1.4826  # MAD of a normal distribution x this = its standard deviation
+
+
+def distinct_masks(packed_masks: Sequence[np.ndarray]) -> list[int]:
+    """Indices of the first occurrence of every distinct mask (duplicates are dropped)."""
+    seen: set[bytes] = set()
+    keep = []
+    for i, packed in enumerate(packed_masks):
+        digest = hashlib.sha256(np.ascontiguousarray(packed).tobytes()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            keep.append(i)
+    return keep
+
+
+def majority(counts: np.ndarray, k: int) -> np.ndarray:
+    """Packed per-weight majority vote (1 where more than half of the ``k`` masks hold a 1)."""
+    return np.packbits(2 * counts.astype(np.int64) > k, bitorder="little")
+
+
+def consensus_distances(packed_masks: Sequence[np.ndarray], count: int,
+                        counts: np.ndarray | None = None) -> np.ndarray:
+    """Fraction of the ``count`` weights where each mask differs from the majority vote of all."""
+    if counts is None:
+        counts, _ = count_ones(packed_masks, count)
+    cons = majority(counts, len(packed_masks))
+    return np.array([int(_POPCOUNT[np.bitwise_xor(p, cons)].sum(dtype=np.int64)) / count for p in packed_masks])
+
+
+def outliers(distances: np.ndarray, outlier_mads: float = 3.0, min_spread: float = 0.01) -> np.ndarray:
+    """Boolean array: True for a distance above ``median + outlier_mads * max(1.4826 MAD, min_spread)``.
+
+    Never flags more than ``(K - 1) // 2`` of the K masks (the farthest ones): a majority is
+    always kept.
+    """
+    d = np.asarray(distances, dtype=np.float64)
+    flagged = np.zeros(len(d), dtype=bool)
+    if len(d) < 3 or outlier_mads <= 0:
+        return flagged
+    med = float(np.median(d))
+    spread = max(MAD_TO_SD * float(np.median(np.abs(d - med))), min_spread)
+    over = np.flatnonzero(d > med + outlier_mads * spread)
+    worst = over[np.argsort(-d[over], kind="stable")][: (len(d) - 1) // 2]
+    flagged[worst] = True
+    return flagged
+
+
+def trimmed_counts(counts: np.ndarray, k: int, trim: int) -> tuple[np.ndarray, int]:
+    """Coordinate-wise trimmed mean for bits: ``(clip(c - t, 0, k - 2t), k - 2t)`` with
+    ``t = min(trim, (k - 1) // 2)`` so at least one vote per weight is kept."""
+    if k < 1:
+        raise ValueError("cannot trim zero masks")
+    t = max(0, min(int(trim), (k - 1) // 2))
+    if t == 0:
+        return counts, k
+    return np.clip(counts.astype(np.int64) - t, 0, k - 2 * t).astype(np.uint32), k - 2 * t
+
+
+@dataclass
+class RobustInfo:
+    """What ``robust_counts`` did, for the round record."""
+
+    kept: list[int] = field(default_factory=list)          # indices into the input masks
+    duplicates: list[int] = field(default_factory=list)    # dropped as copies of an earlier mask
+    outliers: list[int] = field(default_factory=list)      # dropped by the Hamming filter
+    distances: list[float] = field(default_factory=list)   # of the distinct masks, input order
+    trim: int = 0                                           # votes trimmed at each end per weight
+
+    def record(self) -> dict:
+        return {"robust_dropped_duplicates": self.duplicates, "robust_dropped_outliers": self.outliers,
+                "robust_trim": self.trim}
+
+
+def robust_counts(packed_masks: Sequence[np.ndarray], count: int, *, trim: int = 1, outlier_mads: float = 3.0,
+                  min_spread: float = 0.01) -> tuple[np.ndarray, int, RobustInfo]:
+    """Drop-in for ``count_ones`` with duplicates removed, Hamming outliers removed and ``trim``
+    votes trimmed per weight: returns ``(counts, k, info)`` for ``aggregation.aggregate``."""
+    packed_masks = list(packed_masks)
+    if not packed_masks:
+        raise ValueError("cannot aggregate zero masks")
+    info = RobustInfo()
+    distinct = distinct_masks(packed_masks)
+    info.duplicates = [i for i in range(len(packed_masks)) if i not in set(distinct)]
+    masks = [packed_masks[i] for i in distinct]
+    counts, k = count_ones(masks, count)
+    if outlier_mads > 0 and k >= 3:
+        dist = consensus_distances(masks, count, counts)
+        info.distances = [float(x) for x in dist]
+        flagged = outliers(dist, outlier_mads, min_spread)
+        if flagged.any():
+            info.outliers = [distinct[i] for i in np.flatnonzero(flagged)]
+            masks = [m for m, f in zip(masks, flagged) if not f]
+            counts, k = count_ones(masks, count)
+    info.kept = [i for i in distinct if i not in set(info.outliers)]
+    counts, k_trim = trimmed_counts(counts, k, trim)
+    info.trim = (k - k_trim) // 2
+    return counts, k_trim, info

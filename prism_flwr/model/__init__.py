@@ -1,0 +1,1 @@
+"""The generator: frozen random weights, learned scores, stochastic masks, the local objective."""

@@ -1,0 +1,101 @@
+"""The paper's ResNet generator (official ``ResnetG``) built from masked layers.
+
+32x32 output for every dataset. With ``ngf = 64`` and one channel it has 3,543,616 masked weights
+(the paper's "about 3.55 M"):
+
+    z (nz) -> 4x4 transposed conv nz -> 8ngf                       (4x4)
+           -> up-block 8ngf -> 4ngf -> up-block -> 2ngf -> up-block -> ngf   (8, 16, 32)
+           -> BN, ReLU, 3x3 conv ngf -> nc, tanh
+
+An up-block is BN, ReLU, nearest x2, 3x3 conv, BN, ReLU, 3x3 conv, plus a skip path of nearest
+x2 and a 1x1 conv. Every conv is masked; BatchNorm has no affine parameters (the paper keeps
+them frozen at 1/0) and always normalises with the *batch* statistics: no running statistics
+exist, so nothing local leaks into sampling and a generator sampled anywhere behaves the same
+(running statistics from one client's masks gave poor samples in the maintainers' sketch).
+
+``forward`` draws all masks of a pass at once (``masked.masked_weights``: one Bernoulli over the
+concatenated scores) and hands each layer its ``W * m``.
+
+Weights come from ``torch.Generator().manual_seed(seed)`` consumed in construction order, and
+the initial scores from a second stream seeded with ``seed + 1``: the server and every client
+rebuild the same network from ``(nz, ngf, nc, seed)`` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prism_flwr.model.masked import MaskedConv2d, MaskedConvTranspose2d, masked_layers, masked_weights
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Everything needed to rebuild the frozen network bit for bit."""
+
+    nz: int = 128
+    ngf: int = 64
+    nc: int = 1
+    seed: int = 30
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, wg: torch.Generator, sg: torch.Generator) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin, affine=False, track_running_stats=False)
+        self.conv1 = MaskedConv2d(cin, cout, 3, padding=1, weight_gen=wg, score_gen=sg)
+        self.bn2 = nn.BatchNorm2d(cout, affine=False, track_running_stats=False)
+        self.conv2 = MaskedConv2d(cout, cout, 3, padding=1, weight_gen=wg, score_gen=sg)
+        self.skip = MaskedConv2d(cin, cout, 1, weight_gen=wg, score_gen=sg)
+
+    def forward(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_skip: torch.Tensor) -> torch.Tensor:
+        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h, w1))), w2)
+        return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"), w_skip)
+
+
+class ResnetGenerator(nn.Module):
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        wg = torch.Generator().manual_seed(spec.seed)
+        sg = torch.Generator().manual_seed(spec.seed + 1)
+        ngf = spec.ngf
+        self.head = MaskedConvTranspose2d(spec.nz, 8 * ngf, 4, weight_gen=wg, score_gen=sg)
+        self.blocks = nn.Sequential(
+            _UpBlock(8 * ngf, 4 * ngf, wg, sg),
+            _UpBlock(4 * ngf, 2 * ngf, wg, sg),
+            _UpBlock(2 * ngf, ngf, wg, sg),
+        )
+        self.bn = nn.BatchNorm2d(ngf, affine=False, track_running_stats=False)
+        self.out = MaskedConv2d(ngf, spec.nc, 3, padding=1, weight_gen=wg, score_gen=sg)
+
+    def forward(self, z: torch.Tensor, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Images from latents ``z``; ``weights`` overrides the layers' ``W * m`` (benchmarks)."""
+        # Masked layers in registration order: head, (conv1, conv2, skip) x 3, out.
+        w = masked_weights(masked_layers(self)) if weights is None else weights
+        h = self.head(z.view(z.shape[0], -1, 1, 1), w[0])
+        for i, block in enumerate(self.blocks):
+            h = block(h, *w[1 + 3 * i: 4 + 3 * i])
+        return torch.tanh(self.out(F.relu(self.bn(h)), w[-1]))
+
+
+@torch.no_grad()
+def generate(model: nn.Module, n: int, seed: int, device: torch.device | str = "cpu", batch: int = 500) -> torch.Tensor:
+    """``n`` images from ``model`` (its current mask mode); latents and masks seeded by ``seed``.
+
+    Runs inside ``fork_rng`` so the caller's global RNG state is left as it was.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = [model(torch.randn(min(batch, n - i), model.spec.nz, generator=gen).to(device)).cpu()
+               for i in range(0, n, batch)]
+    return torch.cat(out)

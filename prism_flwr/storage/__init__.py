@@ -1,0 +1,1 @@
+"""What is written to disk: checkpoints, client state and ledger, the exported model, blobs."""

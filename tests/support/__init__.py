@@ -1,0 +1,1 @@
+"""Helpers for the tests (fixture files in the datasets' on-disk formats)."""

@@ -1,0 +1,1 @@
+"""Tools shared by the tests and the benchmarks: Flower processes on loopback, the security probe."""
