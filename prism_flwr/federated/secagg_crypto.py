@@ -131,8 +131,11 @@ def pack(values: np.ndarray, bits: int) -> bytes:
         raise SecAggError(f"cannot pack a {values.ndim}-d array at {bits} bits")
     if values.size and (values.min() < 0 or values.max() >= 1 << bits):
         raise SecAggError(f"values outside 0..{(1 << bits) - 1} cannot be packed at {bits} bits")
-    planes = (values.astype(np.uint16)[:, None] >> np.arange(bits, dtype=np.uint16)) & 1
-    return np.packbits(planes.astype(np.uint8).ravel(), bitorder="little").tobytes()
+    values = values.astype(np.uint16)
+    planes = np.empty((values.size, bits), np.uint8)  # one bit plane per column: a loop over
+    for j in range(bits):  # at most 16 columns is faster than broadcasting over all of them
+        planes[:, j] = (values >> j) & 1
+    return np.packbits(planes.ravel(), bitorder="little").tobytes()
 
 
 def unpack(data: bytes, length: int, bits: int) -> np.ndarray:
@@ -144,5 +147,8 @@ def unpack(data: bytes, length: int, bits: int) -> np.ndarray:
     flat = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
     if flat[length * bits:].any():
         raise SecAggError("packed vector has non-zero padding bits")
-    planes = flat[:length * bits].reshape(length, bits).astype(np.uint16)
-    return (planes << np.arange(bits, dtype=np.uint16)).sum(axis=1, dtype=np.uint16)
+    planes = flat[:length * bits].reshape(length, bits)
+    values = np.zeros(length, np.uint16)
+    for j in range(bits):
+        values |= planes[:, j].astype(np.uint16) << j
+    return values
