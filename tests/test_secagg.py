@@ -313,6 +313,18 @@ def test_duplicated_masked_vector_counts_once():
     assert [(phase, node) for phase, node, _ in result.refused] == [("masked", r.masked[0].node)]
 
 
+def test_malformed_fields_are_refused_on_both_sides():
+    r = small_round().through("mask")
+    victim = r.masked[0].node
+    r.masked[0] = replace(r.masked[0], masked_with=None)
+    r.through("collect")
+    assert r.server.refused[0][:2] == ("masked", victim) and "TypeError" in r.server.refused[0][2]
+    u = r.request.survivors[0]
+    with pytest.raises(SecAggError, match="malformed"):
+        unmask(r.states[u], replace(r.request, survivors=None))
+    assert_exact(r.result(), r.inputs, [v for v in r.inputs if v != victim])
+
+
 def test_client_refuses_an_unmask_request_for_both_shares():
     r = small_round().through("collect")
     u, v = r.request.survivors[:2]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
@@ -43,13 +44,26 @@ class ClientState:
     held: Mapping[int, bytes] = field(default_factory=dict)  # owner -> key share || seed share
 
 
+def _refuse_malformed(step):
+    """A message with fields of the wrong kind is refused like any other bad message."""
+    @functools.wraps(step)
+    def wrapped(*args):
+        try:
+            return step(*args)
+        except (TypeError, AttributeError) as error:
+            raise SecAggError(f"malformed message: {type(error).__name__}: {error}") from None
+    return wrapped
+
+
 def _expect(state: ClientState, phase: str) -> RoundParams:
+    """The round's parameters, if the client is at `phase` (steps run in order, once each)."""
     if not isinstance(state, ClientState) or state.phase != phase:
         got = state.phase if isinstance(state, ClientState) else type(state).__name__
         raise SecAggError(f"out of order: this step needs a client in phase {phase!r}, got {got!r}")
     return state.params
 
 
+@_refuse_malformed
 def advertise_keys(params: RoundParams, node: int) -> tuple[ClientState, KeyAdvert]:
     """Phase 1: two fresh X25519 key pairs; only the public halves leave the client."""
     if not isinstance(params, RoundParams) or node not in params.clients:
@@ -61,11 +75,12 @@ def advertise_keys(params: RoundParams, node: int) -> tuple[ClientState, KeyAdve
 
 
 def _read_adverts(state: ClientState, adverts: Iterable[KeyAdvert]) -> dict[int, KeyAdvert]:
+    """The neighbours' adverts as forwarded by the server, each checked; at least t of them."""
     p, peers = state.params, {}
     for advert in adverts:
         check_message(advert, KeyAdvert, p, p.graph[state.node])
         if advert.node in peers:
-            raise SecAggError(f"advert of node {advert.node!r}: not a neighbour, or repeated")
+            raise SecAggError(f"advert of node {advert.node} is repeated")
         if not all(isinstance(k, bytes) and len(k) == KEY_BYTES
                    for k in (advert.enc_key, advert.mask_key)):
             raise SecAggError(f"advert of node {advert.node}: public keys must be 32 bytes")
@@ -75,6 +90,7 @@ def _read_adverts(state: ClientState, adverts: Iterable[KeyAdvert]) -> dict[int,
     return peers
 
 
+@_refuse_malformed
 def share_keys(state: ClientState, adverts: Iterable[KeyAdvert]
                ) -> tuple[ClientState, SharePackage]:
     """Phase 2: t-of-k Shamir shares of the masking key s_u and of a fresh self-mask seed b_u,
@@ -114,6 +130,7 @@ def _open_inbox(state: ClientState, inbox: Iterable[EncryptedShare]) -> dict[int
 
 
 def _check_vector(x, length: int) -> np.ndarray:
+    """The client's own input as uint16, if it is a 0/1 vector of the round's length."""
     x = np.asarray(x)
     if x.shape != (length,) or not (x.dtype == bool or np.issubdtype(x.dtype, np.integer)):
         raise SecAggError(f"input must be a 0/1 vector of length {length}, got {x.dtype} {x.shape}")
@@ -122,6 +139,7 @@ def _check_vector(x, length: int) -> np.ndarray:
     return x.astype(np.uint16)
 
 
+@_refuse_malformed
 def mask_input(state: ClientState, inbox: Iterable[EncryptedShare], x
                ) -> tuple[ClientState, MaskedInput]:
     """Phase 3: y_u = x_u + PRG(b_u) + sum over neighbours v of +-PRG(s_uv) mod 2^bits
@@ -137,6 +155,7 @@ def mask_input(state: ClientState, inbox: Iterable[EncryptedShare], x
     return replace(state, phase="masked", held=held), masked
 
 
+@_refuse_malformed
 def unmask(state: ClientState, request: UnmaskRequest) -> tuple[ClientState, UnmaskReply]:
     """Phase 4: for each neighbour, the seed share if it survived or the key share if it dropped,
     never both; the secrets are forgotten afterwards, so a second request is refused."""
