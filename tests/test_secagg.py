@@ -411,8 +411,8 @@ def survivor_view(x):
     r = Round(inputs, threshold=3, degree=5).through("unmask")
     p = r.params
     index = {v: i + 1 for i, v in enumerate(p.graph[u])}
-    helpers = [rep for rep in r.replies if rep.node != u][:p.threshold]
-    seed = combine_secret({index[rep.node]: rep.seed_shares[u] for rep in helpers})
+    holders = [rep for rep in r.replies if rep.node != u][:p.threshold]
+    seed = combine_secret({index[rep.node]: rep.seed_shares[u] for rep in holders})
     masked = next(m for m in r.masked if m.node == u)
     view = unpack(masked.packed, p.length, p.bits) - self_mask(seed, p, u)
     return view & np.uint16((1 << p.bits) - 1), p.bits
