@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from prism_flwr.federated.secagg import (
+from prism_flwr.secagg import (
     advertise_keys, collect_adverts, collect_masked, finish, mask_input, new_round, route_shares,
     share_keys, start_round, unmask)
 
@@ -49,8 +49,8 @@ def wire_bytes(value) -> int:
 
 def masked_weights(ngf: int) -> int:
     """n for a generator width, from the model itself (torch is imported only here)."""
-    from prism_flwr.generator import GeneratorSpec, ResnetGenerator
-    from prism_flwr.masked import num_masked
+    from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
+    from prism_flwr.model.masked import num_masked
 
     return num_masked(ResnetGenerator(GeneratorSpec(ngf=ngf, nc=1)))
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from prism_flwr.federated import secagg_client
-from prism_flwr.federated.secagg import (
+from prism_flwr.secagg import client as secagg_client
+from prism_flwr.secagg import (
     RoundSkipped, SecAggError, advertise_keys, collect_adverts, collect_masked, finish,
     mask_input, neighbour_graph, new_round, pack, route_shares, run_protocol, share_keys,
     start_round, unmask, unpack)
-from prism_flwr.federated.secagg_crypto import combine_secret
-from prism_flwr.federated.secagg_round import pair_mask, self_mask
+from prism_flwr.secagg.crypto import combine_secret
+from prism_flwr.secagg.round import pair_mask, self_mask
 
 ALPHA = 1e-6  # a genuine uniform view fails a test with this probability
 

@@ -12,10 +12,10 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from prism_flwr.federated.secagg_crypto import (
+from prism_flwr.secagg.crypto import (
     DOMAIN, KEY_BYTES, SHARE_BYTES, SecAggError, commitment, derive_key, new_keypair, node_bytes,
     pack, seal, split_secret, unseal)
-from prism_flwr.federated.secagg_round import (
+from prism_flwr.secagg.round import (
     SEALED_BYTES, EncryptedShare, KeyAdvert, MaskedInput, RoundParams, SharePackage, UnmaskReply,
     UnmaskRequest, check_message, pair_mask, self_mask)
 

@@ -12,10 +12,10 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from prism_flwr.federated.secagg_crypto import (
+from prism_flwr.secagg.crypto import (
     KEY_BYTES, SHARE_BYTES, RoundSkipped, SecAggError, combine_secret, commitment, public_key_of,
     unpack)
-from prism_flwr.federated.secagg_round import (
+from prism_flwr.secagg.round import (
     SEALED_BYTES, Aggregate, EncryptedShare, KeyAdvert, MaskedInput, RoundParams, SharePackage,
     UnmaskReply, UnmaskRequest, check_message, check_params, pair_mask, self_mask)
 

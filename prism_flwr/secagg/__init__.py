@@ -14,13 +14,13 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from prism_flwr.federated.secagg_client import (
+from prism_flwr.secagg.client import (
     ClientState, advertise_keys, mask_input, share_keys, unmask)
-from prism_flwr.federated.secagg_crypto import RoundSkipped, SecAggError, pack, unpack
-from prism_flwr.federated.secagg_round import (
+from prism_flwr.secagg.crypto import RoundSkipped, SecAggError, pack, unpack
+from prism_flwr.secagg.round import (
     Aggregate, EncryptedShare, KeyAdvert, MaskedInput, RoundParams, SharePackage, UnmaskReply,
     UnmaskRequest, neighbour_graph, new_round)
-from prism_flwr.federated.secagg_server import (
+from prism_flwr.secagg.server import (
     ServerState, collect_adverts, collect_masked, finish, route_shares, start_round)
 
 __all__ = [

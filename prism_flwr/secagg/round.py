@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from prism_flwr.federated.secagg_crypto import (
+from prism_flwr.secagg.crypto import (
     DOMAIN, NONCE_BYTES, SHARE_BYTES, TAG_BYTES, SecAggError, derive_key, hkdf, node_bytes, prg)
 
 SEALED_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + TAG_BYTES  # one neighbour's sealed share pair
