@@ -37,7 +37,7 @@ from prism_flwr.evaluation.evaluator import Evaluator  # noqa: E402
 
 # Run-config keys per size; "clients" is the number of simulated clients (all take part).
 SIZES = {
-    # the CPU-only setting: ngf 16, 4 clients, >= 50 local steps, >= 20 rounds
+    # the largest setting a 2-core CPU allows: ngf 16, 4 clients, >= 50 local steps, >= 20 rounds
     "small": {"clients": 4, "ngf": 16, "local-steps": 50, "num-server-rounds": 20, "eval-every": 2,
               "eval-samples": 2000},
     # the paper's width and local steps, 10 clients

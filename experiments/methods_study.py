@@ -32,7 +32,7 @@ PARTITIONINGS = {"iid": {}, "shards": {}, "dirichlet": {"dirichlet-alpha": 0.1}}
 # - cpu: the whole grid (27 runs) in under 20 min on 2 cores; a run is ~43 s, of which ~30 s is
 #   Flower/Ray start-up, the first round's worker start and the final export, so rounds are few.
 # - cpu-long: 24 rounds, where MADA's slower start could pay off (~2 min a run on 2 cores).
-# - gpu: the paper's generator width (ngf 64) and more local steps; never run yet (no GPU lent).
+# - gpu: the paper's generator width (ngf 64) and more local steps; not run yet.
 #   Each client takes 1/nodes of the GPU, so all 10 train at once.
 SIZES = {
     "cpu": {"ngf": 8, "num-server-rounds": 4, "local-steps": 5, "eval-every": 1, "eval-samples": 500,

@@ -20,8 +20,9 @@ before the mask leaves. It is tied to its partition and its DP parameters (first
 release at a round at or below one already released, and rebuilds the accountant from its lines:
 losing or rolling back a state file can never hand a client a fresh privacy budget.
 
-``secret`` is drawn from the OS once per client and never leaves it (kept for the lead's seeding;
-DP noise itself comes from a fresh cryptographic seed per release, see ``privacy.py``).
+``secret`` is drawn from the OS once per client and never leaves it (it seeds the client's own
+random streams under DP; DP noise itself comes from a fresh cryptographic seed per release, see
+``privacy.py``).
 """
 
 from __future__ import annotations
