@@ -42,7 +42,7 @@ def through_flower(keys: dict, nodes: int, work: Path, timeout: float, engine: s
     logs.mkdir(parents=True)
     env = flower_env(flwr_home)
     # SuperNodes sharing a machine share its cores: without a thread count each ClientApp's
-    # torch/OpenMP takes all of them, and 4 nodes on 2 cores ran 3.6x slower (README).
+    # torch/OpenMP takes all of them, and 4 nodes on 2 cores ran 3.6x slower (docs/benchmarks.md).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nodes)))
     link_port, node_ports = procs.free_port(), procs.free_ports(nodes)
     write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure in README comes from one run of this script on the device machine (one H100 or
+# Every GPU figure in docs/gpu.md comes from one run of this script on the device machine (one H100 or
 # H200, 16 cores, no network). It expects, beside the repository (ignored by git, carried):
 #   .whl/     wheels of what the machine lacks (flwr and its deps, pydantic, prdc, flwr-datasets, constriction ...)
 #   .devdata/ Debian's Fashion-MNIST .gz files and feature-nets/ (the FD classifier trained here)

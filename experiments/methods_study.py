@@ -28,7 +28,7 @@ from experiments.runner import run_app
 
 METHODS = {"mada": {"aggregation": "mada"}, "mean": {"aggregation": "mean"}, "dense": {"method": "dense"}}
 PARTITIONINGS = {"iid": {}, "shards": {}, "dirichlet": {"dirichlet-alpha": 0.1}}
-# Run-config keys per size (measured figures are in the README):
+# Run-config keys per size (measured figures: docs/aggregation.md):
 # - cpu: the whole grid (27 runs) in under 20 min on 2 cores; a run is ~43 s, of which ~30 s is
 #   Flower/Ray start-up, the first round's worker start and the final export, so rounds are few.
 # - cpu-long: 24 rounds, where MADA's slower start could pay off (~2 min a run on 2 cores).

@@ -1,7 +1,7 @@
 """The CUDA-only path of local training (graph capture), run where a GPU is visible.
 
 CI has no GPU, so these are skipped there; ``benchmarks/gpu_session.sh`` runs them on the device
-machine (their result is in README's GPU section). What they pin down:
+machine (their result is in docs/gpu.md). What they pin down:
 - the captured step trains: the loss falls and the scores move as on the CPU;
 - the same seed on the same device gives bit-identical scores (graph and eager alike);
 - the graph and eager paths sample the same distribution: their losses agree within noise.

@@ -1,6 +1,6 @@
 """Hostile and broken inputs: replies, state files, run folders, the privacy ledger.
 
-The input classes live in ``security_probe.py`` (which also measures the README's table);
+The input classes live in ``security_probe.py`` (which also measures the table in docs/security.md);
 here hypothesis mixes them and every outcome is asserted.
 """
 
@@ -227,6 +227,6 @@ def test_statistics_are_released_once(tmp_path):
 
 
 def test_security_probe_finds_nothing(tmp_path):
-    """The README's table, at a small size: no class crashes or is silently accepted."""
+    """The table of docs/security.md, at a small size: no class crashes or is silently accepted."""
     rows = sp.run(per_class=3, seed=1)
     assert {r["class"] for r in rows if r["crashed"] or r["accepted"]} == set()

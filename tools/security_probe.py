@@ -7,7 +7,7 @@ Used two ways:
 - ``python -m tools.security_probe [--per-class 40]`` tries every class ``--per-class`` times and
   writes ``results/security/probe.{json,md}``: per class, inputs tried, handled (refused with a
   reason, nothing invalid used), crashed (an exception escaped) and silently accepted (an invalid
-  input was used). The README's "Security and reliability" table comes from it.
+  input was used). The table in docs/security.md comes from it.
 
 Every builder takes a ``numpy.random.Generator`` and returns the hostile input; outcomes are
 judged by ``probe_*`` functions that return "handled", "crashed" or "accepted".

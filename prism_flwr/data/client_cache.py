@@ -3,7 +3,7 @@
 Flower's deployment engine runs every message (every round's train and evaluate) in a fresh
 ClientApp process. Without this cache each of them re-reads the whole dataset, partitions it
 (flwr-datasets, pandas and pyarrow imported for that alone) and imports torchvision: about 3.5 s
-of a 4.5 s start-up on one CPU core (README, "Flower's share of a round"). With it, a process
+of a 4.5 s start-up on one CPU core (docs/benchmarks.md, "Flower's share of a round"). With it, a process
 reads one small file: this client's uint8 images and label histogram.
 
 The file lives in ``<data-dir>/.client-cache/`` and is named by a digest of everything that
