@@ -2,9 +2,10 @@
 
 In-process (no Flower: the damage is a property of the aggregation, not of the transport), on the
 2-core CPU size: real Fashion-MNIST split IID over 10 clients, ngf 8, a few rounds of a few local
-steps with the kernel-MMD objective (``prism_flwr.model.training.train_local``), every mask through the
-codec (``prism_flwr.federated.codec``) and the server's ``prism_flwr.federated.aggregation.aggregate``. Two of the ten
-clients are attackers, sending every round:
+steps with the kernel-MMD objective (``prism_flwr.model.training.train_local``), every mask
+through the codec (``prism_flwr.federated.codec``) and the server's
+``prism_flwr.federated.aggregation.aggregate``. Two of the ten clients are attackers, sending
+every round:
 
 - ``all-ones`` / ``all-zeros``: the constant mask;
 - ``anti-target``: the complement of a Bernoulli sample of the current global theta (every weight

@@ -3,7 +3,7 @@
     python -m experiments.methods_study --size cpu      # 27 runs: 19.4 min measured on 2 CPU cores
     python -m experiments.methods_study --size cpu-long --partitionings iid dirichlet
     python -m experiments.methods_study --size gpu      # paper-width generator, one GPU
-    python -m experiments.methods_study --size cpu --seeds 30 --partitionings iid --rounds 3  # override any setting
+    python -m experiments.methods_study --size cpu --seeds 30 --partitionings iid --rounds 3  # overrides
 
 Every run is a real ``flwr run`` of this app with 10 simulated clients, one seed list for all
 methods, and the same rounds and local steps. Run folders go to ``<out>/runs/``; the report

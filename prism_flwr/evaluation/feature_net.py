@@ -1,31 +1,10 @@
 """Feature networks for the Fréchet distance and precision/recall/density/coverage.
 
-Two kinds, each an ``nn.Module`` mapping float images in [-1, 1] of shape (N, C, 32, 32) to
-features (N, ``num_features``), with a ``metric_name`` and an ``ident`` for cache files:
-
-- ``InceptionFeatures`` (metric "FID"): torchvision's Inception-V3 with weights read from a local
-  file (torchvision's ImageNet checkpoint ``inception_v3_google-0cc3c7bd.pth``; nothing is ever
-  downloaded). Features are the 2048-d global average pool (the input of ``fc``). Preprocessing,
-  in the order applied:
-    1. quantise like a saved PNG: ``u = round((x + 1) * 127.5)`` clamped to 0..255 (clean-fid's
-       point: score the images a user would get, and real and fake go through the same path);
-    2. ``u / 255`` in [0, 1]; grey images repeated to 3 channels;
-    3. resize to 299 x 299, bicubic, ``antialias=True``, ``align_corners=False``, in float32
-       (clean-fid resizes float images with PIL bicubic; torch's antialiased bicubic is the same
-       filter, differing in rounding only);
-    4. ``2 * v - 1``: the [-1, 1] range Google's weights expect (exactly what torchvision's
-       ``transform_input=True`` computes from ImageNet-normalised input, so we skip that step).
-  torchvision's ImageNet weights are not the TF-ported "2015-12-05" graph that pytorch-fid,
-  torch-fidelity and clean-fid load, so values are close to, not identical with, published FIDs.
-- ``ClassifierFeatures`` (metric "FD-<DATASET>-CNN", never "FID"): the 128-d penultimate
-  activations (after ReLU) of ``SmallCNN`` trained on the real training split of the dataset by
-  ``load_or_train_classifier``. Input preprocessing: step 1 above, then ``u / 127.5 - 1`` (the
-  range it was trained on; identity for real images, which are already quantised).
-
-The classifier is trained once per (dataset, seed) and cached as
-``<data_dir>/feature-nets/<dataset>-cnn-seed<seed>.pt`` with its measured test accuracy in the
-``.json`` beside it. Training is deterministic from the seed (init and batch order come from
-seeded generators) for a given torch build and thread count.
+``InceptionFeatures`` (metric "FID"): torchvision's Inception-V3 from a local weights file, with
+clean-fid's preprocessing. ``ClassifierFeatures`` (metric "FD-<DATASET>-CNN", never "FID"): the
+128-d penultimate features of a small CNN trained on the dataset's real training split, once per
+(dataset, seed), cached under ``<data_dir>/feature-nets/`` with its test accuracy. Preprocessing
+and caveats: docs/algorithm.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Training curves of a run as one PNG (matplotlib, Agg backend: no display needed).
 
-``plot_history`` reads the ServerApp's history records (keys ``round``, ``uplink_bytes`` and, on
-evaluation rounds only, ``eval``: metric name -> value) and draws three panels against the round:
-the Fréchet distance (whatever its name: "FID", "FD-FMNIST-CNN", ...), precision / recall /
-density / coverage (higher is better, density is ~1 for matching distributions), and the cumulative uplink in megabytes (10^6 bytes) summed over clients.
+``plot_history`` reads the ServerApp's history records (``round``, ``uplink_bytes`` and, on
+evaluation rounds, ``eval``) and draws three panels against the round: the Fréchet distance
+(whatever its name), precision / recall / density / coverage, and the cumulative uplink in
+megabytes (10^6 bytes) summed over clients.
 """
 
 from __future__ import annotations

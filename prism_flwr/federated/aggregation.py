@@ -1,59 +1,10 @@
-"""Server-side aggregation of binary masks: smoothed mean, MADA, plain mean.
+"""Server-side aggregation of binary masks: counts of ones, smoothed mean, MADA and the other rules.
 
-For each masked weight, with ``K`` masks received in round ``t`` and ``c`` of them holding a 1:
-
-1. smoothing (``0 -> eps``, ``1 -> 1 - eps``, ``eps = 0.01``) then the mean over clients::
-
-       theta_agg = (c (1 - eps) + (K - c) eps) / K = eps + (1 - 2 eps) c / K,
-       s_agg = logit(theta_agg)
-
-   so ``s_agg`` is finite even where every client agrees.
-2. MADA (mask-aware dynamic moving average). Sample ``M_old ~ Bernoulli(sigmoid(s_t))`` and
-   ``M_new ~ Bernoulli(theta_agg)``; ``lambda`` = fraction of positions where they differ
-   (Hamming distance over all masked weights). Then
-
-   - ``"score"`` (official code, default): ``s_{t+1} = lambda s_agg + (1 - lambda) s_t``;
-   - ``"probability"`` (the paper's figure): ``theta_{t+1} = lambda' theta_t + (1 - lambda') theta_agg``
-     with ``lambda' = 1 - lambda`` (mask correlation), ``s_{t+1} = logit(theta_{t+1})``.
-
-   A big change between the old and the new global mask moves the model far; a small one
-   keeps it close. No extra hyper-parameter.
-3. ``"mean"`` (PRISM without MADA, the paper's PRISM-dagger): ``s_{t+1} = s_agg``.
-
-Why MADA's lambda is mostly noise: with ``theta_o = sigmoid(s_t)``, the expected Hamming distance
-of two independent samples is, per weight,
-
-    theta_o (1 - theta_n) + theta_n (1 - theta_o)
-        = (theta_o - theta_n)^2 + theta_o (1 - theta_o) + theta_n (1 - theta_n),
-
-so with no change at all (``theta_n = theta_o``) ``E[lambda] = mean 2 theta_o (1 - theta_o)``,
-about 0.41 at initialisation. ``lambda_diagnostics`` logs that expectation and the change term
-``mean (theta_o - theta_agg)^2`` next to lambda every round. Rules beyond the paper:
-
-4. ``"mada-change"``: MADA whose step measures change, not sampling noise. ``theta_agg`` is a
-   mean of ``K`` Bernoulli votes: with ``p = (theta_agg - eps) / (1 - 2 eps)`` (the raw vote
-   fraction) its sampling variance is estimated without bias by
-   ``sigma^2 = (1 - 2 eps)^2 mean p (1 - p) / (K - 1)``. The observed change
-   ``D = mean (theta_o - theta_agg)^2`` is real drift ``P`` plus that noise, so the step that
-   minimises the expected squared error of the blend (a scalar Kalman gain) is
-
-       lambda = P / (P + sigma^2) = clip(1 - sigma^2 / D, 0, 1),
-
-   used in MADA's blend. Clients that moved far (``D >> sigma^2``) give ``lambda ~ 1``, the plain
-   mean; once the clients agree with the global model the votes' noise is averaged away.
-   ``K = 1`` has no noise estimate: ``lambda = 1``. No hyper-parameter.
-5. ``"adam"`` (server Adam on the score vector, FedAdam of Reddi et al. 2021, with the smoothed
-   mean as the target): pseudo-gradient ``d = s_agg - s_t``; ``m = b1 m + (1 - b1) d``,
-   ``v = b2 v + (1 - b2) d^2``, ``s_{t+1} = s_t + eta m / (sqrt(v) + tau)`` with
-   ``eta = 1, b1 = 0.9, b2 = 0.99, tau = 1e-3`` (``m = v = 0`` at the start: a first step of
-   about ``eta`` per weight toward the aggregate).
-6. ``"beta"`` (FedPM's Beta-Bernoulli posterior, kept across rounds with forgetting): counts of
-   ones ``a`` and zeros ``b`` decay by ``rho = 0.5`` each round before this round's votes are added
-   (``a_0 = b_0 = 1``); ``theta_{t+1} = clip(a / (a + b), eps, 1 - eps)``. FedPM resets the prior
-   every round, which is the plain mean; ``rho`` keeps about two rounds of votes.
-
-Counting works on packed bits, one client at a time: memory is one ``uint16``/``uint32`` count
-per weight, never a clients x weights float32 matrix.
+The clients' masks are counted on packed bits, one client at a time (memory: one integer count per
+weight, never a clients x weights matrix); the counts give the smoothed mean
+``theta_agg = eps + (1 - 2 eps) c / K``, and the run's rule (``mean``, ``mada``, ``mada-change``,
+``adam``, ``beta``) turns it into the next global scores. The rules, their formulas and why MADA's
+lambda is mostly sampling noise: docs/aggregation.md.
 """
 
 from __future__ import annotations

@@ -1,46 +1,10 @@
 """Mask codec: a binary mask <-> bytes, raw (1 bit per weight) or entropy-coded, with checks.
 
-Format version 2 (little endian), 32 header bytes then the payload::
-
-    magic   4s   b"PRSM"
-    version B    FORMAT_VERSION = 2
-    method  B    0: raw, 1: coded
-    pad     2s   zero (checked)
-    count   Q    number of weights (bits) in the mask
-    layout  8s   model-layout fingerprint (``masked.layout_fingerprint``)
-    model   I    coded: ``MaskModel.fingerprint`` (crc32 of the probability codes); raw: 0
-    crc32   I    zlib.crc32 of the 28 header bytes before it, then of the payload
-    payload      raw:   numpy.packbits(mask, bitorder="little"), ceil(count / 8) bytes, padding 0
-                 coded: ANS words (uint32), fewer bytes than raw
-
-**Coding model.** Both sides know the global scores the server broadcast this round. Each
-weight's score is put on the 256-level downlink grid (``downlink.quantise``, nearest level: the
-identity when the broadcast already is the 8-bit grid) and its code ``c`` selects the coding
-probability ``P[c] = sigmoid(downlink.GRID[c])``, rounded to a multiple of 2^-32 so that a
-last-ulp difference of ``exp`` between machines cannot change it (a test checks every level's
-margin). ``P`` lies in ``[0.00247, 0.99753]``: a surprising bit costs at most 8.7 bits.
-Weights are grouped by code (``mask_model``, once per round per side; see ``MaskModel`` for
-the byte-aligned grouped layout); within group ``c`` the bits are i.i.d. Bernoulli(``P[c]``) under the model, so 8 of them at a
-time form one byte symbol coded with the exact product distribution
-``P(byte) = P[c]^ones (1 - P[c])^(8 - ones)`` and the group's last ``size % 8`` bits are coded
-one at a time with ``(1 - P[c], P[c])`` (constriction's ANS coder, categorical models at 24-bit
-precision, groups in code order 0..255; nothing padded on the wire). The expected size is the cross-entropy ``sum_i H(q_i, P_i)`` of the client's own probabilities
-``q_i`` against the global ones: ``H(q_i)`` plus how far the client moved (KL), plus under 0.1%
-coder overhead. The encoder falls back to raw whenever coding is not smaller, so a mask never
-costs more than raw.
-
-Server fast path: ``decode_mask(..., grouped=True)`` returns the bits in the grouped layout
-(what the decoder produces anyway); ``count_ones`` over ``model.grouped_bits`` and
-``model.ungroup_counts`` then move the counts back once per round instead of every mask.
-
-Decoding checks every field and raises ``MaskFormatError`` naming what is wrong; nothing
-malformed ever reaches aggregation. A coded payload longer than the raw size is refused before
-decoding, the number of decoded symbols is fixed by ``count`` (about ``count / 8``), the
-stream must end exactly where the last symbol does, and a coded mask checked against a
-different global model (``model`` field) is refused instead of decoded into garbage.
-
-Format version 1 (28-byte header: magic, version, 3 zero bytes, count, layout, crc32 of the
-payload only; raw payload) is still decoded; nothing writes it any more.
+A mask is coded against the round's global scores (each weight's grid level picks its coding
+probability; weights grouped by level, 8 bits per ANS symbol), so it costs about the client's
+theta entropy plus its KL to the global theta, and never more than raw. Decoding checks every
+header field, the checksum and the coding model, and raises ``MaskFormatError`` naming what is
+wrong. Format versions 2 (written) and 1 (still read): docs/wire-format.md.
 """
 
 from __future__ import annotations

@@ -1,52 +1,10 @@
-"""Compact downlink: global scores on an 8-bit grid, and their wire format.
+"""Compact downlink: the global scores on an 8-bit grid, and their wire format (full state or delta).
 
-The grid (format version 1): 256 levels uniform in *score* (logit) space over the clipped range
-``[-SCORE_CLIP, SCORE_CLIP] = [-6, 6]``::
-
-    STEP     = 12 / 255                      (0.0471 in logit units)
-    value(c) = float32(c * STEP - 6)         c = 0 .. 255, computed in float64, rounded once
-    code(s)  = rint((clip(s, -6, 6) + 6) / STEP)
-
-``theta = sigmoid(value(c))`` therefore spans ``[0.00247, 0.99753]``. No score the server can
-produce leaves that range: aggregated scores are ``logit(eps + (1 - 2 eps) c / K)``, within
-``+-4.60`` for ``eps = 0.01``, MADA blends convexly with the previous scores, and the initial
-``N(0, 1)`` scores pass 6 with probability 2e-9.
-
-**The server's state is defined as the grid values**: after aggregation the strategy replaces
-its scores by ``snap_to_grid(scores, rng)``, so what it keeps and what every client rebuilds from
-the codes are the same float32 numbers, bit for bit (``dequantise`` is a table lookup).
-``snap_to_grid`` rounds *stochastically* when given a generator (unbiased: ``E[value] = s``
-inside the range; a MADA step smaller than half a grid step still moves the state on average,
-where nearest rounding would freeze it); values already on the grid never move, so
-``dequantise(quantise(dequantise(q))) == dequantise(q)`` for every code, with or without rng.
-
-Wire format (little endian), 20 header bytes then the payload::
-
-    magic   4s   b"PRSD"
-    version B    DOWNLINK_VERSION (names the grid above)
-    method  B    0: the N codes as bytes; 1: codes entropy-coded (see below)
-    pad     2s   zero
-    count   Q    number of scores N
-    crc32   I    zlib.crc32 of the 20 header bytes before it, then of the payload
-    payload      method 0: N uint8 codes
-                 method 1: 256 uint32 code counts (the histogram, summing to N), then the ANS
-                 words (uint32) of the codes coded i.i.d. with that histogram as a categorical
-                 model (constriction, 24-bit precision)
-                 method 2 (delta): base I (crc32 of the codes the receiver must hold), target I
-                 (crc32 of the new codes), context bits B (b in 0, 2, 4, 6, 8), then for each of
-                 the 2^b contexts (weights whose base code has the same top b bits) a sparse
-                 histogram of ``d = (new - base) mod 256`` (nnz H, nnz symbols B, nnz counts
-                 I), then the ANS words of ``d`` coded context by context with those
-                 histograms; the receiver rebuilds ``(base + d) mod 256`` and checks both
-                 checksums
-
-``pack_scores`` picks the smaller of methods 0 and 1: the full state, for new or stale
-clients. ``pack_delta`` sends only the change from the previous state a client holds; MADA's
-new score is ``lambda logit(theta_agg) + (1 - lambda) s``, so the change depends on the old
-score, and coding ``d`` per context of the old code costs about ``H(d | context)`` bits per
-weight, well under ``H(d)`` (the encoder picks the context count that minimises the estimated
-size, histograms included). ``pack_update`` sends whichever of delta and full state is smaller.
-Integer arithmetic only: both sides end with the same codes, or the receiver refuses.
+The server's state *is* the grid: 256 levels uniform in score space over [-6, 6], reached by
+unbiased stochastic rounding, so the server and every client hold the same float32 numbers. The
+codes travel entropy-coded with their histogram (``pack_scores``) or as a per-context delta from
+the state a client holds (``pack_delta``; ``pack_update`` sends the smaller), with CRC32 checks on
+both sides. Grid, byte layout and costs: docs/wire-format.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """What differs between PRISM and the dense FedAvg baseline, one object per method.
 
-A ``Method`` owns everything the rest of the code would otherwise branch on:
-
-| | ``Prism`` | ``Dense`` (baseline) |
-|---|---|---|
-| global vector sent down (record key, model attribute) | ``scores`` / ``scores`` | ``weights`` / ``weight`` |
-| what a client uploads (record key) | ``mask``: codec bytes, 1 bit per weight | ``weights``: float32 |
-| local training | Adam on the scores, ``lr`` | Adam on the weights, ``dense-lr`` |
-| mask mode for evaluation | ``sample`` (the paper) | ``dense`` |
-| exported model | ``model.prism``: seed + one sampled mask | ``model-dense.pt``: float32 weights |
-| global vector on the wire | ``downlink = "grid8"``: the scores' 8-bit grid codes, entropy-coded (``downlink.py``); ``"float32"`` | float32 |
-
-With ``downlink = "grid8"`` the server's state *is* the grid: after each aggregation
-``settle`` snaps the scores to it (unbiased stochastic rounding, seeded per round), so what the
-server keeps and what every client decodes are the same float32 numbers.
-
-The ClientApp, the ServerApp, the in-process runner and the benchmarks ask ``method_for(cfg)``
-and never test ``cfg.method`` themselves.
+A ``Method`` owns everything the rest of the code would otherwise branch on: the vector sent down,
+what a client uploads, what trains, the evaluation mask mode, the exported model and the downlink
+(with ``downlink = "grid8"``, ``settle`` snaps the server's scores to the 8-bit grid). The
+ClientApp, the ServerApp, the in-process runner and the benchmarks ask ``method_for(cfg)`` and
+never test ``cfg.method`` themselves. The two side by side: docs/algorithm.md.
 """
 
 from __future__ import annotations

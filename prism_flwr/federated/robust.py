@@ -1,26 +1,10 @@
 """Robust counting of client masks: what a few hostile clients can do to theta, bounded.
 
-PRISM's server turns K binary masks into per-weight counts ``c`` of ones (``count_ones``) and
-``theta_agg = eps + (1 - 2 eps) c / K``. A client that sends all ones, all zeros, the complement of
-the global mask, or the same mask under several identities (Sybils) moves every weight's count at
-once. Three pure functions, on packed masks (``numpy.packbits(..., bitorder="little")`` as the codec
-decodes them), each usable alone; ``robust_counts`` chains them as a drop-in for ``count_ones``:
-
-1. ``distinct_masks``: identical masks count once. Two honest clients' Bernoulli samples of N
-   weights agree on every bit with probability ``prod_i (theta_i^2 + (1 - theta_i)^2)``, nil
-   for any real N: an exact duplicate is a copy, i.e. a Sybil.
-2. ``consensus_distances`` + ``outliers``: each mask's Hamming distance (fraction of weights) to
-   the per-weight majority vote; a mask farther than ``median + outlier_mads * MAD`` (MAD scaled
-   to a standard deviation, floored at ``min_spread``) is dropped. Honest masks' distances
-   concentrate (a sum of N independent bits), so an all-ones, all-zeros or anti-target mask stands
-   out once theta has moved away from 1/2. At most ``(K - 1) // 2`` masks are ever dropped.
-3. ``trimmed_counts``: the coordinate-wise trimmed mean for bits. Per weight, drop ``trim`` votes
-   from the top (ones, if any) and ``trim`` from the bottom (zeros): ``c' = clip(c - trim, 0,
-   K - 2 trim)`` over ``K' = K - 2 trim``. ``trim`` attackers then move a weight's theta by at
-   most what ``trim`` honest extremes would, whatever they send.
-
-``robust_counts`` returns counts in ``count_ones``' form, so ``aggregation.aggregate`` (MADA or
-the mean) runs unchanged after it.
+Three pure functions on packed masks, each usable alone: ``distinct_masks`` (identical masks, i.e.
+Sybils, count once), ``consensus_distances`` + ``outliers`` (masks far from the per-weight majority
+in Hamming distance are dropped) and ``trimmed_counts`` (per weight, ``trim`` votes cut at each
+end). ``robust_counts`` chains them and returns counts in ``count_ones``' form, so every
+aggregation rule runs unchanged after it. Why each works: docs/security.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,13 @@
 """Feature maps ``phi`` for the local objectives.
 
 - ``pixels``: the flattened image in [-1, 1]. Needs nothing; the default.
-- ``random-conv``: a fixed random convolutional network, no pretrained weights: the image itself
-  plus the ReLU activations (grey images repeated to 3 channels) of three seeded random 3x3 conv layers (32, 64, 128 channels, each
-  followed by 2x2 average pooling), each block divided by the square root of its size so every
-  scale weighs the same in a squared distance. The weights come from a constant seed
-  (``RANDOM_CONV_SEED``), independent of the run's seed, so every client of every run computes
-  the same map; nothing is learned and nothing depends on data.
-- ``vgg19``: the official code's choice: activations of the last 16 ReLU layers of an
-  ImageNet-pretrained VGG19 (all 16 ReLUs of ``vgg19.features``), flattened and concatenated.
-  Grayscale is repeated to 3 channels and [-1, 1] is mapped to ImageNet normalisation. The
-  weights are never downloaded: they are read from ``weights_path`` or torch's hub cache, and a
-  missing file raises ``FileNotFoundError`` naming both places.
+- ``random-conv``: the image plus the ReLU activations of three random 3x3 conv layers from a
+  constant seed (``RANDOM_CONV_SEED``): no pretrained weights, the same map in every run.
+- ``vgg19``: the official code's choice, the 16 ReLU activations of an ImageNet-pretrained VGG19,
+  read from ``weights_path`` or torch's hub cache (never downloaded; a missing file raises
+  ``FileNotFoundError`` naming both places).
+
+Details: docs/algorithm.md.
 """
 
 from __future__ import annotations

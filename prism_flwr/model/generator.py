@@ -1,24 +1,9 @@
 """The paper's ResNet generator (official ``ResnetG``) built from masked layers.
 
-32x32 output for every dataset. With ``ngf = 64`` and one channel it has 3,543,616 masked weights
-(the paper's "about 3.55 M"):
-
-    z (nz) -> 4x4 transposed conv nz -> 8ngf                       (4x4)
-           -> up-block 8ngf -> 4ngf -> up-block -> 2ngf -> up-block -> ngf   (8, 16, 32)
-           -> BN, ReLU, 3x3 conv ngf -> nc, tanh
-
-An up-block is BN, ReLU, nearest x2, 3x3 conv, BN, ReLU, 3x3 conv, plus a skip path of nearest
-x2 and a 1x1 conv. Every conv is masked; BatchNorm has no affine parameters (the paper keeps
-them frozen at 1/0) and always normalises with the *batch* statistics: no running statistics
-exist, so nothing local leaks into sampling and a generator sampled anywhere behaves the same
-(running statistics from one client's masks gave poor samples in the maintainers' sketch).
-
-``forward`` draws all masks of a pass at once (``masked.masked_weights``: one Bernoulli over the
-concatenated scores) and hands each layer its ``W * m``.
-
-Weights come from ``torch.Generator().manual_seed(seed)`` consumed in construction order, and
-the initial scores from a second stream seeded with ``seed + 1``: the server and every client
-rebuild the same network from ``(nz, ngf, nc, seed)`` alone.
+32x32 output for every dataset; 3,543,616 masked weights at ``ngf = 64``. BatchNorm has no affine
+parameters and always uses batch statistics, so nothing local leaks into sampling. Weights and
+initial scores come from seeded streams: the server and every client rebuild the same network
+from ``(nz, ngf, nc, seed)`` alone. Architecture: docs/algorithm.md.
 """
 
 from __future__ import annotations

@@ -1,29 +1,10 @@
 """Masked layers: a frozen random weight ``W`` times a learned stochastic binary mask.
 
-Each masked layer holds
-- ``weight``: a *buffer* (never trained, never sent), "signed Kaiming constant"
-  ``W = sign(u) * sqrt(2 / fan_in)`` drawn from a seeded CPU ``torch.Generator``, so every
-  machine that builds the same architecture from the same seed gets bit-identical weights;
-- ``scores``: a trainable ``Parameter`` ``s`` of the same shape; ``theta = sigmoid(s)`` is the
-  probability that a weight is kept.
-
-The forward pass uses ``W * m``. In ``"sample"`` mode ``m ~ Bernoulli(theta)`` is drawn anew each
-call; in ``"threshold"`` mode ``m = 1[theta > 0.5]`` (evaluation / export). ``"dense"`` mode uses
-``W`` unmasked; ``make_dense`` also makes ``W`` trainable: the same network as a plain generator,
-for the dense FedAvg baseline. No biases: the paper's generator has none.
-
-Gradient of the sampling step (official PRISM and FedPM code): forward ``m = bernoulli(theta)``,
-backward ``dL/dtheta = theta * dL/dm`` ("scaled" estimator, the default). ``"identity"`` is the
-plain straight-through estimator ``dL/dtheta = dL/dm``. Autograd then applies
-``dL/ds = sigmoid'(s) * dL/dtheta``.
-
-``masked_layers(model)`` is the one place that fixes the order of a model's masked tensors, so a
-flat vector of ``num_masked(model)`` entries maps to layers unambiguously.
-
-``masked_weights(layers)`` computes every layer's ``W * m`` at once: in ``"sample"`` mode the
-scores are concatenated into one flat tensor and all masks of a forward pass are drawn by one
-``sigmoid`` and one ``bernoulli`` over it (a model-level forward calls it once instead of
-sampling per layer: fewer kernels, which is what a GPU step at batch 64 is bound by).
+``W`` is a buffer rebuilt from a seed (never trained or sent); ``scores`` are the parameters, and
+``theta = sigmoid(scores)`` is the probability that a weight is kept. The forward pass uses
+``W * m`` with ``m ~ Bernoulli(theta)`` (``"sample"``), ``1[theta > 0.5]`` (``"threshold"``) or no
+mask (``"dense"``, the baseline); ``masked_weights`` draws all masks of a pass at once. The
+gradient estimators and the rest: docs/algorithm.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
 """Local objectives: the paper's feature matching and an unbiased Gaussian-kernel MMD^2.
 
-``feature-matching`` (what the official code runs, GFMN, Santos et al. 2019): the client computes
-once the mean ``mu_r`` and variance ``var_r`` of the features ``phi(x)`` of its local data. Each
-step, with ``mu_f, var_f`` from a generated batch, two moving-average vectors ``v_m, v_v`` are
-first moved by Adam (lr 1e-5, betas (0.5, 0.999)) toward ``mu_r - mu_f`` and ``var_r - var_f``
-(MSE), then the generator loss is
-
-    L = v_m . (mu_r - mu_f) + v_v . (var_r - var_f)      (v detached)
-
-whose gradient is a moving average of the gradient of the squared feature gap: the moving
-average tames the noise of batch-64 feature statistics. ``v`` starts at zero.
-
-``mmd`` (Li et al. 2015, GMMN): unbiased MMD^2 between a real and a generated batch with a sum of
-Gaussian kernels ``k(x, y) = sum_b exp(-|x - y|^2 / (2 b^2))`` over the bandwidths ``b``. The
-default bandwidths (2 ... 80) suit 1024-dim pixel vectors in [-1, 1]; for ``d``-dim features they
-are scaled by ``sqrt(d / 1024)`` (squared distances grow with ``d``), so the kernels neither
-saturate nor vanish on 3-channel images or VGG features.
-
-Features: ``pixels`` (flattened images in [-1, 1]; no weights needed) or ``vgg19`` (see
-``features.py``).
+``feature-matching`` (GFMN, the official code) matches the mean and variance of features through
+Adam-smoothed moving-average vectors; ``mmd`` (GMMN, the default) is the unbiased MMD^2 with a sum
+of Gaussian kernels, widths scaled by ``sqrt(d / 1024)`` for ``d``-dim features. Formulas:
+docs/algorithm.md.
 """
 
 from __future__ import annotations

@@ -1,28 +1,10 @@
 """What a client carries from one round to the next, and the ledger of what it has released.
 
-``ClientRecord`` bundles the training state (Adam moments, objective state) with the privacy
-accountant. It is serialised to one ``bytes`` blob (pickle-free: ``prism_flwr/storage/blob.py``) that the
-ClientApp keeps in Flower's ``context.state`` and also writes to
-``<output-dir>/client-state/<run-tag>/partition-<id>/round-<r>.state``: a server run resumed from
-its round-``r`` checkpoint gets clients that start from exactly their state after round ``r``,
-even in a new Flower run whose ``context.state`` is empty. A client takes the newest state saved
-*before* the current round, so one that sat out rounds keeps its optimiser state, its released
-statistics and its accountant. The ``KEEP_STATES`` newest files are kept (the server keeps 3
-checkpoints and may fall back to an older one; it may also die after the clients trained round
-``r + 1`` but before it saved round ``r + 1``). Files are 0600, written atomically with fsync.
-
-``run-tag`` comes from the server: ``validate_run_tag`` accepts hex only, so a hostile or broken
-server cannot steer a client's writes outside its state folder (``client_state_dir``).
-
-``PrivacyLedger`` (``privacy-ledger.jsonl`` next to the state files) is the client's append-only
-record of every DP release: one JSON line per release (round, mechanism, epsilon after it), fsynced
-before the mask leaves. It is tied to its partition and its DP parameters (first line), refuses a
-release at a round at or below one already released, and rebuilds the accountant from its lines:
-losing or rolling back a state file can never hand a client a fresh privacy budget.
-
-``secret`` is drawn from the OS once per client and never leaves it (it seeds the client's own
-random streams under DP; DP noise itself comes from a fresh cryptographic seed per release, see
-``privacy.py``).
+``ClientRecord`` (optimiser and objective state, privacy accountant, a secret that seeds the
+client's own random streams under DP and never leaves it) is one pickle-free blob kept in Flower's
+``context.state`` and on disk per round, so a resumed server gets clients in their state after
+that round. ``PrivacyLedger`` is append-only and rebuilds the accountant from its lines: a lost or
+rolled-back state file never yields a fresh privacy budget. Details: docs/security.md (Files).
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
 """The final model as one small file: rebuild recipe + one binary mask.
 
-A PRISM model is the frozen random network (fully determined by ``GeneratorSpec``: nz, ngf, nc,
-seed) times a binary mask, so the file stores just those (format 2, little endian)::
-
-    magic    8s   b"PRISMMDL"
-    format   I    EXPORT_FORMAT
-    hlen     I    length of the JSON header (at most MAX_HEADER_BYTES)
-    header        JSON: {"format": 2, "generator": {nz, ngf, nc, seed}, "dataset"?: ..., "mask"?: ...}
-    mask          the codec's wire format (prism_flwr/federated/codec.py)
-    crc32    I    zlib.crc32 of everything before it: the header is covered, not only the mask
-
-The mask is either sampled from the final theta (what the paper evaluates) or ``theta > 0.5``.
-For the paper's generator (3,543,616 weights) this is about 443 kB against 14.2 MB of dense
-float32 weights.
-
-``load_sparse_model`` trusts nothing in the file: it checks the checksum, the header's schema
-(known keys only, integers within ``LIMITS``), computes the network's weight count from the header
-*before* allocating anything and requires the file to be exactly that long (and the count within
-``max_weights``), then lets the codec check the mask. Every malformed file raises
-``ModelFileError`` (a ``ValueError``) with the reason.
+A PRISM model is the frozen random network (``GeneratorSpec``: nz, ngf, nc, seed) times a binary
+mask, so ``model.prism`` stores just those, with a checksum over everything (about 443 kB for the
+paper's generator against 14.2 MB of float32 weights). ``load_sparse_model`` trusts nothing in the
+file and raises ``ModelFileError`` with the reason. Byte layout and checks: docs/security.md.
 """
 
 from __future__ import annotations
