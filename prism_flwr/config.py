@@ -40,7 +40,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
 
     # data
-    dataset: Literal["mnist", "fmnist", "cifar10", "celeba"] = Field("fmnist", description="the dataset")
+    dataset: Literal["mnist", "fmnist", "cifar10", "celeba"] = Field(
+        "fmnist", description="the dataset, 32x32 (files and downloads: docs/data.md)"
+    )
     data_dir: str = Field("~/.cache/prism-flwr/data", description="where datasets live (see docs/data.md)")
     download: Annotated[Literal["auto"] | bool, BeforeValidator(_download)] = Field(
         "auto",
@@ -95,7 +97,7 @@ class RunConfig(BaseModel):
     estimator: Literal["scaled", "identity"] = Field(
         "scaled", description="Bernoulli gradient: `scaled` (dL/dtheta = theta dL/dm, official) or `identity`"
     )
-    # what is learned: PRISM's masks, or the dense FedAvg baseline (same generator, trained weights)
+    # method: PRISM's masks, or the dense FedAvg baseline (same generator, trained weights)
     method: Literal["prism", "dense"] = Field(
         "prism",
         description="`prism`, or `dense`: the baseline, the same generator with trained weights and FedAvg "

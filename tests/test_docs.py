@@ -124,3 +124,9 @@ def test_project_speaks_of_itself():
             if match := PROCESS_WORDS.search(line):
                 hits.append(f"{path.relative_to(ROOT)}:{number}: {match.group(0)!r} in {line.strip()[:90]}")
     assert not hits, "\n".join(hits)
+
+
+def test_keys_are_grouped_by_the_comments_in_runconfig():
+    groups = gen_config_docs.field_groups()
+    assert groups["dataset"] == "data" and groups["dp_epsilon"] == "privacy"
+    assert set(groups) == set(RunConfig.model_fields)

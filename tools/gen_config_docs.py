@@ -8,6 +8,8 @@ it, so the page cannot drift from the code. ``python -m tools.gen_config_docs`` 
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import sys
 import types
 import typing
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import annotated_types
 
+from prism_flwr import config
 from prism_flwr.config import RunConfig
 
 try:
@@ -56,10 +59,9 @@ own `output-dir`).
 Each node learns its data partition from Flower's node config (`partition-id`, `num-partitions`),
 which the simulation sets for every simulated node and a deployment sets per SuperNode (see
 [deployment.md](deployment.md)).
-
-| key | default | allowed | meaning |
-|---|---|---|---|
 """
+
+TABLE_HEAD = "| key | default | allowed | meaning |\n|---|---|---|---|\n"
 
 _BOUNDS = (
     (annotated_types.Ge, "ge", ">="),
@@ -111,6 +113,22 @@ def allowed(field) -> str:
     return text + (f" matching `{patterns[0]}`" if patterns else "")
 
 
+def field_groups() -> dict[str, str]:
+    """Each field's group: the comment line above it in RunConfig's source (``# data``, ...)."""
+    source = inspect.getsource(config)
+    lines = source.splitlines()
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "RunConfig")
+    groups, current, previous_end = {}, "", cls.lineno
+    for node in cls.body:
+        for line in lines[previous_end : node.lineno - 1]:  # between two statements
+            if line.strip().startswith("#"):
+                current = line.strip().lstrip("#").strip().split(":")[0]
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            groups[node.target.id] = current
+        previous_end = node.end_lineno
+    return groups
+
+
 def pyproject_defaults(path: Path = ROOT / "pyproject.toml") -> dict:
     with path.open("rb") as f:
         return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
@@ -119,18 +137,22 @@ def pyproject_defaults(path: Path = ROOT / "pyproject.toml") -> dict:
 def render(defaults: dict | None = None) -> str:
     """The whole page; a key missing from pyproject.toml shows RunConfig's own default, marked."""
     defaults = pyproject_defaults() if defaults is None else defaults
-    rows = []
+    groups = field_groups()
+    parts, group = [PREAMBLE], None
     for name, field in RunConfig.model_fields.items():
         key = field.alias or name
         if not field.description:
             raise ValueError(f"RunConfig.{name} has no description: give its Field a description")
+        if groups.get(name, "") != group:
+            group = groups.get(name, "")
+            parts.append(f"\n## {(group or 'other').capitalize()}\n\n{TABLE_HEAD}")
         if key in defaults:
             default = f"`{toml_value(defaults[key])}`"
         else:
             default = f"`{toml_value(field.default)}` (not in pyproject.toml)"
         cells = [f"`{key}`", default, allowed(field), field.description]
-        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return PREAMBLE + "\n".join(rows) + "\n"
+        parts.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n")
+    return "".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
