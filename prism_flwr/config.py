@@ -65,7 +65,7 @@ class RunConfig(BaseModel):
     # aggregation
     aggregation: Literal["mada", "mean", "mada-change", "adam", "beta"] = "mean"
     uplink_coding: Literal["coded", "raw"] = "coded"
-    downlink: Literal["grid8", "float32"] = "grid8"
+    downlink: Literal["grid8", "delta", "float32"] = "grid8"  # delta: change from the node's copy
     mada_space: Literal["score", "probability"] = "score"
     # evaluation and outputs
     eval_every: int = Field(1, ge=1)
@@ -94,6 +94,9 @@ class RunConfig(BaseModel):
             raise ValueError("method='dense' is the non-private baseline: use dp='off'")
         if self.partitioning == "attribute" and self.dataset != "celeba":
             raise ValueError("partitioning='attribute' splits CelebA by its Male attribute: use dataset='celeba'")
+        if self.method == "dense" and self.robust_aggregation != "off":
+            raise ValueError("robust-aggregation applies to PRISM's masks; the dense baseline always clips "
+                             "update norms: use robust-aggregation='off' with method='dense'")
         return self
 
     @classmethod
