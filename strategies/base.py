@@ -159,10 +159,12 @@ class RecordingFedAvg(FedAvg):
         config = messages[0].content[self.configrecord_key]
         contents: dict[str, RecordDict] = {}  # base digest -> content
         name = digest(state) if self._copies is not None else ""
+        bases = {m.metadata.dst_node_id: self._copies.base_for(m.metadata.dst_node_id) if self._copies is not None
+                 else ("", None) for m in messages}  # all looked up before any state is added
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            base_name, base = self._copies.base_for(node) if self._copies is not None else ("", None)
+            base_name, base = bases[node]
             if base_name not in contents:
                 wire = self.downlink.encode(state, base)
                 content = RecordDict({self.payload_key: ArrayRecord({self.payload_key: Array(wire)}),

@@ -219,8 +219,9 @@ def _delta_round(s, rnd, state, nodes, kept, answer):
     bases = _node_side(messages, kept)
     for node in nodes:
         assert kept[node].tobytes() == state.tobytes()  # bit for bit the server's state
-    replies = [_delta_reply(n, rnd, held if held != "own" else digest(kept[n])) for n, held in answer.items()
-               if held is not None]
+    replies = [reply(n, error="global does not decode: needs the full state") if held == "error"
+               else _delta_reply(n, rnd, held if held != "own" else digest(kept[n]))
+               for n, held in answer.items() if held is not None]
     arrays, _ = s.aggregate_train(rnd, replies)
     return arrays[SCORES_KEY].numpy(), bases
 
@@ -240,16 +241,16 @@ def test_delta_goes_only_to_nodes_that_confirmed_the_previous_global():
     assert s.round_records[3]["dropped"] == []
 
 
-def test_forged_held_digest_drops_the_reply_and_the_node_gets_the_full_state():
-    nodes = (1, 2, 3)
+def test_forged_held_digest_or_refusal_drops_the_reply_and_the_node_gets_the_full_state():
+    nodes = (1, 2, 3, 4)
     s, kept = _delta_strategy(nodes), {}
     state = _start_state()
-    state2, _ = _delta_round(s, 1, state, nodes, kept, {1: "own", 2: "0" * 64, 3: "own"})
+    state2, _ = _delta_round(s, 1, state, nodes, kept, {1: "own", 2: "0" * 64, 3: "own", 4: "error"})
     rec = s.round_records[1]
-    assert rec["clients"] == 2 and len(rec["dropped"]) == 1
-    assert "node 2: reply says its node holds" in rec["dropped"][0]
+    assert rec["clients"] == 2 and len(rec["dropped"]) == 2
+    assert "node 2: reply says its node holds" in rec["dropped"][0] and "needs the full state" in rec["dropped"][1]
     _, bases = _delta_round(s, 2, state2, nodes, kept, {n: "own" for n in nodes})
-    assert bases == {1: digest(state), 2: "", 3: digest(state)}
+    assert bases == {1: digest(state), 2: "", 3: digest(state), 4: ""}
 
 
 def test_delta_reply_without_its_downlink_record_is_dropped():
