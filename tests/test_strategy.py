@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from hypothesis import given, settings, strategies as st
 
@@ -262,3 +263,43 @@ def test_delta_reply_without_its_downlink_record_is_dropped():
     del bare.content[DOWNLINK_KEY]
     s.aggregate_train(1, [_delta_reply(1, 1, digest(state)), bare])
     assert s.round_records[1]["dropped"] == ["node 2: reply lacks record 'downlink'"]
+
+
+def test_client_app_keeps_its_copy_and_refuses_a_delta_it_cannot_rebuild():
+    """The ClientApp's downlink part against the strategy: full state, then a delta rebuilt from
+    the copy in ``context.state``; a node that lost its copy refuses and gets the full state."""
+    import client_app
+    from flwr.app import Context
+    from prism_flwr.config import RunConfig
+    from prism_flwr.federated.broadcast import DownlinkRefused
+    from prism_flwr.federated.client_round import masked_count
+    from prism_flwr.federated.methods import PRISM
+
+    run_config = {"ngf": 2, "downlink": "delta", "device": "cpu"}
+    cfg = RunConfig.parse(run_config)
+    n = masked_count(cfg, PRISM, torch.device("cpu"))
+    s = MADA(num_weights=n, layout=LAYOUT, seed=5, min_train_nodes=1, min_available_nodes=2,
+             downlink=DOWNLINKS["delta"])
+    contexts = {node: Context(1, node, {}, RecordDict(), run_config) for node in (1, 2)}
+    rng = np.random.default_rng(3)
+    state = DOWNLINKS["delta"].settle(rng.normal(0, 1.5, n).astype(np.float32))
+    for rnd in (1, 2, 3):
+        messages = s.configure_train(rnd, ArrayRecord({SCORES_KEY: Array(state)}), ConfigRecord(), FakeGrid([1, 2]))
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if rnd == 2 and node == 2:
+                del contexts[node].state[client_app.HELD_KEY]  # e.g. a restarted node
+                with pytest.raises(DownlinkRefused, match="needs the full state"):
+                    client_app._received_global(m, contexts[node], cfg, PRISM, torch.device("cpu"))
+                replies.append(reply(node, error="needs the full state"))
+                continue
+            got = client_app._received_global(m, contexts[node], cfg, PRISM, torch.device("cpu"))
+            assert got.tobytes() == state.tobytes()
+            assert contexts[node].state[client_app.HELD_KEY]["global"].numpy().tobytes() == state.tobytes()
+            assert (m.content[DOWNLINK_KEY]["base"] == "") == (rnd == 1 or (rnd == 3 and node == 2))
+            msg = reply(node, encode_mask(rng.random(n) < 0.3, LAYOUT))
+            msg.content[DOWNLINK_KEY] = client_app._held_record(cfg, PRISM, got)[DOWNLINK_KEY]
+            replies.append(msg)
+        arrays, _ = s.aggregate_train(rnd, replies)
+        state = arrays[SCORES_KEY].numpy()
