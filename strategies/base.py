@@ -143,6 +143,7 @@ class RecordingFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if (server_round + self.round_offset) % self.eval_every:
+            self._asked_nodes = set()  # no evaluation this round: no reply is expected
             return []
         rnd = server_round + self.round_offset
         messages = self._broadcast(super().configure_evaluate(rnd, arrays, config, grid))

@@ -188,7 +188,7 @@ DN = 20_000  # large enough for a delta to beat the full state (its histograms c
 
 
 def _delta_strategy(nodes):
-    return MADA(num_weights=DN, layout=LAYOUT, rule="mada", seed=5, min_train_nodes=1,
+    return MADA(num_weights=DN, layout=LAYOUT, rule="mada", seed=5, min_train_nodes=1, eval_every=100,
                 min_available_nodes=len(nodes), downlink=DOWNLINKS["delta"])
 
 
@@ -224,6 +224,9 @@ def _delta_round(s, rnd, state, nodes, kept, answer):
                else _delta_reply(n, rnd, held if held != "own" else digest(kept[n]))
                for n, held in answer.items() if held is not None]
     arrays, _ = s.aggregate_train(rnd, replies)
+    # as Flower's Strategy.start: an evaluation step every round, here without evaluation
+    assert list(s.configure_evaluate(rnd, arrays, ConfigRecord(), FakeGrid(list(nodes)))) == []
+    assert s.aggregate_evaluate(rnd, []) is None
     return arrays[SCORES_KEY].numpy(), bases
 
 
