@@ -9,7 +9,9 @@ repository with ``--run-config`` on top of the pyproject defaults, and ``--out``
 file: the run config, ``history.json`` and the sha256 of the final global state (the newest
 checkpoint's scores). ``--compare`` checks two such files describe the same run: the same final
 state bit for bit and the same history, apart from wall-clock times, node ids (random per
-SuperNode) and float sums whose order follows the replies' arrival (relative 1e-9). The per-round
+SuperNode), float sums whose order follows the replies' arrival (relative 1e-9) and the messages'
+envelopes (``*_wire_bytes``: each carries the run id and node ids, random 64-bit integers whose
+varint length varies from run to run, up to ``ENVELOPE_SLACK`` bytes per message). The per-round
 wire bytes (``wire_bits_per_weight_up/down``: bits per weight, per client and round, as Flower
 serialises the messages) come out as a table and one JSON line.
 """
@@ -32,6 +34,10 @@ from tools.flowerkit import REPO, exe, flower_env, online_nodes, write_connectio
 
 IGNORED = {"time"}                 # wall-clock
 PER_NODE = {"dp_epsilon_per_client", "label_histograms"}  # keyed by random node ids: values compared
+# serialised message bytes (and the bits per weight derived from them): messages counted
+ENVELOPE = {"uplink_wire_bytes": "clients", "downlink_wire_bytes": "asked",
+            "wire_bits_per_weight_up": None, "wire_bits_per_weight_down": None}
+ENVELOPE_SLACK = 20  # bytes per message: run id, node ids and message ids as varints
 
 
 def run(run_config: str, nodes: int, work: Path, timeout: float) -> dict:
@@ -79,6 +85,10 @@ def _same(a: object, b: object, where: str, diffs: list[str]) -> None:
                 continue
             if key not in a or key not in b:
                 diffs.append(f"{where}.{key}: only in {'first' if key in a else 'second'}")
+            elif key in ENVELOPE:
+                count = ENVELOPE[key]
+                if count is not None and abs(a[key] - b[key]) > ENVELOPE_SLACK * a.get(count, 1):
+                    diffs.append(f"{where}.{key}: {a[key]!r} vs {b[key]!r} (beyond the envelope's slack)")
             elif key in PER_NODE:
                 _same(sorted(a[key].values()), sorted(b[key].values()), f"{where}.{key}", diffs)
             else:
