@@ -11,6 +11,10 @@ runner and the benchmarks call); this file only moves records:
   server run finds it again.
 - ``@app.evaluate``: ``client_evaluate`` (pixel MMD^2 of global samples vs this node's images;
   nothing derived from data under DP).
+- the global arrives as the run's downlink encodes it (``prism_flwr/federated/broadcast.py``);
+  under ``downlink = "delta"`` this node keeps the last global in ``context.state``, rebuilds the
+  new one from it and checks its digest, refuses the message (an error reply: the server sends
+  the full state next) when it cannot, and names the global it now holds in its reply.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from prism_flwr.federated.client_round import (client_evaluate, client_round, ledger_params, new_record, received_vector,
-                                     theta_noise_multiplier)
+from prism_flwr.federated.broadcast import DOWNLINK_KEY, digest, receive
+from prism_flwr.federated.client_round import (client_evaluate, client_round, ledger_params, masked_count,
+                                               new_record, received_vector, theta_noise_multiplier)
 from prism_flwr.storage.client_state import (ClientRecord, PrivacyLedger, client_state_dir, read_latest_state_file,
                                      write_state_file)
 from prism_flwr.config import RunConfig
@@ -35,6 +41,7 @@ from prism_flwr.model.build import pick_device
 app = ClientApp()
 log = logging.getLogger("prism.client")
 STATE_KEY = "prism-client"
+HELD_KEY = "prism-downlink"  # context.state: the last global this node rebuilt (downlink = "delta")
 # Testing hook for failure drills: PRISM_FAULT_INJECTION="raise=1 corrupt=2" makes partition 1
 # raise in every training round and partition 2 upload a mask with a flipped payload byte.
 FAULT_ENV = "PRISM_FAULT_INJECTION"
@@ -82,9 +89,34 @@ def _unpack(msg: Message, context: Context):
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
     device = pick_device(cfg.device)
-    vector = received_vector(cfg, method, msg.content[method.down_key][method.down_key].numpy(), device)
+    vector = _received_global(msg, context, cfg, method, device)
     data, hist = client_data(cfg, pid, num, device)
     return cfg, method, pid, vector, data, hist
+
+
+def _received_global(msg: Message, context: Context, cfg: RunConfig, method, device) -> np.ndarray:
+    """The global state from the message; under a delta downlink rebuilt from the copy kept in
+    ``context.state`` (dropped, and the message refused, when the result is not the sender's)."""
+    downlink = method.downlink(cfg)
+    array = msg.content[method.down_key][method.down_key].numpy()
+    if not downlink.uses_base:
+        return received_vector(cfg, method, array, device)
+    kept = context.state.array_records.get(HELD_KEY)
+    held = None if kept is None else kept["global"].numpy()
+    try:
+        state = receive(downlink, array, masked_count(cfg, method, device),
+                        msg.content.config_records.get(DOWNLINK_KEY), held)
+    except ValueError:
+        if kept is not None:
+            del context.state[HELD_KEY]
+        raise
+    context.state[HELD_KEY] = ArrayRecord({"global": Array(state)})
+    return state
+
+
+def _held_record(cfg: RunConfig, method, vector: np.ndarray) -> dict:
+    """Under a delta downlink, the reply's record naming the global this node now holds."""
+    return {DOWNLINK_KEY: ConfigRecord({"held": digest(vector)})} if method.downlink(cfg).uses_base else {}
 
 
 @app.train()
@@ -115,6 +147,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({
         method.up_key: ArrayRecord({method.up_key: Array(payload)}),
         METRICS_KEY: MetricRecord(result.metrics),
+        **_held_record(cfg, method, vector),
     })
     return Message(content=content, reply_to=msg)
 
@@ -125,4 +158,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, method, pid, vector, data, _ = _unpack(msg, context)
     metrics = client_evaluate(cfg, method, vector, data, partition_id=pid,
                               server_round=int(msg.content["config"]["server-round"]))
-    return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({METRICS_KEY: MetricRecord(metrics), **_held_record(cfg, method, vector)})
+    return Message(content=content, reply_to=msg)

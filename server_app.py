@@ -34,19 +34,13 @@ from prism_flwr.model.masked import get_flat, layout_fingerprint, num_masked, se
 from prism_flwr.federated.methods import Method, method_for
 from prism_flwr.evaluation.summary import closing_summary
 from prism_flwr.model.build import generator_spec, pick_device
-from strategies.base import empty_record
+from strategies.base import RecordingFedAvg
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
 from strategies.prompt_grid import PromptGrid
 
 app = ServerApp()
-# One strategy per method (prism_flwr.federated.methods): what the ServerApp builds and how it names it.
-STRATEGIES = {
-    "prism": lambda cfg, layout, common: MADA(layout=layout, method=cfg.aggregation, space=cfg.mada_space,
-                                              run_config=cfg, **common),
-    "dense": lambda cfg, layout, common: DenseFedAvg(**common),
-}
-STRATEGY_NAME = {"prism": lambda cfg: f"PRISM, {cfg.aggregation}", "dense": lambda cfg: "dense FedAvg"}
+STRATEGY_CLASSES = (MADA, DenseFedAvg)  # each names the method it aggregates
 log = logging.getLogger("prism.server")
 # Training-set sizes: no honest client reports more examples than its dataset has.
 TRAIN_SIZE = {"mnist": 60_000, "fmnist": 60_000, "cifar10": 50_000, "celeba": 162_770}
@@ -60,7 +54,7 @@ def _fmt(record: dict) -> str:
     else:
         parts.append(f"up {record['uplink_bytes'] / 1e3:.1f} kB ({record['uplink_bits_per_weight']:.5f} bit/w)")
         parts.append(f"down {record['downlink_bytes'] / 1e6:.2f} MB")
-        if record["mada_lambda"] is not None:
+        if record.get("mada_lambda") is not None:
             parts.append(f"lambda {record['mada_lambda']:.3f}")
         if record["loss"] is not None:
             parts.append(f"loss {record['loss']:.4g}")
@@ -72,10 +66,7 @@ def _fmt(record: dict) -> str:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.parse(context.run_config)  # a bad key stops the run here, before any training
-    if cfg.method == "dense" and cfg.robust_aggregation != "off":
-        raise ValueError("robust-aggregation applies to PRISM's masks; the dense baseline always clips "
-                         "update norms: use robust-aggregation='off' with method='dense'")
+    cfg = RunConfig.parse(context.run_config)  # a bad key (or key combination) stops the run here
     out = cfg.resolved_output_dir()
     run_dir = find_run_dir(out, cfg.resume_run) if cfg.resume else new_run_dir(out, context.run_id)
     lock = RunLock(run_dir).acquire()  # released when the run ends, or by the kernel if it dies
@@ -92,10 +83,11 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
     n, layout = num_masked(model), layout_fingerprint(model)
 
     method = method_for(cfg)
+    downlink = method.downlink(cfg)
     key = method.down_key
-    start_round, history, run_tag = 0, [], secrets.token_hex(4)
+    start_round, history, run_tag, aggregator_state = 0, [], secrets.token_hex(4), None
     # the global vector (scores, or weights for the baseline), as the state the server keeps
-    vector = method.settle(get_flat(model, method.vector_attr).numpy(), cfg, None)
+    vector = downlink.settle(get_flat(model, method.vector_attr).numpy())
     if cfg.resume:
         ckpt = load_checkpoint(run_dir)  # the newest readable one; falls back past a corrupt one
         check_resume_config(ckpt["run_config"], cfg.model_dump(by_alias=True), run_dir,
@@ -110,20 +102,10 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
         point_latest(out, run_dir)
         log.warning("resuming %s at round %d of %d", run_dir, start_round, cfg.num_server_rounds)
     remaining = cfg.num_server_rounds - start_round
-    print(f"PRISM: {cfg.dataset}, ngf {cfg.ngf} ({n:,} masked weights), {STRATEGY_NAME[method.name](cfg)}, "
+    print(f"PRISM: {cfg.dataset}, ngf {cfg.ngf} ({n:,} masked weights), {method.describe(cfg)}, "
           f"{remaining} rounds to go; outputs in {run_dir}", flush=True)
 
-    common = dict(num_weights=n, seed=cfg.seed, eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
-                  # under DP a client's local evaluation would leak data outside the guarantee
-                  fraction_evaluate=0.0 if cfg.dp != "off" else cfg.fraction_evaluate,
-                  min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes,
-                  num_classes=NUM_CLASSES[cfg.dataset], max_examples=TRAIN_SIZE[cfg.dataset])
-    strategy = STRATEGIES[method.name](cfg, layout, common)
-    if cfg.resume and hasattr(strategy, "aggregator"):
-        strategy.aggregator.load_state_dict(aggregator_state)  # server Adam's moments, Beta counts
-    strategy.robust = (dict(trim=cfg.robust_trim, outlier_mads=cfg.robust_outlier_mads)
-                       if cfg.robust_aggregation == "on" else None)
-    strategy.round_offset = start_round
+    strategy = _strategy(cfg, method, n, layout, start_round, aggregator_state)
     evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), cfg.eval_samples, cfg.seed, device, cfg.download,
                           inception_weights=cfg.inception_weights or None, feature_metrics=cfg.eval_feature_metrics)
 
@@ -132,8 +114,8 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
         rnd = local_round + start_round
         if local_round == 0 and start_round > 0:
             return None  # resumed: round start_round was evaluated and recorded before the crash
-        s = method.unpack_global(arrays[key].numpy(), n, cfg)
-        record = strategy.round_records.get(rnd) or empty_record(rnd)
+        s = arrays[key].numpy()  # the global state (float32)
+        record = strategy.round_records.get(rnd) or strategy.empty_record(rnd)
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds:
             set_flat(model, torch.from_numpy(s), method.vector_attr)
             metrics, fake = evaluator.evaluate(model, method.eval_mask_mode)
@@ -146,18 +128,32 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
         # Checkpoint first: whatever history.json shows is already safe to resume from.
         save_checkpoint(run_dir, {"round": rnd, "scores": s.copy(), "history": history, "run_tag": run_tag,
                                   "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True),
-                                  "aggregator": strategy.aggregator.state_dict() if hasattr(strategy, "aggregator") else {}})
+                                  "aggregator": strategy.state_dict()})
         write_text_atomic(run_dir / "history.json", json.dumps(history, indent=1))
         if "eval" in record:
             plot_history(history, run_dir / "history.png")
         return MetricRecord(record["eval"]) if "eval" in record else None
 
     t0 = time.time()
-    result = strategy.start(grid=PromptGrid(grid), initial_arrays=ArrayRecord({key: Array(method.pack_global(vector, cfg))}),
+    result = strategy.start(grid=PromptGrid(grid), initial_arrays=ArrayRecord({key: Array(vector)}),
                             num_rounds=remaining, timeout=cfg.round_timeout,
                             train_config=ConfigRecord({"run-tag": run_tag}), evaluate_fn=evaluate_and_record)
-    final = method.unpack_global(result.arrays[key].numpy(), n, cfg) if key in result.arrays else vector
+    final = result.arrays[key].numpy() if key in result.arrays else vector
     _export(cfg, method, run_dir, model, final, history, time.time() - t0, evaluator.feature_info)
+
+
+def _strategy(cfg: RunConfig, method: Method, n: int, layout: bytes, start_round: int,
+              aggregator_state: dict | None) -> RecordingFedAvg:
+    """The strategy that aggregates ``method`` (MADA over PRISM's masks, FedAvg of the dense
+    baseline's weights), given everything it needs; the class reads its own keys of ``cfg``."""
+    cls = next(c for c in STRATEGY_CLASSES if c.method is method)
+    return cls.from_config(cfg, layout=layout, state=aggregator_state, num_weights=n, seed=cfg.seed,
+                           eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
+                           # under DP a client's local evaluation would leak data outside the guarantee
+                           fraction_evaluate=0.0 if cfg.dp != "off" else cfg.fraction_evaluate,
+                           min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes,
+                           num_classes=NUM_CLASSES[cfg.dataset], max_examples=TRAIN_SIZE[cfg.dataset],
+                           downlink=method.downlink(cfg), round_offset=start_round)
 
 
 def _export(cfg: RunConfig, method: Method, out, model: ResnetGenerator, final: np.ndarray, history: list,

@@ -47,7 +47,7 @@ SIZES = {
 def run_row(history: list[dict], summary: dict, metric: str) -> dict:
     """The figures of one run that the report needs, from its ``history.json`` and ``summary.json``."""
     rounds = [r for r in history if r["round"] >= 1 and r["clients"]]
-    lambdas = [r["mada_lambda"] for r in rounds if r["mada_lambda"] is not None]
+    lambdas = [r["mada_lambda"] for r in rounds if r.get("mada_lambda") is not None]  # PRISM only
     return {"final": summary["final_eval"], "series": run_series(history, metric),
             "uplink_bytes_per_client_round": rounds[-1]["uplink_bytes"] / rounds[-1]["clients"],
             "downlink_bytes_per_client_round": rounds[-1]["downlink_bytes"] / rounds[-1]["clients"],

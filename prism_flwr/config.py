@@ -115,9 +115,11 @@ class RunConfig(BaseModel):
         description="`coded`: each mask entropy-coded against the round's global scores (never above raw); "
         "`raw`: 1 bit per weight, less CPU (see docs/wire-format.md)",
     )
-    downlink: Literal["grid8", "float32"] = Field(
+    downlink: Literal["grid8", "delta", "float32"] = Field(
         "grid8",
-        description="global scores sent as the 8-bit grid's codes, entropy-coded (`grid8`), or as float32",
+        description="global scores sent as the 8-bit grid's codes, entropy-coded (`grid8`); `delta`: the "
+        "change from the global the node holds (full state for a node without it; docs/downlink-delta.md); "
+        "or float32",
     )
     mada_space: Literal["score", "probability"] = Field(
         "score",
@@ -180,6 +182,9 @@ class RunConfig(BaseModel):
             raise ValueError("method='dense' is the non-private baseline: use dp='off'")
         if self.partitioning == "attribute" and self.dataset != "celeba":
             raise ValueError("partitioning='attribute' splits CelebA by its Male attribute: use dataset='celeba'")
+        if self.method == "dense" and self.robust_aggregation != "off":
+            raise ValueError("robust-aggregation applies to PRISM's masks; the dense baseline always clips "
+                             "update norms: use robust-aggregation='off' with method='dense'")
         return self
 
     @classmethod

@@ -1,15 +1,15 @@
 """What both strategies of this app share, on top of Flower's ``FedAvg``.
 
 - global round numbers across resumes (``round_offset``) and evaluation every k-th round;
-- per-reply validation, each reply in isolation: ANY exception raised while one reply is looked at
-  (Flower errors, missing or mistyped records, extra records or arrays, an array whose bytes do not
-  match its declared dtype and shape or exceed the size bound, anything the subclass's ``decode``
-  raises, metrics outside the schema, a second reply from one node, a reply from a node not asked)
-  drops that reply with the reason in the round record and the log; it never ends the ServerApp;
-- the metric schema (``TRAIN_METRICS``, ``EVALUATE_METRICS``): only known keys, each a finite
-  scalar within its bounds, or for ``label_histogram`` a list of ``num_classes`` non-negative
-  integers that sums to ``num-examples``; ``num-examples`` is an integer in
-  ``[1, max_examples]`` (the server passes the dataset's training-set size: no client holds more);
+- the broadcast: the strategy's arrays are the global *state* (float32), and each message
+  carries it as the run's ``Downlink`` encodes it (``prism_flwr/federated/broadcast.py``); under
+  ``delta`` per node, from the copy that node last confirmed holding (``NodeCopies``);
+- per-reply validation (``strategies/replies.py``), each reply in isolation: ANY exception raised
+  while one reply is looked at (Flower errors, missing or mistyped records, extra records or
+  arrays, an array whose bytes do not match its declared dtype and shape or exceed the size bound,
+  anything the subclass's ``decode`` raises, metrics outside the schema, a second reply from one
+  node, a reply from a node not asked) drops that reply with the reason in the round record and
+  the log; it never ends the ServerApp;
 - a round with fewer than ``min_train_nodes`` valid replies is skipped (``None`` keeps the global
   arrays as they were); so is a round whose aggregation raises or gives a non-finite vector;
 - one record per round for ``history.json`` (``round_records``): clients, drops, wire bytes; client
@@ -19,55 +19,25 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from logging import ERROR, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from prism_flwr.config import RunConfig
+from prism_flwr.federated.broadcast import DIGEST_CHARS, DOWNLINK_KEY, DOWNLINKS, Downlink, NodeCopies, digest
+from prism_flwr.federated.methods import Method
 from prism_flwr.federated.records import METRICS_KEY
 
+from .replies import (EVALUATE_METRICS, MAX_EXAMPLES, TRAIN_METRICS, Metric, ReplyRejected, Screened,
+                      check_array, check_metrics, check_records, reason, screen, upload_array)
 from .wire import message_wire_bytes
 
 PER_CLIENT = {"dp_epsilon": "dp_epsilon_per_client", "label_histogram": "label_histograms"}
-MAX_EXAMPLES = 2**31 - 1      # num-examples bound when the strategy is not told the dataset's size
-MAX_CLASSES = 1000            # label_histogram length bound when the strategy is not told num_classes
-NPY_HEADER_SLACK = 4096       # bytes of .npy header an Array may carry on top of its raw data
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One allowed client metric: a finite number in ``[lo, hi]`` (``hi=None``: the strategy's
-    ``max_examples``), an integer if ``integer``, or a per-class list of counts if ``per_class``."""
-
-    lo: float = -math.inf
-    hi: float | None = math.inf
-    integer: bool = False
-    per_class: bool = False
-
-
-TRAIN_METRICS = {
-    "num-examples": Metric(1, None, integer=True),
-    "loss": Metric(),
-    "theta_density": Metric(0.0, 1.0),
-    "theta_entropy_bits": Metric(0.0, 1.0),
-    "mask_density": Metric(0.0, 1.0),
-    "dp_epsilon": Metric(0.0, 1e6),
-    "label_histogram": Metric(0, None, integer=True, per_class=True),
-}
-EVALUATE_METRICS = {
-    "num-examples": Metric(1, None, integer=True),
-    "local_mmd_pixels": Metric(),
-}
-
-
-class ReplyRejected(ValueError):
-    """One reply breaks the protocol; the message says how."""
 
 
 def _wire_bytes(messages: list[Message]) -> int | None:
@@ -76,32 +46,19 @@ def _wire_bytes(messages: list[Message]) -> int | None:
     try:
         return sum(message_wire_bytes(m) for m in messages)
     except Exception as err:  # noqa: BLE001
-        log(WARNING, "wire bytes not counted: %s", _reason(err))
+        log(WARNING, "wire bytes not counted: %s", reason(err))
         return None
 
 
-def empty_record(rnd: int, asked: int = 0, downlink_bytes: int = 0) -> dict:
-    """One ``history.json`` record before any reply is counted (round 0 stays like this)."""
-    return {"round": rnd, "clients": 0, "asked": asked, "dropped": [], "uplink_bytes": 0,
-            "uplink_bits_per_weight": None, "downlink_bytes": downlink_bytes, "mada_lambda": None,
-            "loss": None, "skipped": False}
-
-
-def _node(msg: object) -> object:
-    try:
-        return msg.metadata.src_node_id  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - a reply without metadata is still only one bad reply
-        return "?"
-
-
-def _clip(text: str, limit: int = 600) -> str:
-    """A client cannot flood the history with its error text; the end (where a traceback names
-    the exception) is kept."""
-    return text if len(text) <= limit else f"{text[:150]} [...] {text[-(limit - 157):]}"
-
-
-def _reason(err: BaseException) -> str:
-    return _clip(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+def held_digest(content: RecordDict) -> str:
+    """The digest a ``delta`` reply says its node now holds."""
+    record = content[DOWNLINK_KEY]
+    if not isinstance(record, ConfigRecord) or list(record.keys()) != ["held"]:
+        raise ReplyRejected(f"record {DOWNLINK_KEY!r} must be a ConfigRecord holding only 'held'")
+    held = record["held"]
+    if not isinstance(held, str) or len(held) != DIGEST_CHARS:
+        raise ReplyRejected(f"record {DOWNLINK_KEY!r}: 'held' is not a digest")
+    return held
 
 
 class RecordingFedAvg(FedAvg):
@@ -110,8 +67,12 @@ class RecordingFedAvg(FedAvg):
     Subclasses set ``payload_key`` (the global vector sent down) and ``upload_key`` (what clients
     send back), implement ``decode(array)`` (upload -> what ``combine`` needs; raise when bad) and
     ``combine``. ``max_upload_bytes`` bounds one upload's raw bytes (default: a float32 vector).
+    ``downlink`` encodes the broadcast (default float32); ``robust`` holds the keyword arguments
+    of ``prism_flwr.federated.robust.robust_counts`` (None: off); ``round_offset`` is the global
+    round a resumed run starts after.
     """
 
+    method: Method      # what it aggregates (prism_flwr.federated.methods)
     payload_key: str
     upload_key: str
     train_metrics = TRAIN_METRICS
@@ -119,7 +80,8 @@ class RecordingFedAvg(FedAvg):
 
     def __init__(self, *, num_weights: int, seed: int = 0, eval_every: int = 1, fraction_train: float = 1.0,
                  fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
-                 num_classes: int | None = None, max_examples: int | None = None) -> None:
+                 num_classes: int | None = None, max_examples: int | None = None,
+                 downlink: Downlink | None = None, robust: dict | None = None, round_offset: int = 0) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_train_nodes,
                          min_available_nodes=min_available_nodes, arrayrecord_key=self.payload_key)
@@ -128,14 +90,21 @@ class RecordingFedAvg(FedAvg):
         self.eval_every = eval_every
         self.num_classes = num_classes
         self.max_examples = max_examples or MAX_EXAMPLES
-        self.round_offset = 0
+        self.downlink = downlink or DOWNLINKS["float32"]
+        self.robust = robust
+        self.round_offset = round_offset
         self.round_records: dict[int, dict] = {}  # global round -> what happened
-        self._global: np.ndarray | None = None    # the arrays sent this round
-        self._sent_bytes, self._down_wire = 0, None  # their bytes per client; all messages as serialised
-        self._asked = 0
+        self._global: np.ndarray | None = None    # the global state (float32) sent this round
+        self._sent: list[int] = []                # payload bytes of each training message this round
+        self._down_wire = None                    # all training messages as serialised
         self._asked_nodes: set[int] | None = None  # None: accept any node (tests without configure_*)
-        # robust-aggregation: keyword arguments for prism_flwr.federated.robust.robust_counts, None when off
-        self.robust: dict | None = None
+        self._copies = NodeCopies() if self.downlink.uses_base else None  # what each node holds (delta)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, layout: bytes, state: dict | None, **kwargs) -> "RecordingFedAvg":
+        """The strategy for run config ``cfg``: ``kwargs`` (the shared keywords) plus whatever of
+        ``cfg``, the model ``layout`` and the checkpointed ``state`` this class needs."""
+        return cls(**kwargs)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -152,138 +121,134 @@ class RecordingFedAvg(FedAvg):
         """
         raise NotImplementedError
 
+    def empty_record(self, rnd: int, asked: int = 0, downlink_bytes: int = 0) -> dict:
+        """One ``history.json`` record before any reply is counted (round 0 stays like this)."""
+        return {"round": rnd, "clients": 0, "asked": asked, "dropped": [], "uplink_bytes": 0,
+                "uplink_bits_per_weight": None, "downlink_bytes": downlink_bytes, "loss": None,
+                "skipped": False}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the strategy beyond the global state (here: nothing)."""
+        return {}
+
     # ------------------------------------------------------------------------------ configure
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = arrays[self.payload_key].numpy()
-        self._sent_bytes = int(self._global.nbytes)  # per client: the global vector as it goes on the wire
-        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
-        self._asked = len(messages)
+        rnd = server_round + self.round_offset
+        messages = self._broadcast(super().configure_train(rnd, arrays, config, grid))
+        self._sent = [int(m.content[self.payload_key][self.payload_key].numpy().nbytes) for m in messages]
         self._asked_nodes = {m.metadata.dst_node_id for m in messages}
         self._down_wire = _wire_bytes(messages)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if (server_round + self.round_offset) % self.eval_every:
+            self._asked_nodes = set()  # no evaluation this round: no reply is expected
             return []
-        messages = list(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
+        rnd = server_round + self.round_offset
+        messages = self._broadcast(super().configure_evaluate(rnd, arrays, config, grid))
         self._asked_nodes = {m.metadata.dst_node_id for m in messages}
         return messages
+
+    def _broadcast(self, messages: Iterable[Message]) -> list[Message]:
+        """FedAvg's messages (the float32 state for every node) with the state as ``downlink``
+        encodes it: one payload for all, or under ``delta`` one per base a node holds."""
+        messages = list(messages)
+        if not messages:
+            return messages
+        state = messages[0].content[self.payload_key][self.payload_key].numpy()
+        config = messages[0].content[self.configrecord_key]
+        contents: dict[str, RecordDict] = {}  # base digest -> content
+        name = digest(state) if self._copies is not None else ""
+        bases = {m.metadata.dst_node_id: self._copies.base_for(m.metadata.dst_node_id) if self._copies is not None
+                 else ("", None) for m in messages}  # all looked up before any state is added
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            base_name, base = bases[node]
+            if base_name not in contents:
+                wire = self.downlink.encode(state, base)
+                content = RecordDict({self.payload_key: ArrayRecord({self.payload_key: Array(wire)}),
+                                      self.configrecord_key: config})
+                if self._copies is not None:
+                    content[DOWNLINK_KEY] = ConfigRecord(
+                        {"digest": name, "base": base_name if self.downlink.is_delta(wire) else ""})
+                contents[base_name] = content
+            if self._copies is not None:
+                self._copies.sending(node, state, name)
+            out.append(Message(content=contents[base_name], dst_node_id=node,
+                               message_type=msg.metadata.message_type))
+        return out
+
+    def _settle_copies(self, screened: Screened) -> None:
+        """Under ``delta``: a node holds the state it was sent once its valid reply says so; any
+        other node asked this round gets the full state next."""
+        if self._copies is None:
+            return
+        held = {}
+        for node, msg, _ in screened.accepted:
+            held[node] = held_digest(msg.content)
+        for node in self._asked_nodes or set(held):
+            if node in held:
+                self._copies.holds(node, held[node])
+            else:
+                self._copies.forget(node)
 
     # ------------------------------------------------------------------------------ validation
     def check_metrics(self, mr: object, schema: dict[str, Metric]) -> dict[str, float | int | list]:
         """The reply's metrics as plain Python values; raises ``ReplyRejected`` outside ``schema``."""
-        if not isinstance(mr, MetricRecord):
-            raise ReplyRejected(f"record {METRICS_KEY!r} is a {type(mr).__name__}, expected MetricRecord")
-        out: dict[str, float | int | list] = {}
-        for key, value in mr.items():
-            spec = schema.get(key)
-            if spec is None:
-                raise ReplyRejected(f"unknown metric {str(key)[:40]!r}")
-            hi = self.max_examples if spec.hi is None else spec.hi
-            if spec.per_class:
-                if not isinstance(value, list):
-                    raise ReplyRejected(f"metric {key!r} must be a list, got {type(value).__name__}")
-                classes = self.num_classes
-                if (classes is not None and len(value) != classes) or not 1 <= len(value) <= MAX_CLASSES:
-                    raise ReplyRejected(f"metric {key!r} has {len(value)} entries, expected {classes or '1..1000'} "
-                                        "(one per class)")
-                values = value
-            elif isinstance(value, list):
-                raise ReplyRejected(f"metric {key!r} must be a scalar, got a list")
-            else:
-                values = [value]
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise ReplyRejected(f"metric {key!r} holds a {type(v).__name__}")
-                if not math.isfinite(v):
-                    raise ReplyRejected(f"metric {key!r} is not finite: {value!r}"[:200])
-                if spec.integer and not float(v).is_integer():
-                    raise ReplyRejected(f"metric {key!r} must be an integer, got {v!r}")
-                if not spec.lo <= v <= hi:
-                    raise ReplyRejected(f"metric {key!r} = {v!r} outside [{spec.lo}, {hi}]")
-            out[key] = [int(v) for v in values] if spec.per_class else (int(value) if spec.integer else float(value))
-        if "num-examples" not in out:
-            raise ReplyRejected("metric 'num-examples' missing or not positive")
-        hist = out.get("label_histogram")
-        if hist is not None and sum(hist) != out["num-examples"]:
-            raise ReplyRejected(f"label_histogram sums to {sum(hist)}, num-examples is {out['num-examples']}")
-        return out
+        return check_metrics(mr, schema, self.max_examples, self.num_classes)
 
     def check_array(self, array: object) -> tuple[Array, int]:
-        """The upload ``Array`` and its raw bytes, once its data are a .npy of the declared dtype and
-        shape, within ``max_upload_bytes``."""
-        if not isinstance(array, Array):
-            raise ReplyRejected(f"upload is a {type(array).__name__}, expected Array")
-        if array.stype != "numpy.ndarray":
-            raise ReplyRejected(f"upload serialisation {str(array.stype)[:40]!r} is not numpy.ndarray")
-        if len(array.data) > self.max_upload_bytes + NPY_HEADER_SLACK:
-            raise ReplyRejected(f"upload is {len(array.data)} bytes, at most {self.max_upload_bytes} expected")
-        values = array.numpy()  # allow_pickle=False in Flower: no object arrays
-        if str(values.dtype) != array.dtype or tuple(values.shape) != tuple(array.shape):
-            raise ReplyRejected(f"upload declares {array.dtype} {tuple(array.shape)} but holds "
-                                f"{values.dtype} {values.shape}")
-        return array, int(values.nbytes)
+        return check_array(array, self.max_upload_bytes)
 
-    def _check_node(self, msg: Message, accepted: list) -> object:
-        node = msg.metadata.src_node_id
-        if node in accepted:
-            raise ReplyRejected("duplicate reply from this node in the same round")
-        if self._asked_nodes is not None and node not in self._asked_nodes:
-            raise ReplyRejected("reply from a node this round did not ask")
-        return node
+    def _check_downlink(self, msg: Message) -> list[str]:
+        """Under ``delta`` a reply names the state its node holds: the one it was sent."""
+        if self._copies is None:
+            return []
+        if DOWNLINK_KEY in msg.content:
+            held, sent = held_digest(msg.content), self._copies.sent_to(msg.metadata.src_node_id)
+            if held != sent:
+                raise ReplyRejected(f"reply says its node holds global {held[:12]}, "
+                                    f"it was sent {str(sent)[:12]}")
+        return [DOWNLINK_KEY]
 
-    def _check_reply(self, msg: Message, accepted: list) -> tuple[np.ndarray, dict, int]:
+    def _check_train(self, msg: Message) -> tuple[np.ndarray, dict, int]:
         """Decoded payload, metrics and payload bytes of one training reply; raises on anything wrong."""
-        self._check_node(msg, accepted)
         content = msg.content
-        extra = sorted(set(content.keys()) - {self.upload_key, METRICS_KEY})
-        if extra:
-            raise ReplyRejected(f"unexpected records {[str(k)[:40] for k in extra[:5]]}")
-        for key in (self.upload_key, METRICS_KEY):
-            if key not in content:
-                raise ReplyRejected(f"reply lacks record '{key}'")
-        record = content[self.upload_key]
-        if not isinstance(record, ArrayRecord):
-            raise ReplyRejected(f"record {self.upload_key!r} is a {type(record).__name__}, expected ArrayRecord")
-        if list(record.keys()) != [self.upload_key]:
-            raise ReplyRejected(f"record {self.upload_key!r} must hold exactly one array {self.upload_key!r}, "
-                                f"holds {[str(k)[:40] for k in list(record.keys())[:5]]}")
+        check_records(content, [self.upload_key, METRICS_KEY, *self._check_downlink(msg)])
+        array = upload_array(content, self.upload_key)
         metrics = self.check_metrics(content[METRICS_KEY], self.train_metrics)
-        array, nbytes = self.check_array(record[self.upload_key])
+        array, nbytes = self.check_array(array)
         return self.decode(array), metrics, nbytes
+
+    def _check_evaluate(self, msg: Message) -> dict:
+        check_records(msg.content, [METRICS_KEY, *self._check_downlink(msg)])
+        return self.check_metrics(msg.content[METRICS_KEY], self.evaluate_metrics)
 
     # ------------------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
-        payloads, metrics, sizes, nodes, dropped, accepted = [], [], [], [], [], []
-        for msg in list(replies):
-            try:
-                if msg.has_error():
-                    dropped.append(f"node {_node(msg)}: {_clip(str(msg.error.reason))}")
-                    continue
-                payload, mr, size = self._check_reply(msg, nodes)
-            except Exception as err:  # noqa: BLE001 - whatever one reply does, it only drops that reply
-                dropped.append(f"node {_node(msg)}: {_reason(err)}")
-                log(WARNING, "round %d: dropped reply from node %s: %s", rnd, _node(msg), _reason(err))
-                continue
-            nodes.append(msg.metadata.src_node_id)
-            accepted.append(msg)
-            payloads.append(payload)
-            metrics.append(mr)
-            sizes.append(size)
-
-        record = {**empty_record(rnd, self._asked, int(self._asked * self._sent_bytes)),
-                  "clients": len(payloads), "dropped": dropped, "uplink_bytes": int(sum(sizes)),
+        screened = screen(replies, self._check_train, self._asked_nodes, f"round {rnd}")
+        self._settle_copies(screened)
+        accepted = [msg for _, msg, _ in screened.accepted]
+        nodes = [node for node, _, _ in screened.accepted]
+        payloads, metrics, sizes = (list(x) for x in zip(*(r for _, _, r in screened.accepted))) \
+            if screened.accepted else ([], [], [])
+        asked = len(self._sent)
+        record = {**self.empty_record(rnd, asked, int(sum(self._sent))),
+                  "clients": len(payloads), "dropped": screened.dropped, "uplink_bytes": int(sum(sizes)),
                   "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / self.num_weights if sizes else None,
-                  "downlink_bits_per_weight": 8 * self._sent_bytes / self.num_weights}
+                  "downlink_bits_per_weight": 8 * float(np.mean(self._sent)) / self.num_weights
+                  if asked else None}
         # The same, counted as Flower serialises the messages (strategies/wire.py): per client and round.
         up_wire = _wire_bytes(accepted) if accepted else None
         if up_wire is not None:
             record["uplink_wire_bytes"] = up_wire
             record["wire_bits_per_weight_up"] = 8 * up_wire / len(accepted) / self.num_weights
-        if self._down_wire is not None and self._asked:
+        if self._down_wire is not None and asked:
             record["downlink_wire_bytes"] = self._down_wire
-            record["wire_bits_per_weight_down"] = 8 * self._down_wire / self._asked / self.num_weights
+            record["wire_bits_per_weight_down"] = 8 * self._down_wire / asked / self.num_weights
         self.round_records[rnd] = record
         if len(payloads) < self.min_train_nodes:
             return self._skip(record, f"{len(payloads)} valid replies, min-train-nodes is {self.min_train_nodes}")
@@ -293,8 +258,8 @@ class RecordingFedAvg(FedAvg):
             new, extra = self.combine(rnd, payloads, weights)
             new = self.check_aggregate(np.asarray(new))
         except Exception as err:  # noqa: BLE001 - keep the global state rather than end the run
-            log(ERROR, "round %d: aggregation failed: %s", rnd, _reason(err))
-            record["aggregation_error"] = _reason(err)
+            log(ERROR, "round %d: aggregation failed: %s", rnd, reason(err))
+            record["aggregation_error"] = reason(err)
             return self._skip(record, "aggregation failed")
         agg = _weighted_metrics(metrics, weights)
         record["client_metrics"] = agg
@@ -308,8 +273,7 @@ class RecordingFedAvg(FedAvg):
         return ArrayRecord({self.payload_key: Array(new)}), MetricRecord(out)
 
     def check_aggregate(self, new: np.ndarray) -> np.ndarray:
-        """The new global vector as it will be sent; raises when it is not a finite vector like
-        this round's (a subclass whose wire format differs from its working vector overrides)."""
+        """The new global state; raises when it is not a finite vector like this round's."""
         if new.shape != self._global.shape or new.dtype != self._global.dtype or not np.isfinite(new).all():
             raise ValueError(f"aggregate is {new.dtype} {new.shape} and must be finite "
                              f"{self._global.dtype} {self._global.shape}")
@@ -324,26 +288,12 @@ class RecordingFedAvg(FedAvg):
         """Clients' local evaluation: each reply validated alone like a training reply, then the
         mean of every metric weighted by (bounded) ``num-examples``."""
         rnd = server_round + self.round_offset
-        metrics, nodes, dropped = [], [], []
-        for msg in list(replies):
-            try:
-                if msg.has_error():
-                    dropped.append(f"node {_node(msg)}: {_clip(str(msg.error.reason))}")
-                    continue
-                self._check_node(msg, nodes)
-                extra = sorted(set(msg.content.keys()) - {METRICS_KEY})
-                if extra:
-                    raise ReplyRejected(f"unexpected records {[str(k)[:40] for k in extra[:5]]}")
-                if METRICS_KEY not in msg.content:
-                    raise ReplyRejected(f"reply lacks record '{METRICS_KEY}'")
-                metrics.append(self.check_metrics(msg.content[METRICS_KEY], self.evaluate_metrics))
-                nodes.append(msg.metadata.src_node_id)
-            except Exception as err:  # noqa: BLE001
-                dropped.append(f"node {_node(msg)}: {_reason(err)}")
-                log(WARNING, "round %d evaluation: dropped reply from node %s: %s", rnd, _node(msg), _reason(err))
+        screened = screen(replies, self._check_evaluate, self._asked_nodes, f"round {rnd} evaluation")
+        self._settle_copies(screened)
+        metrics = [m for _, _, m in screened.accepted]
         record = self.round_records.get(rnd)
-        if record is not None and dropped:
-            record["client_eval_dropped"] = dropped
+        if record is not None and screened.dropped:
+            record["client_eval_dropped"] = screened.dropped
         if not metrics:
             return None
         agg = _weighted_metrics(metrics, np.array([m["num-examples"] for m in metrics], dtype=np.float64))

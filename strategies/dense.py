@@ -18,9 +18,11 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array
 
+from prism_flwr.federated.methods import DENSE
 from prism_flwr.federated.records import WEIGHTS_KEY
 
-from .base import RecordingFedAvg, ReplyRejected
+from .base import RecordingFedAvg
+from .replies import ReplyRejected
 
 
 def clip_to_median(updates: list[np.ndarray], factor: float) -> tuple[list[np.ndarray], float]:
@@ -32,6 +34,7 @@ def clip_to_median(updates: list[np.ndarray], factor: float) -> tuple[list[np.nd
 
 
 class DenseFedAvg(RecordingFedAvg):
+    method = DENSE
     payload_key = WEIGHTS_KEY
     upload_key = WEIGHTS_KEY
 

@@ -7,13 +7,16 @@ Sampling, message construction, reply validation and the round record come from
   unknown version, coded against another model -> dropped). Coded masks are decoded against the
   coding model of the scores sent this round (``codec.mask_model``, set in ``configure_train``),
   into its grouped layout, where they are counted;
-- ``combine``: per-weight counts of ones on the packed bits, then the run's
-  ``prism_flwr.federated.aggregation.Aggregator`` rule: MADA ``s_{t+1} = lambda logit(theta_agg) + (1 - lambda) s_t``
+- ``combine``: per-weight counts of ones on the packed bits, then the aggregation rule (``rule``,
+  a ``prism_flwr.federated.aggregation.Aggregator``):
+  MADA ``s_{t+1} = lambda logit(theta_agg) + (1 - lambda) s_t``
   with lambda the Hamming distance of global-mask samples, the plain mean, or a rule beyond the
   paper (``mada-change``, ``adam``, ``beta``); lambda's no-change expectation and the change
   term go into the round's record. The server's
   Bernoulli samples use ``default_rng([seed, round])``, so a round's result depends only on its
-  inputs (what makes a resumed run bit-identical).
+  inputs (what makes a resumed run bit-identical). The new scores are settled by the run's
+  downlink (snapped to the 8-bit grid under ``grid8``/``delta``, seeded per round);
+- the round record's ``mada_lambda`` (None when the rule has no blend step).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from flwr.common import log
 
 from prism_flwr.federated.aggregation import Aggregator, combine_masks
 from prism_flwr.federated.codec import MaskFormatError, decode_mask, mask_model
-from prism_flwr.config import RunConfig
 from prism_flwr.federated.methods import PRISM
 from prism_flwr.federated.robust import robust_counts
 from prism_flwr.federated.records import MASK_KEY, SCORES_KEY
@@ -40,39 +42,49 @@ class MADA(RecordingFedAvg):
     Parameters
     ----------
     num_weights, layout : the model's masked-weight count and layout fingerprint (codec checks).
-    method : an aggregation rule of ``prism_flwr.federated.aggregation.AGGREGATIONS`` (``"mada"``: the
+    rule : an aggregation rule of ``prism_flwr.federated.aggregation.AGGREGATIONS`` (``"mada"``: the
         paper's; ``"mean"``: PRISM without MADA).
     space : ``"score"`` (official code) or ``"probability"`` (the paper's figure).
-    Other keywords: see ``RecordingFedAvg``.
+    aggregator_state : the rule's state from a checkpoint (server Adam's moments, Beta counts).
+    Other keywords (``downlink``, ``robust``, ...): see ``RecordingFedAvg``.
     """
 
-    payload_key = SCORES_KEY  # the global scores down (8-bit grid or float32, see ``run_config.downlink``)
+    method = PRISM
+    payload_key = SCORES_KEY  # the global scores down (as the run's ``downlink`` encodes them)
     upload_key = MASK_KEY     # codec bytes up
 
-    def __init__(self, *, num_weights: int, layout: bytes, method: str = "mada", space: str = "score",
-                 run_config: RunConfig | None = None, **kwargs) -> None:
+    def __init__(self, *, num_weights: int, layout: bytes, rule: str = "mada", space: str = "score",
+                 aggregator_state: dict | None = None, **kwargs) -> None:
         super().__init__(num_weights=num_weights, **kwargs)
         self.layout = layout
-        self.method = method
+        self.rule = rule
         self.space = space
-        self.aggregator = Aggregator(method, space)
-        # the wire format of the scores (methods.PRISM with this run's downlink); float32 by default
-        self.run_config = run_config or RunConfig(downlink="float32")
+        self.aggregator = Aggregator(rule, space)
+        if aggregator_state is not None:
+            self.aggregator.load_state_dict(aggregator_state)
         self._coding = None  # codec.MaskModel of the scores sent this round
+
+    @classmethod
+    def from_config(cls, cfg, *, layout, state, **kwargs):
+        robust = (dict(trim=cfg.robust_trim, outlier_mads=cfg.robust_outlier_mads)
+                  if cfg.robust_aggregation == "on" else None)
+        return cls(layout=layout, rule=cfg.aggregation, space=cfg.mada_space, robust=robust,
+                   aggregator_state=state, **kwargs)
+
+    def empty_record(self, rnd: int, asked: int = 0, downlink_bytes: int = 0) -> dict:
+        return {**super().empty_record(rnd, asked, downlink_bytes), "mada_lambda": None}
+
+    def state_dict(self) -> dict:
+        return self.aggregator.state_dict()
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = super().configure_train(server_round, arrays, config, grid)
-        self._global = PRISM.unpack_global(self._global, self.num_weights, self.run_config)  # the working scores
         self._coding = mask_model(self._global)
         return messages
 
-    def check_aggregate(self, new: np.ndarray) -> np.ndarray:
-        PRISM.unpack_global(new, self.num_weights, self.run_config)  # decodes, or raises
-        return new
-
     def summary(self) -> None:
-        log(INFO, "\t├──> PRISM aggregation: %s (MADA space: %s), %d masked weights",
-            self.method, self.space, self.num_weights)
+        log(INFO, "\t├──> PRISM aggregation: %s (MADA space: %s), %d masked weights, downlink %s",
+            self.rule, self.space, self.num_weights, self.downlink.name)
         super().summary()
 
     def decode(self, array: Array) -> np.ndarray:
@@ -94,5 +106,5 @@ class MADA(RecordingFedAvg):
         else:
             res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd, self._coding)
         lam = None if np.isnan(res.mada_lambda) else res.mada_lambda
-        scores = PRISM.settle(res.scores, self.run_config, np.random.default_rng([self.seed, rnd, 8]))
-        return PRISM.pack_global(scores, self.run_config), {"mada_lambda": lam, **res.diagnostics, **extra}
+        scores = self.downlink.settle(res.scores, np.random.default_rng([self.seed, rnd, 8]))
+        return scores, {"mada_lambda": lam, **res.diagnostics, **extra}

@@ -49,3 +49,6 @@ def test_unknown_key_and_cross_key_checks():
         RunConfig.parse({"dp": "statistics", "objective": "mmd"})
     with pytest.raises(ConfigError, match="use dataset='celeba'"):
         RunConfig.parse({"partitioning": "attribute"})
+    with pytest.raises(ConfigError, match="robust-aggregation applies to PRISM's masks"):
+        RunConfig.parse({"method": "dense", "robust-aggregation": "on"})
+    assert RunConfig.parse({"method": "dense"}).robust_aggregation == "off"

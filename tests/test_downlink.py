@@ -10,6 +10,9 @@ from hypothesis import given, settings, strategies as st
 from prism_flwr.federated.downlink import (GRID, HEADER_BYTES, LEVELS, SCORE_CLIP, STEP, DownlinkFormatError, codes_fingerprint,
                                  dequantise, pack_delta, pack_update,
                                  is_on_grid, pack_scores, quantise, snap_to_grid, unpack_scores)
+from prism_flwr.federated.broadcast import DOWNLINKS, DownlinkRefused, NodeCopies, digest, receive
+
+GRID8, DELTA_DOWNLINK = DOWNLINKS["grid8"], DOWNLINKS["delta"]
 
 
 def test_grid_is_uniform_in_score_space_over_the_clipped_range():
@@ -210,3 +213,64 @@ def test_arbitrary_delta_words_decode_or_are_refused(words):
     except DownlinkFormatError:
         return
     assert out.dtype == np.uint8 and out.size == 300
+
+
+# ---------------------------------------------------------------- the broadcast (broadcast.py)
+def _states(n=5_000):
+    old, new = _rounds(n=n)
+    return dequantise(old), dequantise(new)
+
+
+def test_delta_downlink_rebuilds_the_full_state_bit_for_bit():
+    old, new = _states()
+    wire = DELTA_DOWNLINK.encode(new, old)
+    assert DELTA_DOWNLINK.is_delta(wire) and wire.nbytes < GRID8.encode(new).nbytes
+    got = receive(DELTA_DOWNLINK, wire, new.size, {"digest": digest(new), "base": digest(old)}, held=old)
+    full = GRID8.decode(GRID8.encode(new), new.size)
+    assert got.dtype == np.float32 and got.tobytes() == full.tobytes() == new.tobytes()
+    # a node with no copy gets (and decodes) the full state, whatever it held
+    fresh = DELTA_DOWNLINK.encode(new, None)
+    assert not DELTA_DOWNLINK.is_delta(fresh)
+    for held in (None, old[::-1].copy()):
+        got = receive(DELTA_DOWNLINK, fresh, new.size, {"digest": digest(new), "base": ""}, held=held)
+        assert got.tobytes() == new.tobytes()
+
+
+def test_delta_downlink_refuses_a_wrong_base_forged_digest_or_forged_delta():
+    old, new = _states()
+    wire = DELTA_DOWNLINK.encode(new, old)
+    info = {"digest": digest(new), "base": digest(old)}
+    other = old.copy()
+    other[0] = GRID[(int(quantise(other[:1])[0]) + 1) % LEVELS]
+    for held in (None, other):  # missed a round, or holds another global: needs the full state
+        with pytest.raises(DownlinkRefused, match="needs the full state"):
+            receive(DELTA_DOWNLINK, wire, new.size, info, held=held)
+    with pytest.raises(DownlinkRefused, match="not the one sent"):  # the message names another global
+        receive(DELTA_DOWNLINK, wire, new.size, {**info, "digest": digest(other)}, held=old)
+    # the record names the base the node holds, the delta was built on another
+    with pytest.raises(DownlinkRefused, match="based on"):
+        receive(DELTA_DOWNLINK, DELTA_DOWNLINK.encode(new, other), new.size, info, held=old)
+    forged = wire.copy()
+    forged[-1] ^= 0x40
+    with pytest.raises(DownlinkRefused, match="does not decode"):
+        receive(DELTA_DOWNLINK, forged, new.size, info, held=old)
+    for bad_info in (None, {"digest": digest(new)}, {"digest": 7, "base": ""}):
+        with pytest.raises(DownlinkRefused, match="lacks"):
+            receive(DELTA_DOWNLINK, wire, new.size, bad_info, held=old)
+
+
+def test_node_copies_vouch_only_for_confirmed_recent_states():
+    old, new = _states(n=300)
+    copies = NodeCopies(keep=2)
+    assert copies.base_for(1) == ("", None)  # a fresh node
+    name = copies.sending(1, old)
+    assert copies.sent_to(1) == name and copies.base_for(1) == ("", None)  # sent, not yet confirmed
+    copies.holds(1, name)
+    got_name, got = copies.base_for(1)
+    assert got_name == name and got.tobytes() == old.tobytes()
+    copies.sending(2, new)
+    copies.sending(2, np.zeros_like(new))  # a third distinct state: the oldest is no base any more
+    assert copies.base_for(1) == ("", None)
+    copies.holds(2, copies.sent_to(2))
+    copies.forget(2)
+    assert copies.base_for(2) == ("", None)

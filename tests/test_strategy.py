@@ -4,10 +4,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from hypothesis import given, settings, strategies as st
 
 from prism_flwr.federated.aggregation import aggregate, count_ones
+from prism_flwr.federated.broadcast import DOWNLINK_KEY, DOWNLINKS, digest, receive
 from prism_flwr.federated.codec import encode_mask
 from prism_flwr.federated.records import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY
 from strategies.dense import DenseFedAvg
@@ -29,8 +31,8 @@ class FakeGrid:
         return self.nodes
 
 
-def make_strategy(nodes=(1, 2, 3, 4), method="mada", min_train_nodes=2):
-    s = MADA(num_weights=N, layout=LAYOUT, method=method, seed=5, min_train_nodes=min_train_nodes,
+def make_strategy(nodes=(1, 2, 3, 4), rule="mada", min_train_nodes=2):
+    s = MADA(num_weights=N, layout=LAYOUT, rule=rule, seed=5, min_train_nodes=min_train_nodes,
              min_available_nodes=len(nodes))
     s.configure_train(1, ArrayRecord({SCORES_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid(list(nodes)))
     return s
@@ -164,7 +166,7 @@ def test_dense_fedavg_counts_clients_equally_and_drops_bad_weights():
     np.testing.assert_allclose(arrays[WEIGHTS_KEY].numpy(), np.full(N, 2.5), rtol=1e-6)
     rec = s.round_records[1]
     assert rec["clients"] == 2 and "NaN" in rec["dropped"][0]
-    assert rec["uplink_bits_per_weight"] == 32.0 and rec["mada_lambda"] is None
+    assert rec["uplink_bits_per_weight"] == 32.0 and "mada_lambda" not in rec  # PRISM's record field
 
 
 def test_dense_fedavg_clips_an_oversized_update():
@@ -179,3 +181,130 @@ def test_dense_fedavg_clips_an_oversized_update():
     bound = s.round_records[1]["update_norm_bound"]
     assert bound <= 2 * norms[-1] + 1e-6  # the median of 4 norms lies between two honest ones
     assert np.linalg.norm(new - SCORES) <= (sum(norms) + bound) / 4 + 1e-5
+
+
+# ---------------------------------------------------------------- downlink = "delta"
+DN = 20_000  # large enough for a delta to beat the full state (its histograms cost a few hundred bytes)
+
+
+def _delta_strategy(nodes):
+    return MADA(num_weights=DN, layout=LAYOUT, rule="mada", seed=5, min_train_nodes=1, eval_every=100,
+                min_available_nodes=len(nodes), downlink=DOWNLINKS["delta"])
+
+
+def _start_state():
+    return DOWNLINKS["delta"].settle(np.random.default_rng(0).normal(0, 1.5, DN).astype(np.float32))
+
+
+def _node_side(messages, kept):
+    """What each node rebuilds from its message (``kept``: node -> the global it holds, updated)."""
+    for m in messages:
+        node = m.metadata.dst_node_id
+        wire = m.content[SCORES_KEY][SCORES_KEY].numpy()
+        kept[node] = receive(DOWNLINKS["delta"], wire, DN, m.content[DOWNLINK_KEY], kept.get(node))
+    return {m.metadata.dst_node_id: m.content[DOWNLINK_KEY]["base"] for m in messages}
+
+
+def _delta_reply(node, rnd, held):
+    bits = np.random.default_rng(10 * rnd + node).random(DN) < 0.4
+    msg = reply(node, encode_mask(bits, LAYOUT))
+    msg.content[DOWNLINK_KEY] = ConfigRecord({"held": held})
+    return msg
+
+
+def _delta_round(s, rnd, state, nodes, kept, answer):
+    """One training round: configure, decode on the nodes, replies from ``answer`` (node -> held
+    digest to claim, "own" for the true one, None for no reply); returns (new state, base per node)."""
+    arrays = ArrayRecord({SCORES_KEY: Array(state)})
+    messages = s.configure_train(rnd, arrays, ConfigRecord(), FakeGrid(list(nodes)))
+    bases = _node_side(messages, kept)
+    for node in nodes:
+        assert kept[node].tobytes() == state.tobytes()  # bit for bit the server's state
+    replies = [reply(n, error="global does not decode: needs the full state") if held == "error"
+               else _delta_reply(n, rnd, held if held != "own" else digest(kept[n]))
+               for n, held in answer.items() if held is not None]
+    arrays, _ = s.aggregate_train(rnd, replies)
+    # as Flower's Strategy.start: an evaluation step every round, here without evaluation
+    assert list(s.configure_evaluate(rnd, arrays, ConfigRecord(), FakeGrid(list(nodes)))) == []
+    assert s.aggregate_evaluate(rnd, []) is None
+    return arrays[SCORES_KEY].numpy(), bases
+
+
+def test_delta_goes_only_to_nodes_that_confirmed_the_previous_global():
+    nodes = (1, 2, 3, 4)
+    s, kept = _delta_strategy(nodes), {}
+    state = _start_state()
+    state2, bases = _delta_round(s, 1, state, nodes, kept, {1: "own", 2: "own", 3: "own", 4: "own"})
+    assert set(bases.values()) == {""}  # fresh nodes: the full state
+    full = s.round_records[1]["downlink_bytes"] / len(nodes)
+    state3, bases = _delta_round(s, 2, state2, nodes, kept, {1: "own", 2: "own", 3: None, 4: "own"})
+    assert bases == {n: digest(state) for n in nodes}
+    assert s.round_records[2]["downlink_bytes"] / len(nodes) < 0.8 * full
+    _, bases = _delta_round(s, 3, state3, nodes, kept, {n: "own" for n in nodes})
+    assert bases[3] == "" and {bases[n] for n in (1, 2, 4)} == {digest(state2)}  # node 3 missed round 2
+    assert s.round_records[3]["dropped"] == []
+
+
+def test_forged_held_digest_or_refusal_drops_the_reply_and_the_node_gets_the_full_state():
+    nodes = (1, 2, 3, 4)
+    s, kept = _delta_strategy(nodes), {}
+    state = _start_state()
+    state2, _ = _delta_round(s, 1, state, nodes, kept, {1: "own", 2: "0" * 64, 3: "own", 4: "error"})
+    rec = s.round_records[1]
+    assert rec["clients"] == 2 and len(rec["dropped"]) == 2
+    assert "node 2: reply says its node holds" in rec["dropped"][0]
+    assert "needs the full state" in rec["dropped"][1]
+    _, bases = _delta_round(s, 2, state2, nodes, kept, {n: "own" for n in nodes})
+    assert bases == {1: digest(state), 2: "", 3: digest(state), 4: ""}
+
+
+def test_delta_reply_without_its_downlink_record_is_dropped():
+    s, kept = _delta_strategy((1, 2)), {}
+    state = _start_state()
+    messages = s.configure_train(1, ArrayRecord({SCORES_KEY: Array(state)}), ConfigRecord(), FakeGrid([1, 2]))
+    _node_side(messages, kept)
+    bare = _delta_reply(2, 1, digest(state))
+    del bare.content[DOWNLINK_KEY]
+    s.aggregate_train(1, [_delta_reply(1, 1, digest(state)), bare])
+    assert s.round_records[1]["dropped"] == ["node 2: reply lacks record 'downlink'"]
+
+
+def test_client_app_keeps_its_copy_and_refuses_a_delta_it_cannot_rebuild():
+    """The ClientApp's downlink part against the strategy: full state, then a delta rebuilt from
+    the copy in ``context.state``; a node that lost its copy refuses and gets the full state."""
+    import client_app
+    from flwr.app import Context
+    from prism_flwr.config import RunConfig
+    from prism_flwr.federated.broadcast import DownlinkRefused
+    from prism_flwr.federated.client_round import masked_count
+    from prism_flwr.federated.methods import PRISM
+
+    run_config = {"ngf": 2, "downlink": "delta", "device": "cpu"}
+    cfg = RunConfig.parse(run_config)
+    n = masked_count(cfg, PRISM, torch.device("cpu"))
+    s = MADA(num_weights=n, layout=LAYOUT, seed=5, min_train_nodes=1, min_available_nodes=2,
+             downlink=DOWNLINKS["delta"])
+    contexts = {node: Context(1, node, {}, RecordDict(), run_config) for node in (1, 2)}
+    rng = np.random.default_rng(3)
+    state = DOWNLINKS["delta"].settle(rng.normal(0, 1.5, n).astype(np.float32))
+    for rnd in (1, 2, 3):
+        arrays = ArrayRecord({SCORES_KEY: Array(state)})
+        messages = s.configure_train(rnd, arrays, ConfigRecord(), FakeGrid([1, 2]))
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if rnd == 2 and node == 2:
+                del contexts[node].state[client_app.HELD_KEY]  # e.g. a restarted node
+                with pytest.raises(DownlinkRefused, match="needs the full state"):
+                    client_app._received_global(m, contexts[node], cfg, PRISM, torch.device("cpu"))
+                replies.append(reply(node, error="needs the full state"))
+                continue
+            got = client_app._received_global(m, contexts[node], cfg, PRISM, torch.device("cpu"))
+            assert got.tobytes() == state.tobytes()
+            assert contexts[node].state[client_app.HELD_KEY]["global"].numpy().tobytes() == state.tobytes()
+            assert (m.content[DOWNLINK_KEY]["base"] == "") == (rnd == 1 or (rnd == 3 and node == 2))
+            msg = reply(node, encode_mask(rng.random(n) < 0.3, LAYOUT))
+            msg.content[DOWNLINK_KEY] = client_app._held_record(cfg, PRISM, got)[DOWNLINK_KEY]
+            replies.append(msg)
+        arrays, _ = s.aggregate_train(rnd, replies)
+        state = arrays[SCORES_KEY].numpy()

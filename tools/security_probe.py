@@ -265,7 +265,7 @@ def _build(cls, **kwargs):
 def make_mada(nodes, min_train_nodes: int = 1):
     from strategies.mada import MADA
 
-    s = _build(MADA, num_weights=N, layout=LAYOUT, method="mada", seed=SEED, min_train_nodes=min_train_nodes,
+    s = _build(MADA, num_weights=N, layout=LAYOUT, rule="mada", seed=SEED, min_train_nodes=min_train_nodes,
                min_available_nodes=len(nodes))
     s.configure_train(1, ArrayRecord({SCORES_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid(nodes))
     return s

@@ -68,7 +68,12 @@ def model_with(cfg: RunConfig, method: Method, vector: np.ndarray, device: torch
 def received_vector(cfg: RunConfig, method: Method, array: np.ndarray, device: torch.device) -> np.ndarray:
     """The global vector from what arrived on the wire (checked against this run's format); the
     weight count comes from the network the round will train (cached per process and device)."""
-    return method.unpack_global(array, num_masked(_model(generator_spec(cfg), method.name, str(device))), cfg)
+    return method.downlink(cfg).decode(array, masked_count(cfg, method, device))
+
+
+def masked_count(cfg: RunConfig, method: Method, device: torch.device) -> int:
+    """Weights of the network the round trains (built once per process and device)."""
+    return num_masked(_model(generator_spec(cfg), method.name, str(device)))
 
 
 @lru_cache(maxsize=2)

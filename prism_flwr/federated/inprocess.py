@@ -51,7 +51,8 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
     device = pick_device(cfg.device)
     template = ResnetGenerator(generator_spec(cfg))
     n, layout = num_masked(template), layout_fingerprint(template)
-    scores = PRISM.settle(get_scores(template).numpy(), cfg, None)  # the ServerApp's initial state
+    downlink = PRISM.downlink(cfg)
+    scores = downlink.settle(get_scores(template).numpy())  # the ServerApp's initial state
     aggregator = Aggregator(cfg.aggregation, cfg.mada_space)
     clients = [client_data(cfg, pid, num_clients, device) for pid in range(num_clients)]
     states = [new_record(cfg) for _ in range(num_clients)]
@@ -68,8 +69,8 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
         t0 = time.perf_counter()
         packed, losses, sizes = [], [], []
         coding = mask_model(scores)  # what MADA.configure_train derives from the scores it sends
-        sent = PRISM.pack_global(scores, cfg)
-        received = PRISM.unpack_global(sent, n, cfg)
+        sent = downlink.encode(scores)
+        received = downlink.decode(sent, n)
         for pid, (data, hist) in enumerate(clients):
             res = client_round(cfg, PRISM, received, data, hist, states[pid], partition_id=pid, server_round=rnd)
             states[pid] = res.record
@@ -78,7 +79,7 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
             sizes.append(res.payload.nbytes)
         t1 = time.perf_counter()
         agg = combine_masks(aggregator, scores, packed, n, cfg.seed, rnd, coding)
-        scores = PRISM.settle(agg.scores, cfg, np.random.default_rng([cfg.seed, rnd, 8]))
+        scores = downlink.settle(agg.scores, np.random.default_rng([cfg.seed, rnd, 8]))
         t2 = time.perf_counter()
         record = {"round": rnd, "clients": num_clients, "uplink_bytes": int(sum(sizes)),
                   "downlink_bytes": int(num_clients * sent.nbytes),

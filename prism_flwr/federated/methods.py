@@ -2,7 +2,7 @@
 
 A ``Method`` owns everything the rest of the code would otherwise branch on: the vector sent down,
 what a client uploads, what trains, the evaluation mask mode, the exported model and the downlink
-(with ``downlink = "grid8"``, ``settle`` snaps the server's scores to the 8-bit grid). The
+object (``broadcast.py``: with ``grid8`` and ``delta`` the server's state *is* the 8-bit grid). The
 ClientApp, the ServerApp, the in-process runner and the benchmarks ask ``method_for(cfg)`` and
 never test ``cfg.method`` themselves. The two side by side: docs/algorithm.md.
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from prism_flwr.federated.codec import encode_mask, mask_model
-from prism_flwr.federated.downlink import DownlinkFormatError, dequantise, pack_scores, quantise, snap_to_grid, unpack_scores
+from prism_flwr.federated.broadcast import DOWNLINKS, Downlink
 from prism_flwr.config import RunConfig
 from prism_flwr.storage.export import load_sparse_model, save_sparse_model
 from prism_flwr.model.masked import get_flat, iter_thetas, layout_fingerprint, make_dense, sample_mask, set_flat
@@ -37,22 +37,12 @@ class Method:
     def train_settings(self, cfg: RunConfig) -> TrainSettings:
         raise NotImplementedError
 
-    def settle(self, vector: np.ndarray, cfg: RunConfig, rng: np.random.Generator | None) -> np.ndarray:
-        """The global state the server keeps after an aggregation (default: as computed)."""
-        return np.asarray(vector, dtype=np.float32)
+    def downlink(self, cfg: RunConfig) -> Downlink:
+        """How the global vector goes down (default: float32)."""
+        return DOWNLINKS["float32"]
 
-    def pack_global(self, vector: np.ndarray, cfg: RunConfig) -> np.ndarray:
-        """The global vector as it goes on the wire (default: float32)."""
-        return np.asarray(vector, dtype=np.float32)
-
-    def unpack_global(self, array: np.ndarray, count: int, cfg: RunConfig) -> np.ndarray:
-        """The wire array back to the float32 vector; ``ValueError`` when it is not what
-        ``pack_global`` makes for ``cfg`` with ``count`` entries."""
-        if array.dtype != np.float32 or array.shape != (count,):
-            raise ValueError(f"global vector must be float32 of shape ({count},), got {array.dtype} {array.shape}")
-        if not np.isfinite(array).all():
-            raise ValueError("global vector holds NaN or inf")
-        return array
+    def describe(self, cfg: RunConfig) -> str:
+        raise NotImplementedError
 
     def upload(self, model: nn.Module, cfg: RunConfig, received: np.ndarray, theta_release,
                mask_generator: torch.Generator) -> tuple[np.ndarray, dict]:
@@ -71,25 +61,11 @@ class Prism(Method):
         return TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, objective=cfg.objective,
                              estimator=cfg.estimator, trainable="scores")
 
-    def settle(self, vector, cfg, rng):
-        if cfg.downlink == "grid8":
-            return snap_to_grid(np.asarray(vector, dtype=np.float32), rng)
-        return super().settle(vector, cfg, rng)
+    def downlink(self, cfg):
+        return DOWNLINKS[cfg.downlink]
 
-    def pack_global(self, vector, cfg):
-        if cfg.downlink == "grid8":
-            return np.frombuffer(pack_scores(quantise(np.asarray(vector, dtype=np.float32))), np.uint8).copy()
-        return super().pack_global(vector, cfg)
-
-    def unpack_global(self, array, count, cfg):
-        if cfg.downlink != "grid8":
-            return super().unpack_global(array, count, cfg)
-        if array.dtype != np.uint8 or array.ndim != 1:
-            raise ValueError(f"global scores must arrive as uint8 downlink bytes, got {array.dtype} {array.shape}")
-        try:
-            return dequantise(unpack_scores(array.tobytes(), count))
-        except DownlinkFormatError as err:
-            raise ValueError(str(err)) from None
+    def describe(self, cfg):
+        return f"PRISM, {cfg.aggregation}"
 
     def upload(self, model, cfg, received, theta_release, mask_generator):
         """One mask ``m ~ Bernoulli(theta)`` (theta after ``theta_release``, the DP mechanism, if
@@ -118,6 +94,9 @@ class Dense(Method):
     def train_settings(self, cfg: RunConfig) -> TrainSettings:
         return TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.dense_lr,
                              objective=cfg.objective, estimator=cfg.estimator, trainable="weights")
+
+    def describe(self, cfg):
+        return "dense FedAvg"
 
     def upload(self, model, cfg, received, theta_release, mask_generator):
         """The trained float32 weights: 32 bits per weight."""
