@@ -11,6 +11,9 @@ process has handled, so the tests see whether one process served every message.
 - ``test_raising_handler_gives_error_reply_and_goes_on``: round 2's handler raises: Flower's
   error reply (code 2, the exception in the reason) comes back and round 3 is served by the same
   process.
+- ``test_tls_runtime_api_and_superexec_secret``: the SuperNode's Runtime API over TLS with a
+  SuperExec secret; the executor connects with the CA and the secret; one with a wrong secret is
+  refused at once with the reason.
 - ``test_dead_worker_is_replaced``: the process serving round 1 dies after replying; the
   executor starts a new one, which serves rounds 2 and 3 (the executor itself stays up).
 - ``test_supernode_waits_are_capped``: the SuperNode loop's sleeps are capped, and a loop that
@@ -21,6 +24,8 @@ process has handled, so the tests see whether one process served every message.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,16 +34,17 @@ from pathlib import Path
 import pytest
 
 import procs
-from flowerkit import exe, flower_env, newest_run, online_nodes, write_connection
+from flowerkit import REPO, exe, flower_env, newest_run, online_nodes, write_connection
 
 APP = Path(__file__).resolve().parent / "apps" / "warm_app"
 RUN_TIMEOUT = 120  # seconds for `flwr run` of 3 rounds (about 15 s on 2 busy cores)
 
 
-def _run_warm(tmp_path: Path, nodes: int, run_config: str, idle_poll: float | None = None
-              ) -> tuple[list[dict], procs.Processes]:
+def _run_warm(tmp_path: Path, nodes: int, run_config: str, idle_poll: float | None = None,
+              secured: tuple[Path, Path] | None = None) -> tuple[list[dict], procs.Processes]:
     """SuperLink + ``nodes`` SuperNodes (process isolation) + one warm executor each; run the app.
-    With ``idle_poll`` the SuperNodes run through ``prism-flwr supernode --idle-poll``."""
+    With ``idle_poll`` the SuperNodes run through ``prism-flwr supernode --idle-poll``; with
+    ``secured`` (certificate folder, SuperExec secret file) their Runtime API is TLS with the secret."""
     flwr_home, logs, out = tmp_path / "flwr-home", tmp_path / "logs", tmp_path / "rounds.json"
     logs.mkdir()
     env = flower_env(flwr_home)
@@ -52,13 +58,25 @@ def _run_warm(tmp_path: Path, nodes: int, run_config: str, idle_poll: float | No
         for i, port in enumerate(node_ports):
             supernode = [exe("flower-supernode")] if idle_poll is None else \
                 [sys.executable, "-m", "prism_flwr.cli", "supernode", "--idle-poll", str(idle_poll), "--"]
-            started.append(ps.start([*supernode, "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+            node_tls, executor_tls = [], ["--insecure"]  # the SuperNode's --insecure is for the SuperLink
+            if secured is not None:
+                certs, secret = secured
+                node_tls = ["--ssl-certfile", certs / "server.pem", "--ssl-keyfile", certs / "server.key",
+                            "--ssl-ca-certfile", certs / "ca.crt", "--superexec-auth-secret-file", secret]
+                executor_tls = ["--root-certificates", certs / "ca.crt", "--superexec-auth-secret-file", secret]
+            started.append(ps.start([*supernode, "--insecure", "--superlink", f"127.0.0.1:{link_port}", *node_tls,
                                      "--isolation", "process", "--host", "127.0.0.1", "--port", str(port)],
                                     env=env, log_path=logs / f"supernode-{i}.log"))
             procs.wait_for_port("127.0.0.1", port, timeout=60, procs=started)
-            started.append(ps.start([sys.executable, "-m", "prism_flwr.cli", "clientapp-executor", "--insecure",
-                                     "--runtime-api-address", f"127.0.0.1:{port}"],
-                                    env=env, log_path=logs / f"executor-{i}.log"))
+            executor = [sys.executable, "-m", "prism_flwr.cli", "clientapp-executor",
+                        "--runtime-api-address", f"127.0.0.1:{port}"]
+            if secured is not None:  # a wrong secret is refused at once, with the reason
+                wrong = tmp_path / "wrong.secret"
+                wrong.write_bytes(b"not the secret")
+                refused = subprocess.run([*executor, *executor_tls[:-1], wrong], env=env, capture_output=True,
+                                         text=True, timeout=60)
+                assert refused.returncode == 2 and "refused AcquireTask" in refused.stderr, refused.stderr[-2000:]
+            started.append(ps.start([*executor, *executor_tls], env=env, log_path=logs / f"executor-{i}.log"))
         procs.wait_for(lambda: len(online_nodes(env, "loopback")) == nodes, timeout=60,
                        desc=f"{nodes} SuperNodes online", procs=started)
         run = ps.start([exe("flwr"), "run", str(APP), "loopback", "--stream",
@@ -107,6 +125,16 @@ def test_raising_handler_gives_error_reply_and_goes_on(tmp_path: Path) -> None:
     assert first[0]["pid"] == last[0]["pid"]  # the same process goes on after the exception
     assert (first[0]["handled"], last[0]["handled"]) == (1, 3)  # the raising message was handled too
     assert last[0]["state_seen"] == 2  # the failed task did not change the node's context
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
+def test_tls_runtime_api_and_superexec_secret(tmp_path: Path) -> None:
+    certs, secret = tmp_path / "certs", tmp_path / "superexec.secret"
+    subprocess.run(["bash", str(REPO / "docker" / "certs" / "generate.sh"), "-o", str(certs)], check=True,
+                   capture_output=True, timeout=120)
+    secret.write_bytes(os.urandom(32))
+    rounds, _ = _run_warm(tmp_path, nodes=1, run_config="num-rounds=2", secured=(certs, secret))
+    assert [r["replies"][0]["handled"] for r in rounds] == [1, 2]
 
 
 def test_dead_worker_is_replaced(tmp_path: Path) -> None:
