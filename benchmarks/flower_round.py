@@ -69,8 +69,9 @@ def through_flower(keys: dict, nodes: int, work: Path, timeout: float, engine: s
         else:
             warm = engine in ("warm", "warm-poll")
             isolation = ["--isolation", "process"] if warm else []
-            supernode = [sys.executable, "-m", "prism_flwr.cli", "supernode", "--idle-poll", str(idle_poll), "--"] \
-                if engine == "warm-poll" else [exe("flower-supernode")]
+            prism = [sys.executable, "-m", "prism_flwr.cli"]
+            supernode = [*prism, "supernode", "--idle-poll", str(idle_poll), "--"] if engine == "warm-poll" \
+                else [exe("flower-supernode")]
             started = [ps.start([*supernode, "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                                  *isolation, "--host", "127.0.0.1", "--port", str(port),
                                  "--node-config", f"partition-id={i} num-partitions={nodes}"],
@@ -79,7 +80,7 @@ def through_flower(keys: dict, nodes: int, work: Path, timeout: float, engine: s
             if warm:  # one warm ClientApp process per SuperNode, serving every round
                 for i, port in enumerate(node_ports):
                     procs.wait_for_port("127.0.0.1", port, timeout=60, procs=started)
-                    started.append(ps.start([sys.executable, "-m", "prism_flwr.cli", "clientapp-executor", "--insecure",
+                    started.append(ps.start([*prism, "clientapp-executor", "--insecure",
                                              "--runtime-api-address", f"127.0.0.1:{port}"],
                                             env=env, log_path=logs / f"executor-{i}.log", cwd=ROOT))
             procs.wait_for(lambda: len(online_nodes(env, "loopback")) == nodes, timeout=90,

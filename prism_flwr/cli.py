@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("last-run", help="status of the newest Flower run; exit 1 unless it completed")
     p.add_argument("connection", nargs="?", help="SuperLink connection name (default: the default one)")
     p.set_defaults(fn=_last_run)
-    p = sub.add_parser("clientapp-executor", help="serve a SuperNode's ClientApp messages from one warm process")
+    p = sub.add_parser("clientapp-executor", help="serve every ClientApp message of a SuperNode in one process")
     p.add_argument("--runtime-api-address", "--appio-api-address", required=True, metavar="HOST:PORT",
                    help="the SuperNode's Runtime API (flower-supernode --isolation process --port)")
     tls = p.add_mutually_exclusive_group()

@@ -52,7 +52,8 @@ def _run_warm(tmp_path: Path, nodes: int, run_config: str, idle_poll: float | No
     write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
     with procs.Processes() as ps:
         link = ps.start([exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                         "--host", "127.0.0.1", "--port", str(link_port)], env=env, log_path=logs / "superlink.log")
+                         "--host", "127.0.0.1", "--port", str(link_port)],
+                        env=env, log_path=logs / "superlink.log")
         procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
         started = [link]
         for i, port in enumerate(node_ports):
@@ -63,8 +64,10 @@ def _run_warm(tmp_path: Path, nodes: int, run_config: str, idle_poll: float | No
                 certs, secret = secured
                 node_tls = ["--ssl-certfile", certs / "server.pem", "--ssl-keyfile", certs / "server.key",
                             "--ssl-ca-certfile", certs / "ca.crt", "--superexec-auth-secret-file", secret]
-                executor_tls = ["--root-certificates", certs / "ca.crt", "--superexec-auth-secret-file", secret]
-            started.append(ps.start([*supernode, "--insecure", "--superlink", f"127.0.0.1:{link_port}", *node_tls,
+                executor_tls = ["--root-certificates", certs / "ca.crt",
+                                "--superexec-auth-secret-file", secret]
+            link_args = ["--insecure", "--superlink", f"127.0.0.1:{link_port}"]
+            started.append(ps.start([*supernode, *link_args, *node_tls,
                                      "--isolation", "process", "--host", "127.0.0.1", "--port", str(port)],
                                     env=env, log_path=logs / f"supernode-{i}.log"))
             procs.wait_for_port("127.0.0.1", port, timeout=60, procs=started)
@@ -75,7 +78,8 @@ def _run_warm(tmp_path: Path, nodes: int, run_config: str, idle_poll: float | No
                 wrong.write_bytes(b"not the secret")
                 refused = subprocess.run([*executor, *executor_tls[:-1], wrong], env=env, capture_output=True,
                                          text=True, timeout=60)
-                assert refused.returncode == 2 and "refused AcquireTask" in refused.stderr, refused.stderr[-2000:]
+                assert refused.returncode == 2, refused.stderr[-2000:]
+                assert "refused AcquireTask" in refused.stderr, refused.stderr[-2000:]
             started.append(ps.start([*executor, *executor_tls], env=env, log_path=logs / f"executor-{i}.log"))
         procs.wait_for(lambda: len(online_nodes(env, "loopback")) == nodes, timeout=60,
                        desc=f"{nodes} SuperNodes online", procs=started)
@@ -164,7 +168,8 @@ def test_supernode_waits_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
         executor.shorten_supernode_poll(0.2)  # a loop that is not the one we know is refused
 
 
-def test_refuses_other_flower_versions(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_refuses_other_flower_versions(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+                                       ) -> None:
     from prism_flwr import cli
     from prism_flwr.deployment import executor
 

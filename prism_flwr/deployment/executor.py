@@ -1,23 +1,12 @@
-"""Warm ClientApp executor: one long-lived process per SuperNode serves every message.
+"""Warm ClientApp executor for Flower 1.42: one long-lived process per SuperNode serves every message.
 
-Flower 1.42's SuperNode turns each message into a *task*; its SuperExec starts a fresh
-``flwr-clientapp`` process per task, which pulls the inputs, runs the ClientApp once and exits.
-With ``flower-supernode --isolation process`` the SuperNode only serves the Runtime API and waits
-for an external executor. This one has two levels:
-
-- the **supervisor** (``serve``) acquires ClientApp tasks from the Runtime API and hands each
-  task's token to a worker process; a worker that dies is replaced by a new one, and a task whose
-  app (FAB hash) differs from the worker's gets a new worker;
-- the **worker** (this file run as a script) handles tokens one after another with the same
-  loaded ClientApp: the FAB is installed and the app imported once, so module-level state (data
-  caches, built models, CUDA context) survives from one message to the next.
-
-Per task the worker does what ``flwr.supernode.runtime.run_clientapp`` does (heartbeat, pull
-message/context/run/FAB, call the app, push the reply, push the context and final status; an
-exception becomes Flower's error reply), reusing that module's pull/push functions. This file is
-the only one in the package that imports Flower internals; they are pinned to Flower 1.42.x.
-``supernode_main`` (``prism-flwr supernode``) runs Flower's own SuperNode with its hard-coded
-idle poll (3 s) capped. See docs/deployment.md ("Warm ClientApp executor").
+Flower starts a fresh ``flwr-clientapp`` per message. With ``flower-supernode --isolation process``
+the SuperNode waits for an external executor instead: here a supervisor (``serve``) acquires its
+ClientApp tasks and hands each task's token to one worker process (this file run as a script),
+which keeps the FAB installed, the app imported and its module state between messages, and per
+task does what ``flwr.supernode.runtime.run_clientapp`` does (with that module's pull/push
+functions). ``supernode_main`` runs Flower's SuperNode with its 3 s idle wait capped. The only
+module of the package that imports Flower internals (pinned: 1.42.x); see docs/deployment.md 3.11.
 """
 
 from __future__ import annotations
@@ -70,8 +59,8 @@ from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest 
 from flwr.proto.task_pb2 import Task  # noqa: E402
 from flwr.supercore.constant import TaskType  # noqa: E402
 from flwr.supercore.heartbeat import HeartbeatSender  # noqa: E402
-from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,  # noqa: E402
-                                         SuperExecAuthHttpInterceptor)
+from flwr.supercore.interceptors import (  # noqa: E402
+    RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor)
 from flwr.supercore.runtime import RuntimeHttpClient  # noqa: E402
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output  # noqa: E402
 
@@ -106,7 +95,8 @@ class _Retry:
             try:
                 return send()
             except (httpx.TransportError, httpx.HTTPStatusError) as err:
-                retryable = not isinstance(err, httpx.HTTPStatusError) or err.response.status_code in RETRY_STATUS
+                status = err.response.status_code if isinstance(err, httpx.HTTPStatusError) else None
+                retryable = status is None or status in RETRY_STATUS
                 if not retryable or time.monotonic() - start + delay > self.max_seconds:
                     raise
                 time.sleep(delay)
@@ -120,8 +110,9 @@ def runtime_client(endpoint: Endpoint, token: str | None = None, component: str 
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
     if endpoint.auth_secret_file:
-        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=Path(endpoint.auth_secret_file).read_bytes(),
-                                                         protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
+        secret = Path(endpoint.auth_secret_file).read_bytes()
+        protected = {"/flwr.proto.Runtime/AcquireTask"}  # what flower-superexec signs
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=protected))
     return RuntimeHttpClient.from_server_address(
         server_address=endpoint.address, insecure=endpoint.insecure,
         root_certificates=None if endpoint.insecure else endpoint.root_certificates,
@@ -160,7 +151,7 @@ class TaskResult:
     pid: int
     seconds: float
     reply_pushed: bool
-    fresh_process_next: bool  # loading the app failed: the next task gets a new process
+    fresh_process_next: bool  # loading the app failed: the next task gets a new process (no half-imports)
 
 
 class LoadedApp:
@@ -173,21 +164,23 @@ class LoadedApp:
     def get(self, run, fab) -> ClientApp:
         if self.app is not None:
             if fab.hash_str != self.fab_hash:
-                raise LoadClientAppError(f"this process serves FAB {self.fab_hash[:12]}, not {fab.hash_str[:12]}")
+                raise LoadClientAppError(f"this process serves FAB {self.fab_hash[:12]}, "
+                                         f"not {fab.hash_str[:12]}")
             return self.app
         install_from_fab(fab.content, skip_prompt=True)  # no-op when $FLWR_HOME/apps already has it
         load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
         self.app = load(run.fab_id, run.fab_version, fab.hash_str)
         self.fab_hash = fab.hash_str
-        log.info("[warm executor] ClientApp of %s (FAB %s) loaded in process %d", run.fab_id, fab.hash_str[:12],
-                 os.getpid())
+        log.info("[warm executor] ClientApp of %s (FAB %s) loaded in process %d", run.fab_id,
+                 fab.hash_str[:12], os.getpid())
         return self.app
 
 
 def error_reply_fields(ex: BaseException) -> tuple[int, str]:
     """Error code and reason exactly as ``run_clientapp`` writes them."""
     if isinstance(ex, LoadClientAppError):
-        return ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "An exception was raised when attempting to load `ClientApp`"
+        reason = "An exception was raised when attempting to load `ClientApp`"
+        return ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason
     return ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(type(ex)) + ":<'" + str(ex) + "'>"
 
 
@@ -196,7 +189,7 @@ def serve_task(endpoint: Endpoint, token: str, task_id: int, loaded: LoadedApp) 
     t0 = time.monotonic()
     client = runtime_client(endpoint, token)
     heartbeat = HeartbeatSender(heartbeat_fn(client))
-    message = context = reply = None
+    message = context = reply = app = None
     sub_status, details, fresh = SubStatus.FAILED, "ClientApp task failed due to unknown reason", False
     pushed = False
     try:
@@ -208,7 +201,7 @@ def serve_task(endpoint: Endpoint, token: str, task_id: int, loaded: LoadedApp) 
     except Exception as ex:  # noqa: BLE001 - any failure of the app becomes an error reply
         code, details = error_reply_fields(ex)
         log.error("ClientApp raised an exception", exc_info=ex)
-        fresh = isinstance(ex, (LoadClientAppError, ImportError))
+        fresh = message is not None and app is None  # the app failed to load: retry in a new process
         if message is not None:
             reply = Message(Error(code=code, reason=details), reply_to=message)
     finally:
@@ -271,8 +264,8 @@ class Worker:
         # Run by path with -P: the worker imports nothing of this package, so the app's own modules
         # (including its copy of prism_flwr) come from the FAB, as in Flower's flwr-clientapp.
         flags = ["-P"] if sys.version_info >= (3, 11) else []
-        self.proc = subprocess.Popen([sys.executable, *flags, str(Path(__file__).resolve()), json.dumps(settings)],
-                                     stdin=subprocess.PIPE, pass_fds=(write_fd,), text=True)
+        command = [sys.executable, *flags, str(Path(__file__).resolve()), json.dumps(settings)]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, pass_fds=(write_fd,), text=True)
         os.close(write_fd)
         self.results_fd, self._pending = read_fd, b""
         self.fab_hash: str | None = None
@@ -411,8 +404,8 @@ def shorten_supernode_poll(cap: float) -> None:
     from flwr.supernode import start_client_internal as loop
 
     if IDLE_POLL_SOURCE not in inspect.getsource(loop.start_client_internal) or loop.time is not time:
-        raise UnsupportedFlowerVersion("the SuperNode loop of this Flower does not sleep as 1.42.0's does (or "
-                                       "is patched already): run flower-supernode itself")
+        raise UnsupportedFlowerVersion("the SuperNode loop of this Flower does not sleep as 1.42.0's does "
+                                       "(or is patched already): run flower-supernode itself")
     loop.time = CappedSleep(cap)
 
 
@@ -421,7 +414,8 @@ def supernode_main(argv: list[str], idle_poll: float) -> None:
     from flwr.supernode.cli import flower_supernode
 
     shorten_supernode_poll(idle_poll)
-    log.info("[prism-flwr supernode] SuperNode waits capped at %.2f s (Flower's: 3 s idle, 0.5 s reply)", idle_poll)
+    log.info("[prism-flwr supernode] SuperNode waits capped at %.2f s (Flower's: 3 s idle, 0.5 s reply)",
+             idle_poll)
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 
