@@ -211,9 +211,9 @@ def serve_task(endpoint: Endpoint, token: str, task_id: int, loaded: LoadedApp) 
                 pushed = True
             except Exception as ex:  # noqa: BLE001
                 log.error("Failed to push reply message", exc_info=ex)
-        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
-        if heartbeat.is_running:
+        if heartbeat.is_running:  # before the token is revoked: no beat is refused afterwards
             heartbeat.stop()
+        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
         client.close()
     return TaskResult(task_id, sub_status, details, os.getpid(), time.monotonic() - t0, pushed, fresh)
 
