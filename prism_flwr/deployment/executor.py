@@ -150,6 +150,7 @@ class TaskResult:
     details: str
     pid: int
     seconds: float
+    phases: dict[str, float]  # seconds of pull (inputs), load (FAB, app), app (handler), push (reply, status)
     reply_pushed: bool
     fresh_process_next: bool  # loading the app failed: the next task gets a new process (no half-imports)
 
@@ -184,9 +185,13 @@ def error_reply_fields(ex: BaseException) -> tuple[int, str]:
     return ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(type(ex)) + ":<'" + str(ex) + "'>"
 
 
+STAGES = ("start", "pull", "load", "app")
+
+
 def serve_task(endpoint: Endpoint, token: str, task_id: int, loaded: LoadedApp) -> TaskResult:
     """Run one task with the loaded app; never raises for a failure of the app itself."""
     t0 = time.monotonic()
+    marks = [("start", t0)]
     client = runtime_client(endpoint, token)
     heartbeat = HeartbeatSender(heartbeat_fn(client))
     message = context = reply = app = None
@@ -195,8 +200,11 @@ def serve_task(endpoint: Endpoint, token: str, task_id: int, loaded: LoadedApp) 
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
+        marks.append(("pull", time.monotonic()))
         app = loaded.get(run, fab)
+        marks.append(("load", time.monotonic()))
         reply = app(message=message, context=context)
+        marks.append(("app", time.monotonic()))
         sub_status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # noqa: BLE001 - any failure of the app becomes an error reply
         code, details = error_reply_fields(ex)
@@ -205,6 +213,8 @@ def serve_task(endpoint: Endpoint, token: str, task_id: int, loaded: LoadedApp) 
         if message is not None:
             reply = Message(Error(code=code, reason=details), reply_to=message)
     finally:
+        if len(marks) < len(STAGES):  # the stage that failed ends here
+            marks.append((STAGES[len(marks)], time.monotonic()))
         if reply is not None and context is not None:
             try:
                 push_message(client, reply, context)
@@ -215,7 +225,9 @@ def serve_task(endpoint: Endpoint, token: str, task_id: int, loaded: LoadedApp) 
             heartbeat.stop()
         push_task_output(client=client, context=context, sub_status=sub_status, details=details)
         client.close()
-    return TaskResult(task_id, sub_status, details, os.getpid(), time.monotonic() - t0, pushed, fresh)
+        marks.append(("push", time.monotonic()))
+    phases = {name: round(t - prev, 3) for (_, prev), (name, t) in zip(marks, marks[1:])}
+    return TaskResult(task_id, sub_status, details, os.getpid(), marks[-1][1] - t0, phases, pushed, fresh)
 
 
 # ------------------------------------------------------------------------------ worker process
@@ -368,8 +380,9 @@ def serve(endpoint: Endpoint, poll_interval: float = 0.1) -> int:
                           "as crashed once the task's heartbeat expires", worker.proc.pid, task.task_id)
             else:
                 deaths = 0
-                log.info("[warm executor] task %d %s in %.2f s by process %d", result["task_id"],
-                         result["sub_status"], result["seconds"], result["pid"])
+                log.info("[warm executor] task %d %s in %.2f s by process %d (%s)", result["task_id"],
+                         result["sub_status"], result["seconds"], result["pid"],
+                         ", ".join(f"{k} {v:.2f} s" for k, v in result["phases"].items()))
     finally:
         worker.stop()
         client.close()
