@@ -1,10 +1,14 @@
 """Round time through Flower (deployment engine, Ray simulation) vs the same round in one process.
 
     python -m benchmarks.flower_round --nodes 10 --ngf 64 --local-steps 100 --rounds 3
-    python -m benchmarks.flower_round --nodes 4 --ngf 16 --engines deployment simulation
+    python -m benchmarks.flower_round --nodes 4 --ngf 16 --engines deployment warm warm-poll simulation
 
 ``deployment``: a SuperLink and ``--nodes`` SuperNodes on loopback (insecure, as the deployment
-test does; no Ray needed); every round starts one ClientApp process per node. ``simulation``: a
+test does; no Ray needed); every round starts one ClientApp process per node. ``warm``: the same
+SuperNodes with ``--isolation process``, each served by one ``prism-flwr clientapp-executor``
+that keeps one ClientApp process for every round (prism_flwr/deployment/executor.py);
+``warm-poll``: as ``warm``, the SuperNodes started through ``prism-flwr supernode --idle-poll``
+(Flower's SuperNode with its 3 s idle wait capped at ``--idle-poll`` seconds). ``simulation``: a
 SuperLink with ``--simulation`` and ``num-supernodes = --nodes`` on Ray workers (each worker
 ``cores // nodes`` CPUs, or ``--gpus-per-client`` of the GPU), which live for the whole run.
 Either way this app runs with ``flwr run`` for ``--rounds`` rounds (server evaluation only after
@@ -24,20 +28,21 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("deployment", "simulation")
+ENGINES = ("deployment", "warm", "warm-poll", "simulation")
 
 from tools import procs
 from tools.flowerkit import exe, flower_env, online_nodes, write_connection
 
 
 def through_flower(keys: dict, nodes: int, work: Path, timeout: float, engine: str = "deployment",
-                   gpus_per_client: float = 0.0) -> list[dict]:
+                   gpus_per_client: float = 0.0, idle_poll: float = 0.2) -> list[dict]:
     flwr_home, out, logs = work / "flwr-home", work / "outputs", work / "logs"
     logs.mkdir(parents=True)
     env = flower_env(flwr_home)
@@ -60,10 +65,22 @@ def through_flower(keys: dict, nodes: int, work: Path, timeout: float, engine: s
             federation = ["--federation-config", f"num-supernodes={nodes} client-resources-num-cpus={cpus} "
                                                  f"client-resources-num-gpus={gpus_per_client}"]
         else:
-            started = [ps.start([exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                                 "--host", "127.0.0.1", "--port", str(port),
+            warm = engine in ("warm", "warm-poll")
+            isolation = ["--isolation", "process"] if warm else []
+            prism = [sys.executable, "-m", "prism_flwr.cli"]
+            supernode = [*prism, "supernode", "--idle-poll", str(idle_poll), "--"] if engine == "warm-poll" \
+                else [exe("flower-supernode")]
+            started = [ps.start([*supernode, "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                                 *isolation, "--host", "127.0.0.1", "--port", str(port),
                                  "--node-config", f"partition-id={i} num-partitions={nodes}"],
-                                env=env, log_path=logs / f"supernode-{i}.log") for i, port in enumerate(node_ports)]
+                                env=env, log_path=logs / f"supernode-{i}.log", cwd=ROOT)
+                       for i, port in enumerate(node_ports)]
+            if warm:  # one warm ClientApp process per SuperNode, serving every round
+                for i, port in enumerate(node_ports):
+                    procs.wait_for_port("127.0.0.1", port, timeout=60, procs=started)
+                    started.append(ps.start([*prism, "clientapp-executor", "--insecure",
+                                             "--runtime-api-address", f"127.0.0.1:{port}"],
+                                            env=env, log_path=logs / f"executor-{i}.log", cwd=ROOT))
             procs.wait_for(lambda: len(online_nodes(env, "loopback")) == nodes, timeout=90,
                            desc=f"{nodes} SuperNodes online", procs=[link, *started])
         run = ps.start([exe("flwr"), "run", str(ROOT), "loopback", "--stream", "--run-config", run_config, *federation],
@@ -83,6 +100,11 @@ def through_flower(keys: dict, nodes: int, work: Path, timeout: float, engine: s
     return [{"round": b["round"], "seconds": b["time"] - a["time"]} for a, b in zip(history, history[1:])]
 
 
+def _commit() -> str:
+    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=10)
@@ -91,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=["deployment"])
     p.add_argument("--gpus-per-client", type=float, default=0.0, help="simulation: client-resources-num-gpus")
+    p.add_argument("--idle-poll", type=float, default=0.2, help="warm-poll: the SuperNodes' longest wait (s)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per engine")
     p.add_argument("--keep-logs", type=Path, help="copy the SuperLink/SuperNode/run logs here (also on failure)")
     args = p.parse_args(argv)
@@ -101,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     for engine in args.engines:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                flower[engine] = through_flower(keys, args.nodes, Path(tmp), args.timeout, engine, args.gpus_per_client)
+                flower[engine] = through_flower(keys, args.nodes, Path(tmp), args.timeout, engine, args.gpus_per_client,
+                                                args.idle_poll)
             finally:
                 if args.keep_logs is not None:
                     shutil.copytree(Path(tmp) / "logs", args.keep_logs / engine, dirs_exist_ok=True)
@@ -118,7 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     shares = {engine: 1 - warm(local) / warm(rounds) for engine, rounds in flower.items()}
     out = {"bench": "flower_round", "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "cores": os.cpu_count(), "threads_per_client": os.environ.get("OMP_NUM_THREADS"),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(),
            "nodes": args.nodes, "ngf": args.ngf, "local_steps": args.local_steps,
+           "idle_poll_s": args.idle_poll if "warm-poll" in flower else None,
            "flower_rounds": flower, "inprocess_rounds": local, "inprocess_threads": torch.get_num_threads(),
            "warm_round_flower_s": {e: warm(r) for e, r in flower.items()}, "warm_round_inprocess_s": warm(local),
            "flower_share": shares}

@@ -5,12 +5,15 @@
     prism-flwr evaluate MODEL.prism [--dataset fmnist] [--n 10000] [--inception-weights FILE]
     prism-flwr feature-net fmnist [--seed 0] [--force]     train (once) the FD feature classifier
     prism-flwr last-run [CONNECTION]                       status of the newest `flwr run`
+    prism-flwr clientapp-executor --runtime-api-address HOST:PORT --insecure   warm ClientApp process
+    prism-flwr supernode [--idle-poll 0.2] -- FLOWER-SUPERNODE-ARGS...   SuperNode, shorter idle poll
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -81,6 +84,50 @@ def _last_run(args: argparse.Namespace) -> int:
     return 0 if last["status"] == "finished:completed" else 1
 
 
+def _poll_seconds(text: str) -> float:
+    value = float(text)
+    if not 0.01 <= value <= 60:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text}: give seconds between 0.01 and 60")
+    return value
+
+
+def _clientapp_executor(args: argparse.Namespace) -> int:
+    """One warm ClientApp process for a SuperNode started with ``--isolation process``."""
+    try:
+        from .deployment import executor
+        executor.check_flower_version()
+    except ImportError as err:  # a Flower whose version passes but whose internals moved
+        print(f"the warm ClientApp executor cannot use the installed Flower: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # UnsupportedFlowerVersion, raised before `executor` can be named
+        print(err, file=sys.stderr)
+        return 2
+    for path in (args.root_certificates, args.superexec_auth_secret_file):
+        if path is not None and not os.path.isfile(path):
+            print(f"{path}: no such file", file=sys.stderr)
+            return 2
+    endpoint = executor.Endpoint(args.runtime_api_address, args.insecure, args.root_certificates,
+                                 args.superexec_auth_secret_file)
+    try:
+        return executor.serve(endpoint, args.poll_interval)
+    except executor.RuntimeApiRefused as err:
+        print(err, file=sys.stderr)
+        return 2
+
+
+def _supernode(args: argparse.Namespace) -> int:
+    """Flower's SuperNode, asking for its next message every ``--idle-poll`` s instead of 3 s."""
+    try:
+        from .deployment import executor
+        executor.check_flower_version()
+        rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
+        executor.supernode_main(rest, args.idle_poll)
+    except (ImportError, RuntimeError) as err:  # UnsupportedFlowerVersion is a RuntimeError
+        print(err, file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prism-flwr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -120,6 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("last-run", help="status of the newest Flower run; exit 1 unless it completed")
     p.add_argument("connection", nargs="?", help="SuperLink connection name (default: the default one)")
     p.set_defaults(fn=_last_run)
+    p = sub.add_parser("clientapp-executor", help="serve every ClientApp message of a SuperNode in one process")
+    p.add_argument("--runtime-api-address", "--appio-api-address", required=True, metavar="HOST:PORT",
+                   help="the SuperNode's Runtime API (flower-supernode --isolation process --port)")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API")
+    tls.add_argument("--root-certificates", metavar="CA.crt", help="CA of the SuperNode's --ssl-certfile")
+    p.add_argument("--superexec-auth-secret-file", help="as the SuperNode's --superexec-auth-secret-file")
+    p.add_argument("--poll-interval", type=_poll_seconds, default=0.1,
+                   help="seconds between AcquireTask polls (0.01-60)")
+    p.set_defaults(fn=_clientapp_executor)
+    p = sub.add_parser("supernode", help="flower-supernode with its 3 s idle poll shortened")
+    p.add_argument("--idle-poll", type=_poll_seconds, default=0.2,
+                   help="longest wait of the SuperNode loop in seconds (Flower's: 3 s when idle)")
+    p.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
+    p.set_defaults(fn=_supernode)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

@@ -1,0 +1,183 @@
+"""The warm ClientApp executor (prism_flwr/deployment/executor.py) on loopback.
+
+A SuperLink and SuperNodes started with ``--isolation process``, one ``prism-flwr
+clientapp-executor`` per SuperNode, and the tiny app in tests/apps/warm_app (no torch, no data):
+each reply carries the PID of the process that ran the handler and how many messages that
+process has handled, so the tests see whether one process served every message.
+
+- ``test_one_process_serves_every_round``: 3 rounds, 2 SuperNodes (run through ``prism-flwr
+  supernode --idle-poll``); per node one PID for all rounds, the module counter counts 1, 2, 3,
+  and ``context.state`` still goes back to the node.
+- ``test_raising_handler_gives_error_reply_and_goes_on``: round 2's handler raises: Flower's
+  error reply (code 2, the exception in the reason) comes back and round 3 is served by the same
+  process.
+- ``test_tls_runtime_api_and_superexec_secret``: the SuperNode's Runtime API over TLS with a
+  SuperExec secret; the executor connects with the CA and the secret; one with a wrong secret is
+  refused at once with the reason.
+- ``test_dead_worker_is_replaced``: the process serving round 1 dies after replying; the
+  executor starts a new one, which serves rounds 2 and 3 (the executor itself stays up).
+- ``test_supernode_waits_are_capped``: the SuperNode loop's sleeps are capped, and a loop that
+  does not look like 1.42.0's is refused.
+- ``test_refuses_other_flower_versions``: the version pin, as a function and through the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tools import procs
+from tools.flowerkit import REPO, exe, flower_env, newest_run, online_nodes, write_connection
+
+APP = Path(__file__).resolve().parent / "apps" / "warm_app"
+RUN_TIMEOUT = 120  # seconds for `flwr run` of 3 rounds (about 15 s on 2 busy cores)
+
+
+def _run_warm(tmp_path: Path, nodes: int, run_config: str, idle_poll: float | None = None,
+              secured: tuple[Path, Path] | None = None) -> tuple[list[dict], procs.Processes]:
+    """SuperLink + ``nodes`` SuperNodes (process isolation) + one warm executor each; run the app.
+    With ``idle_poll`` the SuperNodes run through ``prism-flwr supernode --idle-poll``; with
+    ``secured`` (certificate folder, SuperExec secret file) their Runtime API is TLS with the secret."""
+    flwr_home, logs, out = tmp_path / "flwr-home", tmp_path / "logs", tmp_path / "rounds.json"
+    logs.mkdir()
+    env = flower_env(flwr_home)
+    link_port, node_ports = procs.free_port(), procs.free_ports(nodes)
+    write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
+    with procs.Processes() as ps:
+        link = ps.start([exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                         "--host", "127.0.0.1", "--port", str(link_port)],
+                        env=env, log_path=logs / "superlink.log")
+        procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
+        started = [link]
+        for i, port in enumerate(node_ports):
+            supernode = [exe("flower-supernode")] if idle_poll is None else \
+                [sys.executable, "-m", "prism_flwr.cli", "supernode", "--idle-poll", str(idle_poll), "--"]
+            node_tls, executor_tls = [], ["--insecure"]  # the SuperNode's --insecure is for the SuperLink
+            if secured is not None:
+                certs, secret = secured
+                node_tls = ["--ssl-certfile", certs / "server.pem", "--ssl-keyfile", certs / "server.key",
+                            "--ssl-ca-certfile", certs / "ca.crt", "--superexec-auth-secret-file", secret]
+                executor_tls = ["--root-certificates", certs / "ca.crt",
+                                "--superexec-auth-secret-file", secret]
+            link_args = ["--insecure", "--superlink", f"127.0.0.1:{link_port}"]
+            started.append(ps.start([*supernode, *link_args, *node_tls,
+                                     "--isolation", "process", "--host", "127.0.0.1", "--port", str(port)],
+                                    env=env, log_path=logs / f"supernode-{i}.log"))
+            procs.wait_for_port("127.0.0.1", port, timeout=60, procs=started)
+            executor = [sys.executable, "-m", "prism_flwr.cli", "clientapp-executor",
+                        "--runtime-api-address", f"127.0.0.1:{port}"]
+            if secured is not None:  # a wrong secret is refused at once, with the reason
+                wrong = tmp_path / "wrong.secret"
+                wrong.write_bytes(b"not the secret")
+                refused = subprocess.run([*executor, *executor_tls[:-1], wrong], env=env, capture_output=True,
+                                         text=True, timeout=60)
+                assert refused.returncode == 2, refused.stderr[-2000:]
+                assert "refused AcquireTask" in refused.stderr, refused.stderr[-2000:]
+            started.append(ps.start([*executor, *executor_tls], env=env, log_path=logs / f"executor-{i}.log"))
+        procs.wait_for(lambda: len(online_nodes(env, "loopback")) == nodes, timeout=60,
+                       desc=f"{nodes} SuperNodes online", procs=started)
+        run = ps.start([exe("flwr"), "run", str(APP), "loopback", "--stream",
+                        "--run-config", f"out-file='{out}' {run_config}"],
+                       env=env, log_path=logs / "flwr-run.log", cwd=flwr_home)
+        try:
+            run.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        ps.snapshot()
+        all_logs = "\n".join(procs.tail(p, 30) for p in sorted(logs.iterdir()))
+        status = newest_run(env, "loopback")["status"]
+        assert status == "finished:completed" and out.is_file(), f"{status}\n{all_logs}"
+        executors = [p for p in ps.started if "clientapp-executor" in " ".join(map(str, p.args))]
+        assert all(p.poll() is None for p in executors), f"an executor exited\n{all_logs}"
+    procs.assert_gone(ps.pids)
+    return json.loads(out.read_text()), ps
+
+
+def _by_process(rounds: list[dict]) -> dict[int, list[dict]]:
+    served: dict[int, list[dict]] = {}
+    for record in rounds:
+        for reply in record["replies"]:
+            if "pid" in reply:
+                served.setdefault(int(reply["pid"]), []).append(reply)
+    return served
+
+
+def test_one_process_serves_every_round(tmp_path: Path) -> None:
+    rounds, ps = _run_warm(tmp_path, nodes=2, run_config="num-rounds=3", idle_poll=0.2)
+    assert [len(r["replies"]) for r in rounds] == [2, 2, 2]
+    served = _by_process(rounds)
+    assert len(served) == 2, served  # one process per SuperNode, the same in every round
+    for pid, replies in served.items():
+        assert [r["round"] for r in replies] == [1, 2, 3]
+        assert [r["handled"] for r in replies] == [1, 2, 3]  # module state kept between messages
+        assert [r["state_seen"] for r in replies] == [1, 2, 3]  # context.state went back to the SuperNode
+        assert pid in ps.pids and pid not in {p.pid for p in ps.started}  # a worker below an executor
+
+
+def test_raising_handler_gives_error_reply_and_goes_on(tmp_path: Path) -> None:
+    rounds, _ = _run_warm(tmp_path, nodes=1, run_config="num-rounds=3 raise-round=2")
+    first, failed, last = (r["replies"] for r in rounds)
+    assert len(failed) == 1 and "error" in failed[0], failed
+    assert failed[0]["code"] == 2 and "injected failure in round 2" in failed[0]["error"]  # CLIENT_APP_RAISED
+    assert first[0]["pid"] == last[0]["pid"]  # the same process goes on after the exception
+    assert (first[0]["handled"], last[0]["handled"]) == (1, 3)  # the raising message was handled too
+    assert last[0]["state_seen"] == 2  # the failed task did not change the node's context
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
+def test_tls_runtime_api_and_superexec_secret(tmp_path: Path) -> None:
+    certs, secret = tmp_path / "certs", tmp_path / "superexec.secret"
+    subprocess.run(["bash", str(REPO / "docker" / "certs" / "generate.sh"), "-o", str(certs)], check=True,
+                   capture_output=True, timeout=120)
+    secret.write_bytes(os.urandom(32))
+    rounds, _ = _run_warm(tmp_path, nodes=1, run_config="num-rounds=2", secured=(certs, secret))
+    assert [r["replies"][0]["handled"] for r in rounds] == [1, 2]
+
+
+def test_dead_worker_is_replaced(tmp_path: Path) -> None:
+    rounds, _ = _run_warm(tmp_path, nodes=1, run_config="num-rounds=3 crash-round=1 pause=2.0")
+    first, second, third = (r["replies"][0] for r in rounds)
+    assert "pid" in second and "pid" in third, rounds  # it died between messages: no task was lost
+    assert second["pid"] != first["pid"] and third["pid"] == second["pid"]
+    assert (second["handled"], third["handled"]) == (1, 2)  # a new process: its module state starts afresh
+    assert third["state_seen"] == 3  # context.state lives in the SuperNode, not in the process
+
+
+def test_supernode_waits_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    from prism_flwr.deployment import executor
+
+    asked: list[float] = []
+    capped = executor.CappedSleep(0.2, sleep=asked.append)
+    for seconds in (3, 0.5, 0.1):
+        capped.sleep(seconds)
+    assert asked == [0.2, 0.2, 0.1]
+    assert capped.monotonic is time.monotonic  # the rest of the time module is untouched
+    monkeypatch.setattr(loop, "time", loop.time)  # undone after the test
+    executor.shorten_supernode_poll(0.2)  # the 1.42 loop still has its `time.sleep(3)`
+    assert isinstance(loop.time, executor.CappedSleep) and loop.time.cap == 0.2
+    with pytest.raises(executor.UnsupportedFlowerVersion, match="does not sleep as 1.42.0"):
+        executor.shorten_supernode_poll(0.2)  # a loop that is not the one we know is refused
+
+
+def test_refuses_other_flower_versions(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+                                       ) -> None:
+    from prism_flwr import cli
+    from prism_flwr.deployment import executor
+
+    for version in ("1.42.0", "1.42.7"):
+        assert executor.check_flower_version(version) == version
+    for version in ("1.43.0", "1.41.2", "2.0.0", "1.4.2"):
+        with pytest.raises(executor.UnsupportedFlowerVersion, match=f"installed Flower is {version}"):
+            executor.check_flower_version(version)
+    monkeypatch.setattr(executor, "installed_flower_version", lambda: "1.43.0")
+    assert cli.main(["clientapp-executor", "--insecure", "--runtime-api-address", "127.0.0.1:9"]) == 2
+    assert "tested with Flower 1.42.x only" in capsys.readouterr().err
