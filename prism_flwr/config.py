@@ -86,6 +86,8 @@ class RunConfig(BaseModel):
     robust_aggregation: Literal["off", "on"] = "off"  # PRISM: duplicates, Hamming outliers, trimmed counts
     robust_trim: int = Field(1, ge=0)                 # votes trimmed at each end, per weight
     robust_outlier_mads: float = Field(3.0, ge=0)     # Hamming-distance outlier threshold; 0 = no filter
+    # secure aggregation of the masks: the server learns only per-weight counts (docs/secure-aggregation.md)
+    secure_aggregation: Literal["off", "secagg+"] = "off"
 
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":
@@ -94,6 +96,12 @@ class RunConfig(BaseModel):
             raise ValueError("method='dense' is the non-private baseline: use dp='off'")
         if self.partitioning == "attribute" and self.dataset != "celeba":
             raise ValueError("partitioning='attribute' splits CelebA by its Male attribute: use dataset='celeba'")
+        if self.secure_aggregation != "off" and self.robust_aggregation != "off":
+            raise ValueError(f"secure-aggregation='{self.secure_aggregation}' hides each client's mask, which "
+                             "robust-aggregation must see: use robust-aggregation='off'")
+        if self.secure_aggregation != "off" and self.method == "dense":
+            raise ValueError(f"secure-aggregation='{self.secure_aggregation}' sums PRISM's binary masks: "
+                             "use method='prism' or secure-aggregation='off'")
         return self
 
     @classmethod

@@ -114,6 +114,7 @@ class RecordingFedAvg(FedAvg):
 
     payload_key: str
     upload_key: str
+    extra_records: tuple[str, ...] = ()  # records a training reply may carry besides the upload and metrics
     train_metrics = TRAIN_METRICS
     evaluate_metrics = EVALUATE_METRICS
 
@@ -236,7 +237,7 @@ class RecordingFedAvg(FedAvg):
         """Decoded payload, metrics and payload bytes of one training reply; raises on anything wrong."""
         self._check_node(msg, accepted)
         content = msg.content
-        extra = sorted(set(content.keys()) - {self.upload_key, METRICS_KEY})
+        extra = sorted(set(content.keys()) - {self.upload_key, METRICS_KEY, *self.extra_records})
         if extra:
             raise ReplyRejected(f"unexpected records {[str(k)[:40] for k in extra[:5]]}")
         for key in (self.upload_key, METRICS_KEY):
