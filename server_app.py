@@ -38,15 +38,18 @@ from strategies.base import empty_record
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
 from strategies.prompt_grid import PromptGrid
+from strategies.secagg import SecAggMADA
 
 app = ServerApp()
 # One strategy per method (prism_flwr.federated.methods): what the ServerApp builds and how it names it.
 STRATEGIES = {
-    "prism": lambda cfg, layout, common: MADA(layout=layout, method=cfg.aggregation, space=cfg.mada_space,
-                                              run_config=cfg, **common),
+    "prism": lambda cfg, layout, common: (SecAggMADA if cfg.secure_aggregation != "off" else MADA)(
+        layout=layout, method=cfg.aggregation, space=cfg.mada_space, run_config=cfg, **common),
     "dense": lambda cfg, layout, common: DenseFedAvg(**common),
 }
-STRATEGY_NAME = {"prism": lambda cfg: f"PRISM, {cfg.aggregation}", "dense": lambda cfg: "dense FedAvg"}
+STRATEGY_NAME = {"prism": lambda cfg: f"PRISM, {cfg.aggregation}"
+                 + (f", secure aggregation {cfg.secure_aggregation}" if cfg.secure_aggregation != "off" else ""),
+                 "dense": lambda cfg: "dense FedAvg"}
 log = logging.getLogger("prism.server")
 # Training-set sizes: no honest client reports more examples than its dataset has.
 TRAIN_SIZE = {"mnist": 60_000, "fmnist": 60_000, "cifar10": 50_000, "celeba": 162_770}

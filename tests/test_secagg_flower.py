@@ -78,7 +78,8 @@ def test_counts_through_flower_messages_equal_the_clear_masks() -> None:
     s, out, rec, messages = _round()
     np.testing.assert_array_equal(out[SCORES_KEY].numpy(), _expected([11, 12, 13, 14], 1))
     assert rec["clients"] == 4 and not rec["skipped"] and rec["secagg"]["dropped"] == []
-    assert rec["secagg"]["bits"] == 3 and rec["uplink_bits_per_weight"] == pytest.approx(8 * ((3 * N + 7) // 8) / N)
+    assert rec["secagg"]["bits"] == 3
+    assert rec["uplink_bits_per_weight"] == pytest.approx(8 * ((3 * N + 7) // 8) / N)  # b bits per weight
     assert all(MASKED_KEY not in m.content and SECAGG_KEY in m.content for m in messages)
     # the setup and unmask messages are in the wire counts, both ways, per client
     sec = rec["secagg"]
@@ -155,3 +156,52 @@ def test_forged_and_replayed_masked_replies_are_refused_not_fatal() -> None:
     assert "another round" in reasons and "is not the sender" in reasons, rec["dropped"]
     assert rec["secagg_contributors"] == 4 and not rec["skipped"]
     np.testing.assert_array_equal(out[SCORES_KEY].numpy(), _expected([11, 14, 15, 16], 2))
+
+
+# ------------------------------------------------------------------------------ flwr run
+def _flower_config(out: Path, data_dir: Path, **extra) -> tuple[dict, str]:
+    from tests.test_simulation import TINY
+    keys = dict(item.split("=") for item in TINY.split())
+    keys.update({"num-server-rounds": "2", "eval-every": "2", "fraction-evaluate": "0.0",
+                 "aggregation": "'mada-change'", "secure-aggregation": "'secagg+'", **extra})
+    return keys, " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
+
+
+def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
+    from prism_flwr.federated import inprocess
+    from tests.test_inprocess import _history
+    from tests.test_simulation import Simulation
+
+    out = tmp_path / "out"
+    keys, config = _flower_config(out, data_dir)
+    with procs.Processes() as ps:
+        sim = Simulation(tmp_path, ps)
+        assert sim.run(config, nodes=3)["status"] == "finished:completed", sim.logs_tail()
+    procs.assert_gone(ps.pids)
+    flower = [r for r in _history(out) if r["round"] >= 1]
+    cfg = RunConfig.parse({**{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
+                           "data-dir": str(data_dir), "output-dir": str(tmp_path / "unused")})
+    local = inprocess.run(cfg, 3)[1:]
+    assert len(flower) == len(local) == 2
+    for f, l in zip(flower, local):
+        assert f["secagg_contributors"] == 3 and f["secagg"]["bits"] == 2 and not f["skipped"], f
+        for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):
+            assert f[key] == pytest.approx(l[key], rel=1e-6, abs=1e-9), (key, f, l)
+        assert f["wire_bytes_per_client"]["up"] > f["uplink_bytes"] / 3
+
+
+def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Path, tmp_path: Path) -> None:
+    """Four clients (t = 2), one raising in the share step: the round sums the other three (the
+    strategy tests above check the sum is exact) and the run completes."""
+    from tests.test_simulation import Simulation
+
+    out = tmp_path / "out"
+    _, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})
+    with procs.Processes() as ps:
+        sim = Simulation(tmp_path, ps, extra_env={"PRISM_FAULT_INJECTION": "secagg-share=1"})
+        assert sim.run(config, nodes=4)["status"] == "finished:completed", sim.logs_tail()
+    procs.assert_gone(ps.pids)
+    (rec,) = [r for r in json.loads((out / "latest" / "history.json").read_text()) if r["round"] >= 1]
+    assert not rec["skipped"] and rec["secagg_contributors"] == 3 and rec["clients"] == 3, rec
+    assert rec["asked"] == 4 and rec["dropped"] == [], rec
+    assert any(d.startswith("share: node") and "fails on purpose" in d for d in rec["secagg"]["dropped"]), rec
