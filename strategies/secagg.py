@@ -21,7 +21,7 @@ strings: Flower node ids are unsigned 64-bit); the client's secrets stay in its 
 from __future__ import annotations
 
 import os
-from logging import WARNING
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -232,6 +232,11 @@ def _read_masked(record, packed: bytes) -> MaskedInput:
                        _read_ids(_get(record, "masked-with", bytes), "masked-with"), packed)
 
 
+def _new_notes() -> dict:
+    """What a round records about the protocol: dropouts, refusals, its messages' wire bytes."""
+    return {"down": 0, "up": 0, "dropped": [], "refused": []}
+
+
 class SecAggMADA(MADA):
     """MADA on the counts a SecAgg+ round gives; the server never sees a single mask."""
 
@@ -243,7 +248,7 @@ class SecAggMADA(MADA):
         self.phase_timeout = self.run_config.round_timeout  # each setup / unmask exchange
         self._grid = None
         self._server = None  # secagg ServerState of the round in progress
-        self._notes: dict = {}
+        self._notes = _new_notes()
 
     @property
     def max_upload_bytes(self) -> int:
@@ -288,7 +293,7 @@ class SecAggMADA(MADA):
     def configure_train(self, server_round, arrays, config, grid):
         messages = super().configure_train(server_round, arrays, config, grid)
         self._grid, self._server = grid, None
-        self._notes = {"down": 0, "up": 0, "dropped": [], "refused": []}
+        self._notes = _new_notes()
         rnd = server_round + self.round_offset
         nodes = sorted(m.metadata.dst_node_id for m in messages)
         try:
@@ -309,6 +314,8 @@ class SecAggMADA(MADA):
             log(WARNING, "round %d: secure aggregation setup failed: %s", rnd, err)
             return []
         self._server = server
+        log(INFO, "round %d: secure aggregation set up: %d of %d clients shared keys "
+            "(t = %d, k = %d, b = %d)", rnd, len(inbox), len(nodes), threshold, degree, params.bits)
         messages = [Message(content=RecordDict({**dict(m.content.items()),
                                                 SECAGG_KEY: shares_record(inbox[u])}),
                             dst_node_id=u, message_type=m.metadata.message_type)
@@ -331,6 +338,8 @@ class SecAggMADA(MADA):
         result = finish(server, self._exchange(UNMASK, ask, "unmask", read_unmask))
         self._notes["refused"] = [f"{phase}: node {node}: {why}" for phase, node, why in result.refused]
         k = len(result.contributors)
+        log(INFO, "round %d: secure aggregate of %d masked vectors (%d asked to unmask)", rnd, k,
+            len(request.survivors))
         if k < self.min_train_nodes:
             raise RoundSkipped(f"round skipped: {k} contributors, min-train-nodes is {self.min_train_nodes}")
         new, extra = self.step_counts(rnd, result.counts, k)
