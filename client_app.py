@@ -37,6 +37,11 @@ from prism_flwr.federated.methods import method_for
 from prism_flwr.federated.records import METRICS_KEY
 from prism_flwr.data.client_cache import client_data
 from prism_flwr.model.build import pick_device
+from prism_flwr.federated.client_round import model_with
+from prism_flwr.federated.secure_sum import own_mask
+from prism_flwr.model.masked import layout_fingerprint
+from strategies.secagg import STATE_KEY as SECAGG_STATE_KEY
+from strategies.secagg import client_advertise, client_mask, client_share, client_unmask
 
 app = ClientApp()
 log = logging.getLogger("prism.client")
@@ -149,6 +154,8 @@ def train(msg: Message, context: Context) -> Message:
         METRICS_KEY: MetricRecord(result.metrics),
         **_held_record(cfg, method, vector),
     })
+    if cfg.secure_aggregation != "off":  # the mask itself never leaves: its masked sum does
+        content = secagg_train_reply(msg, context, cfg, vector, payload, result.metrics)
     return Message(content=content, reply_to=msg)
 
 
@@ -160,3 +167,55 @@ def evaluate(msg: Message, context: Context) -> Message:
                               server_round=int(msg.content["config"]["server-round"]))
     content = RecordDict({METRICS_KEY: MetricRecord(metrics), **_held_record(cfg, method, vector)})
     return Message(content=content, reply_to=msg)
+
+
+# ------------------------------------------------------------------ secure aggregation (secagg+)
+# The protocol's steps (strategies/secagg.py): keys, shares, the masked vector (end of train),
+# unmasking. The secrets between steps stay in context.state; a step that cannot go on raises,
+# which makes this node a dropout of the round for the server.
+def _secagg_fault(context: Context, step: str) -> None:
+    pid = int(context.node_config["partition-id"])
+    if _injected_fault(pid) == f"secagg-{step}":
+        raise RuntimeError(f"{FAULT_ENV}: partition {pid} fails on purpose in the secagg {step} step")
+
+
+def _kept(context: Context) -> ConfigRecord:
+    kept = context.state.config_records.get(SECAGG_STATE_KEY)
+    if kept is None:
+        raise ValueError("no secure-aggregation state for this round on this node")
+    return kept
+
+
+@app.query("secagg_advertise")
+def secagg_advertise(msg: Message, context: Context) -> Message:
+    _secagg_fault(context, "advertise")
+    kept, reply = client_advertise(msg.content, msg.metadata.dst_node_id)
+    context.state[SECAGG_STATE_KEY] = kept
+    return Message(content=reply, reply_to=msg)
+
+
+@app.query("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    _secagg_fault(context, "share")
+    kept, reply = client_share(msg.content, _kept(context))
+    context.state[SECAGG_STATE_KEY] = kept
+    return Message(content=reply, reply_to=msg)
+
+
+def secagg_train_reply(msg: Message, context: Context, cfg: RunConfig, vector, payload,
+                       metrics) -> RecordDict:
+    """The train reply under secure aggregation: this client's mask, masked, at b bits per weight."""
+    model = model_with(cfg, method_for(cfg), vector, pick_device(cfg.device))
+    x = own_mask(payload, vector, layout_fingerprint(model))
+    kept, records = client_mask(msg.content, _kept(context), x)
+    context.state[SECAGG_STATE_KEY] = kept
+    _secagg_fault(context, "masked")
+    return RecordDict({**records, METRICS_KEY: MetricRecord(metrics)})
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    _secagg_fault(context, "unmask")
+    reply = client_unmask(msg.content, _kept(context))
+    del context.state[SECAGG_STATE_KEY]  # spent: a second request finds nothing
+    return Message(content=reply, reply_to=msg)

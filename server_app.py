@@ -38,9 +38,10 @@ from strategies.base import RecordingFedAvg
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
 from strategies.prompt_grid import PromptGrid
+from strategies.secagg import SecAggMADA
 
 app = ServerApp()
-STRATEGY_CLASSES = (MADA, DenseFedAvg)  # each names the method it aggregates
+STRATEGY_CLASSES = (MADA, DenseFedAvg)  # each names the method it aggregates; SecAggMADA is MADA's secure twin
 log = logging.getLogger("prism.server")
 # Training-set sizes: no honest client reports more examples than its dataset has.
 TRAIN_SIZE = {"mnist": 60_000, "fmnist": 60_000, "cifar10": 50_000, "celeba": 162_770}
@@ -147,6 +148,8 @@ def _strategy(cfg: RunConfig, method: Method, n: int, layout: bytes, start_round
     """The strategy that aggregates ``method`` (MADA over PRISM's masks, FedAvg of the dense
     baseline's weights), given everything it needs; the class reads its own keys of ``cfg``."""
     cls = next(c for c in STRATEGY_CLASSES if c.method is method)
+    if cfg.secure_aggregation != "off":  # RunConfig allows it with PRISM only
+        cls = SecAggMADA
     return cls.from_config(cfg, layout=layout, state=aggregator_state, num_weights=n, seed=cfg.seed,
                            eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
                            # under DP a client's local evaluation would leak data outside the guarantee

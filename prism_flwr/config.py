@@ -174,6 +174,11 @@ class RunConfig(BaseModel):
     robust_outlier_mads: float = Field(
         3.0, ge=0, description="Hamming-distance outlier threshold in MADs; `0`: no filter"
     )
+    secure_aggregation: Literal["off", "secagg+"] = Field(
+        "off",
+        description="`secagg+`: the masks are summed by secure aggregation, the server learns only the "
+        "per-weight counts of ones (docs/secure-aggregation.md); not with robust-aggregation or method dense",
+    )
 
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":
@@ -185,6 +190,12 @@ class RunConfig(BaseModel):
         if self.method == "dense" and self.robust_aggregation != "off":
             raise ValueError("robust-aggregation applies to PRISM's masks; the dense baseline always clips "
                              "update norms: use robust-aggregation='off' with method='dense'")
+        if self.secure_aggregation != "off" and self.robust_aggregation != "off":
+            raise ValueError(f"secure-aggregation='{self.secure_aggregation}' hides each client's mask, which "
+                             "robust-aggregation must see: use robust-aggregation='off'")
+        if self.secure_aggregation != "off" and self.method == "dense":
+            raise ValueError(f"secure-aggregation='{self.secure_aggregation}' sums PRISM's binary masks: "
+                             "use method='prism' or secure-aggregation='off'")
         return self
 
     @classmethod

@@ -75,6 +75,7 @@ class RecordingFedAvg(FedAvg):
     method: Method      # what it aggregates (prism_flwr.federated.methods)
     payload_key: str
     upload_key: str
+    extra_records: tuple[str, ...] = ()  # records a training reply may carry besides the upload and metrics
     train_metrics = TRAIN_METRICS
     evaluate_metrics = EVALUATE_METRICS
 
@@ -216,7 +217,7 @@ class RecordingFedAvg(FedAvg):
     def _check_train(self, msg: Message) -> tuple[np.ndarray, dict, int]:
         """Decoded payload, metrics and payload bytes of one training reply; raises on anything wrong."""
         content = msg.content
-        check_records(content, [self.upload_key, METRICS_KEY, *self._check_downlink(msg)])
+        check_records(content, [self.upload_key, METRICS_KEY, *self._check_downlink(msg)], self.extra_records)
         array = upload_array(content, self.upload_key)
         metrics = self.check_metrics(content[METRICS_KEY], self.train_metrics)
         array, nbytes = self.check_array(array)

@@ -105,6 +105,15 @@ class MADA(RecordingFedAvg):
                      "robust_trim": info.trim}
         else:
             res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd, self._coding)
+        return self._settle(rnd, res, extra)
+
+    def step_counts(self, rnd: int, counts: np.ndarray, k: int) -> tuple[np.ndarray, dict]:
+        """The round's rule on per-weight counts of ones over ``k`` masks (secure aggregation's
+        result), with the same server randomness as ``combine``."""
+        res = self.aggregator.step(self._global, counts, k, rng=np.random.default_rng([self.seed, rnd]))
+        return self._settle(rnd, res, {})
+
+    def _settle(self, rnd: int, res, extra: dict) -> tuple[np.ndarray, dict]:
         lam = None if np.isnan(res.mada_lambda) else res.mada_lambda
         scores = self.downlink.settle(res.scores, np.random.default_rng([self.seed, rnd, 8]))
         return scores, {"mada_lambda": lam, **res.diagnostics, **extra}

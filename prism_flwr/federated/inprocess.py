@@ -6,7 +6,9 @@ strategy does), and the server applies ``aggregation.combine_masks`` with the ru
 ``MADA.combine`` calls). Only the transport, Flower's sampling of nodes and the reply checks are
 missing, so an in-process run of a config gives the same rounds as ``flwr run`` of that config
 with every client taking part (``tests/test_inprocess.py`` checks one point against
-``flwr run``). Clients train one after another on one device, which is what the aggregation study
+``flwr run``). With ``secure-aggregation = "secagg+"`` the masks go through the whole SecAgg+
+protocol (``secure_sum.secure_counts``) and only the counts reach the rule, as in the ServerApp.
+Clients train one after another on one device, which is what the aggregation study
 and the GPU benchmark use: no run pays Flower's start-up.
 
 PRISM only (``method = "prism"``); the dense baseline runs through Flower.
@@ -24,6 +26,8 @@ import torch
 from prism_flwr.federated.aggregation import Aggregator, combine_masks
 from prism_flwr.federated.client_round import client_round, model_with, new_record
 from prism_flwr.federated.codec import decode_mask, mask_model
+from prism_flwr.federated.secure_sum import own_mask, secure_counts
+from prism_flwr.secagg.crypto import packed_size
 from prism_flwr.config import RunConfig
 from prism_flwr.evaluation.evaluator import Evaluator, save_grid
 from prism_flwr.model.generator import ResnetGenerator
@@ -63,6 +67,7 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
             if samples_dir is not None:
                 save_grid(fake[:64], Path(samples_dir) / f"round-{rnd:04d}.png")
 
+    secure = cfg.secure_aggregation != "off"
     history = [{"round": 0, "clients": 0, "uplink_bytes": 0}]
     evaluate(0, history[0])
     for rnd in range(1, cfg.num_server_rounds + 1):
@@ -74,11 +79,20 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
         for pid, (data, hist) in enumerate(clients):
             res = client_round(cfg, PRISM, received, data, hist, states[pid], partition_id=pid, server_round=rnd)
             states[pid] = res.record
-            packed.append(decode_mask(res.payload.tobytes(), n, layout, coding, grouped=True))
+            if secure:  # the client's own mask as the 0/1 vector it masks (the ClientApp's step)
+                packed.append(own_mask(res.payload, received, layout))
+            else:
+                packed.append(decode_mask(res.payload.tobytes(), n, layout, coding, grouped=True))
             losses.append(res.metrics.get("loss", float("nan")))
             sizes.append(res.payload.nbytes)
         t1 = time.perf_counter()
-        agg = combine_masks(aggregator, scores, packed, n, cfg.seed, rnd, coding)
+        if secure:  # the same protocol as the ServerApp's, all parties here: only counts come out
+            summed = secure_counts(dict(enumerate(packed)))
+            sizes = [packed_size(n, num_clients.bit_length())] * num_clients  # b = ceil(log2(K + 1))
+            agg = aggregator.step(scores, summed.counts, len(summed.contributors),
+                                  rng=np.random.default_rng([cfg.seed, rnd]))
+        else:
+            agg = combine_masks(aggregator, scores, packed, n, cfg.seed, rnd, coding)
         scores = downlink.settle(agg.scores, np.random.default_rng([cfg.seed, rnd, 8]))
         t2 = time.perf_counter()
         record = {"round": rnd, "clients": num_clients, "uplink_bytes": int(sum(sizes)),

@@ -65,7 +65,8 @@ class Prism(Method):
         return DOWNLINKS[cfg.downlink]
 
     def describe(self, cfg):
-        return f"PRISM, {cfg.aggregation}"
+        secure = f", secure aggregation {cfg.secure_aggregation}" if cfg.secure_aggregation != "off" else ""
+        return f"PRISM, {cfg.aggregation}{secure}"
 
     def upload(self, model, cfg, received, theta_release, mask_generator):
         """One mask ``m ~ Bernoulli(theta)`` (theta after ``theta_release``, the DP mechanism, if

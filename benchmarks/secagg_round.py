@@ -1,0 +1,143 @@
+"""One training round with and without secure aggregation: time and bytes on the wire per client.
+
+    python -m benchmarks.secagg_round [--case NGF:K ...] [--local-steps S] [--data-dir DIR]
+
+For each case (generator width, K clients) every client trains once (``client_round``, real
+Fashion-MNIST, ``--local-steps`` steps: the protocol's cost does not depend on them), then the
+same uploads go through two rounds of the apps' strategies over Flower ``Message`` objects
+(``tools.secagg_loopback``, every node in this process, no Ray): MADA with coded masks in the
+clear, and ``SecAggMADA`` (SecAgg+, masked vectors at b = ceil(log2(K + 1)) bits per weight).
+Bytes are the strategies' wire counter (strategies/wire.py: every message as Flower serialises
+it, both ways, all phases) divided by K. Flower's own SecAgg+ is given by its size alone
+(about 8 bytes per element up, ``secaggplus_mod``): it cannot carry a packed mask. Round time =
+the clients' training (sequential, summed) + everything after it. Prints a table and one JSON
+line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from benchmarks.secagg_bench import git_commit
+from prism_flwr.config import RunConfig
+from prism_flwr.data.client_cache import client_data
+from prism_flwr.federated.client_round import client_round, new_record
+from prism_flwr.federated.methods import PRISM
+from prism_flwr.federated.records import MASK_KEY, METRICS_KEY, SCORES_KEY
+from prism_flwr.federated.secure_sum import own_mask
+from prism_flwr.model.build import generator_spec, pick_device
+from prism_flwr.model.generator import ResnetGenerator
+from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
+from strategies.mada import MADA
+from strategies.secagg import SecAggMADA
+from tools.secagg_loopback import LoopbackClient, LoopbackGrid, reply_to
+from tools.security_probe import set_task_identity
+
+FLOWER_SECAGG_BYTES_PER_ELEMENT = 8  # int64 per quantised value in Flower's secaggplus_mod
+
+
+def _train(cfg: RunConfig, count: int):
+    """Every client's round-1 upload from the initial scores; (scores, uploads, seconds)."""
+    device = pick_device(cfg.device)
+    model = ResnetGenerator(generator_spec(cfg))
+    downlink = PRISM.downlink(cfg)
+    scores = downlink.settle(get_scores(model).numpy())
+    received = downlink.decode(downlink.encode(scores), num_masked(model))
+    uploads, seconds = {}, 0.0
+    for pid in range(count):
+        data, hist = client_data(cfg, pid, count, device)
+        t0 = time.perf_counter()
+        res = client_round(cfg, PRISM, received, data, hist, new_record(cfg), partition_id=pid,
+                           server_round=1)
+        seconds += time.perf_counter() - t0
+        uploads[pid + 1] = (res.payload, res.metrics)
+    return scores, received, layout_fingerprint(model), uploads, seconds
+
+
+def _round(strategy, grid, scores: np.ndarray, cfg: RunConfig) -> tuple[dict, float]:
+    arrays = ArrayRecord({SCORES_KEY: Array(scores)})
+    t0 = time.perf_counter()
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    out, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    if out is None:
+        raise SystemExit(f"round skipped: {strategy.round_records[1]}")
+    return strategy.round_records[1], time.perf_counter() - t0
+
+
+def run_case(ngf: int, count: int, cfg: RunConfig) -> dict:
+    cfg = cfg.model_copy(update={"ngf": ngf})
+    scores, received, layout, uploads, train_s = _train(cfg, count)
+    n = len(scores)
+    common = dict(layout=layout, state=None, num_weights=n, seed=cfg.seed, min_train_nodes=2,
+                  min_available_nodes=count, downlink=PRISM.downlink(cfg))
+
+    class ClearGrid(LoopbackGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for m in messages:  # each node's coded mask, as the ClientApp replies without secagg
+                payload, metrics = uploads[m.metadata.dst_node_id]
+                replies.append(reply_to(m, RecordDict({MASK_KEY: ArrayRecord({MASK_KEY: Array(payload)}),
+                                                       METRICS_KEY: MetricRecord(metrics)})))
+            return replies
+
+    clear, clear_s = _round(MADA.from_config(cfg, **common), ClearGrid({u: None for u in uploads}), scores, cfg)
+    clients = {u: LoopbackClient(u, lambda msg, u=u: (own_mask(uploads[u][0], received, layout),
+                                                       uploads[u][1])) for u in uploads}
+    grid = LoopbackGrid(clients)
+    secure, secure_s = _round(SecAggMADA.from_config(cfg, **common), grid, scores, cfg)
+    row = {"ngf": ngf, "n": n, "clients": count, "bits": secure["secagg"]["bits"],
+           "local_steps": cfg.local_steps, "train_s": train_s}
+    for name, rec, seconds in (("clear", clear, clear_s), ("secagg", secure, secure_s)):
+        row[name] = {"after_train_s": seconds, "round_s": train_s + seconds,
+                     "up_bytes_per_client": rec["uplink_wire_bytes"] / count,
+                     "down_bytes_per_client": rec["downlink_wire_bytes"] / count,
+                     "upload_bits_per_weight": rec["uplink_bits_per_weight"]}
+    row["secagg"]["client_s_by_message"] = {k: v / count for k, v in grid.seconds.items()}
+    row["flower_secaggplus_up_bytes_per_client"] = FLOWER_SECAGG_BYTES_PER_ELEMENT * n
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--case", action="append", default=None, help="NGF:K (default: 16:4 and 64:10)")
+    parser.add_argument("--local-steps", type=int, default=3)
+    parser.add_argument("--data-dir", default=RunConfig().data_dir)
+    args = parser.parse_args(argv)
+    set_task_identity()  # Flower messages outside a running ServerApp
+    cfg = RunConfig(local_steps=args.local_steps, data_dir=args.data_dir, device="cpu", download=False)
+    cases = [tuple(map(int, c.split(":"))) for c in args.case or ["16:4", "64:10"]]
+    rows = [run_case(ngf, k, cfg) for ngf, k in cases]
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    load = os.getloadavg()[0]
+    print(f"# secagg_round at {git_commit()} on {machine} (1-min load {load:.2f}), "
+          f"local-steps {args.local_steps}")
+    print("| ngf | n | K | b | mode | round s (train + rest) | up kB / client | down kB / client "
+          "| up bit/w |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        head = f"| {r['ngf']} | {r['n']:,} | {r['clients']} | {r['bits']} |"
+        for name, label in (("clear", "coded mask, clear"), ("secagg", "secagg+ (this)")):
+            m = r[name]
+            print(f"{head} {label} | {m['round_s']:.2f} ({r['train_s']:.2f} + {m['after_train_s']:.2f}) | "
+                  f"{m['up_bytes_per_client'] / 1e3:,.1f} | {m['down_bytes_per_client'] / 1e3:,.1f} | "
+                  f"{8 * m['up_bytes_per_client'] / r['n']:.3f} |")
+        flower = r["flower_secaggplus_up_bytes_per_client"]
+        print(f"{head} Flower SecAgg+ (size only) | - | {flower / 1e3:,.1f} | - | "
+              f"{8 * flower / r['n']:.0f} |")
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out = {"bench": "secagg_round", "date": date, "commit": git_commit(), "machine": machine,
+           "load_1min": load, "local_steps": args.local_steps, "rows": rows}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

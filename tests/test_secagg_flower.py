@@ -1,0 +1,207 @@
+"""Secure aggregation wired into the apps: run config, the SecAgg+ strategy on Flower messages,
+the in-process runner, and `flwr run`.
+
+The strategy tests drive ``SecAggMADA`` through ``tools.secagg_loopback`` (real Flower messages,
+the ClientApp's secagg steps in this process): the new scores must equal MADA's on the same
+masks sent in the clear, whoever drops out, and a forged or replayed masked reply is refused
+without ending the round. The Flower tests run the real apps at tiny size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+
+from prism_flwr.config import ConfigError, RunConfig
+from prism_flwr.federated.aggregation import aggregate, count_ones
+from prism_flwr.federated.records import SCORES_KEY
+from prism_flwr.federated.secure_sum import secagg_parameters
+from prism_flwr.secagg.round import check_params, new_round
+from strategies.secagg import MASKED_KEY, SECAGG_KEY, SHARE, UNMASK, SecAggMADA
+from tools import procs
+from tools.secagg_loopback import LoopbackClient, LoopbackGrid, forged
+
+N = 61
+LAYOUT = b"L" * 8
+SCORES = np.linspace(-2, 2, N).astype(np.float32)
+SEED = 5
+
+
+# ------------------------------------------------------------------------------ run config
+def test_secure_aggregation_is_off_by_default_and_refused_with_robust_or_dense() -> None:
+    assert RunConfig().secure_aggregation == "off"
+    assert RunConfig.parse({"secure-aggregation": "secagg+"}).secure_aggregation == "secagg+"
+    for other, value in (("robust-aggregation", "on"), ("method", "dense")):
+        with pytest.raises(ConfigError) as err:
+            RunConfig.parse({"secure-aggregation": "secagg+", other: value})
+        assert "secure-aggregation" in str(err.value) and other in str(err.value)
+    with pytest.raises(ConfigError, match="secure-aggregation"):
+        RunConfig.parse({"secure-aggregation": "secagg"})
+
+
+@pytest.mark.parametrize("clients", [2, 3, 4, 7, 10, 11, 16, 33, 100])
+def test_default_parameters_are_valid_and_complete_up_to_ten(clients: int) -> None:
+    threshold, degree = secagg_parameters(clients)
+    check_params(new_round(range(1, clients + 1), threshold, degree, 8))  # raises if unsafe or impossible
+    assert threshold == degree // 2 + 1
+    assert (degree == clients - 1) == (clients <= 10)
+
+
+# ------------------------------------------------------------------------------ strategy
+def _mask(node: int, rnd: int) -> np.ndarray:
+    return (np.random.default_rng([node, rnd]).random(N) < 0.4).astype(np.uint8)
+
+
+def _expected(nodes, rnd: int) -> np.ndarray:
+    counts, k = count_ones((np.packbits(_mask(u, rnd), bitorder="little") for u in nodes), N)
+    return aggregate(SCORES, counts, k, method="mada", rng=np.random.default_rng([SEED, rnd])).scores
+
+
+def _round(nodes=(11, 12, 13, 14), rnd=1, tamper=None, min_train_nodes=2, strategy=None):
+    clients = {u: LoopbackClient(u, lambda msg, u=u: (_mask(u, rnd), {"num-examples": 10, "loss": 0.5}))
+               for u in nodes}
+    grid = LoopbackGrid(clients, tamper)
+    s = strategy or SecAggMADA(num_weights=N, layout=LAYOUT, rule="mada", seed=SEED, phase_timeout=60.0,
+                               min_train_nodes=min_train_nodes, min_available_nodes=len(nodes))
+    arrays = ArrayRecord({SCORES_KEY: Array(SCORES)})
+    messages = list(s.configure_train(rnd, arrays, ConfigRecord(), grid))
+    out, _ = s.aggregate_train(rnd, grid.send_and_receive(messages))
+    return s, out, s.round_records[rnd], messages
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_counts_through_flower_messages_equal_the_clear_masks() -> None:
+    s, out, rec, messages = _round()
+    np.testing.assert_array_equal(out[SCORES_KEY].numpy(), _expected([11, 12, 13, 14], 1))
+    assert rec["clients"] == 4 and not rec["skipped"] and rec["secagg"]["dropped"] == []
+    assert rec["secagg"]["bits"] == 3
+    assert rec["uplink_bits_per_weight"] == pytest.approx(8 * ((3 * N + 7) // 8) / N)  # b bits per weight
+    assert all(MASKED_KEY not in m.content and SECAGG_KEY in m.content for m in messages)
+    # the setup and unmask messages are in the wire counts, both ways, per client
+    sec = rec["secagg"]
+    assert sec["uplink_wire_bytes"] > 4 * (64 + 3 * 92) and sec["downlink_wire_bytes"] > 4 * 3 * (64 + 92)
+    assert rec["wire_bytes_per_client"]["up"] == pytest.approx(rec["uplink_wire_bytes"] / 4)
+    assert rec["uplink_wire_bytes"] > sec["uplink_wire_bytes"] + rec["uplink_bytes"]
+
+
+def _fail(kind: str, node: int):
+    def tamper(msg: Message, reply: Message):
+        if msg.metadata.message_type == kind and msg.metadata.dst_node_id == node:
+            return []  # silent
+        return reply
+    return tamper
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("kind", ["query.secagg_advertise", SHARE, "train", UNMASK])
+def test_a_dropout_at_any_phase_still_gives_exact_counts(kind: str) -> None:
+    s, out, rec, _ = _round(nodes=(11, 12, 13, 14, 15), tamper=_fail(kind, 13))
+    contributors = [11, 12, 14, 15] if kind != UNMASK else [11, 12, 13, 14, 15]
+    np.testing.assert_array_equal(out[SCORES_KEY].numpy(), _expected(contributors, 1))
+    assert any("node 13: no reply" in d for d in rec["secagg"]["dropped"]) or kind == "train"
+    assert rec["secagg_contributors"] == len(contributors)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_error_in_the_share_step_is_a_dropout() -> None:
+    def tamper(msg, reply):
+        if msg.metadata.message_type == SHARE and msg.metadata.dst_node_id == 12:
+            from tools.secagg_loopback import reply_to
+            return reply_to(msg, error="RuntimeError: fails on purpose")
+        return reply
+    _, out, rec, _ = _round(tamper=tamper)
+    np.testing.assert_array_equal(out[SCORES_KEY].numpy(), _expected([11, 13, 14], 1))
+    assert any("share: node 12" in d and "fails on purpose" in d for d in rec["secagg"]["dropped"])
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_too_many_dropouts_skip_the_round_cleanly() -> None:
+    def tamper(msg, reply):
+        return [] if msg.metadata.message_type == SHARE and msg.metadata.dst_node_id != 11 else reply
+    s, out, rec, messages = _round(tamper=tamper)
+    assert out is None and rec["skipped"] and "round skipped" in rec["skip_reason"] and messages == []
+    # unmask phase: only one survivor helps, the threshold is 2
+    def silent_unmask(msg, reply):
+        return [] if msg.metadata.message_type == UNMASK and msg.metadata.dst_node_id != 11 else reply
+    s, out, rec, _ = _round(tamper=silent_unmask)
+    assert out is None and rec["skipped"] and "round skipped" in rec["skip_reason"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_forged_and_replayed_masked_replies_are_refused_not_fatal() -> None:
+    kept = {}
+
+    def keep(msg, reply):
+        if msg.metadata.message_type == "train" and not reply.has_error():
+            kept[msg.metadata.dst_node_id] = reply
+        return reply
+    nodes = (11, 12, 13, 14, 15, 16)  # t = 3: four survivors hold 3 shares of each other's seeds
+    s, _, _, _ = _round(nodes, tamper=keep)
+
+    def attack(msg, reply):
+        if msg.metadata.message_type != "train":
+            return reply
+        node = msg.metadata.dst_node_id
+        if node == 12:  # replays its masked reply of round 1
+            return kept[12]
+        if node == 13:  # claims to be node 14 in its node field
+            return forged(reply, node=(14).to_bytes(8, "big"))
+        return reply
+    s, out, rec, _ = _round(nodes, rnd=2, tamper=attack, strategy=s)
+    reasons = " ".join(rec["dropped"])
+    assert "another round" in reasons and "is not the sender" in reasons, rec["dropped"]
+    assert rec["secagg_contributors"] == 4 and not rec["skipped"]
+    np.testing.assert_array_equal(out[SCORES_KEY].numpy(), _expected([11, 14, 15, 16], 2))
+
+
+# ------------------------------------------------------------------------------ flwr run
+def _flower_config(out: Path, data_dir: Path, **extra) -> tuple[dict, str]:
+    from tests.test_simulation import TINY
+    keys = dict(item.split("=") for item in TINY.split())
+    keys.update({"num-server-rounds": "2", "eval-every": "2", "fraction-evaluate": "0.0",
+                 "aggregation": "'mada-change'", "secure-aggregation": "'secagg+'", **extra})
+    return keys, " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
+
+
+def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
+    from prism_flwr.federated import inprocess
+    from tests.test_inprocess import _history
+    from tests.test_simulation import Simulation
+
+    out = tmp_path / "out"
+    keys, config = _flower_config(out, data_dir)
+    with procs.Processes() as ps:
+        sim = Simulation(tmp_path, ps)
+        assert sim.run(config, nodes=3)["status"] == "finished:completed", sim.logs_tail()
+    procs.assert_gone(ps.pids)
+    flower = [r for r in _history(out) if r["round"] >= 1]
+    cfg = RunConfig.parse({**{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
+                           "data-dir": str(data_dir), "output-dir": str(tmp_path / "unused")})
+    local = inprocess.run(cfg, 3)[1:]
+    assert len(flower) == len(local) == 2
+    for f, l in zip(flower, local):
+        assert f["secagg_contributors"] == 3 and f["secagg"]["bits"] == 2 and not f["skipped"], f
+        for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):
+            assert f[key] == pytest.approx(l[key], rel=1e-6, abs=1e-9), (key, f, l)
+        assert f["wire_bytes_per_client"]["up"] > f["uplink_bytes"] / 3
+
+
+def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Path, tmp_path: Path) -> None:
+    """Four clients (t = 2), one raising in the share step: the round sums the other three (the
+    strategy tests above check the sum is exact) and the run completes."""
+    from tests.test_simulation import Simulation
+
+    out = tmp_path / "out"
+    _, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})
+    with procs.Processes() as ps:
+        sim = Simulation(tmp_path, ps, extra_env={"PRISM_FAULT_INJECTION": "secagg-share=1"})
+        assert sim.run(config, nodes=4)["status"] == "finished:completed", sim.logs_tail()
+    procs.assert_gone(ps.pids)
+    (rec,) = [r for r in json.loads((out / "latest" / "history.json").read_text()) if r["round"] >= 1]
+    assert not rec["skipped"] and rec["secagg_contributors"] == 3 and rec["clients"] == 3, rec
+    assert rec["asked"] == 4 and rec["dropped"] == [], rec
+    assert any(d.startswith("share: node") and "fails on purpose" in d for d in rec["secagg"]["dropped"]), rec
