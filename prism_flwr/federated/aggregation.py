@@ -31,17 +31,27 @@ about 0.41 at initialisation. ``lambda_diagnostics`` logs that expectation and t
 ``mean (theta_o - theta_agg)^2`` next to lambda every round. Rules beyond the paper:
 
 4. ``"mada-change"``: MADA whose step measures change, not sampling noise. ``theta_agg`` is a
-   mean of ``K`` Bernoulli votes: with ``p = (theta_agg - eps) / (1 - 2 eps)`` (the raw vote
-   fraction) its sampling variance is estimated without bias by
-   ``sigma^2 = (1 - 2 eps)^2 mean p (1 - p) / (K - 1)``. The observed change
-   ``D = mean (theta_o - theta_agg)^2`` is real drift ``P`` plus that noise, so the step that
-   minimises the expected squared error of the blend (a scalar Kalman gain) is
+   mean of ``K`` Bernoulli votes; with ``p = (theta_agg - eps) / (1 - 2 eps)`` (the raw vote
+   fraction) its vote noise is estimated by ``sigma^2 = (1 - 2 eps)^2 mean p (1 - p) / (K - 1)``
+   (``vote_noise``). The observed change ``D = mean (theta_o - theta_agg)^2`` is real drift ``P``
+   plus that noise, so the step that minimises the expected squared error of the blend (a scalar
+   Kalman gain) is
 
        lambda = P / (P + sigma^2) = clip(1 - sigma^2 / D, 0, 1),
 
    used in MADA's blend. Clients that moved far (``D >> sigma^2``) give ``lambda ~ 1``, the plain
    mean; once the clients agree with the global model the votes' noise is averaged away.
    ``K = 1`` has no noise estimate: ``lambda = 1``. No hyper-parameter.
+
+   What ``sigma^2`` estimates (docs/aggregation-noise.md): with client ``i`` voting with
+   probability ``q_i`` on a weight, the noise of ``theta_agg`` around the participating clients'
+   mean is ``(1 - 2 eps)^2 V / K``, ``V = mean_i q_i (1 - q_i)``, while
+   ``E[sigma^2] = (1 - 2 eps)^2 (V / K + s_q^2 / (K - 1))``, ``s_q^2 = mean_i (q_i - mean q)^2``
+   the clients' disagreement. So ``sigma^2`` is unbiased when the clients share theta (or are a
+   random sample of a larger population, whose mean is then the target) and otherwise too large
+   by ``s_q^2 / (K - 1)``: heterogeneous clients get a smaller, more cautious step. No estimator
+   from one mask per client can do better: every expectation over independent votes is linear in
+   each ``q_i``, and ``q_i (1 - q_i)`` is not.
 5. ``"adam"`` (server Adam on the score vector, FedAdam of Reddi et al. 2021, with the smoothed
    mean as the target): pseudo-gradient ``d = s_agg - s_t``; ``m = b1 m + (1 - b1) d``,
    ``v = b2 v + (1 - b2) d^2``, ``s_{t+1} = s_t + eta m / (sqrt(v) + tau)`` with
@@ -115,12 +125,21 @@ def lambda_diagnostics(theta_old: np.ndarray, theta_agg: np.ndarray) -> dict[str
             "theta_change_sq": float(np.mean((t - theta_agg.astype(np.float64)) ** 2))}
 
 
+def vote_noise(theta_agg: np.ndarray, k: int, eps: float = EPS) -> float:
+    """``(1 - 2 eps)^2 mean p (1 - p) / (k - 1)``: the variance of ``theta_agg`` if its ``k`` votes
+    were independent draws with one probability per weight (too large when clients differ: see
+    the module docstring); ``nan`` for ``k < 2``."""
+    if k < 2:
+        return float("nan")
+    p = (theta_agg.astype(np.float64) - eps) / (1.0 - 2.0 * eps)
+    return (1.0 - 2.0 * eps) ** 2 * float(np.mean(p * (1.0 - p))) / (k - 1)
+
+
 def change_lambda(theta_old: np.ndarray, theta_agg: np.ndarray, k: int, eps: float = EPS) -> float:
     """``clip(1 - sigma^2 / D, 0, 1)``: the share of the observed change that is not vote noise."""
     if k < 2:
         return 1.0
-    p = (theta_agg.astype(np.float64) - eps) / (1.0 - 2.0 * eps)
-    sigma2 = (1.0 - 2.0 * eps) ** 2 * float(np.mean(p * (1.0 - p))) / (k - 1)
+    sigma2 = vote_noise(theta_agg, k, eps)
     d = float(np.mean((theta_old.astype(np.float64) - theta_agg.astype(np.float64)) ** 2))
     return 1.0 if d <= 0.0 else float(np.clip(1.0 - sigma2 / d, 0.0, 1.0))
 
