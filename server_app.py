@@ -56,7 +56,7 @@ def _fmt(record: dict) -> str:
     """One progress line per round."""
     parts = [f"[round {record['round']}] clients {record['clients']}/{record['asked']}"]
     if record["skipped"]:
-        parts.append("SKIPPED (too few valid masks)")
+        parts.append(f"SKIPPED ({record.get('skip_reason') or 'reason not recorded'})")
     else:
         parts.append(f"up {record['uplink_bytes'] / 1e3:.1f} kB ({record['uplink_bits_per_weight']:.5f} bit/w)")
         parts.append(f"down {record['downlink_bytes'] / 1e6:.2f} MB")

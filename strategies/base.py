@@ -11,7 +11,9 @@
   integers that sums to ``num-examples``; ``num-examples`` is an integer in
   ``[1, max_examples]`` (the server passes the dataset's training-set size: no client holds more);
 - a round with fewer than ``min_train_nodes`` valid replies is skipped (``None`` keeps the global
-  arrays as they were); so is a round whose aggregation raises or gives a non-finite vector;
+  arrays as they were); so is a round whose aggregation raises ``AggregationError`` (caused by its
+  input, e.g. a non-finite aggregate); the reason goes into the record (``skip_reason``). Any
+  other exception in aggregation is a bug and ends the run;
 - one record per round for ``history.json`` (``round_records``): clients, drops, wire bytes; client
   metrics averaged by (bounded) ``num-examples`` under ``client_metrics`` (and ``loss``), per-client
   values kept per node, so no client-chosen name can overwrite a field of the record.
@@ -30,6 +32,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from prism_flwr.federated.aggregation import AggregationError
 from prism_flwr.federated.records import METRICS_KEY
 
 from .wire import message_wire_bytes
@@ -134,6 +137,7 @@ class RecordingFedAvg(FedAvg):
         self._sent_bytes, self._down_wire = 0, None  # their bytes per client; all messages as serialised
         self._asked = 0
         self._asked_nodes: set[int] | None = None  # None: accept any node (tests without configure_*)
+        self.round_nodes: list = []  # senders of the payloads handed to ``combine``, in order
         # robust-aggregation: keyword arguments for prism_flwr.federated.robust.robust_counts, None when off
         self.robust: dict | None = None
 
@@ -256,7 +260,8 @@ class RecordingFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
         payloads, metrics, sizes, nodes, dropped, accepted = [], [], [], [], [], []
-        for msg in list(replies):
+        replies = list(replies)
+        for msg in replies:
             try:
                 if msg.has_error():
                     dropped.append(f"node {_node(msg)}: {_clip(str(msg.error.reason))}")
@@ -277,10 +282,11 @@ class RecordingFedAvg(FedAvg):
                   "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / self.num_weights if sizes else None,
                   "downlink_bits_per_weight": 8 * self._sent_bytes / self.num_weights}
         # The same, counted as Flower serialises the messages (strategies/wire.py): per client and round.
-        up_wire = _wire_bytes(accepted) if accepted else None
+        # Every reply crossed the wire, the dropped ones too.
+        up_wire = _wire_bytes(replies) if replies else None
         if up_wire is not None:
             record["uplink_wire_bytes"] = up_wire
-            record["wire_bits_per_weight_up"] = 8 * up_wire / len(accepted) / self.num_weights
+            record["wire_bits_per_weight_up"] = 8 * up_wire / len(replies) / self.num_weights
         if self._down_wire is not None and self._asked:
             record["downlink_wire_bytes"] = self._down_wire
             record["wire_bits_per_weight_down"] = 8 * self._down_wire / self._asked / self.num_weights
@@ -289,13 +295,15 @@ class RecordingFedAvg(FedAvg):
             return self._skip(record, f"{len(payloads)} valid replies, min-train-nodes is {self.min_train_nodes}")
 
         weights = np.array([m["num-examples"] for m in metrics], dtype=np.float64)
+        self.round_nodes = nodes  # the senders of ``payloads``, in order
         try:
             new, extra = self.combine(rnd, payloads, weights)
             new = self.check_aggregate(np.asarray(new))
-        except Exception as err:  # noqa: BLE001 - keep the global state rather than end the run
+        except AggregationError as err:  # caused by this round's input: keep the global state
             log(ERROR, "round %d: aggregation failed: %s", rnd, _reason(err))
             record["aggregation_error"] = _reason(err)
-            return self._skip(record, "aggregation failed")
+            return self._skip(record, f"aggregation failed: {_reason(err)}")
+        self.round_applied()
         agg = _weighted_metrics(metrics, weights)
         record["client_metrics"] = agg
         record["loss"] = agg.get("loss")
@@ -311,12 +319,16 @@ class RecordingFedAvg(FedAvg):
         """The new global vector as it will be sent; raises when it is not a finite vector like
         this round's (a subclass whose wire format differs from its working vector overrides)."""
         if new.shape != self._global.shape or new.dtype != self._global.dtype or not np.isfinite(new).all():
-            raise ValueError(f"aggregate is {new.dtype} {new.shape} and must be finite "
+            raise AggregationError(f"aggregate is {new.dtype} {new.shape} and must be finite "
                              f"{self._global.dtype} {self._global.shape}")
         return new
 
+    def round_applied(self) -> None:
+        """Called once this round's aggregate is accepted (a subclass keeps state it proposed)."""
+
     def _skip(self, record: dict, why: str) -> tuple[None, None]:
         record["skipped"] = True
+        record["skip_reason"] = why
         log(WARNING, "round %d skipped: %s; global state unchanged", record["round"], why)
         return None, None
 

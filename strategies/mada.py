@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import Array
 from flwr.common import log
 
-from prism_flwr.federated.aggregation import Aggregator, combine_masks
+from prism_flwr.federated.aggregation import AggregationError, Aggregator, combine_masks
 from prism_flwr.federated.codec import MaskFormatError, decode_mask, mask_model
 from prism_flwr.config import RunConfig
 from prism_flwr.federated.methods import PRISM
@@ -59,6 +59,7 @@ class MADA(RecordingFedAvg):
         # the wire format of the scores (methods.PRISM with this run's downlink); float32 by default
         self.run_config = run_config or RunConfig(downlink="float32")
         self._coding = None  # codec.MaskModel of the scores sent this round
+        self._proposed = None  # this round's AggregateResult, its rule state kept once the round applies
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = super().configure_train(server_round, arrays, config, grid)
@@ -67,8 +68,14 @@ class MADA(RecordingFedAvg):
         return messages
 
     def check_aggregate(self, new: np.ndarray) -> np.ndarray:
-        PRISM.unpack_global(new, self.num_weights, self.run_config)  # decodes, or raises
+        try:
+            PRISM.unpack_global(new, self.num_weights, self.run_config)  # decodes, or raises
+        except ValueError as err:
+            raise AggregationError(f"aggregate does not decode: {err}") from None
         return new
+
+    def round_applied(self) -> None:
+        self.aggregator.commit(self._proposed)
 
     def summary(self) -> None:
         log(INFO, "\t├──> PRISM aggregation: %s (MADA space: %s), %d masked weights",
@@ -87,12 +94,16 @@ class MADA(RecordingFedAvg):
         extra = {}
         if self.robust is not None:  # duplicates and Hamming outliers dropped, votes trimmed per weight
             counts, k, info = robust_counts(payloads, self._coding.grouped_bits, **self.robust)
-            res = self.aggregator.step(self._global, self._coding.ungroup_counts(counts), k,
-                                       rng=np.random.default_rng([self.seed, rnd]))
+            res = self.aggregator.propose(self._global, self._coding.ungroup_counts(counts), k,
+                                          rng=np.random.default_rng([self.seed, rnd]))
             extra = {"robust_dropped_duplicates": len(info.duplicates), "robust_dropped_outliers": len(info.outliers),
                      "robust_trim": info.trim}
+            # which masks, by sender and reason (a list: kept out of the MetricRecord)
+            self.round_records[rnd]["robust_dropped"] = info.dropped(self.round_nodes)
         else:
-            res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd, self._coding)
+            res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd, self._coding,
+                                commit=False)
+        self._proposed = res
         lam = None if np.isnan(res.mada_lambda) else res.mada_lambda
         scores = PRISM.settle(res.scores, self.run_config, np.random.default_rng([self.seed, rnd, 8]))
         return PRISM.pack_global(scores, self.run_config), {"mada_lambda": lam, **res.diagnostics, **extra}
