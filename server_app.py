@@ -1,7 +1,7 @@
 """PRISM ServerApp: run MADA rounds, evaluate, checkpoint, export the sparse model.
 
 Every run writes into its own folder ``output-dir/<start time>-run<Flower run id>-<random>/``
-(``output-dir/latest`` points at the newest), locked for the run's lifetime so two runs never
+(``output-dir/latest`` points at the newest once its first checkpoint is written), locked for the run's lifetime so two runs never
 share files (``prism_flwr/storage/checkpoint.py``): ``checkpoint-<round>.ckpt`` (every round, atomic,
 pickle-free, the last 3 kept), ``history.json`` (one record per round), ``samples/round-XXXX.png``
 (every evaluation), ``model.prism`` (final sparse model), ``samples.png`` (final grid) and
@@ -148,6 +148,8 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
                                   "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True),
                                   "aggregator": strategy.aggregator.state_dict() if hasattr(strategy, "aggregator") else {}})
         write_text_atomic(run_dir / "history.json", json.dumps(history, indent=1))
+        if local_round == 0 and not cfg.resume:
+            point_latest(out, run_dir)  # only now: a run that failed before this leaves latest as it was
         if "eval" in record:
             plot_history(history, run_dir / "history.png")
         return MetricRecord(record["eval"]) if "eval" in record else None

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tools import security_probe as sp
 from prism_flwr.storage.checkpoint import (CheckpointError, RunLock, RunLocked, check_resume_config, checkpoint_files,
-                                   find_run_dir, load_checkpoint, new_run_dir, save_checkpoint)
+                                   find_run_dir, load_checkpoint, new_run_dir, point_latest,
+                                   save_checkpoint)
 from prism_flwr.storage.client_state import (ClientRecord, LedgerError, PrivacyLedger, StateError, client_state_dir,
                                      read_latest_state_file, validate_run_tag, write_state_file)
 from prism_flwr.config import RunConfig
@@ -123,6 +124,8 @@ def test_run_folders_latest_and_lock(tmp_path):
     a = new_run_dir(tmp_path, 7)
     b = new_run_dir(tmp_path, 8)
     assert a != b and a.parent == tmp_path and "run7" in a.name
+    assert not (tmp_path / "latest").exists()  # a run points latest at its folder once it has a checkpoint
+    point_latest(tmp_path, b)
     assert os.readlink(tmp_path / "latest") == b.name and find_run_dir(tmp_path) == b
     assert find_run_dir(tmp_path, a.name) == a
     for bad in ("../x", "a/b", "..", "x\n"):
