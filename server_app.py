@@ -1,13 +1,13 @@
 """PRISM ServerApp: run MADA rounds, evaluate, checkpoint, export the sparse model.
 
 Every run writes into its own folder ``output-dir/<start time>-run<Flower run id>-<random>/``
-(``output-dir/latest`` points at the newest once its first checkpoint is written), locked for the run's lifetime so two runs never
-share files (``prism_flwr/storage/checkpoint.py``): ``checkpoint-<round>.ckpt`` (every round, atomic,
-pickle-free, the last 3 kept), ``history.json`` (one record per round), ``samples/round-XXXX.png``
-(every evaluation), ``model.prism`` (final sparse model), ``samples.png`` (final grid) and
-``summary.json``. ``resume=true`` continues the run folder ``resume-run`` (default: ``latest``)
-from its newest readable checkpoint, and refuses one trained under a run config that differs in
-anything that changes the model or its privacy.
+(``output-dir/latest`` points at the newest once its first checkpoint is written), locked for the
+run's lifetime so two runs never share files (``prism_flwr/storage/checkpoint.py``):
+``checkpoint-<round>.ckpt`` (every round, atomic, pickle-free, the last 3 kept), ``history.json``
+(one record per round), ``samples/round-XXXX.png`` (every evaluation), ``model.prism`` (final
+sparse model), ``samples.png`` (final grid) and ``summary.json``. ``resume=true`` continues the
+run folder ``resume-run`` (default: ``latest``) from its newest readable checkpoint, and refuses
+one trained under a run config that differs in anything that changes the model or its privacy.
 """
 
 from __future__ import annotations

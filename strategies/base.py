@@ -259,7 +259,7 @@ class RecordingFedAvg(FedAvg):
     # ------------------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
-        payloads, metrics, sizes, nodes, dropped, accepted = [], [], [], [], [], []
+        payloads, metrics, sizes, nodes, dropped = [], [], [], [], []
         replies = list(replies)
         for msg in replies:
             try:
@@ -272,7 +272,6 @@ class RecordingFedAvg(FedAvg):
                 log(WARNING, "round %d: dropped reply from node %s: %s", rnd, _node(msg), _reason(err))
                 continue
             nodes.append(msg.metadata.src_node_id)
-            accepted.append(msg)
             payloads.append(payload)
             metrics.append(mr)
             sizes.append(size)
@@ -320,7 +319,7 @@ class RecordingFedAvg(FedAvg):
         this round's (a subclass whose wire format differs from its working vector overrides)."""
         if new.shape != self._global.shape or new.dtype != self._global.dtype or not np.isfinite(new).all():
             raise AggregationError(f"aggregate is {new.dtype} {new.shape} and must be finite "
-                             f"{self._global.dtype} {self._global.shape}")
+                                   f"{self._global.dtype} {self._global.shape}")
         return new
 
     def round_applied(self) -> None:

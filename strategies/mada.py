@@ -101,8 +101,8 @@ class MADA(RecordingFedAvg):
             # which masks, by sender and reason (a list: kept out of the MetricRecord)
             self.round_records[rnd]["robust_dropped"] = info.dropped(self.round_nodes)
         else:
-            res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd, self._coding,
-                                commit=False)
+            res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd,
+                                self._coding, commit=False)
         self._proposed = res
         lam = None if np.isnan(res.mada_lambda) else res.mada_lambda
         scores = PRISM.settle(res.scores, self.run_config, np.random.default_rng([self.seed, rnd, 8]))

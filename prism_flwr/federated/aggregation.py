@@ -216,7 +216,8 @@ class Aggregator:
         if result.state is not None:
             self.state = result.state
 
-    def step(self, scores: np.ndarray, counts: np.ndarray, k: int, rng: np.random.Generator) -> AggregateResult:
+    def step(self, scores: np.ndarray, counts: np.ndarray, k: int,
+             rng: np.random.Generator) -> AggregateResult:
         """``propose`` and ``commit``: for callers that apply every round they aggregate."""
         result = self.propose(scores, counts, k, rng)
         self.commit(result)

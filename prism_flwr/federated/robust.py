@@ -122,8 +122,9 @@ class RobustInfo:
         out = [{"node": nodes[i], "reason": f"same mask as node {nodes[self.copy_of[i]]} (duplicate)"}
                for i in self.duplicates]
         distance = dict(zip(self.distinct, self.distances))
-        out += [{"node": nodes[i], "reason": f"Hamming distance {distance[i]:.4f} to the majority vote, "
-                                             f"above the cut-off {self.threshold:.4f}"} for i in self.outliers]
+        out += [{"node": nodes[i],
+                 "reason": f"Hamming distance {distance[i]:.4f} to the majority vote, "
+                           f"above the cut-off {self.threshold:.4f}"} for i in self.outliers]
         return sorted(out, key=lambda d: str(d["node"]))
 
 

@@ -7,13 +7,14 @@ change: only ``scores`` are handed to the optimiser. With ``trainable = "weights
 FedAvg baseline) it is the other way round: the same network's weights train, no mask exists.
 
 The step loop never waits for the device: losses stay in a device tensor and finiteness (of the
-losses and of the trained parameters) is checked once, after the last step, before anything can
-be uploaded. On CUDA the step (sampling, forward, backward, Adam) is captured once per round in a
+losses and of the trained parameters) is checked once, after the last step, before anything can be
+uploaded. On CUDA the step (sampling, forward, backward, Adam) is captured once per round in a
 CUDA graph after ``WARMUP_STEPS`` eager steps and replayed for the rest, which removes the
-per-kernel launch cost that bounds a batch-64 step; latents, batches and masks then come from
-the default generator of the data's device (not of the current device), seeded from
-``generator``. A round of at most ``WARMUP_STEPS`` steps runs them all eagerly, nothing captured. The same seed on the same device
-gives the same result (cuDNN is asked for deterministic algorithms inside the loop).
+per-kernel launch cost that bounds a batch-64 step; latents, batches and masks then come from the
+default generator of the data's device (not of the current device), seeded from ``generator``. A
+round of at most ``WARMUP_STEPS`` steps runs them all eagerly, nothing captured. The same seed on
+the same device gives the same result (cuDNN is asked for deterministic algorithms inside the
+loop).
 """
 
 from __future__ import annotations
