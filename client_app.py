@@ -16,7 +16,6 @@ runner and the benchmarks call); this file only moves records:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -35,14 +34,6 @@ from prism_flwr.model.build import pick_device
 app = ClientApp()
 log = logging.getLogger("prism.client")
 STATE_KEY = "prism-client"
-# Testing hook for failure drills: PRISM_FAULT_INJECTION="raise=1 corrupt=2" makes partition 1
-# raise in every training round and partition 2 upload a mask with a flipped payload byte.
-FAULT_ENV = "PRISM_FAULT_INJECTION"
-
-
-def _injected_fault(pid: int) -> str | None:
-    faults = dict(item.split("=") for item in os.environ.get(FAULT_ENV, "").split())
-    return next((kind for kind, target in faults.items() if int(target) == pid), None)
 
 
 def _state_dir(cfg: RunConfig, msg: Message) -> Path:
@@ -91,9 +82,6 @@ def _unpack(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     cfg, method, pid, vector, data, hist = _unpack(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    fault = _injected_fault(pid)
-    if fault == "raise":
-        raise RuntimeError(f"{FAULT_ENV}: partition {pid} fails on purpose")
     ledger = None
     if cfg.dp != "off":  # refuses a round at or below one already released, before any training
         ledger = PrivacyLedger(_state_dir(cfg, msg), pid, ledger_params(cfg))
@@ -107,9 +95,6 @@ def train(msg: Message, context: Context) -> Message:
         elif cfg.dp == "statistics" and not had_statistics:
             ledger.record(server_round, "statistics", result.record.epsilon_spent)
     payload = result.payload
-    if fault == "corrupt":
-        payload = payload.copy()
-        payload[-1] ^= 0xFF
     save_client_state(msg, context, cfg, pid, server_round, result.record)
     log.info("client %d round %d: %d bytes up", pid, server_round, payload.nbytes)
     content = RecordDict({
