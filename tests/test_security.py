@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tools import security_probe as sp
+from prism_flwr.federated.aggregation import AggregationError
 from prism_flwr.storage.checkpoint import (CheckpointError, RunLock, RunLocked, check_resume_config, checkpoint_files,
                                    find_run_dir, load_checkpoint, new_run_dir, point_latest,
                                    save_checkpoint)
@@ -70,15 +71,20 @@ def test_client_metrics_never_overwrite_record_fields():
 
 
 def test_a_failing_combine_skips_the_round_instead_of_ending_the_run():
+    """Input-caused (AggregationError, a non-finite aggregate): skipped. Anything else is a bug
+    and ends the run (tests/test_round_outcome.py)."""
     s = sp.make_mada([1, 2])
-    s.combine = lambda *a: (_ for _ in ()).throw(FloatingPointError("boom"))
+    s.combine = lambda *a: (_ for _ in ()).throw(AggregationError("boom"))
     rng = np.random.default_rng(1)
     arrays, metrics = s.aggregate_train(1, [sp._good(rng, 1)[0], sp._good(rng, 2)[0]])
     assert arrays is None and metrics is None
     rec = s.round_records[1]
-    assert rec["skipped"] and "FloatingPointError: boom" in rec["aggregation_error"]
+    assert rec["skipped"] and "boom" in rec["aggregation_error"]
     s.combine = lambda rnd, p, w: (np.full(sp.N, np.nan, np.float32), {})
     assert s.aggregate_train(1, [sp._good(rng, 1)[0], sp._good(rng, 2)[0]]) == (None, None)
+    s.combine = lambda *a: (_ for _ in ()).throw(FloatingPointError("boom"))
+    with pytest.raises(FloatingPointError):
+        s.aggregate_train(1, [sp._good(rng, 1)[0], sp._good(rng, 2)[0]])
 
 
 def test_num_examples_and_histogram_bounds():
