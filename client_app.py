@@ -20,7 +20,6 @@ runner and the benchmarks call); this file only moves records:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +46,6 @@ app = ClientApp()
 log = logging.getLogger("prism.client")
 STATE_KEY = "prism-client"
 HELD_KEY = "prism-downlink"  # context.state: the last global this node rebuilt (downlink = "delta")
-# Testing hook for failure drills: PRISM_FAULT_INJECTION="raise=1 corrupt=2" makes partition 1
-# raise in every training round and partition 2 upload a mask with a flipped payload byte.
-FAULT_ENV = "PRISM_FAULT_INJECTION"
-
-
-def _injected_fault(pid: int) -> str | None:
-    faults = dict(item.split("=") for item in os.environ.get(FAULT_ENV, "").split())
-    return next((kind for kind, target in faults.items() if int(target) == pid), None)
 
 
 def _state_dir(cfg: RunConfig, msg: Message) -> Path:
@@ -128,9 +119,6 @@ def _held_record(cfg: RunConfig, method, vector: np.ndarray) -> dict:
 def train(msg: Message, context: Context) -> Message:
     cfg, method, pid, vector, data, hist = _unpack(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    fault = _injected_fault(pid)
-    if fault == "raise":
-        raise RuntimeError(f"{FAULT_ENV}: partition {pid} fails on purpose")
     ledger = None
     if cfg.dp != "off":  # refuses a round at or below one already released, before any training
         ledger = PrivacyLedger(_state_dir(cfg, msg), pid, ledger_params(cfg))
@@ -144,9 +132,6 @@ def train(msg: Message, context: Context) -> Message:
         elif cfg.dp == "statistics" and not had_statistics:
             ledger.record(server_round, "statistics", result.record.epsilon_spent)
     payload = result.payload
-    if fault == "corrupt":
-        payload = payload.copy()
-        payload[-1] ^= 0xFF
     save_client_state(msg, context, cfg, pid, server_round, result.record)
     log.info("client %d round %d: %d bytes up", pid, server_round, payload.nbytes)
     content = RecordDict({
@@ -173,12 +158,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 # The protocol's steps (strategies/secagg.py): keys, shares, the masked vector (end of train),
 # unmasking. The secrets between steps stay in context.state; a step that cannot go on raises,
 # which makes this node a dropout of the round for the server.
-def _secagg_fault(context: Context, step: str) -> None:
-    pid = int(context.node_config["partition-id"])
-    if _injected_fault(pid) == f"secagg-{step}":
-        raise RuntimeError(f"{FAULT_ENV}: partition {pid} fails on purpose in the secagg {step} step")
-
-
 def _kept(context: Context) -> ConfigRecord:
     kept = context.state.config_records.get(SECAGG_STATE_KEY)
     if kept is None:
@@ -188,7 +167,6 @@ def _kept(context: Context) -> ConfigRecord:
 
 @app.query("secagg_advertise")
 def secagg_advertise(msg: Message, context: Context) -> Message:
-    _secagg_fault(context, "advertise")
     kept, reply = client_advertise(msg.content, msg.metadata.dst_node_id)
     context.state[SECAGG_STATE_KEY] = kept
     return Message(content=reply, reply_to=msg)
@@ -196,7 +174,6 @@ def secagg_advertise(msg: Message, context: Context) -> Message:
 
 @app.query("secagg_share")
 def secagg_share(msg: Message, context: Context) -> Message:
-    _secagg_fault(context, "share")
     kept, reply = client_share(msg.content, _kept(context))
     context.state[SECAGG_STATE_KEY] = kept
     return Message(content=reply, reply_to=msg)
@@ -209,13 +186,11 @@ def secagg_train_reply(msg: Message, context: Context, cfg: RunConfig, vector, p
     x = own_mask(payload, vector, layout_fingerprint(model))
     kept, records = client_mask(msg.content, _kept(context), x)
     context.state[SECAGG_STATE_KEY] = kept
-    _secagg_fault(context, "masked")
     return RecordDict({**records, METRICS_KEY: MetricRecord(metrics)})
 
 
 @app.query("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    _secagg_fault(context, "unmask")
     reply = client_unmask(msg.content, _kept(context))
     del context.state[SECAGG_STATE_KEY]  # spent: a second request finds nothing
     return Message(content=reply, reply_to=msg)

@@ -1,13 +1,13 @@
 """PRISM ServerApp: run MADA rounds, evaluate, checkpoint, export the sparse model.
 
 Every run writes into its own folder ``output-dir/<start time>-run<Flower run id>-<random>/``
-(``output-dir/latest`` points at the newest), locked for the run's lifetime so two runs never
-share files (``prism_flwr/storage/checkpoint.py``): ``checkpoint-<round>.ckpt`` (every round, atomic,
-pickle-free, the last 3 kept), ``history.json`` (one record per round), ``samples/round-XXXX.png``
-(every evaluation), ``model.prism`` (final sparse model), ``samples.png`` (final grid) and
-``summary.json``. ``resume=true`` continues the run folder ``resume-run`` (default: ``latest``)
-from its newest readable checkpoint, and refuses one trained under a run config that differs in
-anything that changes the model or its privacy.
+(``output-dir/latest`` points at the newest once its first checkpoint is written), locked for the
+run's lifetime so two runs never share files (``prism_flwr/storage/checkpoint.py``):
+``checkpoint-<round>.ckpt`` (every round, atomic, pickle-free, the last 3 kept), ``history.json``
+(one record per round), ``samples/round-XXXX.png`` (every evaluation), ``model.prism`` (final
+sparse model), ``samples.png`` (final grid) and ``summary.json``. ``resume=true`` continues the
+run folder ``resume-run`` (default: ``latest``) from its newest readable checkpoint, and refuses
+one trained under a run config that differs in anything that changes the model or its privacy.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _fmt(record: dict) -> str:
     """One progress line per round."""
     parts = [f"[round {record['round']}] clients {record['clients']}/{record['asked']}"]
     if record["skipped"]:
-        parts.append("SKIPPED (too few valid masks)")
+        parts.append(f"SKIPPED ({record.get('skip_reason') or 'reason not recorded'})")
     else:
         parts.append(f"up {record['uplink_bytes'] / 1e3:.1f} kB ({record['uplink_bits_per_weight']:.5f} bit/w)")
         parts.append(f"down {record['downlink_bytes'] / 1e6:.2f} MB")
@@ -131,6 +131,8 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
                                   "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True),
                                   "aggregator": strategy.state_dict()})
         write_text_atomic(run_dir / "history.json", json.dumps(history, indent=1))
+        if local_round == 0 and not cfg.resume:
+            point_latest(out, run_dir)  # only now: a run that failed before this leaves latest as it was
         if "eval" in record:
             plot_history(history, run_dir / "history.png")
         return MetricRecord(record["eval"]) if "eval" in record else None

@@ -11,7 +11,9 @@
   node, a reply from a node not asked) drops that reply with the reason in the round record and
   the log; it never ends the ServerApp;
 - a round with fewer than ``min_train_nodes`` valid replies is skipped (``None`` keeps the global
-  arrays as they were); so is a round whose aggregation raises or gives a non-finite vector;
+  arrays as they were); so is a round whose aggregation raises ``AggregationError`` (caused by its
+  input, e.g. a non-finite aggregate); the reason goes into the record (``skip_reason``). Any
+  other exception in aggregation is a bug and ends the run;
 - one record per round for ``history.json`` (``round_records``): clients, drops, wire bytes; client
   metrics averaged by (bounded) ``num-examples`` under ``client_metrics`` (and ``loss``), per-client
   values kept per node, so no client-chosen name can overwrite a field of the record.
@@ -31,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg
 from prism_flwr.config import RunConfig
 from prism_flwr.federated.broadcast import DIGEST_CHARS, DOWNLINK_KEY, DOWNLINKS, Downlink, NodeCopies, digest
 from prism_flwr.federated.methods import Method
+from prism_flwr.federated.aggregation import AggregationError
 from prism_flwr.federated.records import METRICS_KEY
 
 from .replies import (EVALUATE_METRICS, MAX_EXAMPLES, TRAIN_METRICS, Metric, ReplyRejected, Screened,
@@ -106,6 +109,7 @@ class RecordingFedAvg(FedAvg):
         """The strategy for run config ``cfg``: ``kwargs`` (the shared keywords) plus whatever of
         ``cfg``, the model ``layout`` and the checkpointed ``state`` this class needs."""
         return cls(**kwargs)
+        self.round_nodes: list = []  # senders of the payloads handed to ``combine``, in order
 
     @property
     def max_upload_bytes(self) -> int:
@@ -230,6 +234,7 @@ class RecordingFedAvg(FedAvg):
     # ------------------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
+        replies = list(replies)  # every reply crossed the wire, the dropped ones too
         screened = screen(replies, self._check_train, self._asked_nodes, f"round {rnd}")
         self._settle_copies(screened)
         accepted = [msg for _, msg, _ in screened.accepted]
@@ -243,10 +248,11 @@ class RecordingFedAvg(FedAvg):
                   "downlink_bits_per_weight": 8 * float(np.mean(self._sent)) / self.num_weights
                   if asked else None}
         # The same, counted as Flower serialises the messages (strategies/wire.py): per client and round.
-        up_wire = _wire_bytes(accepted) if accepted else None
+        # Every reply crossed the wire, the dropped ones too.
+        up_wire = _wire_bytes(replies) if replies else None
         if up_wire is not None:
             record["uplink_wire_bytes"] = up_wire
-            record["wire_bits_per_weight_up"] = 8 * up_wire / len(accepted) / self.num_weights
+            record["wire_bits_per_weight_up"] = 8 * up_wire / len(replies) / self.num_weights
         if self._down_wire is not None and asked:
             record["downlink_wire_bytes"] = self._down_wire
             record["wire_bits_per_weight_down"] = 8 * self._down_wire / asked / self.num_weights
@@ -255,13 +261,15 @@ class RecordingFedAvg(FedAvg):
             return self._skip(record, f"{len(payloads)} valid replies, min-train-nodes is {self.min_train_nodes}")
 
         weights = np.array([m["num-examples"] for m in metrics], dtype=np.float64)
+        self.round_nodes = nodes  # the senders of ``payloads``, in order
         try:
             new, extra = self.combine(rnd, payloads, weights)
             new = self.check_aggregate(np.asarray(new))
-        except Exception as err:  # noqa: BLE001 - keep the global state rather than end the run
+        except AggregationError as err:  # caused by this round's input: keep the global state
             log(ERROR, "round %d: aggregation failed: %s", rnd, reason(err))
             record["aggregation_error"] = reason(err)
-            return self._skip(record, "aggregation failed")
+            return self._skip(record, f"aggregation failed: {reason(err)}")
+        self.round_applied()
         agg = _weighted_metrics(metrics, weights)
         record["client_metrics"] = agg
         record["loss"] = agg.get("loss")
@@ -275,13 +283,19 @@ class RecordingFedAvg(FedAvg):
 
     def check_aggregate(self, new: np.ndarray) -> np.ndarray:
         """The new global state; raises when it is not a finite vector like this round's."""
-        if new.shape != self._global.shape or new.dtype != self._global.dtype or not np.isfinite(new).all():
-            raise ValueError(f"aggregate is {new.dtype} {new.shape} and must be finite "
-                             f"{self._global.dtype} {self._global.shape}")
+        if new.shape != self._global.shape or new.dtype != self._global.dtype:
+            raise AggregationError(f"aggregate is {new.dtype} {new.shape}, expected "
+                                   f"{self._global.dtype} {self._global.shape}")
+        if not np.isfinite(new).all():
+            raise AggregationError(f"aggregate holds {int((~np.isfinite(new)).sum())} non-finite values")
         return new
+
+    def round_applied(self) -> None:
+        """Called once this round's aggregate is accepted (a subclass keeps state it proposed)."""
 
     def _skip(self, record: dict, why: str) -> tuple[None, None]:
         record["skipped"] = True
+        record["skip_reason"] = why
         log(WARNING, "round %d skipped: %s; global state unchanged", record["round"], why)
         return None, None
 

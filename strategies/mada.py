@@ -63,6 +63,7 @@ class MADA(RecordingFedAvg):
         if aggregator_state is not None:
             self.aggregator.load_state_dict(aggregator_state)
         self._coding = None  # codec.MaskModel of the scores sent this round
+        self._proposed = None  # this round's AggregateResult, its rule state kept once the round applies
 
     @classmethod
     def from_config(cls, cfg, *, layout, state, **kwargs):
@@ -82,6 +83,9 @@ class MADA(RecordingFedAvg):
         self._coding = mask_model(self._global)
         return messages
 
+    def round_applied(self) -> None:
+        self.aggregator.commit(self._proposed)
+
     def summary(self) -> None:
         log(INFO, "\t├──> PRISM aggregation: %s (MADA space: %s), %d masked weights, downlink %s",
             self.rule, self.space, self.num_weights, self.downlink.name)
@@ -99,21 +103,25 @@ class MADA(RecordingFedAvg):
         extra = {}
         if self.robust is not None:  # duplicates and Hamming outliers dropped, votes trimmed per weight
             counts, k, info = robust_counts(payloads, self._coding.grouped_bits, **self.robust)
-            res = self.aggregator.step(self._global, self._coding.ungroup_counts(counts), k,
-                                       rng=np.random.default_rng([self.seed, rnd]))
+            res = self.aggregator.propose(self._global, self._coding.ungroup_counts(counts), k,
+                                          rng=np.random.default_rng([self.seed, rnd]))
             extra = {"robust_dropped_duplicates": len(info.duplicates), "robust_dropped_outliers": len(info.outliers),
                      "robust_trim": info.trim}
+            # which masks, by sender and reason (a list: kept out of the MetricRecord)
+            self.round_records[rnd]["robust_dropped"] = info.dropped(self.round_nodes)
         else:
-            res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd, self._coding)
+            res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd,
+                                self._coding, commit=False)
         return self._settle(rnd, res, extra)
 
     def step_counts(self, rnd: int, counts: np.ndarray, k: int) -> tuple[np.ndarray, dict]:
         """The round's rule on per-weight counts of ones over ``k`` masks (secure aggregation's
         result), with the same server randomness as ``combine``."""
-        res = self.aggregator.step(self._global, counts, k, rng=np.random.default_rng([self.seed, rnd]))
+        res = self.aggregator.propose(self._global, counts, k, rng=np.random.default_rng([self.seed, rnd]))
         return self._settle(rnd, res, {})
 
     def _settle(self, rnd: int, res, extra: dict) -> tuple[np.ndarray, dict]:
+        self._proposed = res  # its rule state is kept once the round applies (round_applied)
         lam = None if np.isnan(res.mada_lambda) else res.mada_lambda
         scores = self.downlink.settle(res.scores, np.random.default_rng([self.seed, rnd, 8]))
         return scores, {"mada_lambda": lam, **res.diagnostics, **extra}

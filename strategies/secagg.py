@@ -27,6 +27,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 
+from prism_flwr.federated.aggregation import AggregationError
 from prism_flwr.federated.secure_sum import secagg_parameters
 from prism_flwr.secagg import (
     ClientState, EncryptedShare, KeyAdvert, MaskedInput, RoundParams, RoundSkipped, SecAggError,
@@ -340,6 +341,12 @@ class SecAggMADA(MADA):
         return masked, metrics, nbytes
 
     def combine(self, rnd: int, payloads: list, weights: np.ndarray) -> tuple[np.ndarray, dict]:
+        try:
+            return self._combine(rnd, payloads)
+        except SecAggError as err:  # too few survivors, shares or contributors: the round is skipped
+            raise AggregationError(str(err)) from None
+
+    def _combine(self, rnd: int, payloads: list) -> tuple[np.ndarray, dict]:
         server, request = collect_masked(self._server, payloads)
         ask = {u: RecordDict({SECAGG_KEY: request_record(request)}) for u in request.survivors}
         result = finish(server, self._exchange(UNMASK, ask, "unmask", read_unmask))
@@ -359,10 +366,8 @@ class SecAggMADA(MADA):
         record["secagg"] = {"dropped": notes["dropped"], "refused": notes["refused"],
                             "bits": self._server.params.bits if self._server else None,
                             "uplink_wire_bytes": notes["up"], "downlink_wire_bytes": notes["down"]}
-        if "skip" in notes:
+        if "skip" in notes:  # the setup failed: no training message went out
             record["skip_reason"] = notes["skip"]
-        elif record["skipped"]:
-            record["skip_reason"] = record.get("aggregation_error", "too few valid replies")
         # every message of the round, both ways, in the wire counts
         record["uplink_wire_bytes"] = record.get("uplink_wire_bytes", 0) + notes["up"]
         record["downlink_wire_bytes"] = (record.get("downlink_wire_bytes") or 0) + notes["down"]

@@ -179,3 +179,56 @@ def test_beta_posterior_with_forgetting_by_hand():
 def test_aggregator_refuses_an_unknown_rule():
     with pytest.raises(ValueError, match="aggregation must be one of"):
         Aggregator("median")
+
+
+# --- mada-change's noise estimate against a Monte-Carlo truth ---
+
+from prism_flwr.federated.aggregation import EPS, vote_noise  # noqa: E402
+
+
+def _noise_by_sampling(q: np.ndarray, rounds: int, rng: np.random.Generator) -> tuple[float, float]:
+    """(Monte-Carlo variance of theta_agg per weight, mean of vote_noise) for clients voting
+    with probabilities ``q`` (clients x weights), over ``rounds`` independent rounds."""
+    k = q.shape[0]
+    thetas, estimates = [], []
+    for _ in range(rounds):
+        theta = smoothed_mean((rng.random(q.shape) < q).sum(0), k)
+        thetas.append(theta.astype(np.float64))
+        estimates.append(vote_noise(theta, k))
+    return float(np.mean(np.var(thetas, axis=0, ddof=1))), float(np.mean(estimates))
+
+
+def test_vote_noise_is_unbiased_for_clients_that_share_theta():
+    rng = np.random.default_rng(0)
+    q = np.repeat(rng.beta(0.5, 0.5, (1, 2000)), 4, axis=0)
+    truth, estimate = _noise_by_sampling(q, 300, rng)
+    assert estimate == pytest.approx(truth, rel=0.03)
+
+
+def test_vote_noise_with_heterogeneous_clients_is_too_large_by_their_disagreement():
+    """4 clients with their own theta: the estimate is the truth plus (1 - 2 eps)^2 s_q^2 / (K - 1),
+    as the module docstring says; far from unbiased."""
+    rng = np.random.default_rng(1)
+    q = rng.beta(0.5, 0.5, (4, 2000))
+    truth, estimate = _noise_by_sampling(q, 300, rng)
+    scale = (1 - 2 * EPS) ** 2
+    assert truth == pytest.approx(scale * np.mean(q * (1 - q)) / 4, rel=0.03)
+    assert estimate == pytest.approx(truth + scale * np.mean(q.var(axis=0)) / 3, rel=0.03)
+    assert estimate > 1.5 * truth
+
+
+def test_vote_noise_is_unbiased_for_clients_sampled_from_a_population():
+    """Each round 4 clients drawn at random from 40 heterogeneous ones take part: the noise
+    around the population's mean vote (the target then) is what vote_noise estimates."""
+    rng = np.random.default_rng(2)
+    population = rng.beta(0.5, 0.5, (40, 1000))
+    thetas, estimates = [], []
+    for _ in range(400):
+        q = population[rng.integers(0, 40, 4)]
+        theta = smoothed_mean((rng.random(q.shape) < q).sum(0), 4).astype(np.float64)
+        thetas.append(theta)
+        estimates.append(vote_noise(theta, 4))
+    mean_vote = EPS + (1 - 2 * EPS) * population.mean(0)
+    truth = float(np.mean((np.array(thetas) - mean_vote) ** 2))
+    assert float(np.mean(estimates)) == pytest.approx(truth, rel=0.05)
+    assert np.isnan(vote_noise(smoothed_mean(np.array([1]), 1), 1))  # one vote: no estimate

@@ -67,3 +67,20 @@ def test_non_finite_data_is_caught_once_per_round():
     with pytest.raises(NonFiniteError):
         train_local(model, PixelFeatures(), data, TrainSettings(steps=10, objective="mmd"), ClientState(),
                     torch.Generator(device="cuda").manual_seed(0), cuda_graph=True)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_graph_round_shorter_than_the_warmup_runs_eagerly(steps):
+    a, sa = _train(True, seed=2, steps=steps)
+    b, sb = _train(True, seed=2, steps=steps)
+    assert torch.isfinite(sa).all() and torch.equal(sa, sb) and a == b
+
+
+def test_graph_round_draws_from_the_data_device_generator():
+    """Seeded through the data's device: advancing the current device's default generator
+    between two runs of one seed changes nothing."""
+    a, sa = _train(True, seed=9, steps=6)
+    torch.cuda.manual_seed(12345)
+    torch.rand(10, device="cuda")
+    b, sb = _train(True, seed=9, steps=6)
+    assert torch.equal(sa, sb) and a == b

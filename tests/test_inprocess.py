@@ -1,6 +1,7 @@
 """The in-process runner is the Flower app without Flower: same rounds, same numbers.
 
-One tiny configuration runs through `flwr run` (Ray simulation, 2 clients, 2 rounds) and through
+One tiny configuration, under ``mada`` (whose lambda comes from the server's Bernoulli sampling
+stream) and ``mada-change``, runs through `flwr run` (Ray simulation, 2 clients, 2 rounds) and through
 ``prism_flwr.federated.inprocess.run``: every round's loss, lambda and its diagnostics agree, because both
 call the same client round (``client_round``) and the same server step (``combine_masks``) with
 the same seeds. Also a smoke run of the GPU benchmark and the aggregation study at their tiny
@@ -28,24 +29,34 @@ def _history(out: Path) -> list[dict]:
     return json.loads(path.read_text())
 
 
-def test_inprocess_run_matches_flwr_run(data_dir: Path, tmp_path: Path) -> None:
-    keys = dict(item.split("=") for item in TINY.split())
-    keys.update({"num-server-rounds": "2", "eval-every": "2", "fraction-evaluate": "0.0", "aggregation": "'mada-change'"})
-    out = tmp_path / "out"
-    config = " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
-    with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps)
-        assert sim.run(config, nodes=2)["status"] == "finished:completed", sim.logs_tail()
-    procs.assert_gone(ps.pids)
-    flower = [r for r in _history(out) if r["round"] >= 1]
+RULES = ("mada", "mada-change")  # mada: the server's Bernoulli sampling stream; mada-change: none
 
-    cfg = RunConfig.parse({**{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
-                           "data-dir": str(data_dir), "output-dir": str(tmp_path / "unused")})
-    local = inprocess.run(cfg, 2)[1:]
-    assert len(flower) == len(local) == 2
-    for f, l in zip(flower, local):
-        for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):
-            assert f[key] == pytest.approx(l[key], rel=1e-6, abs=1e-9), (key, f, l)
+
+def test_inprocess_run_matches_flwr_run(data_dir: Path, tmp_path: Path) -> None:
+    configs = {}
+    for rule in RULES:
+        keys = dict(item.split("=") for item in TINY.split())
+        keys.update({"num-server-rounds": "2", "eval-every": "2", "fraction-evaluate": "0.0",
+                     "aggregation": f"'{rule}'"})
+        configs[rule] = keys
+    with procs.Processes() as ps:
+        sim = Simulation(tmp_path, ps)  # one SuperLink, one `flwr run` per rule
+        for rule, keys in configs.items():
+            out = tmp_path / f"out-{rule}"
+            config = (" ".join(f"{k}={v}" for k, v in keys.items())
+                      + f" output-dir='{out}' data-dir='{data_dir}'")
+            assert sim.run(config, nodes=2)["status"] == "finished:completed", sim.logs_tail()
+    procs.assert_gone(ps.pids)
+
+    for rule, keys in configs.items():
+        flower = [r for r in _history(tmp_path / f"out-{rule}") if r["round"] >= 1]
+        cfg = RunConfig.parse({**{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
+                               "data-dir": str(data_dir), "output-dir": str(tmp_path / "unused")})
+        local = inprocess.run(cfg, 2)[1:]
+        assert len(flower) == len(local) == 2
+        for f, l in zip(flower, local):
+            for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):
+                assert f[key] == pytest.approx(l[key], rel=1e-6, abs=1e-9), (rule, key, f, l)
 
 
 def test_bench_gpu_tiny_prints_its_table() -> None:

@@ -59,6 +59,10 @@ def test_robust_counts_by_hand():
     assert info.distances == [0.0, 6 / 8, 1 / 8, 1 / 8, 1 / 8]
     assert k == 2 and counts.tolist() == [2, 2, 0, 0, 0, 0, 0, 0]
     assert info.record() == {"robust_dropped_duplicates": [4], "robust_dropped_outliers": [1], "robust_trim": 1}
+    # which masks were dropped and why, named by their senders
+    assert info.dropped(["a", "b", "c", "d", "e", "f"]) == [
+        {"node": "b", "reason": "Hamming distance 0.7500 to the majority vote, above the cut-off 0.1550"},
+        {"node": "e", "reason": "same mask as node b (duplicate)"}]
 
 
 def test_robust_counts_off_is_count_ones_of_distinct_masks():

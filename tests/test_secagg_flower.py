@@ -170,6 +170,7 @@ def _flower_config(out: Path, data_dir: Path, **extra) -> tuple[dict, str]:
 def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
     from prism_flwr.federated import inprocess
     from tests.test_inprocess import _history
+    from tests.support.fault_client_app import fault_app_dir
     from tests.test_simulation import Simulation
 
     out = tmp_path / "out"
@@ -193,12 +194,14 @@ def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_p
 def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Path, tmp_path: Path) -> None:
     """Four clients (t = 2), one raising in the share step: the round sums the other three (the
     strategy tests above check the sum is exact) and the run completes."""
+    from tests.support.fault_client_app import fault_app_dir
     from tests.test_simulation import Simulation
 
     out = tmp_path / "out"
     _, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})
     with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps, extra_env={"PRISM_FAULT_INJECTION": "secagg-share=1"})
+        sim = Simulation(tmp_path, ps, extra_env={"PRISM_FAULT_INJECTION": "secagg-share=1"},
+                         app=fault_app_dir(tmp_path / "app"))
         assert sim.run(config, nodes=4)["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
     (rec,) = [r for r in json.loads((out / "latest" / "history.json").read_text()) if r["round"] >= 1]

@@ -16,8 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tools import security_probe as sp
+from prism_flwr.federated.aggregation import AggregationError
 from prism_flwr.storage.checkpoint import (CheckpointError, RunLock, RunLocked, check_resume_config, checkpoint_files,
-                                   find_run_dir, load_checkpoint, new_run_dir, save_checkpoint)
+                                   find_run_dir, load_checkpoint, new_run_dir, point_latest,
+                                   save_checkpoint)
 from prism_flwr.storage.client_state import (ClientRecord, LedgerError, PrivacyLedger, StateError, client_state_dir,
                                      read_latest_state_file, validate_run_tag, write_state_file)
 from prism_flwr.config import RunConfig
@@ -69,15 +71,20 @@ def test_client_metrics_never_overwrite_record_fields():
 
 
 def test_a_failing_combine_skips_the_round_instead_of_ending_the_run():
+    """Input-caused (AggregationError, a non-finite aggregate): skipped. Anything else is a bug
+    and ends the run (tests/test_round_outcome.py)."""
     s = sp.make_mada([1, 2])
-    s.combine = lambda *a: (_ for _ in ()).throw(FloatingPointError("boom"))
+    s.combine = lambda *a: (_ for _ in ()).throw(AggregationError("boom"))
     rng = np.random.default_rng(1)
     arrays, metrics = s.aggregate_train(1, [sp._good(rng, 1)[0], sp._good(rng, 2)[0]])
     assert arrays is None and metrics is None
     rec = s.round_records[1]
-    assert rec["skipped"] and "FloatingPointError: boom" in rec["aggregation_error"]
+    assert rec["skipped"] and "boom" in rec["aggregation_error"]
     s.combine = lambda rnd, p, w: (np.full(sp.N, np.nan, np.float32), {})
     assert s.aggregate_train(1, [sp._good(rng, 1)[0], sp._good(rng, 2)[0]]) == (None, None)
+    s.combine = lambda *a: (_ for _ in ()).throw(FloatingPointError("boom"))
+    with pytest.raises(FloatingPointError):
+        s.aggregate_train(1, [sp._good(rng, 1)[0], sp._good(rng, 2)[0]])
 
 
 def test_num_examples_and_histogram_bounds():
@@ -123,6 +130,8 @@ def test_run_folders_latest_and_lock(tmp_path):
     a = new_run_dir(tmp_path, 7)
     b = new_run_dir(tmp_path, 8)
     assert a != b and a.parent == tmp_path and "run7" in a.name
+    assert not (tmp_path / "latest").exists()  # a run points latest at its folder once it has a checkpoint
+    point_latest(tmp_path, b)
     assert os.readlink(tmp_path / "latest") == b.name and find_run_dir(tmp_path) == b
     assert find_run_dir(tmp_path, a.name) == a
     for bad in ("../x", "a/b", "..", "x\n"):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support.fault_client_app import FAULT_ENV, fault_app_dir
 from tools import procs
 from tools.flowerkit import REPO, exe, flower_env, newest_run, write_connection
 from prism_flwr.storage.checkpoint import load_checkpoint
@@ -32,8 +33,9 @@ TINY = "local-steps=3 ngf=4 eval-samples=64 min-train-nodes=2 eval-feature-metri
 class Simulation:
     """A simulation SuperLink plus `flwr run` of this repository against it."""
 
-    def __init__(self, tmp: Path, ps: procs.Processes, extra_env: dict[str, str] | None = None) -> None:
-        self.home, self.logs = tmp / "flwr-home", tmp / "logs"
+    def __init__(self, tmp: Path, ps: procs.Processes, extra_env: dict[str, str] | None = None,
+                 app: Path = REPO) -> None:
+        self.home, self.logs, self.app = tmp / "flwr-home", tmp / "logs", app
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = {**flower_env(self.home), **(extra_env or {})}
         self.ps = ps
@@ -48,7 +50,8 @@ class Simulation:
 
     def start_run(self, run_config: str, nodes: int = 3) -> subprocess.Popen:
         n = len(list(self.logs.glob("run*.log")))
-        return self.ps.start([exe("flwr"), "run", str(REPO), "sim", "--stream", "--run-config", run_config,
+        return self.ps.start([exe("flwr"), "run", str(self.app), "sim", "--stream",
+                              "--run-config", run_config,
                               "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1"],
                              env=self.env, log_path=self.logs / f"run-{n}.log", cwd=self.home)
 
@@ -72,7 +75,8 @@ def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, 
     the other two, history shows both dropped with their reasons, the model loads and samples."""
     out = tmp_path / "out"
     with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps, extra_env={"PRISM_FAULT_INJECTION": "raise=1 corrupt=2"})
+        sim = Simulation(tmp_path, ps, extra_env={FAULT_ENV: "raise=1 corrupt=2"},
+                         app=fault_app_dir(tmp_path / "app"))  # the app behind a fault-injecting mod
         run = sim.run(f"num-server-rounds=2 eval-every=1 aggregation='mada' {TINY} output-dir='{out}' data-dir='{data_dir}'", nodes=4)
         assert run["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)

@@ -70,3 +70,83 @@ def test_non_finite_values_stop_the_round_with_a_clear_error():
         train_local(model, build_features("pixels"), data, TrainSettings(steps=3, objective="mmd"), ClientState(),
                     torch.Generator().manual_seed(0))
     assert not any(ch.isdigit() for ch in str(err.value))
+
+
+# --- the CUDA-graph round's schedule and seeding, checked without a GPU ---
+
+from contextlib import contextmanager  # noqa: E402
+
+import pytest  # noqa: E402
+
+from prism_flwr.model import training  # noqa: E402
+
+
+class _FakeStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeGraph:
+    """Capture runs the step once (as recording would), replay counts."""
+
+    def __init__(self):
+        self.replays = 0
+        _FakeGraph.made.append(self)
+
+    def replay(self):
+        self.replays += 1
+
+
+@contextmanager
+def _nothing(*args, **kwargs):
+    yield
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's stream and graph calls as no-ops, so ``_run_graphed`` runs on the CPU."""
+    _FakeGraph.made = []
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", _nothing)
+    monkeypatch.setattr(torch.cuda, "graph", _nothing)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    state = torch.default_generator.get_state()
+    yield _FakeGraph.made
+    torch.default_generator.set_state(state)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7])
+def test_graphed_round_of_any_length_runs_every_step_once(steps, fake_cuda):
+    calls = []
+
+    def step(gen):
+        assert gen is None  # a graphed step draws from the device's default generator
+        calls.append(len(calls))
+        return torch.tensor(float(len(calls)))
+
+    losses = torch.zeros(steps)
+    training._run_graphed(step, losses, torch.device("cpu"), torch.Generator().manual_seed(1234))
+    eager = min(steps, training.WARMUP_STEPS)
+    assert len(calls) == eager + (steps > eager)  # warm-up steps, plus one captured when replays follow
+    assert [g.replays for g in fake_cuda] == ([steps - eager] if steps > eager else [])
+    assert losses.tolist() == [float(i + 1) for i in range(eager)] + [float(eager + 1)] * (steps - eager)
+    assert training.graph_plan(steps) == (eager, steps - eager)
+
+
+def test_graphed_round_seeds_the_generator_of_the_data_device(fake_cuda):
+    training._run_graphed(lambda gen: torch.zeros(()), torch.zeros(5), torch.device("cpu"),
+                          torch.Generator().manual_seed(4321))
+    assert torch.default_generator.initial_seed() == 4321
+
+
+def test_device_generator_is_the_device_s_own(monkeypatch):
+    gens = (torch.Generator(), torch.Generator(), torch.Generator())
+    monkeypatch.setattr(torch.cuda, "default_generators", gens)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert training.device_generator(torch.device("cuda:2")) is gens[2]
+    assert training.device_generator(torch.device("cuda")) is gens[0]
+    assert training.device_generator(torch.device("cpu")) is torch.default_generator

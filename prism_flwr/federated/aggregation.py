@@ -5,6 +5,9 @@ weight, never a clients x weights matrix); the counts give the smoothed mean
 ``theta_agg = eps + (1 - 2 eps) c / K``, and the run's rule (``mean``, ``mada``, ``mada-change``,
 ``adam``, ``beta``) turns it into the next global scores. The rules, their formulas and why MADA's
 lambda is mostly sampling noise: docs/aggregation.md.
+A rule with state (``adam``, ``beta``) computes a round's new state without keeping it
+(``Aggregator.propose``); the caller keeps it (``Aggregator.commit``) once the round is applied.
+Input-caused failures raise ``AggregationError`` (the round is skipped); anything else is a bug.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ import numpy as np
 AGGREGATIONS = ("mada", "mean", "mada-change", "adam", "beta")
 MADA_SPACES = ("score", "probability")
 EPS = 0.01
+
+
+class AggregationError(ValueError):
+    """A round cannot be aggregated because of what it received (no masks, a non-finite or
+    undecodable aggregate): the round is skipped. Any other exception is a bug and ends the run."""
 
 
 def count_ones(packed_masks: Iterable[np.ndarray], count: int) -> tuple[np.ndarray, int]:
@@ -39,7 +47,7 @@ def count_ones(packed_masks: Iterable[np.ndarray], count: int) -> tuple[np.ndarr
 def smoothed_mean(counts: np.ndarray, k: int, eps: float = EPS) -> np.ndarray:
     """``theta_agg = eps + (1 - 2 eps) counts / k`` (float32)."""
     if k < 1:
-        raise ValueError("cannot aggregate zero masks")
+        raise AggregationError("cannot aggregate zero masks")
     return (eps + (1.0 - 2.0 * eps) * (counts.astype(np.float32) / np.float32(k))).astype(np.float32)
 
 
@@ -66,12 +74,21 @@ def lambda_diagnostics(theta_old: np.ndarray, theta_agg: np.ndarray) -> dict[str
             "theta_change_sq": float(np.mean((t - theta_agg.astype(np.float64)) ** 2))}
 
 
+def vote_noise(theta_agg: np.ndarray, k: int, eps: float = EPS) -> float:
+    """``(1 - 2 eps)^2 mean p (1 - p) / (k - 1)``: the variance of ``theta_agg`` if its ``k`` votes
+    were independent draws with one probability per weight (too large when clients differ: see
+    the module docstring); ``nan`` for ``k < 2``."""
+    if k < 2:
+        return float("nan")
+    p = (theta_agg.astype(np.float64) - eps) / (1.0 - 2.0 * eps)
+    return (1.0 - 2.0 * eps) ** 2 * float(np.mean(p * (1.0 - p))) / (k - 1)
+
+
 def change_lambda(theta_old: np.ndarray, theta_agg: np.ndarray, k: int, eps: float = EPS) -> float:
     """``clip(1 - sigma^2 / D, 0, 1)``: the share of the observed change that is not vote noise."""
     if k < 2:
         return 1.0
-    p = (theta_agg.astype(np.float64) - eps) / (1.0 - 2.0 * eps)
-    sigma2 = (1.0 - 2.0 * eps) ** 2 * float(np.mean(p * (1.0 - p))) / (k - 1)
+    sigma2 = vote_noise(theta_agg, k, eps)
     d = float(np.mean((theta_old.astype(np.float64) - theta_agg.astype(np.float64)) ** 2))
     return 1.0 if d <= 0.0 else float(np.clip(1.0 - sigma2 / d, 0.0, 1.0))
 
@@ -81,6 +98,7 @@ class AggregateResult:
     scores: np.ndarray      # s_{t+1}, float32
     mada_lambda: float      # the blend step (MADA's Hamming distance, or mada-change's gain); nan otherwise
     diagnostics: dict = field(default_factory=dict)  # lambda_diagnostics of the round
+    state: dict | None = None  # the rule's state after this round (adam, beta), kept by Aggregator.commit
 
 
 def aggregate(scores: np.ndarray, counts: np.ndarray, k: int, *, method: str = "mada",
@@ -119,31 +137,46 @@ class Aggregator:
         self.rule, self.space, self.eps = rule, space, eps
         self.state: dict[str, np.ndarray] = {}
 
-    def step(self, scores: np.ndarray, counts: np.ndarray, k: int, rng: np.random.Generator) -> AggregateResult:
+    def propose(self, scores: np.ndarray, counts: np.ndarray, k: int,
+                rng: np.random.Generator) -> AggregateResult:
+        """The round's result and the rule's state after it, without keeping that state."""
         if self.rule in ("mada", "mean", "mada-change"):
             return aggregate(scores, counts, k, method=self.rule, space=self.space, rng=rng, eps=self.eps)
         theta_agg = smoothed_mean(counts, k, self.eps)
         diag = lambda_diagnostics(sigmoid(scores), theta_agg)
         if self.rule == "adam":
-            return AggregateResult(self._adam(scores, logit(theta_agg)), float("nan"), diag)
-        return AggregateResult(self._beta(counts, k), float("nan"), diag)
+            new, state = self._adam(scores, logit(theta_agg))
+        else:
+            new, state = self._beta(counts, k)
+        return AggregateResult(new, float("nan"), diag, state)
 
-    def _adam(self, scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+    def commit(self, result: AggregateResult) -> None:
+        """Keep the state of a proposed round: call it once the round is applied."""
+        if result.state is not None:
+            self.state = result.state
+
+    def step(self, scores: np.ndarray, counts: np.ndarray, k: int,
+             rng: np.random.Generator) -> AggregateResult:
+        """``propose`` and ``commit``: for callers that apply every round they aggregate."""
+        result = self.propose(scores, counts, k, rng)
+        self.commit(result)
+        return result
+
+    def _adam(self, scores: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, dict]:
         h = self.ADAM
         d = (target - scores).astype(np.float32)
         m = self.state.get("m", np.zeros_like(d))
         v = self.state.get("v", np.zeros_like(d))
         m = (h["b1"] * m + (1 - h["b1"]) * d).astype(np.float32)
         v = (h["b2"] * v + (1 - h["b2"]) * d * d).astype(np.float32)
-        self.state = {"m": m, "v": v}
-        return (scores + h["eta"] * m / (np.sqrt(v) + h["tau"])).astype(np.float32)
+        return (scores + h["eta"] * m / (np.sqrt(v) + h["tau"])).astype(np.float32), {"m": m, "v": v}
 
-    def _beta(self, counts: np.ndarray, k: int) -> np.ndarray:
+    def _beta(self, counts: np.ndarray, k: int) -> tuple[np.ndarray, dict]:
         ones = counts.astype(np.float32)
         a = self.BETA_RHO * self.state.get("a", np.ones_like(ones)) + ones
         b = self.BETA_RHO * self.state.get("b", np.ones_like(ones)) + (k - ones)
-        self.state = {"a": a.astype(np.float32), "b": b.astype(np.float32)}
-        return logit(np.clip(a / (a + b), self.eps, 1 - self.eps).astype(np.float32))
+        theta = logit(np.clip(a / (a + b), self.eps, 1 - self.eps).astype(np.float32))
+        return theta, {"a": a.astype(np.float32), "b": b.astype(np.float32)}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.state.items()}
@@ -153,18 +186,20 @@ class Aggregator:
 
 
 def combine_masks(aggregator: "Aggregator", scores: np.ndarray, packed_masks: Iterable[np.ndarray], count: int,
-                  seed: int, rnd: int, coding=None) -> AggregateResult:
+                  seed: int, rnd: int, coding=None, *, commit: bool = True) -> AggregateResult:
     """A round on the server: count the valid masks' ones and apply the rule. The server's
     Bernoulli samples use ``default_rng([seed, rnd])``, so a round's result depends only on its
     inputs (a resumed run is bit-identical). ``coding``: the round's ``codec.MaskModel`` when the
     masks were decoded into its grouped layout (counted there, moved back to weight order once).
+    ``commit=False``: the rule's state is left for ``aggregator.commit`` once the round applies.
     Called by the MADA strategy and the in-process runner."""
     if coding is not None:
         counts, k = count_ones(packed_masks, coding.grouped_bits)
         counts = coding.ungroup_counts(counts)
     else:
         counts, k = count_ones(packed_masks, count)
-    return aggregator.step(scores, counts, k, rng=np.random.default_rng([seed, rnd]))
+    rng = np.random.default_rng([seed, rnd])
+    return aggregator.step(scores, counts, k, rng) if commit else aggregator.propose(scores, counts, k, rng)
 
 
 def mada_blend(scores: np.ndarray, theta_agg: np.ndarray, lam: float, space: str = "score") -> np.ndarray:

@@ -7,12 +7,14 @@ change: only ``scores`` are handed to the optimiser. With ``trainable = "weights
 FedAvg baseline) it is the other way round: the same network's weights train, no mask exists.
 
 The step loop never waits for the device: losses stay in a device tensor and finiteness (of the
-losses and of the trained parameters) is checked once, after the last step, before anything can
-be uploaded. On CUDA the step (sampling, forward, backward, Adam) is captured once per round in a
+losses and of the trained parameters) is checked once, after the last step, before anything can be
+uploaded. On CUDA the step (sampling, forward, backward, Adam) is captured once per round in a
 CUDA graph after ``WARMUP_STEPS`` eager steps and replayed for the rest, which removes the
-per-kernel launch cost that bounds a batch-64 step; latents, batches and masks then come from
-the device's default generator, seeded from ``generator``. The same seed on the same device
-gives the same result (cuDNN is asked for deterministic algorithms inside the loop).
+per-kernel launch cost that bounds a batch-64 step; latents, batches and masks then come from the
+default generator of the data's device (not of the current device), seeded from ``generator``. A
+round of at most ``WARMUP_STEPS`` steps runs them all eagerly, nothing captured. The same seed on
+the same device gives the same result (cuDNN is asked for deterministic algorithms inside the
+loop).
 """
 
 from __future__ import annotations
@@ -70,6 +72,21 @@ def real_feature_moments(features: nn.Module, data: torch.Tensor, batch: int = 2
 
 
 WARMUP_STEPS = 3  # eager steps (on a side stream) before a CUDA graph is captured
+
+
+def graph_plan(steps: int, warmup: int = WARMUP_STEPS) -> tuple[int, int]:
+    """``(eager steps, graph replays)`` for a graphed round of ``steps``: up to ``warmup`` eager
+    steps, then one captured step replayed for the rest (none captured when nothing is left)."""
+    eager = min(max(steps, 0), warmup)
+    return eager, max(steps, 0) - eager
+
+
+def device_generator(device: torch.device) -> torch.Generator:
+    """The default generator that random ops on ``device`` draw from when given none."""
+    if device.type != "cuda":
+        return torch.default_generator
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.default_generators[index]
 
 
 def train_local(model: nn.Module, features: nn.Module, data: torch.Tensor, settings: TrainSettings,
@@ -143,19 +160,22 @@ def train_local(model: nn.Module, features: nn.Module, data: torch.Tensor, setti
 
 
 def _run_graphed(step, losses: torch.Tensor, device: torch.device, generator: torch.Generator | None) -> None:
-    """``WARMUP_STEPS`` eager steps on a side stream, then one step captured and replayed."""
+    """Eager warm-up steps on a side stream, then one step captured and replayed (``graph_plan``)."""
     if generator is not None:
-        torch.cuda.manual_seed(generator.initial_seed())
+        device_generator(device).manual_seed(generator.initial_seed())
+    eager, replays = graph_plan(len(losses))
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for i in range(WARMUP_STEPS):
+        for i in range(eager):
             losses[i] = step(None)
     torch.cuda.current_stream(device).wait_stream(side)
+    if not replays:
+        return
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_loss = step(None)
-    for i in range(WARMUP_STEPS, len(losses)):
+    for i in range(eager, eager + replays):
         graph.replay()
         losses[i].copy_(static_loss)
 

@@ -6,7 +6,7 @@ Layout under ``output-dir``::
         .lock                           held (fcntl) by the ServerApp writing this folder
         checkpoint-000007.ckpt          the last KEEP checkpoints, pickle-free (prism_flwr/storage/blob.py)
         history.json, model.prism, ...
-    latest -> 20260101-120000-run1234-ab12cd
+    latest -> 20260101-120000-run1234-ab12cd    the newest run that has written its first checkpoint
 
 - every file is written to ``<name>.tmp``, fsynced and renamed over ``<name>``: a crash mid-write
   leaves the previous file intact (rename is atomic on POSIX filesystems);
@@ -99,7 +99,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 # --------------------------------------------------------------------------------- run folders
 def new_run_dir(output_dir: str | Path, run_id: int | str) -> Path:
-    """A fresh folder ``<time>-run<id>-<random>`` under ``output_dir``; ``latest`` points at it."""
+    """A fresh folder ``<time>-run<id>-<random>`` under ``output_dir``. ``latest`` is left alone:
+    the run points it here (``point_latest``) once it has a checkpoint, so a run that fails before
+    that never leaves ``latest`` on an empty folder."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = re.sub(r"[^0-9A-Za-z]", "", str(run_id))[:20] or "0"
@@ -110,7 +112,6 @@ def new_run_dir(output_dir: str | Path, run_id: int | str) -> Path:
             break
         except FileExistsError:
             continue
-    point_latest(out, folder)
     return folder
 
 
