@@ -27,6 +27,7 @@ from logging import ERROR, WARNING
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -98,6 +99,20 @@ def _clip(text: str, limit: int = 600) -> str:
     """A client cannot flood the history with its error text; the end (where a traceback names
     the exception) is kept."""
     return text if len(text) <= limit else f"{text[:150]} [...] {text[-(limit - 157):]}"
+
+
+# Flower's error codes (flwr.common.constant.ErrorCode) by number, for the log and history.json.
+_ERROR_NAMES = {code: name for name, code in vars(ErrorCode).items() if name.isupper() and isinstance(code, int)}
+
+
+def _error_text(msg: Message) -> str:
+    """An error reply as text: Flower's code name and the reason. CLIENT_APP_CRASHED is what a
+    node sends when its ClientApp process ended without replying (killed, e.g. out of memory)."""
+    try:
+        code = int(msg.error.code)
+        return f"{_ERROR_NAMES.get(code, 'error')} ({code}): {_clip(str(msg.error.reason))}"
+    except Exception:  # noqa: BLE001 - a malformed error is still only one dropped reply
+        return "error reply (unreadable)"
 
 
 def _reason(err: BaseException) -> str:
@@ -259,7 +274,8 @@ class RecordingFedAvg(FedAvg):
         for msg in list(replies):
             try:
                 if msg.has_error():
-                    dropped.append(f"node {_node(msg)}: {_clip(str(msg.error.reason))}")
+                    dropped.append(f"node {_node(msg)}: {_error_text(msg)}")
+                    log(WARNING, "round %d: node %s replied with an error: %s", rnd, _node(msg), _error_text(msg))
                     continue
                 payload, mr, size = self._check_reply(msg, nodes)
             except Exception as err:  # noqa: BLE001 - whatever one reply does, it only drops that reply
@@ -328,7 +344,9 @@ class RecordingFedAvg(FedAvg):
         for msg in list(replies):
             try:
                 if msg.has_error():
-                    dropped.append(f"node {_node(msg)}: {_clip(str(msg.error.reason))}")
+                    dropped.append(f"node {_node(msg)}: {_error_text(msg)}")
+                    log(WARNING, "round %d evaluation: node %s replied with an error: %s", rnd, _node(msg),
+                        _error_text(msg))
                     continue
                 self._check_node(msg, nodes)
                 extra = sorted(set(msg.content.keys()) - {METRICS_KEY})
