@@ -20,7 +20,8 @@
 #
 #   scripts/check-images.sh [--edge] [--cuda] [--arm64] [--keep] [--hub|--debian]
 # Environment: ENGINE (docker|podman), RUN_CONFIG, EDGE_CONFIG, OOM_MEMORY, TORCH_INDEX_URL,
-# WORK (scratch directory, default /var/tmp/prism-check-images), FMNIST (Fashion-MNIST idx files).
+# WORK (scratch directory, default /var/tmp/prism-check-images), FMNIST (Fashion-MNIST idx files),
+# CPU_SHARES (Podman on a busy cgroup-v1 host: the containers' CPU weight, see stage up).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,7 +53,7 @@ for arg in "$@"; do
         --keep) KEEP=1 ;;
         --hub) BASE=hub ;;
         --debian) BASE=debian ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -123,6 +124,7 @@ cleanup() {
         mapfile -t ids < <(E volume ls -q --filter "name=^$P-" 2>/dev/null)
         [ "${#ids[@]}" = 0 ] || E volume rm -f "${ids[@]}" >/dev/null 2>&1 || true
     fi
+    if [ -n "${OLD_SHARES:-}" ]; then echo "$OLD_SHARES" > "$SHARES_FILE" || true; fi
     report
     if [ "$rc" = 0 ]; then log "OK"; else log "exit status $rc"; fi
 }
@@ -134,9 +136,12 @@ trap 'exit 143' TERM
 # A build's pip must reach the package index the way this host's pip does. Local directories in
 # the host's pip configuration (file:// indexes, find-links, constraints, a proxy's CA bundle) are
 # mounted read-only into Podman builds at the same paths; Docker builds get the URLs only.
+# A file goes to the same path, or under $1 when given: a build that installs Debian's
+# ca-certificates cannot have the host's bundle mounted over /etc/ssl/certs/ca-certificates.crt.
 PIP_BUILD=()
 pip_settings() {
-    local key value path py
+    local files_at=${1:-} key value path py
+    PIP_BUILD=()
     py=$(command -v python3 || true)
     [ -n "$py" ] || return 0
     while IFS='=' read -r key value; do
@@ -154,7 +159,12 @@ pip_settings() {
                 local mount=$local_path
                 # a file:// "simple" index links to ../files: mount the folder above it
                 [ "$(basename "$local_path")" = simple ] && mount=$(dirname "$local_path")
-                PIP_BUILD+=(-v "$mount:$mount:ro")
+                if [ -f "$local_path" ] && [ -n "$files_at" ]; then
+                    path=$files_at/$key-$(basename "$local_path")
+                    PIP_BUILD+=(-v "$local_path:$path:ro")
+                else
+                    PIP_BUILD+=(-v "$mount:$mount:ro")
+                fi
             fi
             kept+=("$path")
         done
@@ -210,7 +220,6 @@ log "base: $BASE ($SUPEREXEC_IMAGE)"
 
 # --------------------------------------------------------------------------------- stage: build
 stage build
-pip_settings
 NET_BUILD=()
 [ "$ENGINE" = podman ] && NET_BUILD=(--network host)
 build() {  # build DOCKERFILE IMAGE [ARGS...]: a cached build is quick, so always run it
@@ -223,15 +232,18 @@ build() {  # build DOCKERFILE IMAGE [ARGS...]: a cached build is quick, so alway
 }
 mkdir -p "$WORK"
 if [ "$BASE" = debian ]; then
-    for target in superlink supernode superexec fleet-proxy python; do
+    # python and fleet-proxy use no pip (and install ca-certificates): built before the pip settings.
+    for target in python fleet-proxy superlink supernode superexec; do
         image=$SUPEREXEC_IMAGE
         case "$target" in
             superlink) image=$SUPERLINK_IMAGE ;; supernode) image=$SUPERNODE_IMAGE ;;
             fleet-proxy) image=$PROXY_IMAGE ;; python) image=$PYTHON_IMAGE ;;
         esac
+        [ "$target" = superlink ] && pip_settings
         build debian.Dockerfile "$image" --target "$target" --build-arg "DEBIAN_IMAGE=$DEBIAN_IMAGE"
     done
 fi
+pip_settings
 # The CPU torch index where it answers; otherwise PyPI's torch (on x86_64 a CUDA build, which
 # runs on the CPU too but makes the images several GB larger).
 if [ -z "${TORCH_INDEX_URL:-}" ]; then
@@ -289,6 +301,19 @@ done
 
 # ------------------------------------------------------------------------------------ stage: up
 stage up
+# On a busy cgroup-v1 host, Podman (cgroupfs) puts every container into ONE cgroup, libpod_parent,
+# weighted like ONE host process: with N busy processes elsewhere the whole federation gets 1/N of
+# the CPU, a ClientApp then needs more than 30 s to start, Flower's 30 s window for a task's first
+# heartbeat expires ("Runtime task-token authentication failed") and the task is relaunched again
+# and again. CPU_SHARES (e.g. 8192: one process's weight, 1024, per container) sets that weight for
+# the run; it is restored at the end.
+SHARES_FILE=/sys/fs/cgroup/cpu/libpod_parent/cpu.shares
+if [ -n "${CPU_SHARES:-}" ] && [ "$ENGINE" = podman ] && [ -d /sys/fs/cgroup/cpu ] && [ "$(id -u)" = 0 ]; then
+    mkdir -p "$(dirname "$SHARES_FILE")"
+    OLD_SHARES=$(cat "$SHARES_FILE")
+    echo "$CPU_SHARES" > "$SHARES_FILE"
+    log "libpod_parent cpu.shares $OLD_SHARES -> $CPU_SHARES (restored at the end)"
+fi
 # --internal: no route out of either network, so nothing in a container downloads at run time.
 E network create --internal "$P-control" >/dev/null
 E network create --internal "$P-fleet" >/dev/null
@@ -326,9 +351,10 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 }
 superlink_up() { flwr ls containers --format json | json_get 'd.get("success") is True' | grep -qx True; }
 wait_for 90 "SuperLink answers flwr ls" superlink_up
+declare -A NODE_ID=()
 for key in "${NODES[@]}"; do
-    flwr supernode register "/keys/$key.pub" containers --format json | json_get 'd.get("node-id", d)' \
-        | sed "s/^/registered $key: node /"
+    NODE_ID[$key]=$(flwr supernode register "/keys/$key.pub" containers --format json | json_get 'd["node-id"]')
+    log "registered $key: node ${NODE_ID[$key]}"
 done
 online() { flwr supernode ls containers --format json | json_get 'sum(n.get("status") == "online" for n in d.get("nodes", []))'; }
 wait_online() {  # wait_online N SECONDS: until exactly N SuperNodes are online
@@ -374,7 +400,7 @@ log "SuperNodes cannot resolve or reach the SuperLink directly"
 # ----------------------------------------------------------------------------------- stage: run
 submit() {  # submit RUN_CONFIG: flwr run, then the run's final status
     flwr run /src containers --stream --run-config "$1" > "$WORK/flwr-run.log" 2>&1 || true
-    tail -5 "$WORK/flwr-run.log"
+    tail -3 "$WORK/flwr-run.log" >&2
     flwr ls containers --format json | json_get 'max(d["runs"], key=lambda r: r["pending-at"])["status"]'
 }
 latest() { E exec "$P-serverapp" sh -c "cd $OUTPUTS/latest && $1"; }
@@ -440,8 +466,11 @@ if [ "$EDGE" = 1 ]; then
     t_start=$(date +%s.%N)
     start_edge edge supernode-edge 0 1g
     wait_online 2 180
-    startup=$(echo "$(date +%s.%N) - $t_start" | bc)
-    log "edge node (--cpus 1 --memory 1g) online after ${startup} s (container start to 'online' in flwr supernode ls)"
+    online_at=$(flwr supernode ls containers --format json \
+        | json_get "[n['online-at'] for n in d['nodes'] if n['node-id'] == '${NODE_ID[supernode-edge]}'][0]")
+    startup=$(echo "$(date -u -d "${online_at%Z}" +%s) - $t_start" | bc)
+    log "edge node (--cpus 1 --memory 1g) online ${startup} s after its container was started" \
+        "(the SuperLink's online-at, whole seconds: $online_at)"
     : > "$WORK/edge-stats.txt"; : > "$WORK/edge-rss.txt"
     mem_sampler "$P-edge" "$WORK/edge-stats.txt" & sampler=$!
     rss_sampler "$P-edge" "$WORK/edge-rss.txt" & rss=$!
@@ -480,6 +509,7 @@ if [ "$CUDA" = 1 ]; then
     stage cuda
     cuda_base=nvidia/cuda:12.8.1-base-ubuntu24.04
     [ "$BASE" = debian ] && cuda_base=$DEBIAN_IMAGE   # the torch wheels bring their CUDA runtime
+    pip_settings /opt/pip-build                       # its apt-get installs ca-certificates
     build clientapp-cuda.Dockerfile localhost/prism-flwr/clientapp:cuda --build-arg "CUDA_BASE=$cuda_base" \
         --build-arg TORCH_INDEX_URL=https://pypi.org/simple
     E run --rm --network none --entrypoint python localhost/prism-flwr/clientapp:cuda -c \
@@ -505,6 +535,7 @@ if [ "$ARM64" = 1 ]; then
             rm -rf "$rootfs"
         fi
     fi
+    pip_settings /opt/pip-build                       # the same build installs ca-certificates
     build debian.Dockerfile "localhost/prism-flwr/superexec:$FLWR_VERSION-arm64" --platform linux/arm64 \
         --target superexec --build-arg "DEBIAN_IMAGE=$arm_base"
     E run --rm --platform linux/arm64 --network none --entrypoint python "localhost/prism-flwr/superexec:$FLWR_VERSION-arm64" \
