@@ -405,7 +405,8 @@ submit() {  # submit RUN_CONFIG: flwr run, then the run's final status
 }
 latest() { E exec "$P-serverapp" sh -c "cd $OUTPUTS/latest && $1"; }
 history_rounds() {  # print one line per round of the newest run's history.json
-    latest "cat history.json" | json_get '"\n".join(f"round {r[\"round\"]}: clients {r[\"clients\"]}, dropped {r[\"dropped\"]}" for r in d if r["round"] >= 1)'
+    latest "cat history.json" \
+        | json_get "'\n'.join('round %d: clients %d, dropped %s' % (r['round'], r['clients'], r['dropped']) for r in d if r['round'] >= 1)"
 }
 stage run
 log "flwr run /src containers --run-config \"$RUN_CONFIG\""
