@@ -102,7 +102,8 @@ def _clip(text: str, limit: int = 600) -> str:
 
 
 # Flower's error codes (flwr.common.constant.ErrorCode) by number, for the log and history.json.
-_ERROR_NAMES = {code: name for name, code in vars(ErrorCode).items() if name.isupper() and isinstance(code, int)}
+_ERROR_NAMES = {code: name for name, code in vars(ErrorCode).items()
+                if name.isupper() and isinstance(code, int)}
 
 
 def _error_text(msg: Message) -> str:
@@ -275,7 +276,8 @@ class RecordingFedAvg(FedAvg):
             try:
                 if msg.has_error():
                     dropped.append(f"node {_node(msg)}: {_error_text(msg)}")
-                    log(WARNING, "round %d: node %s replied with an error: %s", rnd, _node(msg), _error_text(msg))
+                    log(WARNING, "round %d: node %s replied with an error: %s", rnd, _node(msg),
+                        _error_text(msg))
                     continue
                 payload, mr, size = self._check_reply(msg, nodes)
             except Exception as err:  # noqa: BLE001 - whatever one reply does, it only drops that reply

@@ -39,7 +39,8 @@ def test_app_images_default_to_flowers_base(name: str) -> None:
 
 def test_debian_stand_ins_cover_what_the_script_runs() -> None:
     """Every --target the script builds from docker/debian.Dockerfile exists there."""
-    stages = set(re.findall(r"^FROM \S+ AS (\S+)$", (REPO / "docker" / "debian.Dockerfile").read_text(), re.M))
+    dockerfile = (REPO / "docker" / "debian.Dockerfile").read_text()
+    stages = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.M))
     script = SCRIPT.read_text()
     loop = re.search(r"for target in ([a-z0-9 -]+); do", script)
     assert loop, "the script's loop over debian.Dockerfile targets moved"

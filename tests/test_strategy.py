@@ -120,8 +120,9 @@ def test_error_reply_of_a_crashed_clientapp_is_logged_and_the_round_goes_on():
     handler.emit = records.append  # type: ignore[method-assign]
     logging.getLogger("flwr").addHandler(handler)
     try:
-        arrays, _ = s.aggregate_train(1, [reply(1, encode_mask(mask(0), LAYOUT)), reply(2, encode_mask(mask(1), LAYOUT)),
-                                          reply(3, error="ClientApp stopped responding.", code=8)])
+        replies = [reply(1, encode_mask(mask(0), LAYOUT)), reply(2, encode_mask(mask(1), LAYOUT)),
+                   reply(3, error="ClientApp stopped responding.", code=8)]
+        arrays, _ = s.aggregate_train(1, replies)
     finally:
         logging.getLogger("flwr").removeHandler(handler)
     assert arrays is not None and s.round_records[1]["clients"] == 2
