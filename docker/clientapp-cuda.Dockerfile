@@ -23,6 +23,11 @@ ARG FLWR_VERSION=1.42.0
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=https://pypi.org/simple
+# pip settings for the build only (a local mirror, a proxy's CA); unset unless given.
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CONSTRAINT
+ARG PIP_CERT
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \

@@ -14,11 +14,19 @@
 #   docker run -d -v prism-data:/app/.cache/prism-flwr/data -v prism-outputs:/app/prism-flwr/outputs \
 #       prism-flwr/clientapp:cpu --insecure --runtime-api-address SUPERNODE_HOST:9094
 ARG FLWR_VERSION=1.42.0
-FROM flwr/superexec:${FLWR_VERSION}
+# BASE_IMAGE: Flower's image by default; where Docker Hub is out of reach, the Debian-built
+# stand-in from debian.Dockerfile (target superexec), as scripts/check-images.sh does.
+ARG BASE_IMAGE=flwr/superexec:${FLWR_VERSION}
+FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# pip settings for the build only (a local mirror, a proxy's CA); unset unless given.
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CONSTRAINT
+ARG PIP_CERT
 
 WORKDIR /app
 

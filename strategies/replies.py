@@ -19,6 +19,7 @@ from logging import WARNING
 
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 
 from prism_flwr.federated.records import METRICS_KEY
 
@@ -83,6 +84,20 @@ class Screened:
     dropped_nodes: list[object] = field(default_factory=list)
 
 
+# Flower's error codes (flwr.common.constant.ErrorCode) by number, for the log and history.json.
+_ERROR_NAMES = {code: name for name, code in vars(ErrorCode).items() if name.isupper() and isinstance(code, int)}
+
+
+def error_text(msg: Message) -> str:
+    """An error reply as text: Flower's code name and the reason. CLIENT_APP_CRASHED is what a
+    node sends when its ClientApp process ended without replying (killed, e.g. out of memory)."""
+    try:
+        code = int(msg.error.code)
+        return f"{_ERROR_NAMES.get(code, 'error')} ({code}): {clip(str(msg.error.reason))}"
+    except Exception:  # noqa: BLE001 - a malformed error is still only one dropped reply
+        return "error reply (unreadable)"
+
+
 def screen(replies: Iterable[Message], check: Callable[[Message], object], asked: set[int] | None,
            what: str) -> Screened:
     """Drop every reply that is an error, a duplicate, unasked (``asked=None``: any node may
@@ -92,8 +107,9 @@ def screen(replies: Iterable[Message], check: Callable[[Message], object], asked
     for msg in list(replies):
         try:
             if msg.has_error():
-                out.dropped.append(f"node {node_of(msg)}: {clip(str(msg.error.reason))}")
+                out.dropped.append(f"node {node_of(msg)}: {error_text(msg)}")
                 out.dropped_nodes.append(node_of(msg))
+                log(WARNING, "%s: node %s replied with an error: %s", what, node_of(msg), error_text(msg))
                 continue
             node = msg.metadata.src_node_id
             if node in seen:

@@ -1,5 +1,6 @@
 """MADA strategy: valid masks aggregate exactly; every bad reply is dropped, never averaged in."""
 
+import logging
 import time
 
 import numpy as np
@@ -38,11 +39,11 @@ def make_strategy(nodes=(1, 2, 3, 4), rule="mada", min_train_nodes=2):
     return s
 
 
-def reply(node, blob=None, metrics=None, error=None):
+def reply(node, blob=None, metrics=None, error=None, code=1):
     meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
                     group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
     if error:
-        return Message(metadata=meta, error=Error(code=1, reason=error))
+        return Message(metadata=meta, error=Error(code=code, reason=error))
     content = RecordDict()
     if blob is not None:
         content[MASK_KEY] = ArrayRecord({MASK_KEY: Array(np.frombuffer(blob, np.uint8).copy())})
@@ -110,6 +111,26 @@ def test_round_is_skipped_below_min_train_nodes():
     arrays, metrics = s.aggregate_train(1, [reply(1, encode_mask(mask(0), LAYOUT)), reply(2, error="timeout")])
     assert arrays is None and metrics is None
     assert s.round_records[1]["skipped"] and s.round_records[1]["clients"] == 1
+
+
+def test_error_reply_of_a_crashed_clientapp_is_logged_and_the_round_goes_on():
+    """A node whose ClientApp process died (e.g. killed out of memory) answers with Flower's
+    CLIENT_APP_CRASHED error: the server logs it by name for that node, and the others aggregate."""
+    s = make_strategy(nodes=(1, 2, 3), min_train_nodes=2)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        replies = [reply(1, encode_mask(mask(0), LAYOUT)), reply(2, encode_mask(mask(1), LAYOUT)),
+                   reply(3, error="ClientApp stopped responding.", code=8)]
+        arrays, _ = s.aggregate_train(1, replies)
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    assert arrays is not None and s.round_records[1]["clients"] == 2
+    assert s.round_records[1]["dropped"] == ["node 3: CLIENT_APP_CRASHED (8): ClientApp stopped responding."]
+    logged = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("node 3" in m and "CLIENT_APP_CRASHED (8)" in m for m in logged), logged
 
 
 @settings(max_examples=40, deadline=None)
