@@ -34,7 +34,7 @@ def _download(value: Any) -> bool | str:
 class RunConfig(BaseModel):
     model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
 
-    # data
+    # data (data-dir and download: the server's own evaluation data; a client uses its node config's)
     dataset: Literal["mnist", "fmnist", "cifar10", "celeba"] = "fmnist"
     data_dir: str = "~/.cache/prism-flwr/data"
     download: Annotated[Literal["auto"] | bool, BeforeValidator(_download)] = "auto"  # auto/true: fetch once
@@ -73,7 +73,7 @@ class RunConfig(BaseModel):
     eval_feature_metrics: bool = True
     inception_weights: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    output_dir: str = "~/prism-flwr/outputs"
+    output_dir: str = "~/prism-flwr/outputs"  # the server's outputs; clients write under their state-dir
     resume: bool = False
     # privacy
     dp: Literal["off", "theta", "statistics"] = "off"
