@@ -28,7 +28,8 @@ from flwr.clientapp import ClientApp
 
 from prism_flwr.federated.client_round import (client_evaluate, client_round, new_record, received_vector,
                                      release_multiplier, statistics_params, theta_noise_multiplier)
-from prism_flwr.storage.client_state import ClientRecord, client_state_dir, read_latest_state_file, write_state_file
+from prism_flwr.storage.client_state import (ClientRecord, client_state_dir, read_latest_state_file,
+                                             write_state_file)
 from prism_flwr.config import RunConfig
 from prism_flwr.node_config import NodeConfig, NodeConfigError
 from prism_flwr.privacy import insecure_test_secret
@@ -61,7 +62,7 @@ class Refusal(RuntimeError):
 
 
 def _state_dir(node: NodeConfig, msg: Message) -> Path:
-    """``<state-dir>/runs/<run-tag>``: the node's folder; the server's run tag must be hex (no path tricks)."""
+    """``<state-dir>/runs/<run-tag>``: the node's folder; the run tag must be hex (no path tricks)."""
     return client_state_dir(node.resolved("state_dir"), msg.content["config"]["run-tag"])
 
 
@@ -85,9 +86,10 @@ def node_for_run(context: Context, cfg: RunConfig) -> NodeConfig:
 
 
 def open_ledger(node: NodeConfig, cfg: RunConfig, msg: Message, server_round: int) -> LedgerSession:
-    """The node's ledger for this data (never keyed by what the server sends), checked for one more release."""
-    key = {"dataset": cfg.dataset, "data-dir": str(node.resolved("data_dir")), "partition-id": node.partition_id,
-           "num-partitions": node.num_partitions}
+    """The node's ledger for this data (never keyed by what the server sends), checked for one more
+    release."""
+    key = {"dataset": cfg.dataset, "data-dir": str(node.resolved("data_dir")),
+           "partition-id": node.partition_id, "num-partitions": node.num_partitions}
     ledger = PrivacyLedger(node.resolved("state_dir"), key, node.dp_budget, node.max_dp_delta)
     session = LedgerSession(ledger, str(msg.content["config"]["run-tag"]), server_round)
     session.precheck(cfg.dp, release_multiplier(cfg), statistics_params(cfg))
@@ -103,13 +105,15 @@ def load_client_state(msg: Message, context: Context, cfg: RunConfig, node: Node
     rec = context.state.config_records.get(STATE_KEY)
     if rec is not None and rec["round"] < server_round:
         record = ClientRecord.from_bytes(rec["blob"])
-    elif (saved := read_latest_state_file(_state_dir(node, msg), node.partition_id, server_round)) is not None:
+    elif (saved := read_latest_state_file(_state_dir(node, msg), node.partition_id,
+                                          server_round)) is not None:
         record = ClientRecord.from_bytes(saved[1])
     else:
         record = _fresh_record(cfg, node.partition_id)
     if ledger is not None and cfg.dp == "theta":
         with ledger.ledger.locked() as led:
-            record.accountant = led.accountant(ledger.run, theta_noise_multiplier(cfg), cfg.dp_delta, cfg.dp_epsilon)
+            record.accountant = led.accountant(ledger.run, theta_noise_multiplier(cfg), cfg.dp_delta,
+                                               cfg.dp_epsilon)
     return record
 
 
@@ -156,8 +160,8 @@ def _train(msg: Message, context: Context) -> Message:
     # Under DP: refuses a repeated round or a spent budget before any training.
     ledger = open_ledger(node, cfg, msg, server_round) if cfg.dp != "off" else None
     record = load_client_state(msg, context, cfg, node, server_round, ledger)
-    result = client_round(cfg, method, vector, data, hist, record, partition_id=pid, server_round=server_round,
-                          ledger=ledger)
+    result = client_round(cfg, method, vector, data, hist, record, partition_id=pid,
+                          server_round=server_round, ledger=ledger)
     payload = result.payload
     if fault == "corrupt":
         payload = payload.copy()

@@ -52,7 +52,8 @@ class NodeConfig(BaseModel):
     @model_validator(mode="after")
     def _partition_in_range(self) -> "NodeConfig":
         if self.partition_id >= self.num_partitions:
-            raise ValueError(f"partition-id {self.partition_id} must be below num-partitions {self.num_partitions}")
+            raise ValueError(f"partition-id {self.partition_id} must be below num-partitions "
+                             f"{self.num_partitions}")
         return self
 
     @classmethod
@@ -74,15 +75,17 @@ class NodeConfig(BaseModel):
         return Path(getattr(self, key)).expanduser().resolve()
 
     def refusal(self, dp: str, epsilon: float, delta: float) -> str | None:
-        """Why this node refuses a run asking for ``dp`` at (``epsilon``, ``delta``); None if it takes part."""
+        """Why this node refuses a run asking for ``dp`` at (``epsilon``, ``delta``); None if it
+        takes part."""
         if DP_ORDER.index(dp) < DP_ORDER.index(self.min_dp):
-            return (f"node refuses the run: dp={dp!r} is weaker than this node's floor min-dp={self.min_dp!r} "
-                    f"(order: {' < '.join(DP_ORDER)})")
+            return (f"node refuses the run: dp={dp!r} is weaker than this node's floor "
+                    f"min-dp={self.min_dp!r} (order: {' < '.join(DP_ORDER)})")
         if dp != "off" and epsilon > self.run_epsilon_cap:
             return (f"node refuses the run: dp-epsilon={epsilon:g} is above this node's max-dp-epsilon="
                     f"{self.run_epsilon_cap:g}")
         if dp != "off" and delta > self.max_dp_delta:
-            return f"node refuses the run: dp-delta={delta:g} is above this node's max-dp-delta={self.max_dp_delta:g}"
+            return (f"node refuses the run: dp-delta={delta:g} is above this node's "
+                    f"max-dp-delta={self.max_dp_delta:g}")
         return None
 
 
@@ -96,7 +99,8 @@ def parse_pairs(text: str) -> dict[str, Any]:
         try:
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            raise NodeConfigError(f"{ENV}: value of {key!r} is not TOML (quote strings: {key}='...')") from None
+            raise NodeConfigError(f"{ENV}: value of {key!r} is not TOML "
+                                  f"(quote strings: {key}='...')") from None
     return out
 
 

@@ -43,7 +43,8 @@ def _upload(cfg: RunConfig, record=None, pid: int = 0, rnd: int = 1) -> tuple[np
     """One client round; the uploaded mask as booleans and the theta it was sampled from."""
     data, hist = _data()
     vector = _global(cfg)
-    res = client_round(cfg, PRISM, vector, data, hist, record or new_record(cfg), partition_id=pid, server_round=rnd)
+    res = client_round(cfg, PRISM, vector, data, hist, record or new_record(cfg), partition_id=pid,
+                       server_round=rnd)
     model = model_with(cfg, PRISM, vector, data.device)  # the cached network: still holds this round's theta
     thetas = [t.clone() for t in iter_thetas(model)]
     n = num_masked(model)
@@ -168,11 +169,11 @@ def test_statistics_are_kept_in_the_ledger_and_reused_after_a_lost_state(tmp_pat
     cfg = RunConfig.parse({**TINY, "dp": "statistics", "objective": "feature-matching", "dp-epsilon": 6.0})
     ledger = PrivacyLedger(tmp_path, KEY, 9.8, 1e-5)
     data, hist = _data()
-    first = client_round(cfg, PRISM, _global(cfg), data, hist, new_record(cfg), partition_id=0, server_round=1,
-                         ledger=LedgerSession(ledger, "aaaa0001", 1))
+    first = client_round(cfg, PRISM, _global(cfg), data, hist, new_record(cfg), partition_id=0,
+                         server_round=1, ledger=LedgerSession(ledger, "aaaa0001", 1))
     # state lost (new record), and a new run: the same statistics come back, nothing is spent again
-    again = client_round(cfg, PRISM, _global(cfg), data, hist, new_record(cfg), partition_id=0, server_round=1,
-                         ledger=LedgerSession(ledger, "bbbb0002", 1))
+    again = client_round(cfg, PRISM, _global(cfg), data, hist, new_record(cfg), partition_id=0,
+                         server_round=1, ledger=LedgerSession(ledger, "bbbb0002", 1))
     for k in ("mu_real", "var_real"):
         assert torch.equal(first.record.train.objective[k], again.record.train.objective[k])
     with ledger.locked() as led:
@@ -192,7 +193,8 @@ def test_node_config_parses_environment_defaults_and_one_line_per_bad_key() -> N
     node = NodeConfig.parse({"partition-id": 1, "num-partitions": 2, "dp-budget": 4.0}, environ=env)
     assert (node.data_dir, node.min_dp, node.dp_budget, node.run_epsilon_cap) == ("/d x", "theta", 4.0, 4.0)
     with pytest.raises(NodeConfigError) as err:
-        NodeConfig.parse({"partition-id": 0, "num-partitions": 2, "min-dp": "max", "output-dir": "/x"}, environ={})
+        NodeConfig.parse({"partition-id": 0, "num-partitions": 2, "min-dp": "max", "output-dir": "/x"},
+                         environ={})
     lines = str(err.value).split("; ")
     assert len(lines) == 2 and "'min-dp' = 'max'" in lines[0] and "'output-dir' is unknown" in lines[1]
     with pytest.raises(NodeConfigError, match="partition-id 2 must be below num-partitions 2"):
@@ -226,8 +228,9 @@ def call_train(task_identity, monkeypatch, tmp_path):
     def call(run: dict, node: dict, n_images: int = 16, tag: str = "aaaa0001", rnd: int = 1):
         monkeypatch.setattr(client_app, "client_data", lambda cfg, pid, num, device: _data(n_images))
         cfg = RunConfig.parse({**TINY, **run})
+        sent = Array(PRISM.pack_global(_global(cfg), cfg))
         content = RecordDict({"config": ConfigRecord({"server-round": rnd, "run-tag": tag}),
-                              PRISM.down_key: ArrayRecord({PRISM.down_key: Array(PRISM.pack_global(_global(cfg), cfg))})})
+                              PRISM.down_key: ArrayRecord({PRISM.down_key: sent})})
         node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node"), **node}
         context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
                           run_config={**TINY, **run})

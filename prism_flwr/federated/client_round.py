@@ -34,8 +34,8 @@ from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator, generate
 from prism_flwr.model.masked import num_masked, set_flat, set_mask_mode
 from prism_flwr.federated.methods import Method, dp_theta_release
 from prism_flwr.model.objectives import FeatureMatching, mmd2_unbiased
-from prism_flwr.privacy import (ThetaAccountant, fresh_generator, noise_multiplier_for_budget, privatize_statistics,
-                                statistics_noise_multiplier)
+from prism_flwr.privacy import (ThetaAccountant, fresh_generator, noise_multiplier_for_budget,
+                                privatize_statistics, statistics_noise_multiplier)
 from prism_flwr.privacy.ledger import LedgerSession
 from prism_flwr.federated.seeds import derive_seed
 from prism_flwr.model.build import generator_spec

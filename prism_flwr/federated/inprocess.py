@@ -58,8 +58,9 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
     scores = PRISM.settle(get_scores(template).numpy(), cfg, None)  # the ServerApp's initial state
     aggregator = Aggregator(cfg.aggregation, cfg.mada_space)
     clients = [client_data(cfg, pid, num_clients, device) for pid in range(num_clients)]
-    states = [new_record(cfg, None if insecure_test_mask_seed is None
-                         else insecure_test_secret(insecure_test_mask_seed, pid)) for pid in range(num_clients)]
+    test_seed = insecure_test_mask_seed
+    mask_secrets = [None if test_seed is None else insecure_test_secret(test_seed, pid) for pid in range(num_clients)]
+    states = [new_record(cfg, secret) for secret in mask_secrets]
 
     def evaluate(rnd: int, record: dict) -> None:
         if evaluator is not None and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):

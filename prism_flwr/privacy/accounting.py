@@ -93,7 +93,8 @@ class ThetaAccountant:
     The state is plain scalars (``state_dict``) so it fits Flower's ``context.state``.
     """
 
-    def __init__(self, noise_multiplier: float, delta: float, budget_epsilon: float, *, steps: int = 0) -> None:
+    def __init__(self, noise_multiplier: float, delta: float, budget_epsilon: float, *,
+                 steps: int = 0) -> None:
         check_eps_delta(budget_epsilon, delta)
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")

@@ -58,7 +58,8 @@ def _valid_row(row: Any) -> bool:
         return False
     if row["kind"] == "statistics":
         return (set(row) == {"run", "round", "kind", "z", "params", "mu", "var", "epsilon"}
-                and isinstance(row["params"], dict) and isinstance(row["mu"], str) and isinstance(row["var"], str)
+                and isinstance(row["params"], dict) and isinstance(row["mu"], str)
+                and isinstance(row["var"], str)
                 and isinstance(row["epsilon"], (int, float)) and 0 <= row["epsilon"] < math.inf)
     return set(row) == {"run", "round", "kind", "z"}
 
@@ -100,11 +101,14 @@ class PrivacyLedger:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise LedgerError(f"privacy ledger {self.path} is damaged ({err}): no release until it is "
                               "repaired by hand") from None
-        if not rows or not isinstance(rows[0], dict) or rows[0].get("ledger") != 2 or rows[0].get("key") != self.key:
+        head = rows[0] if rows and isinstance(rows[0], dict) else {}
+        if head.get("ledger") != 2 or head.get("key") != self.key:
             raise LedgerError(f"privacy ledger {self.path} has no valid first line for this data")
+        last: dict[str, int] = {}
         for row in rows[1:]:
-            if not _valid_row(row):
+            if not _valid_row(row) or row["round"] <= last.get(row["run"], 0):
                 raise LedgerError(f"privacy ledger {self.path}: bad entry {str(row)[:120]}")
+            last[row["run"]] = row["round"]
         self.entries = rows[1:]
 
     def _append(self, row: dict[str, Any]) -> None:
@@ -129,7 +133,8 @@ class PrivacyLedger:
         """The node's epsilon at its delta over every release, plus releases of multipliers ``extra``."""
         return epsilon_of_releases([e["z"] for e in self.entries] + list(extra), self.delta)
 
-    def accountant(self, run: str, noise_multiplier: float, delta: float, run_budget: float) -> ThetaAccountant:
+    def accountant(self, run: str, noise_multiplier: float, delta: float,
+                   run_budget: float) -> ThetaAccountant:
         """This run's theta accountant: one step per theta release of ``run`` in the ledger."""
         return ThetaAccountant(noise_multiplier, delta, run_budget, steps=len(self.run_entries(run, "theta")))
 
@@ -147,8 +152,9 @@ class PrivacyLedger:
                               "run; refusing to release again")
         after = self.spent((z,))
         if after > self.budget * (1.0 + REL_TOL):
-            raise LedgerError(f"node privacy budget: this release would bring the data's epsilon to {after:.3f} "
-                              f"> {self.budget:g} (delta {self.delta:g}, node-config dp-budget); refusing")
+            raise LedgerError(f"node privacy budget: this release would bring the data's epsilon to "
+                              f"{after:.3f} > {self.budget:g} (delta {self.delta:g}, node-config dp-budget); "
+                              "refusing")
 
     # -- writing (call inside ``locked``, after ``check``)
     def record(self, run: str, server_round: int, kind: str, z: float, **extra: Any) -> None:
@@ -183,7 +189,8 @@ class LedgerSession:
                 try:
                     return _unb64(found["mu"]), _unb64(found["var"]), float(found["epsilon"])
                 except ValueError as err:  # binascii.Error and a length that is no float32 count
-                    raise LedgerError(f"privacy ledger {led.path}: released statistics unreadable ({err})") from None
+                    raise LedgerError(f"privacy ledger {led.path}: released statistics unreadable "
+                                      f"({err})") from None
             led.check(self.run, self.server_round, z)
             mu, var, eps = release()
             led.record(self.run, self.server_round, "statistics", z, params=params, epsilon=float(eps),

@@ -46,6 +46,8 @@ def privatize_theta(thetas: list[torch.Tensor], clip: float, noise_multiplier: f
     with torch.no_grad():
         for theta in thetas:
             base = theta.detach().clamp(clip, 1.0 - clip)
-            noise = torch.randn(theta.shape, generator=generator, dtype=torch.float32, device=generator.device)
-            out.append((base + (noise * sigma).to(device=theta.device, dtype=base.dtype)).clamp_(clip, 1.0 - clip))
+            noise = torch.randn(theta.shape, generator=generator, dtype=torch.float32,
+                                device=generator.device)
+            noisy = base + (noise * sigma).to(device=theta.device, dtype=base.dtype)
+            out.append(noisy.clamp_(clip, 1.0 - clip))
     return out
