@@ -31,7 +31,7 @@ from prism_flwr.federated.client_round import (client_evaluate, client_round, ne
 from prism_flwr.storage.client_state import (ClientRecord, client_state_dir, read_latest_state_file,
                                              write_state_file)
 from prism_flwr.config import RunConfig
-from prism_flwr.node_config import NodeConfig, NodeConfigError
+from prism_flwr.node_config import NodeConfig, NodeConfigError, Refusal
 from prism_flwr.privacy import insecure_test_secret
 from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
 from prism_flwr.federated.methods import method_for
@@ -55,10 +55,6 @@ DP_FAILURE = "PRISM-DP-CLIENT-FAILED: the client could not train this round (det
 def _injected_fault(pid: int) -> str | None:
     faults = dict(item.split("=") for item in os.environ.get(FAULT_ENV, "").split())
     return next((kind for kind, target in faults.items() if int(target) == pid), None)
-
-
-class Refusal(RuntimeError):
-    """This node will not take part: its text is about the configuration, never about the data."""
 
 
 def _state_dir(node: NodeConfig, msg: Message) -> Path:

@@ -27,6 +27,10 @@ class NodeConfigError(ValueError):
     """Invalid node configuration."""
 
 
+class Refusal(RuntimeError):
+    """This node will not take part in a run: the text is about configuration, never about data."""
+
+
 def _download(value: Any) -> bool | str:
     if isinstance(value, bool):
         return value

@@ -124,17 +124,6 @@ class ThetaAccountant:
     def can_release(self) -> bool:
         return self._within(self.epsilon_after(self._steps + 1))
 
-    def remaining_rounds(self) -> int:
-        if not self.can_release():
-            return 0
-        lo, hi = self._steps + 1, self._steps + 2  # lo fits
-        while self._within(self.epsilon_after(hi)):
-            lo, hi = hi, 2 * hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self._within(self.epsilon_after(mid)) else (lo, mid)
-        return lo - self._steps
-
     def step(self) -> None:
         """Record one more release; ``RuntimeError`` past the budget."""
         if not self.can_release():
@@ -151,7 +140,3 @@ class ThetaAccountant:
     def from_state(cls, state: dict[str, Any]) -> "ThetaAccountant":
         return cls(float(state["noise_multiplier"]), float(state["delta"]), float(state["budget_epsilon"]),
                    steps=int(state["steps"]))
-
-    def __repr__(self) -> str:
-        return (f"ThetaAccountant(z={self.noise_multiplier:.6g}, delta={self.delta:g}, "
-                f"budget={self.budget_epsilon:g}, steps={self._steps}, epsilon={self.epsilon:.4f})")
