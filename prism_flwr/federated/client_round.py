@@ -36,7 +36,7 @@ from prism_flwr.federated.methods import Method, dp_theta_release
 from prism_flwr.model.objectives import FeatureMatching, mmd2_unbiased
 from prism_flwr.privacy import (ThetaAccountant, fresh_generator, noise_multiplier_for_budget,
                                 privatize_statistics, statistics_noise_multiplier)
-from prism_flwr.privacy.ledger import LedgerSession
+from prism_flwr.privacy.ledger import LedgerError, LedgerSession
 from prism_flwr.federated.seeds import derive_seed
 from prism_flwr.model.build import generator_spec
 from prism_flwr.model.training import train_local
@@ -120,7 +120,8 @@ def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch
         # (no count in the text: error text reaches the server, and a partition's size is data)
         raise ValueError(f"partition {partition_id} holds fewer than 2 images: nothing to train on")
     if record.accountant is not None and not record.accountant.can_release():
-        raise RuntimeError(f"client {partition_id}: privacy budget epsilon={cfg.dp_epsilon} spent; not training")
+        raise LedgerError(f"client {partition_id}: the run's privacy budget epsilon={cfg.dp_epsilon} is spent; "
+                          "not training")
     model = model_with(cfg, method, vector, device)
     torch.manual_seed(derive_seed(cfg.seed, server_round, partition_id, 0))
     gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, server_round, partition_id, 1))
