@@ -39,14 +39,18 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
 
-    # data
+    # data (data-dir and download: the server's own evaluation data; a client uses its node config's)
     dataset: Literal["mnist", "fmnist", "cifar10", "celeba"] = Field(
         "fmnist", description="the dataset, 32x32 (files and downloads: docs/data.md)"
     )
-    data_dir: str = Field("~/.cache/prism-flwr/data", description="where datasets live (see docs/data.md)")
+    data_dir: str = Field(
+        "~/.cache/prism-flwr/data",
+        description="where the server's evaluation data live (docs/data.md); each client uses its node "
+        "config's `data-dir` (docs/privacy.md)",
+    )
     download: Annotated[Literal["auto"] | bool, BeforeValidator(_download)] = Field(
         "auto",
-        description="`auto`: fetch a missing dataset once (torchvision's download, with progress) when the "
+        description="for the server's data (a client: node-config `download`); `auto`: fetch a missing dataset once (torchvision's download, with progress) when the "
         "internet is there; `true`: the same, and a failed fetch is an error; `false`: never fetch (one "
         "error says where to put the files)",
     )
@@ -76,8 +80,8 @@ class RunConfig(BaseModel):
     seed: int = Field(
         30,
         ge=0,
-        description="frozen weights, initial scores, partitions, server and client RNG (not DP noise: under "
-        "DP each client draws a secret seed)",
+        description="frozen weights, initial scores, partitions, server RNG and clients' training RNG (not "
+        "the uploaded masks nor DP noise: each client draws those from its own secret, docs/privacy.md)",
     )
     # local training
     local_steps: int = Field(100, ge=1, description="local Adam steps on the scores per round (paper: 100)")
@@ -139,7 +143,8 @@ class RunConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when visible")
     output_dir: str = Field(
         "~/prism-flwr/outputs",
-        description="run folders (one per run, `latest` points at the newest) and client state",
+        description="the server's run folders (one per run, `latest` points at the newest that has written "
+        "a checkpoint); clients keep their state under their node config's `state-dir`",
     )
     resume: bool = Field(
         False, description="continue the run folder `resume-run` from its newest readable checkpoint"

@@ -41,6 +41,8 @@ RUN_TIMEOUT = 300  # seconds for `flwr run` (about 90 s on 2 CPU cores)
 # ------------------------------------------------------------------------------------------------
 def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
     flwr_home, out, logs = tmp_path / "flwr-home", tmp_path / "outputs", tmp_path / "logs"
+    state = tmp_path / "node-state"  # the nodes' own folder for client state and the privacy ledger
+    node_dirs = f"data-dir='{data_dir}' state-dir='{state}'"
     logs.mkdir()
     env = flower_env(flwr_home)
     link_port, proxy_port, node_ports = procs.free_port(), procs.free_port(), procs.free_ports(2)
@@ -64,7 +66,7 @@ def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
         nodes = [
             ps.start([exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
                       "--host", "127.0.0.1", "--port", str(port),
-                      "--node-config", f"partition-id={i} num-partitions=2"],
+                      "--node-config", f"partition-id={i} num-partitions=2 {node_dirs}"],
                      env=env, log_path=logs / f"supernode-{i}.log")
             for i, port in enumerate(node_ports)
         ]
@@ -99,8 +101,8 @@ def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
         assert record["clients"] == 2, record
         assert 0.0 < record["uplink_bits_per_weight"] <= 1.01, record  # coded: below 1 bit once theta moves
     assert (run_dir / "model.prism").stat().st_size > 0
-    # ClientApps write their state under the same output-dir (here one machine for all).
-    assert (out / "client-state").is_dir()
+    # ClientApps write their state under their node's state-dir, never under the server's output-dir.
+    assert (state / "runs").is_dir() and not (out / "client-state").exists()
     print(f"deployment run (superlink + 2 supernodes{' behind fleet-proxy' if fleet == proxy_port else ''}, "
           f"2 rounds) took {seconds:.0f}s")
 

@@ -4,8 +4,8 @@ One tiny configuration, under ``mada`` (whose lambda comes from the server's Ber
 stream) and ``mada-change``, runs through `flwr run` (Ray simulation, 2 clients, 2 rounds) and through
 ``prism_flwr.federated.inprocess.run``: every round's loss, lambda and its diagnostics agree, because both
 call the same client round (``client_round``) and the same server step (``combine_masks``) with
-the same seeds. Also a smoke run of the GPU benchmark and the aggregation study at their tiny
-sizes (on the CPU here).
+the same seeds (the clients' mask secrets from one test seed on both sides). Also a smoke run of
+the GPU benchmark and the aggregation study at their tiny sizes (on the CPU here).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_inprocess_run_matches_flwr_run(data_dir: Path, tmp_path: Path) -> None:
                      "aggregation": f"'{rule}'"})
         configs[rule] = keys
     with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps)  # one SuperLink, one `flwr run` per rule
+        sim = Simulation(tmp_path, ps, data_dir=data_dir, test_mask_seed=5)  # one SuperLink, one run per rule
         for rule, keys in configs.items():
             out = tmp_path / f"out-{rule}"
             config = (" ".join(f"{k}={v}" for k, v in keys.items())
@@ -52,7 +52,7 @@ def test_inprocess_run_matches_flwr_run(data_dir: Path, tmp_path: Path) -> None:
         flower = [r for r in _history(tmp_path / f"out-{rule}") if r["round"] >= 1]
         cfg = RunConfig.parse({**{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
                                "data-dir": str(data_dir), "output-dir": str(tmp_path / "unused")})
-        local = inprocess.run(cfg, 2)[1:]
+        local = inprocess.run(cfg, 2, insecure_test_mask_seed=5)[1:]
         assert len(flower) == len(local) == 2
         for f, l in zip(flower, local):
             for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):

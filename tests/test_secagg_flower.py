@@ -176,13 +176,13 @@ def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_p
     out = tmp_path / "out"
     keys, config = _flower_config(out, data_dir)
     with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps)
+        sim = Simulation(tmp_path, ps, data_dir=data_dir, test_mask_seed=5)
         assert sim.run(config, nodes=3)["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
     flower = [r for r in _history(out) if r["round"] >= 1]
     cfg = RunConfig.parse({**{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
                            "data-dir": str(data_dir), "output-dir": str(tmp_path / "unused")})
-    local = inprocess.run(cfg, 3)[1:]
+    local = inprocess.run(cfg, 3, insecure_test_mask_seed=5)[1:]
     assert len(flower) == len(local) == 2
     for f, l in zip(flower, local):
         assert f["secagg_contributors"] == 3 and f["secagg"]["bits"] == 2 and not f["skipped"], f
@@ -201,7 +201,7 @@ def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Pat
     _, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})
     with procs.Processes() as ps:
         sim = Simulation(tmp_path, ps, extra_env={"PRISM_FAULT_INJECTION": "secagg-share=1"},
-                         app=fault_app_dir(tmp_path / "app"))
+                         data_dir=data_dir, app=fault_app_dir(tmp_path / "app"))
         assert sim.run(config, nodes=4)["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
     (rec,) = [r for r in json.loads((out / "latest" / "history.json").read_text()) if r["round"] >= 1]

@@ -20,8 +20,9 @@ from prism_flwr.federated.aggregation import AggregationError
 from prism_flwr.storage.checkpoint import (CheckpointError, RunLock, RunLocked, check_resume_config, checkpoint_files,
                                    find_run_dir, load_checkpoint, new_run_dir, point_latest,
                                    save_checkpoint)
-from prism_flwr.storage.client_state import (ClientRecord, LedgerError, PrivacyLedger, StateError, client_state_dir,
-                                     read_latest_state_file, validate_run_tag, write_state_file)
+from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
+from prism_flwr.storage.client_state import (ClientRecord, StateError, client_state_dir,
+                                             read_latest_state_file, validate_run_tag, write_state_file)
 from prism_flwr.config import RunConfig
 from prism_flwr.model.training import ClientState
 
@@ -166,7 +167,7 @@ def test_resume_refuses_model_and_privacy_changes_and_names_the_key():
 
 # ------------------------------------------------------------------------------ client state
 def test_run_tag_is_hex_only(tmp_path):
-    assert client_state_dir(tmp_path, "0123abcd") == tmp_path / "client-state" / "0123abcd"
+    assert client_state_dir(tmp_path, "0123abcd") == tmp_path / "runs" / "0123abcd"
     for bad in ("../../etc", "0123ABCD", "0123abc", "a" * 65, "deadbeef\n", "/0123abcd", 12345678, None):
         with pytest.raises(ValueError, match="run-tag"):
             validate_run_tag(bad)
@@ -191,48 +192,52 @@ def test_client_state_files_are_private_atomic_and_pickle_free(tmp_path):
 
 
 # ---------------------------------------------------------------------------- privacy ledger
-PARAMS = {"dp": "theta", "epsilon": 9.8, "delta": 1e-5, "noise_multiplier": 2.5, "rounds": 10}
+KEY = {"dataset": "fmnist", "data-dir": "/data", "partition-id": 0, "num-partitions": 2}
+RUN = "0123abcd"
 
 
 def test_ledger_is_append_only_and_refuses_replays(tmp_path):
-    ledger = PrivacyLedger(tmp_path, 0, PARAMS)
-    acc = ledger.accountant(2.5, 1e-5, 9.8)
-    assert acc.steps == 0
+    ledger = PrivacyLedger(tmp_path, KEY, 9.8, 1e-5)
     for rnd in (1, 2, 5):
-        ledger.check_round(rnd)
-        acc.step()
-        ledger.record(rnd, "theta", acc.epsilon)
+        with LedgerSession(ledger, RUN, rnd).theta_release(2.5):
+            pass
     for rnd in (5, 4, 1, 0):
-        with pytest.raises(LedgerError, match="already released"):
-            ledger.record(rnd, "theta", 9.0)
+        with pytest.raises(LedgerError, match="already released"), ledger.locked() as led:
+            led.record(RUN, rnd, "theta", 2.5)
     lines = ledger.path.read_text().splitlines()
-    assert len(lines) == 4 and json.loads(lines[0])["partition"] == 0
+    assert len(lines) == 4 and json.loads(lines[0])["key"] == KEY
     assert stat.S_IMODE(ledger.path.stat().st_mode) == 0o600
     # The state file is gone (rolled back, deleted): the ledger still knows the spend.
-    again = PrivacyLedger(tmp_path, 0, PARAMS)
-    assert again.accountant(2.5, 1e-5, 9.8).steps == 3 and again.last_round == 5
-    assert again.epsilon == pytest.approx(acc.epsilon)
+    with PrivacyLedger(tmp_path, KEY, 9.8, 1e-5).locked() as again:
+        assert again.accountant(RUN, 2.5, 1e-5, 9.8).steps == 3
+        assert again.spent() == pytest.approx(ledger.spent())
 
 
-def test_ledger_is_tied_to_partition_and_parameters(tmp_path):
-    ledger = PrivacyLedger(tmp_path, 0, PARAMS)
-    ledger.record(1, "theta", 1.0)
-    (tmp_path / "partition-3").mkdir()
-    (tmp_path / "partition-3" / PrivacyLedger.FILE).write_bytes(ledger.path.read_bytes())
-    with pytest.raises(LedgerError, match="belongs to partition 0"):
-        PrivacyLedger(tmp_path, 3, PARAMS)
-    with pytest.raises(LedgerError, match="was started with"):
-        PrivacyLedger(tmp_path, 0, {**PARAMS, "epsilon": 100.0})
+def test_ledger_is_tied_to_its_data_and_refuses_damage(tmp_path):
+    ledger = PrivacyLedger(tmp_path, KEY, 9.8, 1e-5)
+    with LedgerSession(ledger, RUN, 1).theta_release(2.5):
+        pass
+    other = PrivacyLedger(tmp_path, {**KEY, "partition-id": 1}, 9.8, 1e-5)
+    other.folder.mkdir(parents=True)
+    other.path.write_bytes(ledger.path.read_bytes())  # partition 0's ledger copied to partition 1
+    with pytest.raises(LedgerError, match="no valid first line for this data"), other.locked():
+        pass
     ledger.path.write_bytes(ledger.path.read_bytes()[:-5])
-    with pytest.raises(LedgerError, match="damaged"):
-        PrivacyLedger(tmp_path, 0, PARAMS)
+    with pytest.raises(LedgerError, match="damaged"), ledger.locked():
+        pass
 
 
-def test_statistics_are_released_once(tmp_path):
-    ledger = PrivacyLedger(tmp_path, 1, {"dp": "statistics"})
-    ledger.record(1, "statistics", 9.8)
-    with pytest.raises(LedgerError, match="second release"):
-        ledger.record(2, "statistics", 9.8)
+def test_released_statistics_are_released_once_and_then_reused(tmp_path):
+    ledger = PrivacyLedger(tmp_path, KEY, 9.8, 1e-5)
+    calls = []
+
+    def release():
+        calls.append(1)
+        return torch.arange(3.0), torch.ones(3), 5.0
+    for rnd, run in ((1, RUN), (2, RUN), (1, "4567cdef")):
+        mu, var, eps = LedgerSession(ledger, run, rnd).statistics({"features": "pixels"}, 1.0, release)
+        assert torch.equal(mu, torch.arange(3.0)) and torch.equal(var, torch.ones(3)) and eps == 5.0
+    assert len(calls) == 1
 
 
 def test_security_probe_finds_nothing(tmp_path):

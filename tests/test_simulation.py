@@ -33,11 +33,19 @@ TINY = "local-steps=3 ngf=4 eval-samples=64 min-train-nodes=2 eval-feature-metri
 class Simulation:
     """A simulation SuperLink plus `flwr run` of this repository against it."""
 
-    def __init__(self, tmp: Path, ps: procs.Processes, extra_env: dict[str, str] | None = None,
-                 app: Path = REPO) -> None:
+    def __init__(self, tmp: Path, ps: procs.Processes, extra_env: dict[str, str] | None = None, *,
+                 app: Path = REPO, data_dir: Path | None = None, state_dir: Path | None = None,
+                 node_config: str = "", test_mask_seed: int | None = None) -> None:
+        """The simulated nodes' own settings (data-dir, state-dir, ``node_config``) reach them as
+        ``PRISM_NODE_CONFIG``; ``test_mask_seed`` makes their masks predictable (reproducible runs);
+        ``app`` is the app directory to run (a test-only variant, e.g. the fault-injecting app)."""
         self.home, self.logs, self.app = tmp / "flwr-home", tmp / "logs", app
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.env = {**flower_env(self.home), **(extra_env or {})}
+        node = f"state-dir='{state_dir or tmp / 'node-state'}' {node_config}"
+        if data_dir is not None:
+            node += f" data-dir='{data_dir}'"
+        seed = {} if test_mask_seed is None else {"PRISM_INSECURE_TEST_MASK_SEED": str(test_mask_seed)}
+        self.env = {**flower_env(self.home), "PRISM_NODE_CONFIG": node.strip(), **seed, **(extra_env or {})}
         self.ps = ps
         port = procs.free_port()
         write_connection(self.home, "sim", f"127.0.0.1:{port}", insecure=True)
@@ -75,7 +83,7 @@ def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, 
     the other two, history shows both dropped with their reasons, the model loads and samples."""
     out = tmp_path / "out"
     with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps, extra_env={FAULT_ENV: "raise=1 corrupt=2"},
+        sim = Simulation(tmp_path, ps, extra_env={FAULT_ENV: "raise=1 corrupt=2"}, data_dir=data_dir,
                          app=fault_app_dir(tmp_path / "app"))  # the app behind a fault-injecting mod
         run = sim.run(f"num-server-rounds=2 eval-every=1 aggregation='mada' {TINY} output-dir='{out}' data-dir='{data_dir}'", nodes=4)
         assert run["status"] == "finished:completed", sim.logs_tail()
@@ -112,7 +120,7 @@ BAD_CONFIGS = [
 def test_bad_run_config_fails_before_training(data_dir: Path, tmp_path: Path) -> None:
     """A choice, a range and a type error: each run ends failed with one line, nothing trained."""
     with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps)
+        sim = Simulation(tmp_path, ps, data_dir=data_dir)
         for i, (bad, line) in enumerate(BAD_CONFIGS):
             out = tmp_path / f"out-{i}"
             run = sim.run(f"{bad} output-dir='{out}' data-dir='{data_dir}'", nodes=2)
@@ -128,12 +136,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data_dir: Path, tmp_path: 
     rounds = 4
     config = f"num-server-rounds={rounds} {TINY} eval-every=2 data-dir='{data_dir}'"
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    # one node state for all three (the resumed clients find their state), one mask secret for both runs
+    node = {"data_dir": data_dir, "state_dir": tmp_path / "node-state", "test_mask_seed": 1}
     with procs.Processes() as ps:
-        sim = Simulation(tmp_path / "a", ps)
+        sim = Simulation(tmp_path / "a", ps, **node)
         assert sim.run(f"{config} output-dir='{straight}'")["status"] == "finished:completed", sim.logs_tail()
         ps.stop_all()
 
-        sim = Simulation(tmp_path / "b", ps)
+        sim = Simulation(tmp_path / "b", ps, **node)
         run = sim.start_run(f"{config} output-dir='{crashed}'")
         procs.wait_for(lambda: (crashed / "latest" / "history.json").is_file() and len(rounds_of(crashed)) >= 2,
                        timeout=RUN_TIMEOUT, desc="two rounds done", procs=[run])
@@ -146,7 +156,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data_dir: Path, tmp_path: 
         killed_at = load_checkpoint(crashed / "latest")["round"]
         assert 2 <= killed_at < rounds
 
-        sim = Simulation(tmp_path / "c", ps)
+        sim = Simulation(tmp_path / "c", ps, **node)
         run = sim.run(f"{config} output-dir='{crashed}' resume=true")
         assert run["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
@@ -169,7 +179,7 @@ def test_dp_modes_account_epsilon_per_client(data_dir: Path, tmp_path: Path, dp:
     """theta: epsilon grows with every round released; statistics: spent once, then constant."""
     out = tmp_path / "out"
     with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps)
+        sim = Simulation(tmp_path, ps, data_dir=data_dir)
         run = sim.run(f"num-server-rounds=3 eval-every=3 {TINY} objective='feature-matching' dp='{dp}' "
                       f"dp-epsilon=5.0 output-dir='{out}' data-dir='{data_dir}'", nodes=2)
         assert run["status"] == "finished:completed", sim.logs_tail()
@@ -187,10 +197,28 @@ def test_dp_modes_account_epsilon_per_client(data_dir: Path, tmp_path: Path, dp:
     assert summary["dp"] == dp and summary["dp_epsilon_per_client"] == rounds_of(out)[-1]["dp_epsilon_per_client"]
 
 
+def test_a_second_run_cannot_spend_past_the_nodes_budget(data_dir: Path, tmp_path: Path) -> None:
+    """Two runs on the same nodes, each asking for epsilon 5 (another seed, another run tag): the
+    nodes' budget of 6 lets the first through; in the second every client refuses with one clear
+    error per round, which the server records, and the run ends normally with those rounds skipped."""
+    out = [tmp_path / "out-1", tmp_path / "out-2"]
+    config = f"num-server-rounds=2 eval-every=2 {TINY} dp='theta' dp-epsilon=5.0"
+    with procs.Processes() as ps:
+        sim = Simulation(tmp_path, ps, data_dir=data_dir, node_config="dp-budget=6.0")
+        for i, seed in enumerate((30, 31)):
+            run = sim.run(f"{config} seed={seed} output-dir='{out[i]}'", nodes=2)
+            assert run["status"] == "finished:completed", sim.logs_tail()
+    procs.assert_gone(ps.pids)
+    assert all(r["clients"] == 2 and not r["skipped"] for r in rounds_of(out[0]))
+    for r in rounds_of(out[1]):
+        assert r["clients"] == 0 and r["skipped"] and len(r["dropped"]) == 2, r
+        assert all("node privacy budget" in d and "dp-budget" in d for d in r["dropped"]), r["dropped"]
+
+
 def test_dense_fedavg_baseline_runs_the_same_generator(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps)
+        sim = Simulation(tmp_path, ps, data_dir=data_dir)
         run = sim.run(f"num-server-rounds=2 eval-every=2 {TINY} method='dense' output-dir='{out}' data-dir='{data_dir}'",
                       nodes=2)
         assert run["status"] == "finished:completed", sim.logs_tail()

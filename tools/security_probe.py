@@ -564,25 +564,30 @@ def probe_client_state(rng: np.random.Generator) -> str:
 
 
 def probe_ledger(rng: np.random.Generator) -> str:
-    from prism_flwr.storage.client_state import LedgerError, PrivacyLedger
+    from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
 
-    params = {"dp": "theta", "epsilon": 9.8}
+    key, run = {"dataset": "fmnist", "partition-id": 0}, "0123abcd"
     with tempfile.TemporaryDirectory() as tmp:
-        ledger = PrivacyLedger(tmp, 0, params)
+        ledger = PrivacyLedger(tmp, key, 9.8, 1e-5)
         for r in (1, 2, 3):
-            ledger.record(r, "theta", 0.5 * r)
+            with LedgerSession(ledger, run, r).theta_release(20.0):
+                pass
         how = int(rng.integers(0, 6))
 
         def attack() -> None:
             if how == 0:  # a round already released, or an earlier one
-                ledger.record(int(rng.integers(-2, 4)), "theta", 9.0)
+                with ledger.locked() as led:
+                    led.record(run, int(rng.integers(-2, 4)), "theta", 20.0)
             elif how == 1:  # partition 0's ledger copied into partition 1's folder
-                (Path(tmp) / "partition-1").mkdir()
-                (Path(tmp) / "partition-1" / PrivacyLedger.FILE).write_bytes(ledger.path.read_bytes())
-                PrivacyLedger(tmp, 1, params)
-            elif how == 2:  # other DP parameters
-                PrivacyLedger(tmp, 0, {**params, "epsilon": 100.0})
-            else:  # damaged file: truncated mid-line, garbage, rounds out of order, line removed
+                other = PrivacyLedger(tmp, {**key, "partition-id": 1}, 9.8, 1e-5)
+                other.folder.mkdir(parents=True)
+                other.path.write_bytes(ledger.path.read_bytes())
+                with other.locked():
+                    pass
+            elif how == 2:  # a release past the node's budget
+                with ledger.locked() as led:
+                    led.record(run, 4, "theta", 0.05)
+            else:  # damaged file: truncated mid-line, garbage, rounds out of order
                 path = ledger.path
                 lines = path.read_bytes().split(b"\n")
                 if how == 3:
@@ -592,7 +597,8 @@ def probe_ledger(rng: np.random.Generator) -> str:
                 else:
                     lines[1], lines[3] = lines[3], lines[1]
                     path.write_bytes(b"\n".join(lines))
-                PrivacyLedger(tmp, 0, params)
+                with ledger.locked():
+                    pass
 
         return refused(attack, LedgerError)
 
@@ -604,7 +610,7 @@ def probe_run_tag(rng: np.random.Generator) -> str:
                       "..", "deadbeef\n", "ab\0cdef01"])
     if rng.random() < 0.2:
         tag = [int(rng.integers(0, 10))][0]
-    return refused(lambda: client_state_dir("/tmp/out", tag), ValueError)
+    return refused(lambda: client_state_dir("/tmp/state", tag), ValueError)
 
 
 def probe_resume(rng: np.random.Generator) -> str:
@@ -656,7 +662,7 @@ PROBES: dict[str, tuple[str, Callable[[np.random.Generator], str]]] = {
     "model.prism: crafted header, valid checksum": ("file", lambda rng: probe_model(rng, True)),
     "checkpoint: newest damaged (falls back)": ("file", probe_checkpoint),
     "client state: damaged or pickled blob": ("file", probe_client_state),
-    "privacy ledger: replay, other partition/params, damage": ("file", probe_ledger),
+    "privacy ledger: replay, other partition, over budget, damage": ("file", probe_ledger),
     "run-tag from the server: not hex": ("path", probe_run_tag),
     "resume with a model/privacy key changed": ("resume", probe_resume),
     "resume under DP with num-server-rounds changed": ("resume", probe_dp_rounds_change),

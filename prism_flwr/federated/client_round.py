@@ -7,10 +7,11 @@ every client: the same code path with or without Flower.
 Per round: rebuild (or reuse) the frozen network, load the global vector, train locally
 (``training.train_local``), and let the method build its upload (PRISM: one mask sampled from
 theta, through the DP mechanism when ``dp = "theta"``; dense: float32 weights). Randomness is
-reproducible per ``(seed, round, partition)``: one stream for the Bernoulli masks of training,
-one for latents and batches, and, for what must stay hidden from the server under DP (noise and
-the mask sampled from noisy theta), the noise from a fresh cryptographic seed per release
-(``privacy.fresh_generator``) and the mask from a stream seeded by the client's own secret.
+reproducible per ``(seed, round, partition)`` for training (one stream for the Bernoulli masks of
+training, one for latents and batches); what must stay hidden from the server is not: the
+uploaded mask comes from a stream seeded by the client's own secret (``ClientRecord.secret``, in
+every mode) and DP noise from a fresh CSPRNG seed per release (``privacy.fresh_generator``).
+Under DP each release goes through the node's ledger (``LedgerSession``) when one is given.
 
 ``client_evaluate`` is the ``@app.evaluate`` side: pixel MMD^2 between samples of the global
 model and the client's images, and nothing derived from data under DP.
@@ -18,6 +19,7 @@ model and the client's images, and nothing derived from data under DP.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -32,7 +34,9 @@ from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator, generate
 from prism_flwr.model.masked import num_masked, set_flat, set_mask_mode
 from prism_flwr.federated.methods import Method, dp_theta_release
 from prism_flwr.model.objectives import FeatureMatching, mmd2_unbiased
-from prism_flwr.privacy import ThetaAccountant, fresh_generator, noise_multiplier_for_budget, privatize_statistics
+from prism_flwr.privacy import (ThetaAccountant, fresh_generator, noise_multiplier_for_budget,
+                                privatize_statistics, statistics_noise_multiplier)
+from prism_flwr.privacy.ledger import LedgerError, LedgerSession
 from prism_flwr.federated.seeds import derive_seed
 from prism_flwr.model.build import generator_spec
 from prism_flwr.model.training import train_local
@@ -81,10 +85,11 @@ def features_for(name: str, weights: str, device: str) -> nn.Module:
     return build_features(name, weights or None).to(device)
 
 
-def new_record(cfg: RunConfig) -> ClientRecord:
-    """A client's state before its first round (with a fresh accountant under dp = theta; the
-    ClientApp replaces it by the one its privacy ledger rebuilds)."""
-    record = ClientRecord()
+def new_record(cfg: RunConfig, secret: int | None = None) -> ClientRecord:
+    """A client's state before its first round: a fresh secret from the OS (``secret`` only to
+    reproduce a run, see ``privacy.insecure_test_secret``), a fresh accountant under dp = theta
+    (the ClientApp replaces it by the one the node's ledger rebuilds)."""
+    record = ClientRecord() if secret is None else ClientRecord(secret=int(secret))
     if cfg.dp == "theta":
         record.accountant = ThetaAccountant(theta_noise_multiplier(cfg), cfg.dp_delta, cfg.dp_epsilon)
     return record
@@ -95,46 +100,59 @@ def theta_noise_multiplier(cfg: RunConfig) -> float:
     return noise_multiplier_for_budget(cfg.dp_epsilon, cfg.dp_delta, cfg.num_server_rounds)
 
 
-def ledger_params(cfg: RunConfig) -> dict:
-    """What a client's privacy ledger is tied to (a change opens no fresh budget: it is refused)."""
-    keys = ("dp", "dp-epsilon", "dp-delta", "dp-clip", "dp-feature-clip", "num-server-rounds", "seed", "dataset",
-            "partitioning")
+def statistics_params(cfg: RunConfig) -> dict:
+    """What decides a statistics release: the same values reuse the one in the node's ledger."""
     dump = cfg.model_dump(by_alias=True)
-    return {k: dump[k] for k in keys}
+    return {k: dump[k] for k in ("features", "vgg19-weights", "dp-feature-clip", "dp-epsilon", "dp-delta")}
+
+
+def release_multiplier(cfg: RunConfig) -> float:
+    """The noise multiplier of this run's next release (what the node's ledger checks)."""
+    if cfg.dp == "theta":
+        return theta_noise_multiplier(cfg)
+    return statistics_noise_multiplier(cfg.dp_epsilon, cfg.dp_delta)
 
 
 def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch.Tensor, hist: list[int],
-                 record: ClientRecord, *, partition_id: int, server_round: int) -> ClientRoundResult:
-    """Train on ``data`` from the global ``vector`` and build this client's upload."""
+                 record: ClientRecord, *, partition_id: int, server_round: int,
+                 ledger: LedgerSession | None = None) -> ClientRoundResult:
+    """Train on ``data`` from the global ``vector`` and build this client's upload.
+
+    ``ledger``: the node's ledger for this round; each DP release is checked and recorded there
+    under its lock (without one, as in the in-process runner, only the run's accountant counts)."""
     device = data.device
     if len(data) < 2:  # e.g. Dirichlet with a tiny alpha can leave a client (almost) empty
         # (no count in the text: error text reaches the server, and a partition's size is data)
         raise ValueError(f"partition {partition_id} holds fewer than 2 images: nothing to train on")
     if record.accountant is not None and not record.accountant.can_release():
-        raise RuntimeError(f"client {partition_id}: privacy budget epsilon={cfg.dp_epsilon} spent; not training")
+        raise LedgerError(f"client {partition_id}: the run's privacy budget epsilon={cfg.dp_epsilon} is spent; "
+                          "not training")
     model = model_with(cfg, method, vector, device)
     torch.manual_seed(derive_seed(cfg.seed, server_round, partition_id, 0))
     gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, server_round, partition_id, 1))
-    hidden = cfg.seed if cfg.dp == "off" else record.secret
-
     features = features_for(cfg.features, cfg.vgg19_weights, str(device))
     if cfg.dp == "statistics" and not record.train.objective:
         # Released once with sample-level DP; every later step and round is post-processing.
-        with torch.no_grad():
-            batches = (features(data[i:i + 256]) for i in range(0, len(data), 256))
-            mu, var, eps = privatize_statistics(batches, cfg.dp_feature_clip, cfg.dp_epsilon, cfg.dp_delta,
-                                                generator=fresh_generator(device))
-        record.train.objective = FeatureMatching(mu, var).full_state()
+        def release() -> tuple[torch.Tensor, torch.Tensor, float]:
+            with torch.no_grad():
+                batches = (features(data[i:i + 256]) for i in range(0, len(data), 256))
+                return privatize_statistics(batches, cfg.dp_feature_clip, cfg.dp_epsilon, cfg.dp_delta,
+                                            generator=fresh_generator(device))
+        mu, var, eps = release() if ledger is None else ledger.statistics(
+            statistics_params(cfg), statistics_noise_multiplier(cfg.dp_epsilon, cfg.dp_delta), release)
+        record.train.objective = FeatureMatching(mu.to(device), var.to(device)).full_state()
         record.statistics_epsilon = eps
 
     metrics: dict = train_local(model, features, data, method.train_settings(cfg), record.train, generator=gen)
-    release = None
+    mask_generator = torch.Generator().manual_seed(derive_seed(record.secret, server_round, partition_id, 5))
     if cfg.dp == "theta":
-        release = dp_theta_release(cfg, record.accountant.noise_multiplier, fresh_generator())
-    payload, extra = method.upload(model, cfg, vector, release,
-                                   torch.Generator().manual_seed(derive_seed(hidden, server_round, partition_id, 5)))
-    if release is not None:
-        record.accountant.step()
+        z = record.accountant.noise_multiplier
+        with nullcontext() if ledger is None else ledger.theta_release(z):
+            payload, extra = method.upload(model, cfg, vector, dp_theta_release(cfg, z, fresh_generator()),
+                                           mask_generator)
+            record.accountant.step()
+    else:
+        payload, extra = method.upload(model, cfg, vector, None, mask_generator)
     metrics.update(extra)
     metrics.update({"num-examples": len(data), "label_histogram": [int(c) for c in hist]})
     if cfg.dp == "theta":

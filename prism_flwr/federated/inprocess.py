@@ -33,13 +33,14 @@ from prism_flwr.evaluation.evaluator import Evaluator, save_grid
 from prism_flwr.model.generator import ResnetGenerator
 from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
 from prism_flwr.federated.methods import PRISM, method_for
+from prism_flwr.privacy import insecure_test_secret
 from prism_flwr.data.client_cache import client_data
 from prism_flwr.model.build import generator_spec, pick_device
 
 
 def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
         on_record: Callable[[dict], None] | None = None, deadline: float | None = None,
-        samples_dir: Path | None = None) -> list[dict]:
+        samples_dir: Path | None = None, insecure_test_mask_seed: int | None = None) -> list[dict]:
     """Train ``cfg.num_server_rounds`` rounds of ``num_clients`` clients; returns the history.
 
     Records follow ``history.json``'s names (``round, clients, uplink_bytes,
@@ -48,7 +49,10 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
     global model at round 0, every ``eval-every`` rounds and at the last round. ``deadline``
     (``time.time()`` value): stop after the round that passes it (``stopped_early`` in the last
     record). ``samples_dir``: a grid of 64 evaluation samples per evaluated round
-    (``round-XXXX.png``, as the ServerApp writes).
+    (``round-XXXX.png``, as the ServerApp writes). Each client's mask secret is fresh from the OS
+    unless ``insecure_test_mask_seed`` is given (predictable masks, to compare with a ``flwr run``
+    whose nodes have ``PRISM_INSECURE_TEST_MASK_SEED`` set to the same value). No node ledger here:
+    each client's run accountant alone limits its DP spend.
     """
     if method_for(cfg) is not PRISM:
         raise ValueError("the in-process runner trains PRISM (method = 'prism'); the dense baseline runs through Flower")
@@ -59,7 +63,9 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
     scores = downlink.settle(get_scores(template).numpy())  # the ServerApp's initial state
     aggregator = Aggregator(cfg.aggregation, cfg.mada_space)
     clients = [client_data(cfg, pid, num_clients, device) for pid in range(num_clients)]
-    states = [new_record(cfg) for _ in range(num_clients)]
+    test_seed = insecure_test_mask_seed
+    mask_secrets = [None if test_seed is None else insecure_test_secret(test_seed, pid) for pid in range(num_clients)]
+    states = [new_record(cfg, secret) for secret in mask_secrets]
 
     def evaluate(rnd: int, record: dict) -> None:
         if evaluator is not None and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
