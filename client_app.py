@@ -31,23 +31,34 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from prism_flwr.federated.broadcast import DOWNLINK_KEY, digest, receive
-from prism_flwr.federated.client_round import (client_evaluate, client_round, masked_count, new_record,
-                                               received_vector, release_multiplier, statistics_params,
-                                               theta_noise_multiplier)
-from prism_flwr.storage.client_state import (ClientRecord, client_state_dir, read_latest_state_file,
-                                             write_state_file)
 from prism_flwr.config import RunConfig
+from prism_flwr.data.client_cache import client_data
+from prism_flwr.federated.broadcast import DOWNLINK_KEY, digest, receive
+from prism_flwr.federated.client_round import (
+    client_evaluate,
+    client_round,
+    masked_count,
+    model_with,
+    new_record,
+    received_vector,
+    release_multiplier,
+    statistics_params,
+    theta_noise_multiplier,
+)
+from prism_flwr.federated.methods import method_for
+from prism_flwr.federated.records import METRICS_KEY
+from prism_flwr.federated.secure_sum import own_mask
+from prism_flwr.model.build import pick_device
+from prism_flwr.model.masked import layout_fingerprint
 from prism_flwr.node_config import NodeConfig, NodeConfigError, Refusal
 from prism_flwr.privacy import insecure_test_secret
 from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
-from prism_flwr.federated.methods import method_for
-from prism_flwr.federated.records import METRICS_KEY
-from prism_flwr.data.client_cache import client_data
-from prism_flwr.model.build import pick_device
-from prism_flwr.federated.client_round import model_with
-from prism_flwr.federated.secure_sum import own_mask
-from prism_flwr.model.masked import layout_fingerprint
+from prism_flwr.storage.client_state import (
+    ClientRecord,
+    client_state_dir,
+    read_latest_state_file,
+    write_state_file,
+)
 from strategies.secagg import STATE_KEY as SECAGG_STATE_KEY
 from strategies.secagg import client_advertise, client_mask, client_share, client_unmask
 
@@ -89,16 +100,26 @@ def node_for_run(context: Context, cfg: RunConfig) -> NodeConfig:
 def open_ledger(node: NodeConfig, cfg: RunConfig, msg: Message, server_round: int) -> LedgerSession:
     """The node's ledger for this data (never keyed by what the server sends), checked for one more
     release."""
-    key = {"dataset": cfg.dataset, "data-dir": str(node.resolved("data_dir")),
-           "partition-id": node.partition_id, "num-partitions": node.num_partitions}
+    key = {
+        "dataset": cfg.dataset,
+        "data-dir": str(node.resolved("data_dir")),
+        "partition-id": node.partition_id,
+        "num-partitions": node.num_partitions,
+    }
     ledger = PrivacyLedger(node.resolved("state_dir"), key, node.dp_budget, node.max_dp_delta)
     session = LedgerSession(ledger, str(msg.content["config"]["run-tag"]), server_round)
     session.precheck(cfg.dp, release_multiplier(cfg), statistics_params(cfg))
     return session
 
 
-def load_client_state(msg: Message, context: Context, cfg: RunConfig, node: NodeConfig, server_round: int,
-                      ledger: LedgerSession | None) -> ClientRecord:
+def load_client_state(
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    node: NodeConfig,
+    server_round: int,
+    ledger: LedgerSession | None,
+) -> ClientRecord:
     """The newest state this client saved before ``server_round`` (memory first, then disk).
 
     Under DP the run's accountant is always rebuilt from the node's append-only ledger, whatever a
@@ -106,20 +127,23 @@ def load_client_state(msg: Message, context: Context, cfg: RunConfig, node: Node
     rec = context.state.config_records.get(STATE_KEY)
     if rec is not None and rec["round"] < server_round:
         record = ClientRecord.from_bytes(rec["blob"])
-    elif (saved := read_latest_state_file(_state_dir(node, msg), node.partition_id,
-                                          server_round)) is not None:
+    elif (
+        saved := read_latest_state_file(_state_dir(node, msg), node.partition_id, server_round)
+    ) is not None:
         record = ClientRecord.from_bytes(saved[1])
     else:
         record = _fresh_record(cfg, node.partition_id)
     if ledger is not None and cfg.dp == "theta":
         with ledger.ledger.locked() as led:
-            record.accountant = led.accountant(ledger.run, theta_noise_multiplier(cfg), cfg.dp_delta,
-                                               cfg.dp_epsilon)
+            record.accountant = led.accountant(
+                ledger.run, theta_noise_multiplier(cfg), cfg.dp_delta, cfg.dp_epsilon
+            )
     return record
 
 
-def save_client_state(msg: Message, context: Context, node: NodeConfig, server_round: int,
-                      record: ClientRecord) -> None:
+def save_client_state(
+    msg: Message, context: Context, node: NodeConfig, server_round: int, record: ClientRecord
+) -> None:
     blob = record.to_bytes()
     context.state[STATE_KEY] = ConfigRecord({"round": server_round, "blob": blob})
     write_state_file(_state_dir(node, msg), node.partition_id, server_round, blob)
@@ -148,8 +172,13 @@ def _received_global(msg: Message, context: Context, cfg: RunConfig, method, dev
     kept = context.state.array_records.get(HELD_KEY)
     held = None if kept is None else kept["global"].numpy()
     try:
-        state = receive(downlink, array, masked_count(cfg, method, device),
-                        msg.content.config_records.get(DOWNLINK_KEY), held)
+        state = receive(
+            downlink,
+            array,
+            masked_count(cfg, method, device),
+            msg.content.config_records.get(DOWNLINK_KEY),
+            held,
+        )
     except ValueError:
         if kept is not None:
             del context.state[HELD_KEY]
@@ -183,16 +212,19 @@ def _train(msg: Message, context: Context) -> Message:
     # Under DP: refuses a repeated round or a spent budget before any training.
     ledger = open_ledger(node, cfg, msg, server_round) if cfg.dp != "off" else None
     record = load_client_state(msg, context, cfg, node, server_round, ledger)
-    result = client_round(cfg, method, vector, data, hist, record, partition_id=pid,
-                          server_round=server_round, ledger=ledger)
+    result = client_round(
+        cfg, method, vector, data, hist, record, partition_id=pid, server_round=server_round, ledger=ledger
+    )
     payload = result.payload
     save_client_state(msg, context, node, server_round, result.record)
     log.info("client %d round %d: %d bytes up", pid, server_round, payload.nbytes)
-    content = RecordDict({
-        method.up_key: ArrayRecord({method.up_key: Array(payload)}),
-        METRICS_KEY: MetricRecord(result.metrics),
-        **_held_record(cfg, method, vector),
-    })
+    content = RecordDict(
+        {
+            method.up_key: ArrayRecord({method.up_key: Array(payload)}),
+            METRICS_KEY: MetricRecord(result.metrics),
+            **_held_record(cfg, method, vector),
+        }
+    )
     if cfg.secure_aggregation != "off":  # the mask itself never leaves: its masked sum does
         content = secagg_train_reply(msg, context, cfg, vector, payload, result.metrics)
     return Message(content=content, reply_to=msg)
@@ -202,8 +234,14 @@ def _train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Pixel MMD^2 between samples of the global model and this node's images."""
     cfg, node, method, vector, data, _ = _unpack(msg, context)
-    metrics = client_evaluate(cfg, method, vector, data, partition_id=node.partition_id,
-                              server_round=int(msg.content["config"]["server-round"]))
+    metrics = client_evaluate(
+        cfg,
+        method,
+        vector,
+        data,
+        partition_id=node.partition_id,
+        server_round=int(msg.content["config"]["server-round"]),
+    )
     content = RecordDict({METRICS_KEY: MetricRecord(metrics), **_held_record(cfg, method, vector)})
     return Message(content=content, reply_to=msg)
 
@@ -233,8 +271,9 @@ def secagg_share(msg: Message, context: Context) -> Message:
     return Message(content=reply, reply_to=msg)
 
 
-def secagg_train_reply(msg: Message, context: Context, cfg: RunConfig, vector, payload,
-                       metrics) -> RecordDict:
+def secagg_train_reply(
+    msg: Message, context: Context, cfg: RunConfig, vector, payload, metrics
+) -> RecordDict:
     """The train reply under secure aggregation: this client's mask, masked, at b bits per weight."""
     model = model_with(cfg, method_for(cfg), vector, pick_device(cfg.device))
     x = own_mask(payload, vector, layout_fingerprint(model))

@@ -22,18 +22,26 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from prism_flwr.storage.checkpoint import (RunLock, check_resume_config, find_run_dir, load_checkpoint, new_run_dir,
-                                  point_latest, save_checkpoint, write_text_atomic)
 from prism_flwr.config import RunConfig
 from prism_flwr.data.datasets import NUM_CLASSES
 from prism_flwr.evaluation.evaluator import Evaluator, save_grid
-from prism_flwr.storage.export import dense_float32_bytes
-from prism_flwr.model.generator import ResnetGenerator, generate
 from prism_flwr.evaluation.plots import plot_history
-from prism_flwr.model.masked import get_flat, layout_fingerprint, num_masked, set_flat
-from prism_flwr.federated.methods import Method, method_for
 from prism_flwr.evaluation.summary import closing_summary
+from prism_flwr.federated.methods import Method, method_for
 from prism_flwr.model.build import generator_spec, pick_device
+from prism_flwr.model.generator import ResnetGenerator, generate
+from prism_flwr.model.masked import get_flat, layout_fingerprint, num_masked, set_flat
+from prism_flwr.storage.checkpoint import (
+    RunLock,
+    check_resume_config,
+    find_run_dir,
+    load_checkpoint,
+    new_run_dir,
+    point_latest,
+    save_checkpoint,
+    write_text_atomic,
+)
+from prism_flwr.storage.export import dense_float32_bytes
 from strategies.base import RecordingFedAvg
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
@@ -41,7 +49,10 @@ from strategies.prompt_grid import PromptGrid
 from strategies.secagg import SecAggMADA
 
 app = ServerApp()
-STRATEGY_CLASSES = (MADA, DenseFedAvg)  # each names the method it aggregates; SecAggMADA is MADA's secure twin
+STRATEGY_CLASSES = (
+    MADA,
+    DenseFedAvg,
+)  # each names the method it aggregates; SecAggMADA is MADA's secure twin
 log = logging.getLogger("prism.server")
 # Training-set sizes: no honest client reports more examples than its dataset has.
 TRAIN_SIZE = {"mnist": 60_000, "fmnist": 60_000, "cifar10": 50_000, "celeba": 162_770}
@@ -53,7 +64,9 @@ def _fmt(record: dict) -> str:
     if record["skipped"]:
         parts.append(f"SKIPPED ({record.get('skip_reason') or 'reason not recorded'})")
     else:
-        parts.append(f"up {record['uplink_bytes'] / 1e3:.1f} kB ({record['uplink_bits_per_weight']:.5f} bit/w)")
+        parts.append(
+            f"up {record['uplink_bytes'] / 1e3:.1f} kB ({record['uplink_bits_per_weight']:.5f} bit/w)"
+        )
         parts.append(f"down {record['downlink_bytes'] / 1e6:.2f} MB")
         if record.get("mada_lambda") is not None:
             parts.append(f"lambda {record['mada_lambda']:.3f}")
@@ -91,24 +104,43 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
     vector = downlink.settle(get_flat(model, method.vector_attr).numpy())
     if cfg.resume:
         ckpt = load_checkpoint(run_dir)  # the newest readable one; falls back past a corrupt one
-        check_resume_config(ckpt["run_config"], cfg.model_dump(by_alias=True), run_dir,
-                            defaults=RunConfig().model_dump(by_alias=True))
+        check_resume_config(
+            ckpt["run_config"],
+            cfg.model_dump(by_alias=True),
+            run_dir,
+            defaults=RunConfig().model_dump(by_alias=True),
+        )
         if ckpt["spec"] != spec.to_dict():
-            raise ValueError(f"checkpoint in {run_dir} is for generator {ckpt['spec']}, this run builds {spec.to_dict()}")
+            raise ValueError(
+                f"checkpoint in {run_dir} is for generator {ckpt['spec']}, this run builds {spec.to_dict()}"
+            )
         if ckpt["scores"].numel() != n:
-            raise ValueError(f"checkpoint in {run_dir} holds {ckpt['scores'].numel()} values, the model has {n}")
+            raise ValueError(
+                f"checkpoint in {run_dir} holds {ckpt['scores'].numel()} values, the model has {n}"
+            )
         start_round, history, run_tag = ckpt["round"], ckpt["history"], ckpt["run_tag"]
         vector = ckpt["scores"].numpy()
         aggregator_state = ckpt.get("aggregator", {})
         point_latest(out, run_dir)
         log.warning("resuming %s at round %d of %d", run_dir, start_round, cfg.num_server_rounds)
     remaining = cfg.num_server_rounds - start_round
-    print(f"PRISM: {cfg.dataset}, ngf {cfg.ngf} ({n:,} masked weights), {method.describe(cfg)}, "
-          f"{remaining} rounds to go; outputs in {run_dir}", flush=True)
+    print(
+        f"PRISM: {cfg.dataset}, ngf {cfg.ngf} ({n:,} masked weights), {method.describe(cfg)}, "
+        f"{remaining} rounds to go; outputs in {run_dir}",
+        flush=True,
+    )
 
     strategy = _strategy(cfg, method, n, layout, start_round, aggregator_state)
-    evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), cfg.eval_samples, cfg.seed, device, cfg.download,
-                          inception_weights=cfg.inception_weights or None, feature_metrics=cfg.eval_feature_metrics)
+    evaluator = Evaluator(
+        cfg.dataset,
+        cfg.resolved_data_dir(),
+        cfg.eval_samples,
+        cfg.seed,
+        device,
+        cfg.download,
+        inception_weights=cfg.inception_weights or None,
+        feature_metrics=cfg.eval_feature_metrics,
+    )
 
     def evaluate_and_record(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called by Strategy.start at round 0 and after every round: eval, history, checkpoint."""
@@ -127,9 +159,18 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
         if rnd > 0:
             print(_fmt(record), flush=True)
         # Checkpoint first: whatever history.json shows is already safe to resume from.
-        save_checkpoint(run_dir, {"round": rnd, "scores": s.copy(), "history": history, "run_tag": run_tag,
-                                  "spec": spec.to_dict(), "run_config": cfg.model_dump(by_alias=True),
-                                  "aggregator": strategy.state_dict()})
+        save_checkpoint(
+            run_dir,
+            {
+                "round": rnd,
+                "scores": s.copy(),
+                "history": history,
+                "run_tag": run_tag,
+                "spec": spec.to_dict(),
+                "run_config": cfg.model_dump(by_alias=True),
+                "aggregator": strategy.state_dict(),
+            },
+        )
         write_text_atomic(run_dir / "history.json", json.dumps(history, indent=1))
         if local_round == 0 and not cfg.resume:
             point_latest(out, run_dir)  # only now: a run that failed before this leaves latest as it was
@@ -138,49 +179,77 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
         return MetricRecord(record["eval"]) if "eval" in record else None
 
     t0 = time.time()
-    result = strategy.start(grid=PromptGrid(grid), initial_arrays=ArrayRecord({key: Array(vector)}),
-                            num_rounds=remaining, timeout=cfg.round_timeout,
-                            train_config=ConfigRecord({"run-tag": run_tag}), evaluate_fn=evaluate_and_record)
+    result = strategy.start(
+        grid=PromptGrid(grid),
+        initial_arrays=ArrayRecord({key: Array(vector)}),
+        num_rounds=remaining,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord({"run-tag": run_tag}),
+        evaluate_fn=evaluate_and_record,
+    )
     final = result.arrays[key].numpy() if key in result.arrays else vector
     _export(cfg, method, run_dir, model, final, history, time.time() - t0, evaluator.feature_info)
 
 
-def _strategy(cfg: RunConfig, method: Method, n: int, layout: bytes, start_round: int,
-              aggregator_state: dict | None) -> RecordingFedAvg:
+def _strategy(
+    cfg: RunConfig, method: Method, n: int, layout: bytes, start_round: int, aggregator_state: dict | None
+) -> RecordingFedAvg:
     """The strategy that aggregates ``method`` (MADA over PRISM's masks, FedAvg of the dense
     baseline's weights), given everything it needs; the class reads its own keys of ``cfg``."""
     cls = next(c for c in STRATEGY_CLASSES if c.method is method)
     if cfg.secure_aggregation != "off":  # RunConfig allows it with PRISM only
         cls = SecAggMADA
-    return cls.from_config(cfg, layout=layout, state=aggregator_state, num_weights=n, seed=cfg.seed,
-                           eval_every=cfg.eval_every, fraction_train=cfg.fraction_train,
-                           # under DP a client's local evaluation would leak data outside the guarantee
-                           fraction_evaluate=0.0 if cfg.dp != "off" else cfg.fraction_evaluate,
-                           min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes,
-                           num_classes=NUM_CLASSES[cfg.dataset], max_examples=TRAIN_SIZE[cfg.dataset],
-                           downlink=method.downlink(cfg), round_offset=start_round)
+    return cls.from_config(
+        cfg,
+        layout=layout,
+        state=aggregator_state,
+        num_weights=n,
+        seed=cfg.seed,
+        eval_every=cfg.eval_every,
+        fraction_train=cfg.fraction_train,
+        # under DP a client's local evaluation would leak data outside the guarantee
+        fraction_evaluate=0.0 if cfg.dp != "off" else cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_train_nodes,
+        num_classes=NUM_CLASSES[cfg.dataset],
+        max_examples=TRAIN_SIZE[cfg.dataset],
+        downlink=method.downlink(cfg),
+        round_offset=start_round,
+    )
 
 
-def _export(cfg: RunConfig, method: Method, out, model: ResnetGenerator, final: np.ndarray, history: list,
-            seconds: float, feature_info: dict | None) -> None:
+def _export(
+    cfg: RunConfig,
+    method: Method,
+    out,
+    model: ResnetGenerator,
+    final: np.ndarray,
+    history: list,
+    seconds: float,
+    feature_info: dict | None,
+) -> None:
     """Final model (the method's: PRISM a sparse file with a mask sampled from theta, as the paper
     evaluates; the dense baseline its float32 weights), sample grid, summary and closing lines."""
     path, density, exported = method.export(model, final, cfg, out)
     size = path.stat().st_size
     save_grid(generate(exported, 64, cfg.seed), out / "samples.png")
     summary = {
-        "method": cfg.method, "rounds": cfg.num_server_rounds, "wall_seconds": seconds,
-        "model_bytes": size, "dense_float32_bytes": dense_float32_bytes(model.spec),
-        "density": density, "masked_weights": num_masked(model),
+        "method": cfg.method,
+        "rounds": cfg.num_server_rounds,
+        "wall_seconds": seconds,
+        "model_bytes": size,
+        "dense_float32_bytes": dense_float32_bytes(model.spec),
+        "density": density,
+        "masked_weights": num_masked(model),
         "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in history)),
         "downlink_bytes_total": int(sum(r.get("downlink_bytes") or 0 for r in history)),
         "final_eval": next((r["eval"] for r in reversed(history) if "eval" in r), None),
         "eval_features": feature_info,  # metric name, network, weights path, classifier test accuracy
         "dp": cfg.dp,
         # privacy spent by each client by the end (from its last reply), under dp != "off"
-        "dp_epsilon_per_client": next((r["dp_epsilon_per_client"] for r in reversed(history)
-                                       if "dp_epsilon_per_client" in r), None),
+        "dp_epsilon_per_client": next(
+            (r["dp_epsilon_per_client"] for r in reversed(history) if "dp_epsilon_per_client" in r), None
+        ),
     }
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     print(closing_summary(history, out, summary), flush=True)
-

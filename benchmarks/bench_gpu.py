@@ -33,13 +33,10 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-
 
 from prism_flwr.config import RunConfig  # noqa: E402
 from prism_flwr.model.features import PixelFeatures, VGG19Features  # noqa: E402
@@ -49,10 +46,15 @@ from prism_flwr.model.objectives import FeatureMatching, mmd2_unbiased  # noqa: 
 from prism_flwr.model.training import ClientState, TrainSettings, real_feature_moments, train_local  # noqa: E402
 
 SIZES = {
-    "gpu": {"widths": [16, 32, 64], "objectives": ["mmd", "fm-vgg19"], "steps": 100, "repeats": 4,
-            "clients": 10, "round_steps": 100},
-    "tiny": {"widths": [4], "objectives": ["mmd"], "steps": 3, "repeats": 2, "clients": 2,
-             "round_steps": 2},
+    "gpu": {
+        "widths": [16, 32, 64],
+        "objectives": ["mmd", "fm-vgg19"],
+        "steps": 100,
+        "repeats": 4,
+        "clients": 10,
+        "round_steps": 100,
+    },
+    "tiny": {"widths": [4], "objectives": ["mmd"], "steps": 3, "repeats": 2, "clients": 2, "round_steps": 2},
 }
 
 
@@ -90,14 +92,22 @@ def landed_steps(model, features, data, settings: TrainSettings, steps: int) -> 
         loss.item()
 
 
-def time_variant(variant: str, width: int, objective: str, device: torch.device, steps: int, repeats: int,
-                 data: torch.Tensor) -> dict:
+def time_variant(
+    variant: str,
+    width: int,
+    objective: str,
+    device: torch.device,
+    steps: int,
+    repeats: int,
+    data: torch.Tensor,
+) -> dict:
     model = ResnetGenerator(GeneratorSpec(ngf=width, nc=1, seed=30)).to(device)
     features = (PixelFeatures() if objective == "mmd" else VGG19Features(None)).to(device)
     settings = TrainSettings(steps=steps, objective="mmd" if objective == "mmd" else "feature-matching")
     state = ClientState()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
     def round_seconds(n: int) -> float:
         times = []
         for r in range(repeats):
@@ -106,29 +116,57 @@ def time_variant(variant: str, width: int, objective: str, device: torch.device,
             if variant == "landed":
                 landed_steps(model, features, data, settings, n)
             else:
-                train_local(model, features, data, replace(settings, steps=n), state,
-                            torch.Generator(device=device).manual_seed(r), cuda_graph=variant == "graph")
+                train_local(
+                    model,
+                    features,
+                    data,
+                    replace(settings, steps=n),
+                    state,
+                    torch.Generator(device=device).manual_seed(r),
+                    cuda_graph=variant == "graph",
+                )
             _sync(device)
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:] if len(times) > 1 else times)
 
     short, long = round_seconds(steps), round_seconds(3 * steps)
     marginal = max(0.0, (long - short) / (2 * steps))
-    return {"variant": variant, "width": width, "objective": objective, "steps": steps,
-            "ms_per_step": 1e3 * marginal, "fixed_ms_per_round": 1e3 * max(0.0, short - marginal * steps),
-            "ms_per_step_in_round": 1e3 * short / steps,
-            "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+    return {
+        "variant": variant,
+        "width": width,
+        "objective": objective,
+        "steps": steps,
+        "ms_per_step": 1e3 * marginal,
+        "fixed_ms_per_round": 1e3 * max(0.0, short - marginal * steps),
+        "ms_per_step_in_round": 1e3 * short / steps,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    }
 
 
 def time_round(width: int, clients: int, round_steps: int, device: torch.device) -> dict:
     from prism_flwr.federated import inprocess
-    cfg = RunConfig.parse({"ngf": width, "local-steps": round_steps, "num-server-rounds": 2,
-                           "device": device.type, "partitioning": "shards"})
+
+    cfg = RunConfig.parse(
+        {
+            "ngf": width,
+            "local-steps": round_steps,
+            "num-server-rounds": 2,
+            "device": device.type,
+            "partitioning": "shards",
+        }
+    )
     hist = inprocess.run(cfg, clients)
     r = hist[2]
-    return {"width": width, "clients": clients, "local_steps": round_steps, "round_seconds": r["round_seconds"],
-            "client_seconds": r["client_seconds"], "server_seconds": r["server_seconds"],
-            "first_round_seconds": hist[1]["round_seconds"], "peak_gpu_mb": (hist[-1].get("peak_gpu_bytes") or 0) / 2**20}
+    return {
+        "width": width,
+        "clients": clients,
+        "local_steps": round_steps,
+        "round_seconds": r["round_seconds"],
+        "client_seconds": r["client_seconds"],
+        "server_seconds": r["server_seconds"],
+        "first_round_seconds": hist[1]["round_seconds"],
+        "peak_gpu_mb": (hist[-1].get("peak_gpu_bytes") or 0) / 2**20,
+    }
 
 
 def machine(device: torch.device) -> str:
@@ -148,36 +186,66 @@ def main(argv: list[str] | None = None) -> dict:
     size = dict(SIZES[args.size])
     widths = args.widths or size["widths"]
     objectives = args.objectives or size["objectives"]
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     data = torch.rand(6000 if args.size == "gpu" else 128, 1, 32, 32, device=device) * 2 - 1
     variants = ["landed", "eager"] + (["graph"] if device.type == "cuda" else [])
     rows = []
     print(f"marginal ms per local step (fixed ms per round of {size['steps']} steps)", flush=True)
-    print(f"{'width':>5} {'objective':>9} " + " ".join(f"{v:>16}" for v in variants)
-          + f" {'speed-up':>9} {'peak MB':>8}", flush=True)
+    print(
+        f"{'width':>5} {'objective':>9} "
+        + " ".join(f"{v:>16}" for v in variants)
+        + f" {'speed-up':>9} {'peak MB':>8}",
+        flush=True,
+    )
     for width in widths:
         for objective in objectives:
-            res = {v: time_variant(v, width, objective, device, size["steps"], size["repeats"], data) for v in variants}
+            res = {
+                v: time_variant(v, width, objective, device, size["steps"], size["repeats"], data)
+                for v in variants
+            }
             best = res[variants[-1]]
-            row = {"width": width, "objective": objective,
-                   **{f"{v}_ms_per_step": r["ms_per_step"] for v, r in res.items()},
-                   **{f"{v}_fixed_ms_per_round": r["fixed_ms_per_round"] for v, r in res.items()},
-                   **{f"{v}_ms_per_step_in_{size['steps']}_step_round": r["ms_per_step_in_round"] for v, r in res.items()},
-                   "speedup_vs_landed": res["landed"]["ms_per_step"] / max(best["ms_per_step"], 1e-9),
-                   "peak_gpu_mb": best["peak_gpu_mb"]}
+            row = {
+                "width": width,
+                "objective": objective,
+                **{f"{v}_ms_per_step": r["ms_per_step"] for v, r in res.items()},
+                **{f"{v}_fixed_ms_per_round": r["fixed_ms_per_round"] for v, r in res.items()},
+                **{
+                    f"{v}_ms_per_step_in_{size['steps']}_step_round": r["ms_per_step_in_round"]
+                    for v, r in res.items()
+                },
+                "speedup_vs_landed": res["landed"]["ms_per_step"] / max(best["ms_per_step"], 1e-9),
+                "peak_gpu_mb": best["peak_gpu_mb"],
+            }
             rows.append(row)
-            print(f"{width:>5} {objective:>9} " + " ".join(
-                f"{res[v]['ms_per_step']:>7.3f} ({res[v]['fixed_ms_per_round']:>5.0f})" for v in variants)
-                  + f" {row['speedup_vs_landed']:>8.2f}x {row['peak_gpu_mb'] or 0:>8.0f}", flush=True)
-    out = {"bench": "gpu", "machine": machine(device), "torch": torch.__version__, "batch": 64,
-           "steps_per_timing": size["steps"], "rows": rows}
+            print(
+                f"{width:>5} {objective:>9} "
+                + " ".join(
+                    f"{res[v]['ms_per_step']:>7.3f} ({res[v]['fixed_ms_per_round']:>5.0f})" for v in variants
+                )
+                + f" {row['speedup_vs_landed']:>8.2f}x {row['peak_gpu_mb'] or 0:>8.0f}",
+                flush=True,
+            )
+    out = {
+        "bench": "gpu",
+        "machine": machine(device),
+        "torch": torch.__version__,
+        "batch": 64,
+        "steps_per_timing": size["steps"],
+        "rows": rows,
+    }
     if not args.no_round:
         out["round"] = time_round(max(widths), size["clients"], size["round_steps"], device)
         r = out["round"]
-        print(f"in-process round: {r['clients']} clients x {r['local_steps']} steps at ngf {r['width']}: "
-              f"{r['round_seconds']:.2f} s (clients {r['client_seconds']:.2f} s, server {r['server_seconds']:.3f} s; "
-              f"first round {r['first_round_seconds']:.2f} s)", flush=True)
+        print(
+            f"in-process round: {r['clients']} clients x {r['local_steps']} steps at ngf {r['width']}: "
+            f"{r['round_seconds']:.2f} s (clients {r['client_seconds']:.2f} s, server {r['server_seconds']:.3f} s; "
+            f"first round {r['first_round_seconds']:.2f} s)",
+            flush=True,
+        )
     print(json.dumps(out), flush=True)
     return out
 

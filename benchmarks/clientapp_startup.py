@@ -49,8 +49,14 @@ print(json.dumps([t1 - t0, t2 - t1, t3 - t2, t4 - t3, len(data)]))
 
 
 def one_process(keys: dict, pid: int, num: int) -> list[float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(keys), str(pid), str(num)], cwd=ROOT,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(keys), str(pid), str(num)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"ClientApp start-up failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -66,9 +72,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
 
-    from prism_flwr.data.client_cache import _key, cache_path
     from prism_flwr.config import RunConfig
-    keys = {"dataset": args.dataset, "ngf": args.ngf, **({"data-dir": args.data_dir} if args.data_dir else {})}
+    from prism_flwr.data.client_cache import _key, cache_path
+
+    keys = {
+        "dataset": args.dataset,
+        "ngf": args.ngf,
+        **({"data-dir": args.data_dir} if args.data_dir else {}),
+    }
     cfg = RunConfig.parse(keys)
     one_process(keys, args.partition_id, args.partitions)  # dataset prepared (and fetched) outside the timing
     path = cache_path(cfg, _key(cfg, args.partition_id, args.partitions))
@@ -78,19 +89,35 @@ def main(argv: list[str] | None = None) -> dict:
             if mode == "cold":
                 path.unlink(missing_ok=True)
             times[mode].append(one_process(keys, args.partition_id, args.partitions))
-    med = {mode: [statistics.median(row[i] for row in rows) for i in range(len(PHASES))] for mode, rows in times.items()}
+    med = {
+        mode: [statistics.median(row[i] for row in rows) for i in range(len(PHASES))]
+        for mode, rows in times.items()
+    }
     images = int(times["warm"][0][-1])
-    print(f"ClientApp start-up, fresh process, 1 thread, {args.dataset} partition {args.partition_id}/"
-          f"{args.partitions} ({images} images), ngf {args.ngf}, median of {args.repeats}:")
+    print(
+        f"ClientApp start-up, fresh process, 1 thread, {args.dataset} partition {args.partition_id}/"
+        f"{args.partitions} ({images} images), ngf {args.ngf}, median of {args.repeats}:"
+    )
     print(f"{'phase':>18} {'cold s':>8} {'warm s':>8}")
     for i, phase in enumerate(PHASES):
         print(f"{phase:>18} {med['cold'][i]:>8.2f} {med['warm'][i]:>8.2f}")
     total = {mode: sum(v) for mode, v in med.items()}
-    print(f"{'total':>18} {total['cold']:>8.2f} {total['warm']:>8.2f}   ({total['cold'] / total['warm']:.1f}x)")
-    out = {"bench": "clientapp_startup", "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-           "dataset": args.dataset, "images": images, "ngf": args.ngf, "repeats": args.repeats,
-           "phases": list(PHASES), "cold_s": med["cold"], "warm_s": med["warm"],
-           "total_cold_s": total["cold"], "total_warm_s": total["warm"]}
+    print(
+        f"{'total':>18} {total['cold']:>8.2f} {total['warm']:>8.2f}   ({total['cold'] / total['warm']:.1f}x)"
+    )
+    out = {
+        "bench": "clientapp_startup",
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+        "dataset": args.dataset,
+        "images": images,
+        "ngf": args.ngf,
+        "repeats": args.repeats,
+        "phases": list(PHASES),
+        "cold_s": med["cold"],
+        "warm_s": med["warm"],
+        "total_cold_s": total["cold"],
+        "total_warm_s": total["warm"],
+    }
     print(json.dumps(out), flush=True)
     return out
 

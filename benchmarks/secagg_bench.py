@@ -25,8 +25,17 @@ from datetime import datetime, timezone
 import numpy as np
 
 from prism_flwr.secagg import (
-    advertise_keys, collect_adverts, collect_masked, finish, mask_input, new_round, route_shares,
-    share_keys, start_round, unmask)
+    advertise_keys,
+    collect_adverts,
+    collect_masked,
+    finish,
+    mask_input,
+    new_round,
+    route_shares,
+    share_keys,
+    start_round,
+    unmask,
+)
 
 CLIENT_PHASES = ("advertise", "share", "mask", "unmask")
 SERVER_PHASES = ("adverts", "route", "collect", "finish")
@@ -58,8 +67,9 @@ def masked_weights(ngf: int) -> int:
 def git_commit() -> str | None:
     """The checkout's commit, so a result says what code produced it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -87,23 +97,23 @@ def one_round(inputs: dict, threshold: int, degree: int, silent: set) -> tuple[d
             replies.append(reply)
         return replies
 
-    adverts = clients(params.clients, "advertise", lambda u: advertise_keys(params, u),
-                      lambda u: params)
+    adverts = clients(params.clients, "advertise", lambda u: advertise_keys(params, u), lambda u: params)
     server, forward = timed(server_s, "adverts", lambda: collect_adverts(server, adverts))
-    packages = clients(forward, "share", lambda u: share_keys(states[u], forward[u]),
-                       lambda u: forward[u])
+    packages = clients(forward, "share", lambda u: share_keys(states[u], forward[u]), lambda u: forward[u])
     server, inbox = timed(server_s, "route", lambda: route_shares(server, packages))
-    masked = clients([u for u in inbox if u not in silent], "mask",
-                     lambda u: mask_input(states[u], inbox[u], inputs[u]), lambda u: inbox[u])
+    masked = clients(
+        [u for u in inbox if u not in silent],
+        "mask",
+        lambda u: mask_input(states[u], inbox[u], inputs[u]),
+        lambda u: inbox[u],
+    )
     server, request = timed(server_s, "collect", lambda: collect_masked(server, masked))
-    replies = clients(request.survivors, "unmask", lambda u: unmask(states[u], request),
-                      lambda u: request)
+    replies = clients(request.survivors, "unmask", lambda u: unmask(states[u], request), lambda u: request)
     result = timed(server_s, "finish", lambda: finish(server, replies))
     plain = sum(inputs[u].astype(np.int64) for u in result.contributors)
     if not np.array_equal(result.counts, plain):
         raise SystemExit("secure aggregate differs from the plain count")
-    counts = {"advertise": len(adverts), "share": len(packages), "mask": len(masked),
-              "unmask": len(replies)}
+    counts = {"advertise": len(adverts), "share": len(packages), "mask": len(masked), "unmask": len(replies)}
     per_client = {p: client_s[p] / counts[p] for p in CLIENT_PHASES}
     size = {p: {"up": up[p] / counts[p], "down": down[p] / counts[p]} for p in CLIENT_PHASES}
     return per_client, server_s, {"bits": params.bits, "per_phase": size}
@@ -119,23 +129,35 @@ def run_case(ngf: int, count: int, silent_count: int, repeats: int) -> dict:
     best_client, best_server, size = None, None, None
     for _ in range(repeats):
         client_s, server_s, size = one_round(inputs, threshold, degree, silent)
-        best_client = client_s if best_client is None else {
-            p: min(best_client[p], client_s[p]) for p in CLIENT_PHASES}
-        best_server = server_s if best_server is None else {
-            p: min(best_server[p], server_s[p]) for p in SERVER_PHASES}
+        best_client = (
+            client_s if best_client is None else {p: min(best_client[p], client_s[p]) for p in CLIENT_PHASES}
+        )
+        best_server = (
+            server_s if best_server is None else {p: min(best_server[p], server_s[p]) for p in SERVER_PHASES}
+        )
     up = sum(s["up"] for s in size["per_phase"].values())
     down = sum(s["down"] for s in size["per_phase"].values())
-    return {"ngf": ngf, "n": n, "clients": count, "degree": degree, "threshold": threshold,
-            "bits": size["bits"], "silent_after_share": silent_count,
-            "client_s": best_client, "server_s": best_server,
-            "client_bytes": {"up": up, "down": down, "per_phase": size["per_phase"]},
-            "plain_mask_bytes": (n + 7) // 8, "masked_vector_bytes": (n * size["bits"] + 7) // 8}
+    return {
+        "ngf": ngf,
+        "n": n,
+        "clients": count,
+        "degree": degree,
+        "threshold": threshold,
+        "bits": size["bits"],
+        "silent_after_share": silent_count,
+        "client_s": best_client,
+        "server_s": best_server,
+        "client_bytes": {"up": up, "down": down, "per_phase": size["per_phase"]},
+        "plain_mask_bytes": (n + 7) // 8,
+        "masked_vector_bytes": (n * size["bits"] + 7) // 8,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--case", action="append", default=None,
-                        help="NGF:K, e.g. 16:4 (default: 16:4 and 64:10)")
+    parser.add_argument(
+        "--case", action="append", default=None, help="NGF:K, e.g. 16:4 (default: 16:4 and 64:10)"
+    )
     parser.add_argument("--drop-after-share", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -143,22 +165,39 @@ def main() -> None:
     rows = [run_case(ngf, k, args.drop_after_share, args.repeats) for ngf, k in cases]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    print(f"# secagg_bench at {git_commit()} on {machine} (load {load:.2f}), best of {args.repeats}, "
-          f"{args.drop_after_share} client(s) silent after sharing keys")
-    print(f"{'ngf':>4} {'n':>10} {'K':>3} {'b':>2} | client ms: {'adv':>6} {'share':>6} "
-          f"{'mask':>7} {'unmask':>6} | server ms: {'adv':>5} {'route':>5} {'collect':>7} "
-          f"{'finish':>7} | client kB up/down (packed mask alone)")
+    print(
+        f"# secagg_bench at {git_commit()} on {machine} (load {load:.2f}), best of {args.repeats}, "
+        f"{args.drop_after_share} client(s) silent after sharing keys"
+    )
+    print(
+        f"{'ngf':>4} {'n':>10} {'K':>3} {'b':>2} | client ms: {'adv':>6} {'share':>6} "
+        f"{'mask':>7} {'unmask':>6} | server ms: {'adv':>5} {'route':>5} {'collect':>7} "
+        f"{'finish':>7} | client kB up/down (packed mask alone)"
+    )
     for r in rows:
         c, s, b = r["client_s"], r["server_s"], r["client_bytes"]
-        print(f"{r['ngf']:>4} {r['n']:>10,} {r['clients']:>3} {r['bits']:>2} | "
-              f"{'':>11}{c['advertise'] * 1e3:>6.1f} {c['share'] * 1e3:>6.1f} "
-              f"{c['mask'] * 1e3:>7.1f} {c['unmask'] * 1e3:>6.1f} | {'':>11}"
-              f"{s['adverts'] * 1e3:>5.1f} {s['route'] * 1e3:>5.1f} {s['collect'] * 1e3:>7.1f} "
-              f"{s['finish'] * 1e3:>7.1f} | {b['up'] / 1e3:,.1f} / {b['down'] / 1e3:,.1f} "
-              f"({r['masked_vector_bytes'] / 1e3:,.1f}; 1-bit plain {r['plain_mask_bytes'] / 1e3:,.1f})")
+        print(
+            f"{r['ngf']:>4} {r['n']:>10,} {r['clients']:>3} {r['bits']:>2} | "
+            f"{'':>11}{c['advertise'] * 1e3:>6.1f} {c['share'] * 1e3:>6.1f} "
+            f"{c['mask'] * 1e3:>7.1f} {c['unmask'] * 1e3:>6.1f} | {'':>11}"
+            f"{s['adverts'] * 1e3:>5.1f} {s['route'] * 1e3:>5.1f} {s['collect'] * 1e3:>7.1f} "
+            f"{s['finish'] * 1e3:>7.1f} | {b['up'] / 1e3:,.1f} / {b['down'] / 1e3:,.1f} "
+            f"({r['masked_vector_bytes'] / 1e3:,.1f}; 1-bit plain {r['plain_mask_bytes'] / 1e3:,.1f})"
+        )
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    print(json.dumps({"bench": "secagg", "date": date, "commit": git_commit(), "machine": machine,
-                      "load_1min": load, "repeats": args.repeats, "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "bench": "secagg",
+                "date": date,
+                "commit": git_commit(),
+                "machine": machine,
+                "load_1min": load,
+                "repeats": args.repeats,
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ def _train(cfg: RunConfig, count: int):
     for pid in range(count):
         data, hist = client_data(cfg, pid, count, device)
         t0 = time.perf_counter()
-        res = client_round(cfg, PRISM, received, data, hist, new_record(cfg), partition_id=pid,
-                           server_round=1)
+        res = client_round(
+            cfg, PRISM, received, data, hist, new_record(cfg), partition_id=pid, server_round=1
+        )
         seconds += time.perf_counter() - t0
         uploads[pid + 1] = (res.payload, res.metrics)
     return scores, received, layout_fingerprint(model), uploads, seconds
@@ -76,30 +77,59 @@ def run_case(ngf: int, count: int, cfg: RunConfig) -> dict:
     cfg = cfg.model_copy(update={"ngf": ngf})
     scores, received, layout, uploads, train_s = _train(cfg, count)
     n = len(scores)
-    common = dict(layout=layout, state=None, num_weights=n, seed=cfg.seed, min_train_nodes=2,
-                  min_available_nodes=count, downlink=PRISM.downlink(cfg))
+    common = dict(
+        layout=layout,
+        state=None,
+        num_weights=n,
+        seed=cfg.seed,
+        min_train_nodes=2,
+        min_available_nodes=count,
+        downlink=PRISM.downlink(cfg),
+    )
 
     class ClearGrid(LoopbackGrid):
         def send_and_receive(self, messages, *, timeout=None):
             replies = []
             for m in messages:  # each node's coded mask, as the ClientApp replies without secagg
                 payload, metrics = uploads[m.metadata.dst_node_id]
-                replies.append(reply_to(m, RecordDict({MASK_KEY: ArrayRecord({MASK_KEY: Array(payload)}),
-                                                       METRICS_KEY: MetricRecord(metrics)})))
+                replies.append(
+                    reply_to(
+                        m,
+                        RecordDict(
+                            {
+                                MASK_KEY: ArrayRecord({MASK_KEY: Array(payload)}),
+                                METRICS_KEY: MetricRecord(metrics),
+                            }
+                        ),
+                    )
+                )
             return replies
 
-    clear, clear_s = _round(MADA.from_config(cfg, **common), ClearGrid({u: None for u in uploads}), scores, cfg)
-    clients = {u: LoopbackClient(u, lambda msg, u=u: (own_mask(uploads[u][0], received, layout),
-                                                       uploads[u][1])) for u in uploads}
+    clear, clear_s = _round(
+        MADA.from_config(cfg, **common), ClearGrid({u: None for u in uploads}), scores, cfg
+    )
+    clients = {
+        u: LoopbackClient(u, lambda msg, u=u: (own_mask(uploads[u][0], received, layout), uploads[u][1]))
+        for u in uploads
+    }
     grid = LoopbackGrid(clients)
     secure, secure_s = _round(SecAggMADA.from_config(cfg, **common), grid, scores, cfg)
-    row = {"ngf": ngf, "n": n, "clients": count, "bits": secure["secagg"]["bits"],
-           "local_steps": cfg.local_steps, "train_s": train_s}
+    row = {
+        "ngf": ngf,
+        "n": n,
+        "clients": count,
+        "bits": secure["secagg"]["bits"],
+        "local_steps": cfg.local_steps,
+        "train_s": train_s,
+    }
     for name, rec, seconds in (("clear", clear, clear_s), ("secagg", secure, secure_s)):
-        row[name] = {"after_train_s": seconds, "round_s": train_s + seconds,
-                     "up_bytes_per_client": rec["uplink_wire_bytes"] / count,
-                     "down_bytes_per_client": rec["downlink_wire_bytes"] / count,
-                     "upload_bits_per_weight": rec["uplink_bits_per_weight"]}
+        row[name] = {
+            "after_train_s": seconds,
+            "round_s": train_s + seconds,
+            "up_bytes_per_client": rec["uplink_wire_bytes"] / count,
+            "down_bytes_per_client": rec["downlink_wire_bytes"] / count,
+            "upload_bits_per_weight": rec["uplink_bits_per_weight"],
+        }
     row["secagg"]["client_s_by_message"] = {k: v / count for k, v in grid.seconds.items()}
     row["flower_secaggplus_up_bytes_per_client"] = FLOWER_SECAGG_BYTES_PER_ELEMENT * n
     return row
@@ -117,24 +147,37 @@ def main(argv=None) -> dict:
     rows = [run_case(ngf, k, cfg) for ngf, k in cases]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     load = os.getloadavg()[0]
-    print(f"# secagg_round at {git_commit()} on {machine} (1-min load {load:.2f}), "
-          f"local-steps {args.local_steps}")
-    print("| ngf | n | K | b | mode | round s (train + rest) | up kB / client | down kB / client "
-          "| up bit/w |")
+    print(
+        f"# secagg_round at {git_commit()} on {machine} (1-min load {load:.2f}), "
+        f"local-steps {args.local_steps}"
+    )
+    print(
+        "| ngf | n | K | b | mode | round s (train + rest) | up kB / client | down kB / client | up bit/w |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         head = f"| {r['ngf']} | {r['n']:,} | {r['clients']} | {r['bits']} |"
         for name, label in (("clear", "coded mask, clear"), ("secagg", "secagg+ (this)")):
             m = r[name]
-            print(f"{head} {label} | {m['round_s']:.2f} ({r['train_s']:.2f} + {m['after_train_s']:.2f}) | "
-                  f"{m['up_bytes_per_client'] / 1e3:,.1f} | {m['down_bytes_per_client'] / 1e3:,.1f} | "
-                  f"{8 * m['up_bytes_per_client'] / r['n']:.3f} |")
+            print(
+                f"{head} {label} | {m['round_s']:.2f} ({r['train_s']:.2f} + {m['after_train_s']:.2f}) | "
+                f"{m['up_bytes_per_client'] / 1e3:,.1f} | {m['down_bytes_per_client'] / 1e3:,.1f} | "
+                f"{8 * m['up_bytes_per_client'] / r['n']:.3f} |"
+            )
         flower = r["flower_secaggplus_up_bytes_per_client"]
-        print(f"{head} Flower SecAgg+ (size only) | - | {flower / 1e3:,.1f} | - | "
-              f"{8 * flower / r['n']:.0f} |")
+        print(
+            f"{head} Flower SecAgg+ (size only) | - | {flower / 1e3:,.1f} | - | {8 * flower / r['n']:.0f} |"
+        )
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    out = {"bench": "secagg_round", "date": date, "commit": git_commit(), "machine": machine,
-           "load_1min": load, "local_steps": args.local_steps, "rows": rows}
+    out = {
+        "bench": "secagg_round",
+        "date": date,
+        "commit": git_commit(),
+        "machine": machine,
+        "load_1min": load,
+        "local_steps": args.local_steps,
+        "rows": rows,
+    }
     print(json.dumps(out))
     return out
 

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-
 from prism_flwr.config import RunConfig  # noqa: E402
+from prism_flwr.data.client_cache import client_data
 from prism_flwr.evaluation.evaluator import Evaluator  # noqa: E402
+from prism_flwr.federated.methods import PRISM  # noqa: E402
+from prism_flwr.model.build import generator_spec
 from prism_flwr.model.features import PixelFeatures  # noqa: E402
 from prism_flwr.model.generator import ResnetGenerator  # noqa: E402
-from prism_flwr.federated.methods import PRISM  # noqa: E402
-from prism_flwr.data.client_cache import client_data
-from prism_flwr.model.build import generator_spec
 from prism_flwr.model.training import ClientState, train_local  # noqa: E402
 
 
@@ -47,17 +44,35 @@ def main(argv=None) -> dict:
             model = ResnetGenerator(generator_spec(cfg)).cuda()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            res = train_local(model, PixelFeatures(), data, PRISM.train_settings(cfg), ClientState(),
-                              torch.Generator(device="cuda").manual_seed(seed))
+            res = train_local(
+                model,
+                PixelFeatures(),
+                data,
+                PRISM.train_settings(cfg),
+                ClientState(),
+                torch.Generator(device="cuda").manual_seed(seed),
+            )
             torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             metrics, _ = ev.evaluate(model, PRISM.eval_mask_mode)
-            rows.append({"seed": seed, "tf32": tf32, "ms_per_step": 1e3 * seconds / args.steps,
-                         "loss": res["loss"], ev.metric_name: metrics[ev.metric_name]})
+            rows.append(
+                {
+                    "seed": seed,
+                    "tf32": tf32,
+                    "ms_per_step": 1e3 * seconds / args.steps,
+                    "loss": res["loss"],
+                    ev.metric_name: metrics[ev.metric_name],
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     torch.backends.cudnn.allow_tf32 = True
-    out = {"bench": "tf32_check", "device": torch.cuda.get_device_name(0), "ngf": args.ngf, "steps": args.steps,
-           "rows": rows}
+    out = {
+        "bench": "tf32_check",
+        "device": torch.cuda.get_device_name(0),
+        "ngf": args.ngf,
+        "steps": args.steps,
+        "rows": rows,
+    }
     print(json.dumps(out))
     return out
 

@@ -32,19 +32,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-from prism_flwr.federated.aggregation import aggregate, count_ones, sigmoid  # noqa: E402
-from prism_flwr.federated.codec import decode_mask, encode_mask  # noqa: E402
-from prism_flwr.data.datasets import load_dataset  # noqa: E402
-from prism_flwr.evaluation.evaluator import Evaluator  # noqa: E402
-from prism_flwr.model.features import build_features  # noqa: E402
-from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator  # noqa: E402
-from prism_flwr.model.masked import get_flat, layout_fingerprint, num_masked, sample_mask, set_flat  # noqa: E402
-from prism_flwr.data.partition import partition_indices  # noqa: E402
-from prism_flwr.federated.robust import robust_counts  # noqa: E402
+from prism_flwr.data.datasets import load_dataset
+from prism_flwr.data.partition import partition_indices
+from prism_flwr.evaluation.evaluator import Evaluator
+from prism_flwr.federated.aggregation import aggregate, count_ones, sigmoid
+from prism_flwr.federated.codec import decode_mask, encode_mask
+from prism_flwr.federated.robust import robust_counts
 from prism_flwr.federated.seeds import derive_seed
-from prism_flwr.model.training import ClientState, TrainSettings, train_local  # noqa: E402
+from prism_flwr.model.features import build_features
+from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
+from prism_flwr.model.masked import get_flat, layout_fingerprint, num_masked, sample_mask, set_flat
+from prism_flwr.model.training import ClientState, TrainSettings, train_local
+
+REPO = Path(__file__).resolve().parents[1]
 
 ATTACKS = ("clean", "all-ones", "all-zeros", "anti-target", "2-sybil")
 METHODS = ("mean", "mada", "robust")
@@ -79,9 +79,13 @@ def run(method: str, attack: str, args, data, parts, features, spec) -> tuple[np
             torch.manual_seed(derive_seed(args.seed, rnd, c, 0))
             gen = torch.Generator().manual_seed(derive_seed(args.seed, rnd, c, 1))
             train_local(model, features, data[c], settings, states[c], generator=gen)
-            mask = sample_mask(model, generator=torch.Generator().manual_seed(derive_seed(args.seed, rnd, c, 5)))
+            mask = sample_mask(
+                model, generator=torch.Generator().manual_seed(derive_seed(args.seed, rnd, c, 5))
+            )
             wire.append(encode_mask(mask.numpy(), layout))
-        evil = attacker_masks(attack, sigmoid(scores), np.random.default_rng([args.seed, rnd, 99]), args.attackers)
+        evil = attacker_masks(
+            attack, sigmoid(scores), np.random.default_rng([args.seed, rnd, 99]), args.attackers
+        )
         wire += [encode_mask(m, layout) for m in evil]
         packed = [decode_mask(b, n, layout) for b in wire]  # the server's codec checks
         if method == "robust":
@@ -90,8 +94,13 @@ def run(method: str, attack: str, args, data, parts, features, spec) -> tuple[np
             info["dropped_duplicates"] += len(ri.duplicates)
         else:
             counts, k = count_ones(packed, n)
-        res = aggregate(scores, counts, k, method="mean" if method == "mean" else "mada",
-                        rng=np.random.default_rng([args.seed, rnd]))
+        res = aggregate(
+            scores,
+            counts,
+            k,
+            method="mean" if method == "mean" else "mada",
+            rng=np.random.default_rng([args.seed, rnd]),
+        )
         scores = res.scores
     return scores, info
 
@@ -131,27 +140,43 @@ def main(argv: list[str] | None = None) -> int:
             set_flat(model, torch.from_numpy(scores), "scores")
             metrics, _ = evaluator.evaluate(model, "sample")
             finals[(method, attack)] = sigmoid(scores)
-            row = {"method": method, "attack": attack, "fd": metrics[evaluator.metric_name],
-                   "mmd_pixels": metrics["mmd_pixels"], "theta_density": float(sigmoid(scores).mean()),
-                   "seconds": time.time() - t, **info}
+            row = {
+                "method": method,
+                "attack": attack,
+                "fd": metrics[evaluator.metric_name],
+                "mmd_pixels": metrics["mmd_pixels"],
+                "theta_density": float(sigmoid(scores).mean()),
+                "seconds": time.time() - t,
+                **info,
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     for row in rows:
         clean = next((r for r in rows if r["method"] == row["method"] and r["attack"] == "clean"), None)
         if clean is not None:
             row["fd_damage"] = row["fd"] - clean["fd"]
-            row["theta_drift"] = float(np.abs(finals[(row["method"], row["attack"])]
-                                              - finals[(row["method"], "clean")]).mean())
-    doc = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "metric": evaluator.metric_name, "seconds": time.time() - t0, "rows": rows}
+            row["theta_drift"] = float(
+                np.abs(finals[(row["method"], row["attack"])] - finals[(row["method"], "clean")]).mean()
+            )
+    doc = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "metric": evaluator.metric_name,
+        "seconds": time.time() - t0,
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attacks.json").write_text(json.dumps(doc, indent=1) + "\n")
-    lines = [f"| attack | method | {evaluator.metric_name} | damage (FD - clean FD) | theta drift | theta density | "
-             "masks dropped (outlier / duplicate) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| attack | method | {evaluator.metric_name} | damage (FD - clean FD) | theta drift | theta density | "
+        "masks dropped (outlier / duplicate) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (ATTACKS.index(r["attack"]), METHODS.index(r["method"]))):
         dropped = f"{r['dropped_outliers']} / {r['dropped_duplicates']}" if r["method"] == "robust" else "-"
-        lines.append(f"| {r['attack']} | {r['method']} | {r['fd']:.1f} | {r.get('fd_damage', 0):+.1f} | "
-                     f"{r.get('theta_drift', 0):.4f} | {r['theta_density']:.3f} | {dropped} |")
+        lines.append(
+            f"| {r['attack']} | {r['method']} | {r['fd']:.1f} | {r.get('fd_damage', 0):+.1f} | "
+            f"{r.get('theta_drift', 0):.4f} | {r['theta_density']:.3f} | {dropped} |"
+        )
     (args.out / "attacks.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"{time.time() - t0:.0f} s")

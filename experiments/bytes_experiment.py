@@ -40,17 +40,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prism_flwr.config import RunConfig
+from prism_flwr.data.client_cache import client_data
+from prism_flwr.evaluation.evaluator import Evaluator
 from prism_flwr.federated.aggregation import aggregate, count_ones, sigmoid
 from prism_flwr.federated.codec import decode_mask, encode_mask, mask_method, mask_model
-from prism_flwr.config import RunConfig
 from prism_flwr.federated.downlink import STEP, pack_delta, pack_scores, quantise, snap_to_grid
-from prism_flwr.evaluation.evaluator import Evaluator
-from prism_flwr.model.features import build_features
-from prism_flwr.model.generator import ResnetGenerator
-from prism_flwr.model.masked import get_flat, iter_thetas, layout_fingerprint, num_masked, sample_mask, set_flat
-from prism_flwr.data.client_cache import client_data
 from prism_flwr.federated.seeds import derive_seed
 from prism_flwr.model.build import generator_spec, pick_device
+from prism_flwr.model.features import build_features
+from prism_flwr.model.generator import ResnetGenerator
+from prism_flwr.model.masked import (
+    get_flat,
+    iter_thetas,
+    layout_fingerprint,
+    num_masked,
+    sample_mask,
+    set_flat,
+)
 from prism_flwr.model.training import ClientState, TrainSettings, train_local
 
 
@@ -64,8 +71,9 @@ def _jitter(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def run(mode: str, args: argparse.Namespace) -> dict:
-    cfg = RunConfig.parse({"ngf": args.ngf, "local-steps": args.steps, "seed": args.seed,
-                           "num-server-rounds": args.rounds})
+    cfg = RunConfig.parse(
+        {"ngf": args.ngf, "local-steps": args.steps, "seed": args.seed, "num-server-rounds": args.rounds}
+    )
     device = pick_device(args.device)
     spec = generator_spec(cfg)
     model = ResnetGenerator(spec).to(device)
@@ -78,11 +86,17 @@ def run(mode: str, args: argparse.Namespace) -> dict:
     data = [client_data(cfg, pid, args.clients, device)[0] for pid in range(args.clients)]
     states = [ClientState() for _ in range(args.clients)]
     features = build_features(cfg.features).to(device)
-    settings = TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, objective=cfg.objective,
-                             estimator=cfg.estimator)
+    settings = TrainSettings(
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        objective=cfg.objective,
+        estimator=cfg.estimator,
+    )
     evaluator = Evaluator(cfg.dataset, cfg.resolved_data_dir(), args.eval_samples, cfg.seed, device=device)
     rounds = []
     t0 = time.perf_counter()
+    prev_codes = None  # the last round's grid codes (grid8)
     for rnd in range(1, args.rounds + 1):
         down = delta = 4 * n
         if mode == "grid8":  # full state (new or stale clients), or the change from last round's state
@@ -91,8 +105,17 @@ def run(mode: str, args: argparse.Namespace) -> dict:
             delta = len(pack_delta(codes, prev_codes)) if rnd > 1 else down
             prev_codes = codes
         cm = mask_model(scores)
-        blobs, rec = [], {"round": rnd, "coded_bits": [], "ideal_bits": [], "exact_theta_bits": [],
-                          "theta_entropy_bits": [], "methods": []}
+        blobs, rec = (
+            [],
+            {
+                "round": rnd,
+                "coded_bits": [],
+                "ideal_bits": [],
+                "exact_theta_bits": [],
+                "theta_entropy_bits": [],
+                "methods": [],
+            },
+        )
         for pid in range(args.clients):
             local = ResnetGenerator(spec).to(device)
             set_flat(local, torch.from_numpy(scores.copy()).to(device))
@@ -100,8 +123,9 @@ def run(mode: str, args: argparse.Namespace) -> dict:
             gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, rnd, pid, 1))
             metrics = train_local(local, features, data[pid], settings, states[pid], generator=gen)
             thetas = [t.cpu() for t in iter_thetas(local)]
-            mask = sample_mask(local, thetas, generator=torch.Generator().manual_seed(
-                derive_seed(cfg.seed, rnd, pid, 5))).numpy()
+            mask = sample_mask(
+                local, thetas, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, rnd, pid, 5))
+            ).numpy()
             blob = encode_mask(mask, layout, cm)
             blobs.append(blob)
             rec["coded_bits"].append(8 * len(blob) / n)
@@ -111,15 +135,26 @@ def run(mode: str, args: argparse.Namespace) -> dict:
             rec["theta_entropy_bits"].append(metrics["theta_entropy_bits"])
         packed = [decode_mask(b, n, layout, cm) for b in blobs]
         counts, k = count_ones(packed, n)
-        res = aggregate(scores, counts, k, method=cfg.aggregation, space=cfg.mada_space,
-                        rng=np.random.default_rng([cfg.seed, rnd]))
+        res = aggregate(
+            scores,
+            counts,
+            k,
+            method=cfg.aggregation,
+            space=cfg.mada_space,
+            rng=np.random.default_rng([cfg.seed, rnd]),
+        )
         scores = res.scores
         if mode == "grid8":
             scores = snap_to_grid(scores, np.random.default_rng([cfg.seed, rnd, 8]))
         if mode == "jitter":
             scores = _jitter(scores, np.random.default_rng([cfg.seed, rnd, 9]))
-        rec.update({"downlink_bits": 8 * down / n, "downlink_delta_bits": 8 * delta / n,
-                    "mada_lambda": res.mada_lambda})
+        rec.update(
+            {
+                "downlink_bits": 8 * down / n,
+                "downlink_delta_bits": 8 * delta / n,
+                "mada_lambda": res.mada_lambda,
+            }
+        )
         if rnd % args.eval_every == 0 or rnd == args.rounds:
             set_flat(model, torch.from_numpy(scores.copy()).to(device))
             metrics, _ = evaluator.evaluate(model)
@@ -128,15 +163,27 @@ def run(mode: str, args: argparse.Namespace) -> dict:
             rec[key + "_mean"] = float(np.mean(rec[key]))
         rec["coded_bits_max"] = float(np.max(rec["coded_bits"]))
         rounds.append(rec)
-        print(f"[{mode} r{rnd:2d}] up {rec['coded_bits_mean']:.3f} b/w (max {rec['coded_bits_max']:.3f}, "
-              f"ideal {rec['ideal_bits_mean']:.3f}, exact-theta {rec['exact_theta_bits_mean']:.3f}, "
-              f"H(theta_client) {rec['theta_entropy_bits_mean']:.3f}) | down {rec['downlink_bits']:.3f} b/w "
-              f"(delta {rec['downlink_delta_bits']:.3f}) | "
-              f"lambda {res.mada_lambda:.3f}" + (f" | FD {rec['eval'][evaluator.metric_name]:.1f}" if "eval" in rec else ""),
-              flush=True)
-    return {"mode": mode, "weights": n, "ngf": args.ngf, "clients": args.clients, "steps": args.steps,
-            "seed": args.seed, "metric": evaluator.metric_name, "eval_samples": args.eval_samples,
-            "wall_s": time.perf_counter() - t0, "rounds": rounds}
+        print(
+            f"[{mode} r{rnd:2d}] up {rec['coded_bits_mean']:.3f} b/w (max {rec['coded_bits_max']:.3f}, "
+            f"ideal {rec['ideal_bits_mean']:.3f}, exact-theta {rec['exact_theta_bits_mean']:.3f}, "
+            f"H(theta_client) {rec['theta_entropy_bits_mean']:.3f}) | down {rec['downlink_bits']:.3f} b/w "
+            f"(delta {rec['downlink_delta_bits']:.3f}) | "
+            f"lambda {res.mada_lambda:.3f}"
+            + (f" | FD {rec['eval'][evaluator.metric_name]:.1f}" if "eval" in rec else ""),
+            flush=True,
+        )
+    return {
+        "mode": mode,
+        "weights": n,
+        "ngf": args.ngf,
+        "clients": args.clients,
+        "steps": args.steps,
+        "seed": args.seed,
+        "metric": evaluator.metric_name,
+        "eval_samples": args.eval_samples,
+        "wall_s": time.perf_counter() - t0,
+        "rounds": rounds,
+    }
 
 
 def main() -> None:
@@ -148,7 +195,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=30)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--eval-samples", type=int, default=1000)
-    ap.add_argument("--broadcast", nargs="+", default=["float32", "grid8"], choices=["float32", "grid8", "jitter"])
+    ap.add_argument(
+        "--broadcast", nargs="+", default=["float32", "grid8"], choices=["float32", "grid8", "jitter"]
+    )
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (as the run-config key)")
     ap.add_argument("--out", type=Path, default=Path("results/bytes"))
     args = ap.parse_args()
@@ -156,16 +205,30 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for mode in args.broadcast:
         res = run(mode, args)
-        res["machine"] = (torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available()
-                          else f"2-core CPU ({platform.machine()}), torch threads {torch.get_num_threads()}")
+        res["machine"] = (
+            torch.cuda.get_device_name()
+            if args.device != "cpu" and torch.cuda.is_available()
+            else f"2-core CPU ({platform.machine()}), torch threads {torch.get_num_threads()}"
+        )
         (args.out / f"bytes-{mode}-ngf{args.ngf}-seed{args.seed}.json").write_text(json.dumps(res, indent=1))
         last = res["rounds"][-1]
-        print(json.dumps({"bench": "bytes", "mode": mode, "ngf": args.ngf, "weights": res["weights"],
-                          "last_round": last["round"], "uplink_bits_per_weight": last["coded_bits_mean"],
-                          "downlink_bits_per_weight": last["downlink_bits"],
-                          "downlink_delta_bits_per_weight": last["downlink_delta_bits"],
-                          "theta_entropy_bits": last["theta_entropy_bits_mean"],
-                          "fd": last.get("eval", {}).get(res["metric"]), "wall_s": res["wall_s"]}))
+        print(
+            json.dumps(
+                {
+                    "bench": "bytes",
+                    "mode": mode,
+                    "ngf": args.ngf,
+                    "weights": res["weights"],
+                    "last_round": last["round"],
+                    "uplink_bits_per_weight": last["coded_bits_mean"],
+                    "downlink_bits_per_weight": last["downlink_bits"],
+                    "downlink_delta_bits_per_weight": last["downlink_delta_bits"],
+                    "theta_entropy_bits": last["theta_entropy_bits_mean"],
+                    "fd": last.get("eval", {}).get(res["metric"]),
+                    "wall_s": res["wall_s"],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -25,17 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prism_flwr.model import objectives
-from prism_flwr.model import training
-from prism_flwr.federated.aggregation import aggregate, count_ones
 from prism_flwr.config import RunConfig
+from prism_flwr.data.client_cache import client_data
 from prism_flwr.evaluation.evaluator import Evaluator, save_grid
+from prism_flwr.federated.aggregation import aggregate, count_ones
+from prism_flwr.federated.seeds import derive_seed
+from prism_flwr.model import objectives, training
+from prism_flwr.model.build import generator_spec
 from prism_flwr.model.features import build_features
 from prism_flwr.model.generator import ResnetGenerator
 from prism_flwr.model.masked import get_scores, iter_thetas, sample_mask, set_scores
-from prism_flwr.data.client_cache import client_data
-from prism_flwr.federated.seeds import derive_seed
-from prism_flwr.model.build import generator_spec
 from prism_flwr.model.training import ClientState, TrainSettings, train_local
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "default-run"
@@ -43,26 +42,42 @@ CLIENTS = 4
 
 # name -> settings; every trial: rounds * steps * batch = 19,200 images per client.
 TRIALS: dict[str, dict] = {
-    "today: pixels, fixed widths, MADA, 15 x 20": dict(rounds=15, steps=20, agg="mada", features="pixels", bw="fixed"),
-    "pixels, fixed widths, mean, 3 x 100": dict(rounds=3, steps=100, agg="mean", features="pixels", bw="fixed"),
-    "pixels, median widths, mean, 3 x 100": dict(rounds=3, steps=100, agg="mean", features="pixels", bw=(0.5, 1, 2, 4)),
-    "random-conv, median widths, mean, 3 x 100": dict(rounds=3, steps=100, agg="mean", features="random-conv",
-                                                      bw=(0.5, 1, 2, 4)),
-    "pixels, sharp median widths, mean, 3 x 100": dict(rounds=3, steps=100, agg="mean", features="pixels",
-                                                       bw=(0.125, 0.25, 0.5, 1, 2)),
-    "random-conv, median widths, MADA, 6 x 50": dict(rounds=6, steps=50, agg="mada", features="random-conv",
-                                                     bw=(0.5, 1, 2, 4)),
-    "random-conv, median widths, mean, 6 x 50": dict(rounds=6, steps=50, agg="mean", features="random-conv",
-                                                     bw=(0.5, 1, 2, 4)),
-    "random-conv, median widths, mean, 3 x 50, batch 128": dict(rounds=3, steps=50, batch=128, agg="mean",
-                                                                features="random-conv", bw=(0.5, 1, 2, 4)),
-    "random-conv, median widths, mean, 3 x 100, lr 0.2": dict(rounds=3, steps=100, lr=0.2, agg="mean",
-                                                              features="random-conv", bw=(0.5, 1, 2, 4)),
-    "pixels, fixed widths, mean, 2 x 150": dict(rounds=2, steps=150, agg="mean", features="pixels", bw="fixed"),
-    "pixels, fixed widths, mean, 3 x 50, batch 128": dict(rounds=3, steps=50, batch=128, agg="mean", features="pixels",
-                                                          bw="fixed"),
-    "pixels, fixed widths, mean, 3 x 100, lr 0.2": dict(rounds=3, steps=100, lr=0.2, agg="mean", features="pixels",
-                                                        bw="fixed"),
+    "today: pixels, fixed widths, MADA, 15 x 20": dict(
+        rounds=15, steps=20, agg="mada", features="pixels", bw="fixed"
+    ),
+    "pixels, fixed widths, mean, 3 x 100": dict(
+        rounds=3, steps=100, agg="mean", features="pixels", bw="fixed"
+    ),
+    "pixels, median widths, mean, 3 x 100": dict(
+        rounds=3, steps=100, agg="mean", features="pixels", bw=(0.5, 1, 2, 4)
+    ),
+    "random-conv, median widths, mean, 3 x 100": dict(
+        rounds=3, steps=100, agg="mean", features="random-conv", bw=(0.5, 1, 2, 4)
+    ),
+    "pixels, sharp median widths, mean, 3 x 100": dict(
+        rounds=3, steps=100, agg="mean", features="pixels", bw=(0.125, 0.25, 0.5, 1, 2)
+    ),
+    "random-conv, median widths, MADA, 6 x 50": dict(
+        rounds=6, steps=50, agg="mada", features="random-conv", bw=(0.5, 1, 2, 4)
+    ),
+    "random-conv, median widths, mean, 6 x 50": dict(
+        rounds=6, steps=50, agg="mean", features="random-conv", bw=(0.5, 1, 2, 4)
+    ),
+    "random-conv, median widths, mean, 3 x 50, batch 128": dict(
+        rounds=3, steps=50, batch=128, agg="mean", features="random-conv", bw=(0.5, 1, 2, 4)
+    ),
+    "random-conv, median widths, mean, 3 x 100, lr 0.2": dict(
+        rounds=3, steps=100, lr=0.2, agg="mean", features="random-conv", bw=(0.5, 1, 2, 4)
+    ),
+    "pixels, fixed widths, mean, 2 x 150": dict(
+        rounds=2, steps=150, agg="mean", features="pixels", bw="fixed"
+    ),
+    "pixels, fixed widths, mean, 3 x 50, batch 128": dict(
+        rounds=3, steps=50, batch=128, agg="mean", features="pixels", bw="fixed"
+    ),
+    "pixels, fixed widths, mean, 3 x 100, lr 0.2": dict(
+        rounds=3, steps=100, lr=0.2, agg="mean", features="pixels", bw="fixed"
+    ),
 }
 
 
@@ -88,8 +103,9 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def run_trial(spec: dict, evaluator: Evaluator, data: list[torch.Tensor], seed: int,
-              grid: Path | None = None) -> dict:
+def run_trial(
+    spec: dict, evaluator: Evaluator, data: list[torch.Tensor], seed: int, grid: Path | None = None
+) -> dict:
     cfg = RunConfig(seed=seed)
     set_bandwidths(spec["bw"])
     batch = spec.get("batch", 64)
@@ -110,7 +126,9 @@ def run_trial(spec: dict, evaluator: Evaluator, data: list[torch.Tensor], seed: 
             m = train_local(model, features, data[pid], settings, states[pid], generator=gen)
             losses.append(m["loss"])
             thetas = [t.cpu() for t in iter_thetas(model)]
-            mask = sample_mask(model, thetas, generator=torch.Generator().manual_seed(derive_seed(seed, rnd, pid, 5)))
+            mask = sample_mask(
+                model, thetas, generator=torch.Generator().manual_seed(derive_seed(seed, rnd, pid, 5))
+            )
             packed.append(np.packbits(mask.numpy().astype(np.uint8), bitorder="little"))
         counts, k = count_ones(packed, n)
         res = aggregate(scores, counts, k, method=spec["agg"], rng=np.random.default_rng([seed, rnd]))
@@ -122,29 +140,39 @@ def run_trial(spec: dict, evaluator: Evaluator, data: list[torch.Tensor], seed: 
     metrics, fake = evaluator.evaluate(model, "sample")
     if grid is not None:  # the first 64 of the evaluated samples, as the ServerApp's samples/ grids
         save_grid(fake[:64], grid)
-    return {"settings": {**spec, "batch": batch, "lr": spec.get("lr", 0.1), "bw": spec["bw"]},
-            "images_per_client": spec["rounds"] * spec["steps"] * batch, "seed": seed,
-            "eval": metrics, "final_loss": float(np.mean(losses[-CLIENTS:])),
-            "mada_lambda_last": None if np.isnan(lambdas[-1]) else lambdas[-1],
-            "train_cpu_seconds": round(cpu_train, 1)}
+    return {
+        "settings": {**spec, "batch": batch, "lr": spec.get("lr", 0.1), "bw": spec["bw"]},
+        "images_per_client": spec["rounds"] * spec["steps"] * batch,
+        "seed": seed,
+        "eval": metrics,
+        "final_loss": float(np.mean(losses[-CLIENTS:])),
+        "mada_lambda_last": None if np.isnan(lambdas[-1]) else lambdas[-1],
+        "train_cpu_seconds": round(cpu_train, 1),
+    }
 
 
 def report(results: dict, path: Path, metric: str) -> None:
     """Markdown table of ``results``; "vs today" against the trial named "today: ..."."""
+
     def tag(name: str) -> str:  # "[seed 30, eval 1000]": trials compare within one seed and sample count
-        return name[name.rfind("["):]
+        return name[name.rfind("[") :]
 
     base = {tag(n): r["eval"][metric] for n, r in results.items() if n.startswith("today")}
-    lines = ["| trial | images/client | FD-FMNIST-CNN | vs today | precision | recall | density | coverage | "
-             "mmd_pixels | train CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| trial | images/client | FD-FMNIST-CNN | vs today | precision | recall | density | coverage | "
+        "mmd_pixels | train CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     order = sorted(results, key=lambda n: (tag(n), not n.startswith("today"), results[n]["eval"][metric]))
     for name in order:  # today first, then best first
         r = results[name]
         e = r["eval"]
         vs = f"{100 * e[metric] / base[tag(name)]:.0f} %" if tag(name) in base else "-"
-        lines.append(f"| {name} | {r['images_per_client']:,} | {e[metric]:.1f} | {vs} | "
-                     f"{e['precision']:.3f} | {e['recall']:.3f} | {e['density']:.3f} | {e['coverage']:.3f} | "
-                     f"{e['mmd_pixels']:.4f} | {r['train_cpu_seconds']} |")
+        lines.append(
+            f"| {name} | {r['images_per_client']:,} | {e[metric]:.1f} | {vs} | "
+            f"{e['precision']:.3f} | {e['recall']:.3f} | {e['density']:.3f} | {e['coverage']:.3f} | "
+            f"{e['mmd_pixels']:.4f} | {r['train_cpu_seconds']} |"
+        )
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -156,8 +184,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=30)
     ap.add_argument("--out", type=Path, default=OUT / "trials.json")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--report", action="store_true",
-                    help="only write trials.md from every trials*.json beside --out (runs in parallel processes)")
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="only write trials.md from every trials*.json beside --out (runs in parallel processes)",
+    )
     args = ap.parse_args()
     if args.report:
         merged = {}
@@ -175,8 +206,13 @@ def main() -> None:
         if f"{name} [{key}]" in results:
             continue
         print(f"trial: {name}", flush=True)
-        r = run_trial(TRIALS[name], evaluator, data, args.seed,
-                      grid=args.out.parent / "samples" / f"{slug(name)}-seed{args.seed}.png")
+        r = run_trial(
+            TRIALS[name],
+            evaluator,
+            data,
+            args.seed,
+            grid=args.out.parent / "samples" / f"{slug(name)}-seed{args.seed}.png",
+        )
         print(f"  -> {json.dumps(r['eval'])} ({r['train_cpu_seconds']} CPU s)", flush=True)
         results[f"{name} [{key}]"] = r
         args.out.parent.mkdir(parents=True, exist_ok=True)

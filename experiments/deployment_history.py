@@ -32,11 +32,15 @@ from pathlib import Path
 from tools import procs
 from tools.flowerkit import REPO, exe, flower_env, online_nodes, write_connection
 
-IGNORED = {"time"}                 # wall-clock
+IGNORED = {"time"}  # wall-clock
 PER_NODE = {"dp_epsilon_per_client", "label_histograms"}  # keyed by random node ids: values compared
 # serialised message bytes (and the bits per weight derived from them): messages counted
-ENVELOPE = {"uplink_wire_bytes": "clients", "downlink_wire_bytes": "asked",
-            "wire_bits_per_weight_up": None, "wire_bits_per_weight_down": None}
+ENVELOPE = {
+    "uplink_wire_bytes": "clients",
+    "downlink_wire_bytes": "asked",
+    "wire_bits_per_weight_up": None,
+    "wire_bits_per_weight_down": None,
+}
 ENVELOPE_SLACK = 20  # bytes per message: run id, node ids and message ids as varints
 
 
@@ -49,20 +53,59 @@ def run(run_config: str, nodes: int, work: Path, timeout: float) -> dict:
     link_port, node_ports = procs.free_port(), procs.free_ports(nodes)
     write_connection(home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
     with procs.Processes() as ps:
-        link = ps.start([exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                         "--host", "127.0.0.1", "--port", str(link_port)],
-                        env=env, log_path=logs / "superlink.log")
+        link = ps.start(
+            [
+                exe("flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+            ],
+            env=env,
+            log_path=logs / "superlink.log",
+        )
         procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
-        started = [ps.start([exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                             "--host", "127.0.0.1", "--port", str(port),
-                             "--node-config", f"partition-id={i} num-partitions={nodes}"],
-                            env=env, log_path=logs / f"supernode-{i}.log")
-                   for i, port in enumerate(node_ports)]
-        procs.wait_for(lambda: len(online_nodes(env, "loopback")) == nodes, timeout=90,
-                       desc=f"{nodes} SuperNodes online", procs=[link, *started])
-        proc = ps.start([exe("flwr"), "run", str(REPO), "loopback", "--stream", "--run-config",
-                         f"{run_config} output-dir='{out}'"],
-                        env=env, log_path=logs / "flwr-run.log", cwd=home)
+        started = [
+            ps.start(
+                [
+                    exe("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={nodes}",
+                ],
+                env=env,
+                log_path=logs / f"supernode-{i}.log",
+            )
+            for i, port in enumerate(node_ports)
+        ]
+        procs.wait_for(
+            lambda: len(online_nodes(env, "loopback")) == nodes,
+            timeout=90,
+            desc=f"{nodes} SuperNodes online",
+            procs=[link, *started],
+        )
+        proc = ps.start(
+            [
+                exe("flwr"),
+                "run",
+                str(REPO),
+                "loopback",
+                "--stream",
+                "--run-config",
+                f"{run_config} output-dir='{out}'",
+            ],
+            env=env,
+            log_path=logs / "flwr-run.log",
+            cwd=home,
+        )
         deadline = time.time() + timeout
         while proc.poll() is None and time.time() < deadline:
             time.sleep(1)
@@ -73,9 +116,12 @@ def run(run_config: str, nodes: int, work: Path, timeout: float) -> dict:
     from prism_flwr.storage.checkpoint import load_checkpoint
 
     scores = load_checkpoint(out / "latest")["scores"].numpy()
-    return {"run_config": run_config, "nodes": nodes,
-            "history": json.loads((out / "latest" / "history.json").read_text()),
-            "final_state_sha256": hashlib.sha256(scores.tobytes()).hexdigest()}
+    return {
+        "run_config": run_config,
+        "nodes": nodes,
+        "history": json.loads((out / "latest" / "history.json").read_text()),
+        "final_state_sha256": hashlib.sha256(scores.tobytes()).hexdigest(),
+    }
 
 
 def _same(a: object, b: object, where: str, diffs: list[str]) -> None:
@@ -120,10 +166,14 @@ def bytes_table(result: dict) -> dict:
     print(f"{'round':>5} {'up b/w':>8} {'down b/w':>9} {'total':>7}")
     for r in rows:
         down = r.get("wire_bits_per_weight_down") or float("nan")
-        print(f"{r['round']:>5} {r['wire_bits_per_weight_up']:>8.3f} {down:>9.3f} "
-              f"{r['wire_bits_per_weight_up'] + down:>7.3f}")
-    return {r["round"]: {"up": r["wire_bits_per_weight_up"], "down": r.get("wire_bits_per_weight_down")}
-            for r in rows}
+        print(
+            f"{r['round']:>5} {r['wire_bits_per_weight_up']:>8.3f} {down:>9.3f} "
+            f"{r['wire_bits_per_weight_up'] + down:>7.3f}"
+        )
+    return {
+        r["round"]: {"up": r["wire_bits_per_weight_up"], "down": r.get("wire_bits_per_weight_down")}
+        for r in rows
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,21 +187,38 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare:
         diffs = compare(*(json.loads(path.read_text()) for path in args.compare))
         print("\n".join(diffs) or "same run: identical final state and history (times and node ids aside)")
-        print(json.dumps({"compare": [str(x) for x in args.compare], "same": not diffs,
-                          "differences": len(diffs)}))
+        print(
+            json.dumps(
+                {"compare": [str(x) for x in args.compare], "same": not diffs, "differences": len(diffs)}
+            )
+        )
         raise SystemExit(1 if diffs else 0)
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.run_config, args.nodes, Path(tmp), args.timeout)
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    result.update(date=time.strftime("%Y-%m-%d", time.gmtime()), commit=commit,
-                  machine=f"{os.cpu_count()}-core CPU ({platform.machine()})")
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    result.update(
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
+        commit=commit,
+        machine=f"{os.cpu_count()}-core CPU ({platform.machine()})",
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     per_round = bytes_table(result)
-    print(json.dumps({"experiment": "deployment_history", "machine": result["machine"], "commit": commit,
-                      "nodes": args.nodes, "run_config": args.run_config, "wire_bits_per_weight": per_round}))
+    print(
+        json.dumps(
+            {
+                "experiment": "deployment_history",
+                "machine": result["machine"],
+                "commit": commit,
+                "nodes": args.nodes,
+                "run_config": args.run_config,
+                "wire_bits_per_weight": per_round,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,12 +35,31 @@ PARTITIONINGS = {"iid": {}, "shards": {}, "dirichlet": {"dirichlet-alpha": 0.1}}
 # - gpu: the paper's generator width (ngf 64) and more local steps; not run yet.
 #   Each client takes 1/nodes of the GPU, so all 10 train at once.
 SIZES = {
-    "cpu": {"ngf": 8, "num-server-rounds": 4, "local-steps": 5, "eval-every": 1, "eval-samples": 500,
-            "fraction-evaluate": 0.0},
-    "cpu-long": {"ngf": 8, "num-server-rounds": 24, "local-steps": 5, "eval-every": 2, "eval-samples": 500,
-                 "fraction-evaluate": 0.0},
-    "gpu": {"ngf": 64, "num-server-rounds": 30, "local-steps": 20, "eval-every": 2, "eval-samples": 2000,
-            "fraction-evaluate": 0.0, "device": "cuda"},
+    "cpu": {
+        "ngf": 8,
+        "num-server-rounds": 4,
+        "local-steps": 5,
+        "eval-every": 1,
+        "eval-samples": 500,
+        "fraction-evaluate": 0.0,
+    },
+    "cpu-long": {
+        "ngf": 8,
+        "num-server-rounds": 24,
+        "local-steps": 5,
+        "eval-every": 2,
+        "eval-samples": 500,
+        "fraction-evaluate": 0.0,
+    },
+    "gpu": {
+        "ngf": 64,
+        "num-server-rounds": 30,
+        "local-steps": 20,
+        "eval-every": 2,
+        "eval-samples": 2000,
+        "fraction-evaluate": 0.0,
+        "device": "cuda",
+    },
 }
 
 
@@ -48,12 +67,16 @@ def run_row(history: list[dict], summary: dict, metric: str) -> dict:
     """The figures of one run that the report needs, from its ``history.json`` and ``summary.json``."""
     rounds = [r for r in history if r["round"] >= 1 and r["clients"]]
     lambdas = [r["mada_lambda"] for r in rounds if r.get("mada_lambda") is not None]  # PRISM only
-    return {"final": summary["final_eval"], "series": run_series(history, metric),
-            "uplink_bytes_per_client_round": rounds[-1]["uplink_bytes"] / rounds[-1]["clients"],
-            "downlink_bytes_per_client_round": rounds[-1]["downlink_bytes"] / rounds[-1]["clients"],
-            "uplink_bits_per_weight": rounds[-1]["uplink_bits_per_weight"],
-            "mean_lambda": statistics.mean(lambdas) if lambdas else None,
-            "model_bytes": summary["model_bytes"], "dense_float32_bytes": summary["dense_float32_bytes"]}
+    return {
+        "final": summary["final_eval"],
+        "series": run_series(history, metric),
+        "uplink_bytes_per_client_round": rounds[-1]["uplink_bytes"] / rounds[-1]["clients"],
+        "downlink_bytes_per_client_round": rounds[-1]["downlink_bytes"] / rounds[-1]["clients"],
+        "uplink_bits_per_weight": rounds[-1]["uplink_bits_per_weight"],
+        "mean_lambda": statistics.mean(lambdas) if lambdas else None,
+        "model_bytes": summary["model_bytes"],
+        "dense_float32_bytes": summary["dense_float32_bytes"],
+    }
 
 
 def machine() -> dict:
@@ -87,8 +110,14 @@ def main() -> None:
         for method in args.methods:
             for seed in args.seeds:
                 tag = f"{part}-{method}-seed{seed}"
-                cfg = {**run_cfg, **METHODS[method], **PARTITIONINGS[part], "partitioning": part, "seed": seed,
-                       "min-train-nodes": args.nodes}
+                cfg = {
+                    **run_cfg,
+                    **METHODS[method],
+                    **PARTITIONINGS[part],
+                    "partitioning": part,
+                    "seed": seed,
+                    "min-train-nodes": args.nodes,
+                }
                 # A finished run with the same run config is kept: re-running the command after an
                 # interruption (or in chunks, within a device's time per call) goes on from there.
                 row_path = out / "runs" / f"{tag}.json"
@@ -96,20 +125,40 @@ def main() -> None:
                 if saved is not None and saved["run_config"] == cfg:
                     rows.append(saved)
                     continue
-                res = run_app(cfg, out / "runs" / tag, nodes=args.nodes, gpus_per_node=gpus,
-                              log=out / "runs" / f"{tag}.log")
+                res = run_app(
+                    cfg,
+                    out / "runs" / tag,
+                    nodes=args.nodes,
+                    gpus_per_node=gpus,
+                    log=out / "runs" / f"{tag}.log",
+                )
                 metric = res["summary"]["eval_features"]["metric"]
-                rows.append({"partitioning": part, "method": method, "seed": seed, "run_config": cfg, "metric": metric,
-                             **run_row(res["history"], res["summary"], metric), "wall_seconds": res["wall_seconds"],
-                             "machine": machine()})
+                rows.append(
+                    {
+                        "partitioning": part,
+                        "method": method,
+                        "seed": seed,
+                        "run_config": cfg,
+                        "metric": metric,
+                        **run_row(res["history"], res["summary"], metric),
+                        "wall_seconds": res["wall_seconds"],
+                        "machine": machine(),
+                    }
+                )
                 row_path.write_text(json.dumps(rows[-1], indent=1))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "series"}), flush=True)
 
     machines = {json.dumps(r["machine"], sort_keys=True) for r in rows}
     if len(machines) > 1:
         raise SystemExit(f"runs in {out} were measured on different machines {machines}: use another --out")
-    doc = {"settings": settings, "seeds": args.seeds, "metric": rows[0]["metric"], "machine": rows[0]["machine"],
-           "total_wall_seconds": sum(r["wall_seconds"] for r in rows), "rows": rows}
+    doc = {
+        "settings": settings,
+        "seeds": args.seeds,
+        "metric": rows[0]["metric"],
+        "machine": rows[0]["machine"],
+        "total_wall_seconds": sum(r["wall_seconds"] for r in rows),
+        "rows": rows,
+    }
     (out / "experiments.json").write_text(json.dumps(doc, indent=1))
     write_report(out)
     print(json.dumps({"bench": "experiments", **doc}))

@@ -31,24 +31,44 @@ def main() -> None:
     rows = []
     for dp, eps in SETTINGS:
         tag = f"dp-{dp}" + (f"-eps{eps:g}" if eps else "")
-        cfg = {"dp": dp, "objective": "feature-matching", "features": "pixels", "partitioning": "shards",
-               "num-server-rounds": args.rounds, "local-steps": args.steps, "ngf": args.ngf,
-               "eval-every": args.rounds, "min-train-nodes": args.nodes}
+        cfg = {
+            "dp": dp,
+            "objective": "feature-matching",
+            "features": "pixels",
+            "partitioning": "shards",
+            "num-server-rounds": args.rounds,
+            "local-steps": args.steps,
+            "ngf": args.ngf,
+            "eval-every": args.rounds,
+            "min-train-nodes": args.nodes,
+        }
         if eps:
             cfg["dp-epsilon"] = eps
         res = run_app(cfg, args.out / "runs" / tag, nodes=args.nodes, log=args.out / "runs" / f"{tag}.log")
         last = res["history"][-1]
         eps_spent = max((last.get("dp_epsilon_per_client") or {"-": 0.0}).values())
-        rows.append({"dp": dp, "epsilon_budget": eps, "epsilon_spent": eps_spent,
-                     **res["summary"]["final_eval"], "wall_seconds": res["wall_seconds"]})
+        rows.append(
+            {
+                "dp": dp,
+                "epsilon_budget": eps,
+                "epsilon_spent": eps_spent,
+                **res["summary"]["final_eval"],
+                "wall_seconds": res["wall_seconds"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     metrics = [k for k in rows[0] if k not in {"dp", "epsilon_budget", "epsilon_spent", "wall_seconds"}]
-    lines = ["| dp | epsilon budget | epsilon spent (max over clients) | " + " | ".join(metrics) + " | wall s |",
-             "|---|---|---|" + "---|" * len(metrics) + "---|"]
+    lines = [
+        "| dp | epsilon budget | epsilon spent (max over clients) | " + " | ".join(metrics) + " | wall s |",
+        "|---|---|---|" + "---|" * len(metrics) + "---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['dp']} | {r['epsilon_budget'] or '-'} | {r['epsilon_spent']:.3g} | "
-                     + " | ".join(f"{r[m]:.4g}" for m in metrics) + f" | {r['wall_seconds']:.0f} |")
+        lines.append(
+            f"| {r['dp']} | {r['epsilon_budget'] or '-'} | {r['epsilon_spent']:.3g} | "
+            + " | ".join(f"{r[m]:.4g}" for m in metrics)
+            + f" | {r['wall_seconds']:.0f} |"
+        )
     (args.out / "privacy.md").write_text("\n".join(lines) + "\n")
     (args.out / "privacy.json").write_text(json.dumps(rows, indent=1))
     print(json.dumps({"bench": "privacy", "rows": rows}))

@@ -27,10 +27,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-COLORS = {"mada": "tab:blue", "mean": "tab:orange", "dense": "tab:green",
-          "mada-change": "tab:red", "adam": "tab:purple", "beta": "tab:brown"}
-LABELS = {"mada": "PRISM (MADA)", "mean": "PRISM, plain mean", "dense": "dense FedAvg",
-          "mada-change": "PRISM, mada-change", "adam": "PRISM, server Adam", "beta": "PRISM, Beta posterior"}
+COLORS = {
+    "mada": "tab:blue",
+    "mean": "tab:orange",
+    "dense": "tab:green",
+    "mada-change": "tab:red",
+    "adam": "tab:purple",
+    "beta": "tab:brown",
+}
+LABELS = {
+    "mada": "PRISM (MADA)",
+    "mean": "PRISM, plain mean",
+    "dense": "dense FedAvg",
+    "mada-change": "PRISM, mada-change",
+    "adam": "PRISM, server Adam",
+    "beta": "PRISM, Beta posterior",
+}
 
 
 def run_series(history: list[dict], metric: str) -> list[dict]:
@@ -48,7 +60,9 @@ def run_series(history: list[dict], metric: str) -> list[dict]:
         if rec.get("downlink_bytes") and rec.get("asked", rec["clients"]):
             total += rec["downlink_bytes"] / rec.get("asked", rec["clients"]) / 1e6
         if metric in (rec.get("eval") or {}):
-            out.append({"round": rec["round"], "uplink_mb": cum, "total_mb": total, "value": rec["eval"][metric]})
+            out.append(
+                {"round": rec["round"], "uplink_mb": cum, "total_mb": total, "value": rec["eval"][metric]}
+            )
     return out
 
 
@@ -83,26 +97,45 @@ def table(rows: list[dict], metric: str) -> str:
     finals = [r["series"][-1]["uplink_mb"] for r in rows]
     prism_budget = min(finals)
     # Dense FedAvg's first evaluated round after round 0 (round 1 when every round is evaluated).
-    dense_budget = min((r["series"][1]["uplink_mb"] for r in rows if r["method"] == "dense" and len(r["series"]) > 1),
-                       default=None)
-    head = [f"{metric} after the last round", "recall", "coverage",
-            f"{metric} at {prism_budget:.3g} MB/client uplink"]
+    dense_budget = min(
+        (r["series"][1]["uplink_mb"] for r in rows if r["method"] == "dense" and len(r["series"]) > 1),
+        default=None,
+    )
+    head = [
+        f"{metric} after the last round",
+        "recall",
+        "coverage",
+        f"{metric} at {prism_budget:.3g} MB/client uplink",
+    ]
     if dense_budget is not None:
         head.append(f"{metric} at {dense_budget:.3g} MB/client uplink")
-    head += ["mean MADA lambda", "uplink B/client/round", "bits/weight", "downlink B/client/round", "model B",
-             "wall s"]
+    head += [
+        "mean MADA lambda",
+        "uplink B/client/round",
+        "bits/weight",
+        "downlink B/client/round",
+        "model B",
+        "wall s",
+    ]
     lines = ["| partitioning | method | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
     for (part, method), group in _groups(rows).items():
         lam = [r["mean_lambda"] for r in group if r["mean_lambda"] is not None]
-        cells = [mean_spread([r["final"][metric] for r in group]),
-                 mean_spread([r["final"]["recall"] for r in group]),
-                 mean_spread([r["final"]["coverage"] for r in group]), _at(group, prism_budget)]
+        cells = [
+            mean_spread([r["final"][metric] for r in group]),
+            mean_spread([r["final"]["recall"] for r in group]),
+            mean_spread([r["final"]["coverage"] for r in group]),
+            _at(group, prism_budget),
+        ]
         if dense_budget is not None:
             cells.append(_at(group, dense_budget))
-        cells += [mean_spread(lam) if lam else "-", f"{group[0]['uplink_bytes_per_client_round']:.0f}",
-                  f"{group[0]['uplink_bits_per_weight']:.5f}", f"{group[0]['downlink_bytes_per_client_round']:.0f}",
-                  f"{group[0]['model_bytes']}",
-                  f"{statistics.mean(r['wall_seconds'] for r in group):.0f}"]
+        cells += [
+            mean_spread(lam) if lam else "-",
+            f"{group[0]['uplink_bytes_per_client_round']:.0f}",
+            f"{group[0]['uplink_bits_per_weight']:.5f}",
+            f"{group[0]['downlink_bytes_per_client_round']:.0f}",
+            f"{group[0]['model_bytes']}",
+            f"{statistics.mean(r['wall_seconds'] for r in group):.0f}",
+        ]
         lines.append(f"| {part} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -126,12 +159,22 @@ def plot(rows: list[dict], metric: str, x: str, path: Path) -> None:
             points = list(zip(*(r["series"] for r in group)))
             xs = [statistics.mean(pt[x] for pt in pts) for pts in points]
             vals = [[pt["value"] for pt in pts] for pts in points]
-            ax.plot(xs, [statistics.mean(v) for v in vals], marker="o", ms=3, color=COLORS.get(method),
-                    label=LABELS.get(method, method))
-            ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, color=COLORS.get(method))
+            ax.plot(
+                xs,
+                [statistics.mean(v) for v in vals],
+                marker="o",
+                ms=3,
+                color=COLORS.get(method),
+                label=LABELS.get(method, method),
+            )
+            ax.fill_between(
+                xs, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, color=COLORS.get(method)
+            )
         if x != "round":
             ax.set_xscale("symlog", linthresh=first_up)
-            ax.set_xlabel(f"cumulative {'uplink' if x == 'uplink_mb' else 'traffic up + down'} per client (MB; symlog)")
+            ax.set_xlabel(
+                f"cumulative {'uplink' if x == 'uplink_mb' else 'traffic up + down'} per client (MB; symlog)"
+            )
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("round")
@@ -155,7 +198,8 @@ def write_report(out: Path) -> dict:
         f"# Experiments: {settings}\n\nMean ± sd over seeds {doc['seeds']}; (rN) = the round the value is from. "
         f"Measured on {doc['machine']}; the runs took {doc['total_wall_seconds'] / 60:.1f} min in all.\n\n"
         f"{text}\n![quality vs rounds](quality_vs_rounds.png)\n\n![quality vs uplink](quality_vs_uplink.png)\n\n"
-        f"![quality vs traffic both ways](quality_vs_traffic.png)\n")
+        f"![quality vs traffic both ways](quality_vs_traffic.png)\n"
+    )
     plot(rows, metric, "round", out / "quality_vs_rounds.png")
     plot(rows, metric, "uplink_mb", out / "quality_vs_uplink.png")
     plot(rows, metric, "total_mb", out / "quality_vs_traffic.png")

@@ -1,12 +1,12 @@
 """``prism-flwr`` command line: data preparation, sampling from an exported model, run status.
 
-    prism-flwr data cifar10 [--data-dir DIR] [--download auto|true|false]   prepare / check a dataset
-    prism-flwr sample MODEL.prism [--n 64] [--out grid.png] [--seed 0]
-    prism-flwr evaluate MODEL.prism [--dataset fmnist] [--n 10000] [--inception-weights FILE]
-    prism-flwr feature-net fmnist [--seed 0] [--force]     train (once) the FD feature classifier
-    prism-flwr last-run [CONNECTION]                       status of the newest `flwr run`
-    prism-flwr clientapp-executor --runtime-api-address HOST:PORT --insecure   warm ClientApp process
-    prism-flwr supernode [--idle-poll 0.2] -- FLOWER-SUPERNODE-ARGS...   SuperNode, shorter idle poll
+prism-flwr data cifar10 [--data-dir DIR] [--download auto|true|false]   prepare / check a dataset
+prism-flwr sample MODEL.prism [--n 64] [--out grid.png] [--seed 0]
+prism-flwr evaluate MODEL.prism [--dataset fmnist] [--n 10000] [--inception-weights FILE]
+prism-flwr feature-net fmnist [--seed 0] [--force]     train (once) the FD feature classifier
+prism-flwr last-run [CONNECTION]                       status of the newest `flwr run`
+prism-flwr clientapp-executor --runtime-api-address HOST:PORT --insecure   warm ClientApp process
+prism-flwr supernode [--idle-poll 0.2] -- FLOWER-SUPERNODE-ARGS...   SuperNode, shorter idle poll
 """
 
 from __future__ import annotations
@@ -24,14 +24,16 @@ from prism_flwr.storage.export import ModelFileError
 
 def _data(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset, args.data_dir, train=True, download=args.download)
-    print(f"{args.dataset}: {len(data)} training images {tuple(data.images.shape[1:])} ready in {args.data_dir}")
+    print(
+        f"{args.dataset}: {len(data)} training images {tuple(data.images.shape[1:])} ready in {args.data_dir}"
+    )
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
     from prism_flwr.evaluation.evaluator import save_grid
-    from prism_flwr.storage.export import load_sparse_model
     from prism_flwr.model.generator import generate
+    from prism_flwr.storage.export import load_sparse_model
 
     model, header = load_sparse_model(args.model)
     save_grid(generate(model, args.n, args.seed), args.out)
@@ -41,18 +43,30 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from prism_flwr.evaluation.evaluator import Evaluator
-    from prism_flwr.storage.export import load_sparse_model
     from prism_flwr.model.build import pick_device
+    from prism_flwr.storage.export import load_sparse_model
 
     model, header = load_sparse_model(args.model)
     dataset = args.dataset or header.get("dataset")
     if dataset is None:
         print(f"{args.model} does not name its dataset: pass --dataset", file=sys.stderr)
         return 2
-    evaluator = Evaluator(dataset, args.data_dir, args.n, args.seed, pick_device(args.device),
-                          inception_weights=args.inception_weights or None)
+    evaluator = Evaluator(
+        dataset,
+        args.data_dir,
+        args.n,
+        args.seed,
+        pick_device(args.device),
+        inception_weights=args.inception_weights or None,
+    )
     metrics, _ = evaluator.evaluate(model, mask_mode="threshold")  # the stored mask, as exported
-    result = {"model": args.model, "dataset": dataset, "n": evaluator.n, "features": evaluator.feature_info, **metrics}
+    result = {
+        "model": args.model,
+        "dataset": dataset,
+        "n": evaluator.n,
+        "features": evaluator.feature_info,
+        **metrics,
+    }
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:
@@ -64,23 +78,31 @@ def _feature_net(args: argparse.Namespace) -> int:
     from prism_flwr.evaluation.feature_net import load_or_train_classifier
     from prism_flwr.model.build import pick_device
 
-    _, info, path = load_or_train_classifier(args.dataset, args.data_dir, args.seed, pick_device(args.device),
-                                             args.download, force=args.force)
+    _, info, path = load_or_train_classifier(
+        args.dataset, args.data_dir, args.seed, pick_device(args.device), args.download, force=args.force
+    )
     print(f"{path}: test accuracy {info['test_accuracy']:.4f} ({info['train_seconds']:.0f} s of training)")
     return 0
 
 
 def _last_run(args: argparse.Namespace) -> int:
     """Flower's `flwr run` exits 0 even when the ServerApp raised: read the run's own status."""
-    out = subprocess.run(["flwr", "ls", *([args.connection] if args.connection else []), "--format", "json"],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["flwr", "ls", *([args.connection] if args.connection else []), "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     try:
         runs = json.loads(out.stdout)["runs"]
     except (json.JSONDecodeError, KeyError):
         print(f"could not read `flwr ls`: {out.stdout or out.stderr}", file=sys.stderr)
         return 2
     last = max(runs, key=lambda r: r["pending-at"])
-    print(f"run {last['run-id']}: {last['status']}" + (f" ({last['status-details']})" if last["status-details"] != "N/A" else ""))
+    print(
+        f"run {last['run-id']}: {last['status']}"
+        + (f" ({last['status-details']})" if last["status-details"] != "N/A" else "")
+    )
     return 0 if last["status"] == "finished:completed" else 1
 
 
@@ -95,6 +117,7 @@ def _clientapp_executor(args: argparse.Namespace) -> int:
     """One warm ClientApp process for a SuperNode started with ``--isolation process``."""
     try:
         from .deployment import executor
+
         executor.check_flower_version()
     except ImportError as err:  # a Flower whose version passes but whose internals moved
         print(f"the warm ClientApp executor cannot use the installed Flower: {err}", file=sys.stderr)
@@ -106,8 +129,9 @@ def _clientapp_executor(args: argparse.Namespace) -> int:
         if path is not None and not os.path.isfile(path):
             print(f"{path}: no such file", file=sys.stderr)
             return 2
-    endpoint = executor.Endpoint(args.runtime_api_address, args.insecure, args.root_certificates,
-                                 args.superexec_auth_secret_file)
+    endpoint = executor.Endpoint(
+        args.runtime_api_address, args.insecure, args.root_certificates, args.superexec_auth_secret_file
+    )
     try:
         return executor.serve(endpoint, args.poll_interval)
     except executor.RuntimeApiRefused as err:
@@ -119,6 +143,7 @@ def _supernode(args: argparse.Namespace) -> int:
     """Flower's SuperNode, asking for its next message every ``--idle-poll`` s instead of 3 s."""
     try:
         from .deployment import executor
+
         executor.check_flower_version()
         rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
         executor.supernode_main(rest, args.idle_poll)
@@ -129,14 +154,22 @@ def _supernode(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="prism-flwr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="prism-flwr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("data", help="prepare or check a dataset")
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--data-dir", default=RunConfig().data_dir)
-    p.add_argument("--download", choices=("auto", "true", "false"), default="auto", nargs="?", const="true",
-                   help="auto (default) or true (also plain --download): fetch a missing dataset once with "
-                        "torchvision (needs the internet); false: never")
+    p.add_argument(
+        "--download",
+        choices=("auto", "true", "false"),
+        default="auto",
+        nargs="?",
+        const="true",
+        help="auto (default) or true (also plain --download): fetch a missing dataset once with "
+        "torchvision (needs the internet); false: never",
+    )
     p.set_defaults(fn=_data)
     p = sub.add_parser("sample", help="sample a grid PNG from an exported model")
     p.add_argument("model")
@@ -159,27 +192,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=RunConfig().data_dir)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--download", choices=("auto", "true", "false"), default="auto", nargs="?", const="true",
-                   help="auto (default) or true (also plain --download): fetch a missing dataset once with "
-                        "torchvision (needs the internet); false: never")
+    p.add_argument(
+        "--download",
+        choices=("auto", "true", "false"),
+        default="auto",
+        nargs="?",
+        const="true",
+        help="auto (default) or true (also plain --download): fetch a missing dataset once with "
+        "torchvision (needs the internet); false: never",
+    )
     p.add_argument("--force", action="store_true", help="retrain even when cached")
     p.set_defaults(fn=_feature_net)
     p = sub.add_parser("last-run", help="status of the newest Flower run; exit 1 unless it completed")
     p.add_argument("connection", nargs="?", help="SuperLink connection name (default: the default one)")
     p.set_defaults(fn=_last_run)
-    p = sub.add_parser("clientapp-executor", help="serve every ClientApp message of a SuperNode in one process")
-    p.add_argument("--runtime-api-address", "--appio-api-address", required=True, metavar="HOST:PORT",
-                   help="the SuperNode's Runtime API (flower-supernode --isolation process --port)")
+    p = sub.add_parser(
+        "clientapp-executor", help="serve every ClientApp message of a SuperNode in one process"
+    )
+    p.add_argument(
+        "--runtime-api-address",
+        "--appio-api-address",
+        required=True,
+        metavar="HOST:PORT",
+        help="the SuperNode's Runtime API (flower-supernode --isolation process --port)",
+    )
     tls = p.add_mutually_exclusive_group()
     tls.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API")
     tls.add_argument("--root-certificates", metavar="CA.crt", help="CA of the SuperNode's --ssl-certfile")
     p.add_argument("--superexec-auth-secret-file", help="as the SuperNode's --superexec-auth-secret-file")
-    p.add_argument("--poll-interval", type=_poll_seconds, default=0.1,
-                   help="seconds between AcquireTask polls (0.01-60)")
+    p.add_argument(
+        "--poll-interval", type=_poll_seconds, default=0.1, help="seconds between AcquireTask polls (0.01-60)"
+    )
     p.set_defaults(fn=_clientapp_executor)
     p = sub.add_parser("supernode", help="flower-supernode with its 3 s idle poll shortened")
-    p.add_argument("--idle-poll", type=_poll_seconds, default=0.2,
-                   help="longest wait of the SuperNode loop in seconds (Flower's: 3 s when idle)")
+    p.add_argument(
+        "--idle-poll",
+        type=_poll_seconds,
+        default=0.2,
+        help="longest wait of the SuperNode loop in seconds (Flower's: 3 s when idle)",
+    )
     p.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     p.set_defaults(fn=_supernode)
     args = ap.parse_args(argv)

@@ -8,8 +8,9 @@ allowed, so a typo stops the run before any training.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -26,8 +27,14 @@ def _kebab(name: str) -> str:
 
 def _download(value: Any) -> bool | str:
     """true / false / "auto" (booleans also as strings), else one clear message."""
-    if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in ("auto", "true", "false")):
-        return value if isinstance(value, bool) else {"true": True, "false": False}.get(value.strip().lower(), "auto")
+    if isinstance(value, bool) or (
+        isinstance(value, str) and value.strip().lower() in ("auto", "true", "false")
+    ):
+        return (
+            value
+            if isinstance(value, bool)
+            else {"true": True, "false": False}.get(value.strip().lower(), "auto")
+        )
     raise ValueError('Input should be true, false or "auto"')
 
 
@@ -50,9 +57,9 @@ class RunConfig(BaseModel):
     )
     download: Annotated[Literal["auto"] | bool, BeforeValidator(_download)] = Field(
         "auto",
-        description="for the server's data (a client: node-config `download`); `auto`: fetch a missing dataset once (torchvision's download, with progress) when the "
-        "internet is there; `true`: the same, and a failed fetch is an error; `false`: never fetch (one "
-        "error says where to put the files)",
+        description="for the server's data (a client: node-config `download`); `auto`: fetch a missing "
+        "dataset once (torchvision's download, with progress) when the internet is there; `true`: the "
+        "same, and a failed fetch is an error; `false`: never fetch (one error says where to put the files)",
     )
     partitioning: Literal["iid", "shards", "dirichlet", "attribute"] = Field(
         "shards",
@@ -186,25 +193,33 @@ class RunConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _compatible(self) -> "RunConfig":
+    def _compatible(self) -> RunConfig:
         check_dp_compatible(self.dp, self.objective)
         if self.method == "dense" and self.dp != "off":
             raise ValueError("method='dense' is the non-private baseline: use dp='off'")
         if self.partitioning == "attribute" and self.dataset != "celeba":
-            raise ValueError("partitioning='attribute' splits CelebA by its Male attribute: use dataset='celeba'")
+            raise ValueError(
+                "partitioning='attribute' splits CelebA by its Male attribute: use dataset='celeba'"
+            )
         if self.method == "dense" and self.robust_aggregation != "off":
-            raise ValueError("robust-aggregation applies to PRISM's masks; the dense baseline always clips "
-                             "update norms: use robust-aggregation='off' with method='dense'")
+            raise ValueError(
+                "robust-aggregation applies to PRISM's masks; the dense baseline always clips "
+                "update norms: use robust-aggregation='off' with method='dense'"
+            )
         if self.secure_aggregation != "off" and self.robust_aggregation != "off":
-            raise ValueError(f"secure-aggregation='{self.secure_aggregation}' hides each client's mask, which "
-                             "robust-aggregation must see: use robust-aggregation='off'")
+            raise ValueError(
+                f"secure-aggregation='{self.secure_aggregation}' hides each client's mask, which "
+                "robust-aggregation must see: use robust-aggregation='off'"
+            )
         if self.secure_aggregation != "off" and self.method == "dense":
-            raise ValueError(f"secure-aggregation='{self.secure_aggregation}' sums PRISM's binary masks: "
-                             "use method='prism' or secure-aggregation='off'")
+            raise ValueError(
+                f"secure-aggregation='{self.secure_aggregation}' sums PRISM's binary masks: "
+                "use method='prism' or secure-aggregation='off'"
+            )
         return self
 
     @classmethod
-    def parse(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+    def parse(cls, run_config: Mapping[str, Any]) -> RunConfig:
         try:
             return cls.model_validate(dict(run_config))
         except ValidationError as err:

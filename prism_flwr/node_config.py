@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal
 
+import tomllib
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 ENV = "PRISM_NODE_CONFIG"
@@ -40,28 +41,30 @@ def _download(value: Any) -> bool | str:
 
 
 class NodeConfig(BaseModel):
-    model_config = ConfigDict(alias_generator=lambda n: n.replace("_", "-"), populate_by_name=True,
-                              extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        alias_generator=lambda n: n.replace("_", "-"), populate_by_name=True, extra="forbid", frozen=True
+    )
 
     partition_id: int = Field(ge=0)
     num_partitions: int = Field(ge=1)
     data_dir: str = "~/.cache/prism-flwr/data"
-    state_dir: str = "~/.local/state/prism-flwr"       # client state and the privacy ledger
+    state_dir: str = "~/.local/state/prism-flwr"  # client state and the privacy ledger
     download: Annotated[Literal["auto"] | bool, BeforeValidator(_download)] = "auto"
     min_dp: Literal["off", "statistics", "theta"] = "off"
-    dp_budget: float = Field(9.8, gt=0)                  # epsilon over all runs on this data
-    max_dp_epsilon: float | None = Field(None, gt=0)    # per run; None: dp-budget
-    max_dp_delta: float = Field(1e-5, gt=0, lt=1)        # largest delta accepted; the ledger's delta
+    dp_budget: float = Field(9.8, gt=0)  # epsilon over all runs on this data
+    max_dp_epsilon: float | None = Field(None, gt=0)  # per run; None: dp-budget
+    max_dp_delta: float = Field(1e-5, gt=0, lt=1)  # largest delta accepted; the ledger's delta
 
     @model_validator(mode="after")
-    def _partition_in_range(self) -> "NodeConfig":
+    def _partition_in_range(self) -> NodeConfig:
         if self.partition_id >= self.num_partitions:
-            raise ValueError(f"partition-id {self.partition_id} must be below num-partitions "
-                             f"{self.num_partitions}")
+            raise ValueError(
+                f"partition-id {self.partition_id} must be below num-partitions {self.num_partitions}"
+            )
         return self
 
     @classmethod
-    def parse(cls, node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> "NodeConfig":
+    def parse(cls, node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> NodeConfig:
         environ = os.environ if environ is None else environ
         try:
             merged = {**parse_pairs(environ.get(ENV, "")), **dict(node_config)}
@@ -82,14 +85,20 @@ class NodeConfig(BaseModel):
         """Why this node refuses a run asking for ``dp`` at (``epsilon``, ``delta``); None if it
         takes part."""
         if DP_ORDER.index(dp) < DP_ORDER.index(self.min_dp):
-            return (f"node refuses the run: dp={dp!r} is weaker than this node's floor "
-                    f"min-dp={self.min_dp!r} (order: {' < '.join(DP_ORDER)})")
+            return (
+                f"node refuses the run: dp={dp!r} is weaker than this node's floor "
+                f"min-dp={self.min_dp!r} (order: {' < '.join(DP_ORDER)})"
+            )
         if dp != "off" and epsilon > self.run_epsilon_cap:
-            return (f"node refuses the run: dp-epsilon={epsilon:g} is above this node's max-dp-epsilon="
-                    f"{self.run_epsilon_cap:g}")
+            return (
+                f"node refuses the run: dp-epsilon={epsilon:g} is above this node's max-dp-epsilon="
+                f"{self.run_epsilon_cap:g}"
+            )
         if dp != "off" and delta > self.max_dp_delta:
-            return (f"node refuses the run: dp-delta={delta:g} is above this node's "
-                    f"max-dp-delta={self.max_dp_delta:g}")
+            return (
+                f"node refuses the run: dp-delta={delta:g} is above this node's "
+                f"max-dp-delta={self.max_dp_delta:g}"
+            )
         return None
 
 
@@ -103,8 +112,9 @@ def parse_pairs(text: str) -> dict[str, Any]:
         try:
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            raise NodeConfigError(f"{ENV}: value of {key!r} is not TOML "
-                                  f"(quote strings: {key}='...')") from None
+            raise NodeConfigError(
+                f"{ENV}: value of {key!r} is not TOML (quote strings: {key}='...')"
+            ) from None
     return out
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 
 def eta_text(done: float, total: float, elapsed: float) -> str:
@@ -21,8 +22,15 @@ def eta_text(done: float, total: float, elapsed: float) -> str:
 
 
 class Progress:
-    def __init__(self, what: str, total: float, unit: str = "", every: float = 5.0, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        what: str,
+        total: float,
+        unit: str = "",
+        every: float = 5.0,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.what, self.total, self.unit, self.every = what, total, unit, every
         self.stream = stream
         self.clock = clock
@@ -39,9 +47,13 @@ class Progress:
         self.last, self.shown = now, True
         share = f" ({100 * done / self.total:.0f} %)" if self.total else ""
         unit = f" {self.unit}" if self.unit else ""
-        self._print(f"{self.what}: {done:g}/{self.total:g}{unit}{share}{', ' + note if note else ''}, "
-                    f"{eta_text(done, self.total, now - self.start)}")
+        self._print(
+            f"{self.what}: {done:g}/{self.total:g}{unit}{share}{', ' + note if note else ''}, "
+            f"{eta_text(done, self.total, now - self.start)}"
+        )
 
     def close(self, note: str = "") -> None:
         if self.shown:
-            self._print(f"{self.what}: done in {self.clock() - self.start:.0f} s{', ' + note if note else ''}")
+            self._print(
+                f"{self.what}: done in {self.clock() - self.start:.0f} s{', ' + note if note else ''}"
+            )

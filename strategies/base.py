@@ -31,13 +31,25 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from prism_flwr.config import RunConfig
+from prism_flwr.federated.aggregation import AggregationError
 from prism_flwr.federated.broadcast import DIGEST_CHARS, DOWNLINK_KEY, DOWNLINKS, Downlink, NodeCopies, digest
 from prism_flwr.federated.methods import Method
-from prism_flwr.federated.aggregation import AggregationError
 from prism_flwr.federated.records import METRICS_KEY
 
-from .replies import (EVALUATE_METRICS, MAX_EXAMPLES, TRAIN_METRICS, Metric, ReplyRejected, Screened,
-                      check_array, check_metrics, check_records, reason, screen, upload_array)
+from .replies import (
+    EVALUATE_METRICS,
+    MAX_EXAMPLES,
+    TRAIN_METRICS,
+    Metric,
+    ReplyRejected,
+    Screened,
+    check_array,
+    check_metrics,
+    check_records,
+    reason,
+    screen,
+    upload_array,
+)
 from .wire import message_wire_bytes
 
 PER_CLIENT = {"dp_epsilon": "dp_epsilon_per_client", "label_histogram": "label_histograms"}
@@ -75,20 +87,37 @@ class RecordingFedAvg(FedAvg):
     round a resumed run starts after.
     """
 
-    method: Method      # what it aggregates (prism_flwr.federated.methods)
+    method: Method  # what it aggregates (prism_flwr.federated.methods)
     payload_key: str
     upload_key: str
     extra_records: tuple[str, ...] = ()  # records a training reply may carry besides the upload and metrics
     train_metrics = TRAIN_METRICS
     evaluate_metrics = EVALUATE_METRICS
 
-    def __init__(self, *, num_weights: int, seed: int = 0, eval_every: int = 1, fraction_train: float = 1.0,
-                 fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
-                 num_classes: int | None = None, max_examples: int | None = None,
-                 downlink: Downlink | None = None, robust: dict | None = None, round_offset: int = 0) -> None:
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
-                         min_train_nodes=min_train_nodes, min_evaluate_nodes=min_train_nodes,
-                         min_available_nodes=min_available_nodes, arrayrecord_key=self.payload_key)
+    def __init__(
+        self,
+        *,
+        num_weights: int,
+        seed: int = 0,
+        eval_every: int = 1,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        num_classes: int | None = None,
+        max_examples: int | None = None,
+        downlink: Downlink | None = None,
+        robust: dict | None = None,
+        round_offset: int = 0,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_train_nodes,
+            min_available_nodes=min_available_nodes,
+            arrayrecord_key=self.payload_key,
+        )
         self.num_weights = num_weights
         self.seed = seed
         self.eval_every = eval_every
@@ -98,18 +127,18 @@ class RecordingFedAvg(FedAvg):
         self.robust = robust
         self.round_offset = round_offset
         self.round_records: dict[int, dict] = {}  # global round -> what happened
-        self._global: np.ndarray | None = None    # the global state (float32) sent this round
-        self._sent: list[int] = []                # payload bytes of each training message this round
-        self._down_wire = None                    # all training messages as serialised
+        self._global: np.ndarray | None = None  # the global state (float32) sent this round
+        self._sent: list[int] = []  # payload bytes of each training message this round
+        self._down_wire = None  # all training messages as serialised
         self._asked_nodes: set[int] | None = None  # None: accept any node (tests without configure_*)
         self._copies = NodeCopies() if self.downlink.uses_base else None  # what each node holds (delta)
+        self.round_nodes: list = []  # senders of the payloads handed to ``combine``, in order
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, *, layout: bytes, state: dict | None, **kwargs) -> "RecordingFedAvg":
+    def from_config(cls, cfg: RunConfig, *, layout: bytes, state: dict | None, **kwargs) -> RecordingFedAvg:
         """The strategy for run config ``cfg``: ``kwargs`` (the shared keywords) plus whatever of
         ``cfg``, the model ``layout`` and the checkpointed ``state`` this class needs."""
         return cls(**kwargs)
-        self.round_nodes: list = []  # senders of the payloads handed to ``combine``, in order
 
     @property
     def max_upload_bytes(self) -> int:
@@ -128,16 +157,26 @@ class RecordingFedAvg(FedAvg):
 
     def empty_record(self, rnd: int, asked: int = 0, downlink_bytes: int = 0) -> dict:
         """One ``history.json`` record before any reply is counted (round 0 stays like this)."""
-        return {"round": rnd, "clients": 0, "asked": asked, "dropped": [], "uplink_bytes": 0,
-                "uplink_bits_per_weight": None, "downlink_bytes": downlink_bytes, "loss": None,
-                "skipped": False}
+        return {
+            "round": rnd,
+            "clients": 0,
+            "asked": asked,
+            "dropped": [],
+            "uplink_bytes": 0,
+            "uplink_bits_per_weight": None,
+            "downlink_bytes": downlink_bytes,
+            "loss": None,
+            "skipped": False,
+        }
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the strategy beyond the global state (here: nothing)."""
         return {}
 
     # ------------------------------------------------------------------------------ configure
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._global = arrays[self.payload_key].numpy()
         rnd = server_round + self.round_offset
         messages = self._broadcast(super().configure_train(rnd, arrays, config, grid))
@@ -146,7 +185,9 @@ class RecordingFedAvg(FedAvg):
         self._down_wire = _wire_bytes(messages)
         return messages
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         if (server_round + self.round_offset) % self.eval_every:
             self._asked_nodes = set()  # no evaluation this round: no reply is expected
             return []
@@ -165,24 +206,34 @@ class RecordingFedAvg(FedAvg):
         config = messages[0].content[self.configrecord_key]
         contents: dict[str, RecordDict] = {}  # base digest -> content
         name = digest(state) if self._copies is not None else ""
-        bases = {m.metadata.dst_node_id: self._copies.base_for(m.metadata.dst_node_id) if self._copies is not None
-                 else ("", None) for m in messages}  # all looked up before any state is added
+        bases = {
+            m.metadata.dst_node_id: self._copies.base_for(m.metadata.dst_node_id)
+            if self._copies is not None
+            else ("", None)
+            for m in messages
+        }  # all looked up before any state is added
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
             base_name, base = bases[node]
             if base_name not in contents:
                 wire = self.downlink.encode(state, base)
-                content = RecordDict({self.payload_key: ArrayRecord({self.payload_key: Array(wire)}),
-                                      self.configrecord_key: config})
+                content = RecordDict(
+                    {
+                        self.payload_key: ArrayRecord({self.payload_key: Array(wire)}),
+                        self.configrecord_key: config,
+                    }
+                )
                 if self._copies is not None:
                     content[DOWNLINK_KEY] = ConfigRecord(
-                        {"digest": name, "base": base_name if self.downlink.is_delta(wire) else ""})
+                        {"digest": name, "base": base_name if self.downlink.is_delta(wire) else ""}
+                    )
                 contents[base_name] = content
             if self._copies is not None:
                 self._copies.sending(node, state, name)
-            out.append(Message(content=contents[base_name], dst_node_id=node,
-                               message_type=msg.metadata.message_type))
+            out.append(
+                Message(content=contents[base_name], dst_node_id=node, message_type=msg.metadata.message_type)
+            )
         return out
 
     def _settle_copies(self, screened: Screened) -> None:
@@ -214,8 +265,9 @@ class RecordingFedAvg(FedAvg):
         if DOWNLINK_KEY in msg.content:
             held, sent = held_digest(msg.content), self._copies.sent_to(msg.metadata.src_node_id)
             if held != sent:
-                raise ReplyRejected(f"reply says its node holds global {held[:12]}, "
-                                    f"it was sent {str(sent)[:12]}")
+                raise ReplyRejected(
+                    f"reply says its node holds global {held[:12]}, it was sent {str(sent)[:12]}"
+                )
         return [DOWNLINK_KEY]
 
     def _check_train(self, msg: Message) -> tuple[np.ndarray, dict, int]:
@@ -232,21 +284,28 @@ class RecordingFedAvg(FedAvg):
         return self.check_metrics(msg.content[METRICS_KEY], self.evaluate_metrics)
 
     # ------------------------------------------------------------------------------ aggregation
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
         replies = list(replies)  # every reply crossed the wire, the dropped ones too
         screened = screen(replies, self._check_train, self._asked_nodes, f"round {rnd}")
         self._settle_copies(screened)
-        accepted = [msg for _, msg, _ in screened.accepted]
         nodes = [node for node, _, _ in screened.accepted]
-        payloads, metrics, sizes = (list(x) for x in zip(*(r for _, _, r in screened.accepted))) \
-            if screened.accepted else ([], [], [])
+        payloads, metrics, sizes = (
+            (list(x) for x in zip(*(r for _, _, r in screened.accepted)))
+            if screened.accepted
+            else ([], [], [])
+        )
         asked = len(self._sent)
-        record = {**self.empty_record(rnd, asked, int(sum(self._sent))),
-                  "clients": len(payloads), "dropped": screened.dropped, "uplink_bytes": int(sum(sizes)),
-                  "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / self.num_weights if sizes else None,
-                  "downlink_bits_per_weight": 8 * float(np.mean(self._sent)) / self.num_weights
-                  if asked else None}
+        record = {
+            **self.empty_record(rnd, asked, int(sum(self._sent))),
+            "clients": len(payloads),
+            "dropped": screened.dropped,
+            "uplink_bytes": int(sum(sizes)),
+            "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / self.num_weights if sizes else None,
+            "downlink_bits_per_weight": 8 * float(np.mean(self._sent)) / self.num_weights if asked else None,
+        }
         # The same, counted as Flower serialises the messages (strategies/wire.py): per client and round.
         # Every reply crossed the wire, the dropped ones too.
         up_wire = _wire_bytes(replies) if replies else None
@@ -258,7 +317,9 @@ class RecordingFedAvg(FedAvg):
             record["wire_bits_per_weight_down"] = 8 * self._down_wire / asked / self.num_weights
         self.round_records[rnd] = record
         if len(payloads) < self.min_train_nodes:
-            return self._skip(record, f"{len(payloads)} valid replies, min-train-nodes is {self.min_train_nodes}")
+            return self._skip(
+                record, f"{len(payloads)} valid replies, min-train-nodes is {self.min_train_nodes}"
+            )
 
         weights = np.array([m["num-examples"] for m in metrics], dtype=np.float64)
         self.round_nodes = nodes  # the senders of ``payloads``, in order
@@ -277,15 +338,20 @@ class RecordingFedAvg(FedAvg):
         for key, name in PER_CLIENT.items():  # kept per node, not averaged
             if all(key in m for m in metrics):
                 record[name] = {str(n): m[key] for n, m in zip(nodes, metrics)}
-        out = {**agg, **{k: v for k, v in extra.items() if v is not None}, "clients": len(payloads),
-               **{k: record[k] for k in ("uplink_bytes", "uplink_bits_per_weight", "downlink_bytes")}}
+        out = {
+            **agg,
+            **{k: v for k, v in extra.items() if v is not None},
+            "clients": len(payloads),
+            **{k: record[k] for k in ("uplink_bytes", "uplink_bits_per_weight", "downlink_bytes")},
+        }
         return ArrayRecord({self.payload_key: Array(new)}), MetricRecord(out)
 
     def check_aggregate(self, new: np.ndarray) -> np.ndarray:
         """The new global state; raises when it is not a finite vector like this round's."""
         if new.shape != self._global.shape or new.dtype != self._global.dtype:
-            raise AggregationError(f"aggregate is {new.dtype} {new.shape}, expected "
-                                   f"{self._global.dtype} {self._global.shape}")
+            raise AggregationError(
+                f"aggregate is {new.dtype} {new.shape}, expected {self._global.dtype} {self._global.shape}"
+            )
         if not np.isfinite(new).all():
             raise AggregationError(f"aggregate holds {int((~np.isfinite(new)).sum())} non-finite values")
         return new
@@ -319,6 +385,9 @@ class RecordingFedAvg(FedAvg):
 
 def _weighted_metrics(metrics: list[dict], weights: np.ndarray) -> dict[str, float]:
     """Average of every scalar client metric, weighted by num-examples (keys present in all replies)."""
-    keys = {k for k in set.intersection(*(set(m.keys()) for m in metrics)) - {"num-examples"}
-            if not isinstance(metrics[0][k], list)}
+    keys = {
+        k
+        for k in set.intersection(*(set(m.keys()) for m in metrics)) - {"num-examples"}
+        if not isinstance(metrics[0][k], list)
+    }
     return {k: float(np.dot(weights, [m[k] for m in metrics]) / weights.sum()) for k in sorted(keys)}

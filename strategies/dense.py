@@ -45,7 +45,9 @@ class DenseFedAvg(RecordingFedAvg):
     def decode(self, array: Array) -> np.ndarray:
         weights = array.numpy()
         if weights.dtype != np.float32 or weights.shape != (self.num_weights,):
-            raise ReplyRejected(f"weights must be float32 of shape ({self.num_weights},), got {weights.dtype} {weights.shape}")
+            raise ReplyRejected(
+                f"weights must be float32 of shape ({self.num_weights},), got {weights.dtype} {weights.shape}"
+            )
         if not np.isfinite(weights).all():
             raise ReplyRejected("weights contain NaN or inf")
         return weights

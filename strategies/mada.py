@@ -30,8 +30,8 @@ from flwr.common import log
 from prism_flwr.federated.aggregation import Aggregator, combine_masks
 from prism_flwr.federated.codec import MaskFormatError, decode_mask, mask_model
 from prism_flwr.federated.methods import PRISM
-from prism_flwr.federated.robust import robust_counts
 from prism_flwr.federated.records import MASK_KEY, SCORES_KEY
+from prism_flwr.federated.robust import robust_counts
 
 from .base import RecordingFedAvg
 
@@ -51,10 +51,18 @@ class MADA(RecordingFedAvg):
 
     method = PRISM
     payload_key = SCORES_KEY  # the global scores down (as the run's ``downlink`` encodes them)
-    upload_key = MASK_KEY     # codec bytes up
+    upload_key = MASK_KEY  # codec bytes up
 
-    def __init__(self, *, num_weights: int, layout: bytes, rule: str = "mada", space: str = "score",
-                 aggregator_state: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        num_weights: int,
+        layout: bytes,
+        rule: str = "mada",
+        space: str = "score",
+        aggregator_state: dict | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(num_weights=num_weights, **kwargs)
         self.layout = layout
         self.rule = rule
@@ -67,10 +75,19 @@ class MADA(RecordingFedAvg):
 
     @classmethod
     def from_config(cls, cfg, *, layout, state, **kwargs):
-        robust = (dict(trim=cfg.robust_trim, outlier_mads=cfg.robust_outlier_mads)
-                  if cfg.robust_aggregation == "on" else None)
-        return cls(layout=layout, rule=cfg.aggregation, space=cfg.mada_space, robust=robust,
-                   aggregator_state=state, **kwargs)
+        robust = (
+            dict(trim=cfg.robust_trim, outlier_mads=cfg.robust_outlier_mads)
+            if cfg.robust_aggregation == "on"
+            else None
+        )
+        return cls(
+            layout=layout,
+            rule=cfg.aggregation,
+            space=cfg.mada_space,
+            robust=robust,
+            aggregator_state=state,
+            **kwargs,
+        )
 
     def empty_record(self, rnd: int, asked: int = 0, downlink_bytes: int = 0) -> dict:
         return {**super().empty_record(rnd, asked, downlink_bytes), "mada_lambda": None}
@@ -87,15 +104,23 @@ class MADA(RecordingFedAvg):
         self.aggregator.commit(self._proposed)
 
     def summary(self) -> None:
-        log(INFO, "\t├──> PRISM aggregation: %s (MADA space: %s), %d masked weights, downlink %s",
-            self.rule, self.space, self.num_weights, self.downlink.name)
+        log(
+            INFO,
+            "\t├──> PRISM aggregation: %s (MADA space: %s), %d masked weights, downlink %s",
+            self.rule,
+            self.space,
+            self.num_weights,
+            self.downlink.name,
+        )
         super().summary()
 
     def decode(self, array: Array) -> np.ndarray:
         if array.dtype != "uint8" or len(array.shape) != 1:
             raise ValueError(f"mask must be a flat uint8 array, got {array.dtype} {array.shape}")
         try:
-            return decode_mask(array.numpy().tobytes(), self.num_weights, self.layout, self._coding, grouped=True)
+            return decode_mask(
+                array.numpy().tobytes(), self.num_weights, self.layout, self._coding, grouped=True
+            )
         except MaskFormatError as err:
             raise ValueError(str(err)) from None
 
@@ -103,15 +128,30 @@ class MADA(RecordingFedAvg):
         extra = {}
         if self.robust is not None:  # duplicates and Hamming outliers dropped, votes trimmed per weight
             counts, k, info = robust_counts(payloads, self._coding.grouped_bits, **self.robust)
-            res = self.aggregator.propose(self._global, self._coding.ungroup_counts(counts), k,
-                                          rng=np.random.default_rng([self.seed, rnd]))
-            extra = {"robust_dropped_duplicates": len(info.duplicates), "robust_dropped_outliers": len(info.outliers),
-                     "robust_trim": info.trim}
+            res = self.aggregator.propose(
+                self._global,
+                self._coding.ungroup_counts(counts),
+                k,
+                rng=np.random.default_rng([self.seed, rnd]),
+            )
+            extra = {
+                "robust_dropped_duplicates": len(info.duplicates),
+                "robust_dropped_outliers": len(info.outliers),
+                "robust_trim": info.trim,
+            }
             # which masks, by sender and reason (a list: kept out of the MetricRecord)
             self.round_records[rnd]["robust_dropped"] = info.dropped(self.round_nodes)
         else:
-            res = combine_masks(self.aggregator, self._global, payloads, self.num_weights, self.seed, rnd,
-                                self._coding, commit=False)
+            res = combine_masks(
+                self.aggregator,
+                self._global,
+                payloads,
+                self.num_weights,
+                self.seed,
+                rnd,
+                self._coding,
+                commit=False,
+            )
         return self._settle(rnd, res, extra)
 
     def step_counts(self, rnd: int, counts: np.ndarray, k: int) -> tuple[np.ndarray, dict]:

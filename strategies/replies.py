@@ -23,9 +23,9 @@ from flwr.common.constant import ErrorCode
 
 from prism_flwr.federated.records import METRICS_KEY
 
-MAX_EXAMPLES = 2**31 - 1      # num-examples bound when the strategy is not told the dataset's size
-MAX_CLASSES = 1000            # label_histogram length bound when the strategy is not told num_classes
-NPY_HEADER_SLACK = 4096       # bytes of .npy header an Array may carry on top of its raw data
+MAX_EXAMPLES = 2**31 - 1  # num-examples bound when the strategy is not told the dataset's size
+MAX_CLASSES = 1000  # label_histogram length bound when the strategy is not told num_classes
+NPY_HEADER_SLACK = 4096  # bytes of .npy header an Array may carry on top of its raw data
 
 
 class ReplyRejected(ValueError):
@@ -68,7 +68,7 @@ def node_of(msg: object) -> object:
 def clip(text: str, limit: int = 600) -> str:
     """A client cannot flood the history with its error text; the end (where a traceback names
     the exception) is kept."""
-    return text if len(text) <= limit else f"{text[:150]} [...] {text[-(limit - 157):]}"
+    return text if len(text) <= limit else f"{text[:150]} [...] {text[-(limit - 157) :]}"
 
 
 def reason(err: BaseException) -> str:
@@ -80,12 +80,14 @@ class Screened:
     """A round's replies after ``screen``: what each valid one's ``check`` returned, by node."""
 
     accepted: list[tuple[int, Message, object]] = field(default_factory=list)  # (node, reply, result)
-    dropped: list[str] = field(default_factory=list)                           # "node N: reason"
+    dropped: list[str] = field(default_factory=list)  # "node N: reason"
     dropped_nodes: list[object] = field(default_factory=list)
 
 
 # Flower's error codes (flwr.common.constant.ErrorCode) by number, for the log and history.json.
-_ERROR_NAMES = {code: name for name, code in vars(ErrorCode).items() if name.isupper() and isinstance(code, int)}
+_ERROR_NAMES = {
+    code: name for name, code in vars(ErrorCode).items() if name.isupper() and isinstance(code, int)
+}
 
 
 def error_text(msg: Message) -> str:
@@ -98,8 +100,9 @@ def error_text(msg: Message) -> str:
         return "error reply (unreadable)"
 
 
-def screen(replies: Iterable[Message], check: Callable[[Message], object], asked: set[int] | None,
-           what: str) -> Screened:
+def screen(
+    replies: Iterable[Message], check: Callable[[Message], object], asked: set[int] | None, what: str
+) -> Screened:
     """Drop every reply that is an error, a duplicate, unasked (``asked=None``: any node may
     reply) or that ``check`` raises on; ``what`` names the round in the log."""
     out = Screened()
@@ -144,13 +147,16 @@ def upload_array(content: RecordDict, key: str) -> object:
     if not isinstance(record, ArrayRecord):
         raise ReplyRejected(f"record {key!r} is a {type(record).__name__}, expected ArrayRecord")
     if list(record.keys()) != [key]:
-        raise ReplyRejected(f"record {key!r} must hold exactly one array {key!r}, "
-                            f"holds {[str(k)[:40] for k in list(record.keys())[:5]]}")
+        raise ReplyRejected(
+            f"record {key!r} must hold exactly one array {key!r}, "
+            f"holds {[str(k)[:40] for k in list(record.keys())[:5]]}"
+        )
     return record[key]
 
 
-def check_metrics(mr: object, schema: dict[str, Metric], max_examples: int,
-                  num_classes: int | None) -> dict[str, float | int | list]:
+def check_metrics(
+    mr: object, schema: dict[str, Metric], max_examples: int, num_classes: int | None
+) -> dict[str, float | int | list]:
     """The reply's metrics as plain Python values; raises ``ReplyRejected`` outside ``schema``."""
     if not isinstance(mr, MetricRecord):
         raise ReplyRejected(f"record {METRICS_KEY!r} is a {type(mr).__name__}, expected MetricRecord")
@@ -164,8 +170,10 @@ def check_metrics(mr: object, schema: dict[str, Metric], max_examples: int,
             if not isinstance(value, list):
                 raise ReplyRejected(f"metric {key!r} must be a list, got {type(value).__name__}")
             if (num_classes is not None and len(value) != num_classes) or not 1 <= len(value) <= MAX_CLASSES:
-                raise ReplyRejected(f"metric {key!r} has {len(value)} entries, expected "
-                                    f"{num_classes or '1..1000'} (one per class)")
+                raise ReplyRejected(
+                    f"metric {key!r} has {len(value)} entries, expected "
+                    f"{num_classes or '1..1000'} (one per class)"
+                )
             values = value
         elif isinstance(value, list):
             raise ReplyRejected(f"metric {key!r} must be a scalar, got a list")
@@ -203,6 +211,7 @@ def check_array(array: object, max_bytes: int) -> tuple[Array, int]:
         raise ReplyRejected(f"upload is {len(array.data)} bytes, at most {max_bytes} expected")
     values = array.numpy()  # allow_pickle=False in Flower: no object arrays
     if str(values.dtype) != array.dtype or tuple(values.shape) != tuple(array.shape):
-        raise ReplyRejected(f"upload declares {array.dtype} {tuple(array.shape)} but holds "
-                            f"{values.dtype} {values.shape}")
+        raise ReplyRejected(
+            f"upload declares {array.dtype} {tuple(array.shape)} but holds {values.dtype} {values.shape}"
+        )
     return array, int(values.nbytes)

@@ -30,19 +30,40 @@ from flwr.common import log
 from prism_flwr.federated.aggregation import AggregationError
 from prism_flwr.federated.secure_sum import secagg_parameters
 from prism_flwr.secagg import (
-    ClientState, EncryptedShare, KeyAdvert, MaskedInput, RoundParams, RoundSkipped, SecAggError,
-    SharePackage, UnmaskReply, UnmaskRequest, advertise_keys, collect_adverts, collect_masked, finish,
-    mask_input, new_round, route_shares, share_keys, start_round, unmask)
+    ClientState,
+    EncryptedShare,
+    KeyAdvert,
+    MaskedInput,
+    RoundParams,
+    RoundSkipped,
+    SecAggError,
+    SharePackage,
+    UnmaskReply,
+    UnmaskRequest,
+    advertise_keys,
+    collect_adverts,
+    collect_masked,
+    finish,
+    mask_input,
+    new_round,
+    route_shares,
+    share_keys,
+    start_round,
+    unmask,
+)
 from prism_flwr.secagg.crypto import SHARE_BYTES, packed_size
 from prism_flwr.secagg.round import SEALED_BYTES, check_message, check_params
 
 from .base import _wire_bytes
-from .replies import ReplyRejected, clip as _clip, node_of as _node, reason as _reason
 from .mada import MADA
+from .replies import ReplyRejected
+from .replies import clip as _clip
+from .replies import node_of as _node
+from .replies import reason as _reason
 
-SECAGG_KEY = "secagg"           # ConfigRecord of protocol fields, in every secagg message
-MASKED_KEY = "secagg-masked"    # the masked vector (flat uint8 Array) in a train reply
-STATE_KEY = "secagg-state"      # a client's secrets between phases, in its context.state
+SECAGG_KEY = "secagg"  # ConfigRecord of protocol fields, in every secagg message
+MASKED_KEY = "secagg-masked"  # the masked vector (flat uint8 Array) in a train reply
+STATE_KEY = "secagg-state"  # a client's secrets between phases, in its context.state
 ADVERTISE, SHARE, UNMASK = "query.secagg_advertise", "query.secagg_share", "query.secagg_unmask"
 KEY_BYTES = 32
 
@@ -55,7 +76,7 @@ def _ids(nodes) -> bytes:
 def _chunks(data, size: int, what: str) -> list[bytes]:
     if not isinstance(data, bytes) or len(data) % size:
         raise SecAggError(f"field {what!r} must be bytes in whole {size}-byte pieces")
-    return [data[i:i + size] for i in range(0, len(data), size)]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 def _read_ids(data, what: str) -> tuple[int, ...]:
@@ -80,21 +101,37 @@ def _node_of(record, what: str = "node") -> int:
 
 
 def params_record(p: RoundParams) -> ConfigRecord:
-    return ConfigRecord({"round-id": p.round_id, "clients": _ids(p.clients), "threshold": p.threshold,
-                         "degree": p.degree, "bits": p.bits, "length": p.length})
+    return ConfigRecord(
+        {
+            "round-id": p.round_id,
+            "clients": _ids(p.clients),
+            "threshold": p.threshold,
+            "degree": p.degree,
+            "bits": p.bits,
+            "length": p.length,
+        }
+    )
 
 
 def read_params(record) -> RoundParams:
-    p = RoundParams(_get(record, "round-id", bytes), _read_ids(_get(record, "clients", bytes), "clients"),
-                    *(_get(record, k, int) for k in ("threshold", "degree", "bits", "length")))
+    p = RoundParams(
+        _get(record, "round-id", bytes),
+        _read_ids(_get(record, "clients", bytes), "clients"),
+        *(_get(record, k, int) for k in ("threshold", "degree", "bits", "length")),
+    )
     check_params(p)
     return p
 
 
 def adverts_record(round_id: bytes, adverts) -> ConfigRecord:
-    return ConfigRecord({"round-id": round_id, "nodes": _ids(a.node for a in adverts),
-                         "enc-keys": b"".join(a.enc_key for a in adverts),
-                         "mask-keys": b"".join(a.mask_key for a in adverts)})
+    return ConfigRecord(
+        {
+            "round-id": round_id,
+            "nodes": _ids(a.node for a in adverts),
+            "enc-keys": b"".join(a.enc_key for a in adverts),
+            "mask-keys": b"".join(a.mask_key for a in adverts),
+        }
+    )
 
 
 def read_adverts(record) -> list[KeyAdvert]:
@@ -107,9 +144,13 @@ def read_adverts(record) -> list[KeyAdvert]:
 
 
 def shares_record(shares) -> ConfigRecord:
-    return ConfigRecord({"senders": _ids(s.sender for s in shares),
-                         "receivers": _ids(s.receiver for s in shares),
-                         "blobs": b"".join(s.blob for s in shares)})
+    return ConfigRecord(
+        {
+            "senders": _ids(s.sender for s in shares),
+            "receivers": _ids(s.receiver for s in shares),
+            "blobs": b"".join(s.blob for s in shares),
+        }
+    )
 
 
 def read_shares(record) -> list[EncryptedShare]:
@@ -123,19 +164,25 @@ def read_shares(record) -> list[EncryptedShare]:
 
 def package_record(package: SharePackage) -> ConfigRecord:
     record = shares_record(package.shares)
-    record.update({"round-id": package.round_id, "node": _ids([package.node]),
-                   "commitment": package.seed_commitment})
+    record.update(
+        {"round-id": package.round_id, "node": _ids([package.node]), "commitment": package.seed_commitment}
+    )
     return record
 
 
 def read_package(record) -> SharePackage:
-    return SharePackage(_get(record, "round-id", bytes), _node_of(record), _get(record, "commitment", bytes),
-                        tuple(read_shares(record)))
+    return SharePackage(
+        _get(record, "round-id", bytes),
+        _node_of(record),
+        _get(record, "commitment", bytes),
+        tuple(read_shares(record)),
+    )
 
 
 def request_record(request: UnmaskRequest) -> ConfigRecord:
-    return ConfigRecord({"round-id": request.round_id, "survivors": _ids(request.survivors),
-                         "dropped": _ids(request.dropped)})
+    return ConfigRecord(
+        {"round-id": request.round_id, "survivors": _ids(request.survivors), "dropped": _ids(request.dropped)}
+    )
 
 
 def read_request(record) -> UnmaskRequest:
@@ -144,10 +191,16 @@ def read_request(record) -> UnmaskRequest:
 
 
 def unmask_record(reply: UnmaskReply) -> ConfigRecord:
-    return ConfigRecord({
-        "round-id": reply.round_id, "node": _ids([reply.node]),
-        "seed-owners": _ids(reply.seed_shares), "seed-shares": b"".join(reply.seed_shares.values()),
-        "key-owners": _ids(reply.key_shares), "key-shares": b"".join(reply.key_shares.values())})
+    return ConfigRecord(
+        {
+            "round-id": reply.round_id,
+            "node": _ids([reply.node]),
+            "seed-owners": _ids(reply.seed_shares),
+            "seed-shares": b"".join(reply.seed_shares.values()),
+            "key-owners": _ids(reply.key_shares),
+            "key-shares": b"".join(reply.key_shares.values()),
+        }
+    )
 
 
 def read_unmask(record) -> UnmaskReply:
@@ -165,25 +218,47 @@ def state_record(state: ClientState) -> ConfigRecord:
     """The client's secrets as a record of its own ``context.state`` (never sent)."""
     record = params_record(state.params)
     peers = [state.peers[v] for v in sorted(state.peers)]
-    record.update({"node": _ids([state.node]), "phase": state.phase, "enc-secret": state.enc_secret,
-                   "mask-secret": state.mask_secret, "seed": state.seed,
-                   "peers": adverts_record(state.params.round_id, peers)["nodes"],
-                   "peer-enc": b"".join(a.enc_key for a in peers),
-                   "peer-mask": b"".join(a.mask_key for a in peers),
-                   "held-owners": _ids(state.held), "held": b"".join(state.held.values())})
+    record.update(
+        {
+            "node": _ids([state.node]),
+            "phase": state.phase,
+            "enc-secret": state.enc_secret,
+            "mask-secret": state.mask_secret,
+            "seed": state.seed,
+            "peers": adverts_record(state.params.round_id, peers)["nodes"],
+            "peer-enc": b"".join(a.enc_key for a in peers),
+            "peer-mask": b"".join(a.mask_key for a in peers),
+            "held-owners": _ids(state.held),
+            "held": b"".join(state.held.values()),
+        }
+    )
     return record
 
 
 def read_state(record) -> ClientState:
     p = read_params(record)
-    peers = read_adverts(ConfigRecord({"round-id": p.round_id, "nodes": _get(record, "peers", bytes),
-                                       "enc-keys": _get(record, "peer-enc", bytes),
-                                       "mask-keys": _get(record, "peer-mask", bytes)}))
+    peers = read_adverts(
+        ConfigRecord(
+            {
+                "round-id": p.round_id,
+                "nodes": _get(record, "peers", bytes),
+                "enc-keys": _get(record, "peer-enc", bytes),
+                "mask-keys": _get(record, "peer-mask", bytes),
+            }
+        )
+    )
     owners = _read_ids(_get(record, "held-owners", bytes), "held-owners")
     held = _chunks(_get(record, "held", bytes), 2 * SHARE_BYTES, "held")
-    return ClientState(p, _node_of(record), _get(record, "phase", str), _get(record, "enc-secret", bytes),
-                       _get(record, "mask-secret", bytes), _get(record, "seed", bytes),
-                       {a.node: a for a in peers}, dict(zip(owners, held)))
+    return ClientState(
+        p,
+        _node_of(record),
+        _get(record, "phase", str),
+        _get(record, "enc-secret", bytes),
+        _get(record, "mask-secret", bytes),
+        _get(record, "seed", bytes),
+        {a.node: a for a in peers},
+        dict(zip(owners, held)),
+    )
 
 
 # ---------------------------------------------------------------------------- client steps
@@ -196,8 +271,14 @@ def _content(content, key: str = SECAGG_KEY):
 def client_advertise(content: RecordDict, node: int) -> tuple[ConfigRecord, RecordDict]:
     """``query.secagg_advertise``: fresh keys for the round; (state to keep, reply content)."""
     state, advert = advertise_keys(read_params(_content(content)), node)
-    reply = ConfigRecord({"round-id": advert.round_id, "node": _ids([node]), "enc-key": advert.enc_key,
-                          "mask-key": advert.mask_key})
+    reply = ConfigRecord(
+        {
+            "round-id": advert.round_id,
+            "node": _ids([node]),
+            "enc-key": advert.enc_key,
+            "mask-key": advert.mask_key,
+        }
+    )
     return state_record(state), RecordDict({SECAGG_KEY: reply})
 
 
@@ -211,8 +292,9 @@ def client_mask(content: RecordDict, kept, x: np.ndarray) -> tuple[ConfigRecord,
     """The train step's end: the shares routed to this client in, the masked vector's records out
     (to put into the train reply in place of the mask)."""
     state, masked = mask_input(read_state(kept), read_shares(_content(content)), x)
-    meta = ConfigRecord({"round-id": masked.round_id, "node": _ids([masked.node]),
-                         "masked-with": _ids(masked.masked_with)})
+    meta = ConfigRecord(
+        {"round-id": masked.round_id, "node": _ids([masked.node]), "masked-with": _ids(masked.masked_with)}
+    )
     packed = np.frombuffer(masked.packed, np.uint8).copy()
     return state_record(state), {MASKED_KEY: ArrayRecord({MASKED_KEY: Array(packed)}), SECAGG_KEY: meta}
 
@@ -225,13 +307,21 @@ def client_unmask(content: RecordDict, kept) -> RecordDict:
 
 # ---------------------------------------------------------------------------- server side
 def _read_advert(record) -> KeyAdvert:
-    return KeyAdvert(_get(record, "round-id", bytes), _node_of(record), _get(record, "enc-key", bytes),
-                     _get(record, "mask-key", bytes))
+    return KeyAdvert(
+        _get(record, "round-id", bytes),
+        _node_of(record),
+        _get(record, "enc-key", bytes),
+        _get(record, "mask-key", bytes),
+    )
 
 
 def _read_masked(record, packed: bytes) -> MaskedInput:
-    return MaskedInput(_get(record, "round-id", bytes), _node_of(record),
-                       _read_ids(_get(record, "masked-with", bytes), "masked-with"), packed)
+    return MaskedInput(
+        _get(record, "round-id", bytes),
+        _node_of(record),
+        _read_ids(_get(record, "masked-with", bytes), "masked-with"),
+        packed,
+    )
 
 
 def _new_notes() -> dict:
@@ -307,8 +397,9 @@ class SecAggMADA(MADA):
             if len(nodes) < 2:
                 raise RoundSkipped(f"round skipped: {len(nodes)} clients sampled, secure aggregation needs 2")
             threshold, degree = secagg_parameters(len(nodes))
-            params = new_round(nodes, threshold, degree, self.num_weights,
-                               round_id=rnd.to_bytes(8, "big") + os.urandom(16))
+            params = new_round(
+                nodes, threshold, degree, self.num_weights, round_id=rnd.to_bytes(8, "big") + os.urandom(16)
+            )
             server = start_round(params)
             ask = {u: RecordDict({SECAGG_KEY: params_record(params)}) for u in nodes}
             adverts = self._exchange(ADVERTISE, ask, "advertise", _read_advert)
@@ -321,12 +412,25 @@ class SecAggMADA(MADA):
             log(WARNING, "round %d: secure aggregation setup failed: %s", rnd, err)
             return []
         self._server = server
-        log(INFO, "round %d: secure aggregation set up: %d of %d clients shared keys "
-            "(t = %d, k = %d, b = %d)", rnd, len(inbox), len(nodes), threshold, degree, params.bits)
-        messages = [Message(content=RecordDict({**dict(m.content.items()),
-                                                SECAGG_KEY: shares_record(inbox[u])}),
-                            dst_node_id=u, message_type=m.metadata.message_type)
-                    for m in messages if (u := m.metadata.dst_node_id) in inbox]
+        log(
+            INFO,
+            "round %d: secure aggregation set up: %d of %d clients shared keys (t = %d, k = %d, b = %d)",
+            rnd,
+            len(inbox),
+            len(nodes),
+            threshold,
+            degree,
+            params.bits,
+        )
+        messages = [
+            Message(
+                content=RecordDict({**dict(m.content.items()), SECAGG_KEY: shares_record(inbox[u])}),
+                dst_node_id=u,
+                message_type=m.metadata.message_type,
+            )
+            for m in messages
+            if (u := m.metadata.dst_node_id) in inbox
+        ]
         self._asked_nodes = set(inbox)
         self._sent = [int(m.content[self.payload_key][self.payload_key].numpy().nbytes) for m in messages]
         self._down_wire = _wire_bytes(messages)
@@ -352,8 +456,13 @@ class SecAggMADA(MADA):
         result = finish(server, self._exchange(UNMASK, ask, "unmask", read_unmask))
         self._notes["refused"] = [f"{phase}: node {node}: {why}" for phase, node, why in result.refused]
         k = len(result.contributors)
-        log(INFO, "round %d: secure aggregate of %d masked vectors (%d asked to unmask)", rnd, k,
-            len(request.survivors))
+        log(
+            INFO,
+            "round %d: secure aggregate of %d masked vectors (%d asked to unmask)",
+            rnd,
+            k,
+            len(request.survivors),
+        )
         if k < self.min_train_nodes:
             raise RoundSkipped(f"round skipped: {k} contributors, min-train-nodes is {self.min_train_nodes}")
         new, extra = self.step_counts(rnd, result.counts, k)
@@ -363,17 +472,23 @@ class SecAggMADA(MADA):
         out = super().aggregate_train(server_round, replies)
         record = self.round_records[server_round + self.round_offset]
         notes = self._notes
-        record["secagg"] = {"dropped": notes["dropped"], "refused": notes["refused"],
-                            "bits": self._server.params.bits if self._server else None,
-                            "uplink_wire_bytes": notes["up"], "downlink_wire_bytes": notes["down"]}
+        record["secagg"] = {
+            "dropped": notes["dropped"],
+            "refused": notes["refused"],
+            "bits": self._server.params.bits if self._server else None,
+            "uplink_wire_bytes": notes["up"],
+            "downlink_wire_bytes": notes["down"],
+        }
         if "skip" in notes:  # the setup failed: no training message went out
             record["skip_reason"] = notes["skip"]
         # every message of the round, both ways, in the wire counts
         record["uplink_wire_bytes"] = record.get("uplink_wire_bytes", 0) + notes["up"]
         record["downlink_wire_bytes"] = (record.get("downlink_wire_bytes") or 0) + notes["down"]
         if asked := len(self._sent):
-            per_client = {"up": record["uplink_wire_bytes"] / asked,
-                          "down": record["downlink_wire_bytes"] / asked}
+            per_client = {
+                "up": record["uplink_wire_bytes"] / asked,
+                "down": record["downlink_wire_bytes"] / asked,
+            }
             record["wire_bytes_per_client"] = per_client
             record["wire_bits_per_weight_up"] = 8 * per_client["up"] / self.num_weights
             record["wire_bits_per_weight_down"] = 8 * per_client["down"] / self.num_weights

@@ -23,8 +23,11 @@ from __future__ import annotations
 from flwr.app import Message
 from flwr.app.message.message import remove_content_from_message
 from flwr.common.serde import message_to_proto
-from flwr.supercore.inflatable.inflatable_object import (InflatableObject, get_all_nested_objects,
-                                                         get_object_tree)
+from flwr.supercore.inflatable.inflatable_object import (
+    InflatableObject,
+    get_all_nested_objects,
+    get_object_tree,
+)
 
 
 def object_bytes(obj: InflatableObject) -> int:

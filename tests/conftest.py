@@ -18,7 +18,9 @@ def data_dir(tmp_path_factory) -> Path:
     if os.environ.get("PRISM_TEST_DATA_DIR"):
         return Path(os.environ["PRISM_TEST_DATA_DIR"])
     if not FMNIST_DEBIAN.is_dir():
-        pytest.skip("real Fashion-MNIST needs `apt-get install dataset-fashion-mnist` (the README's test command does it)")
+        pytest.skip(
+            "real Fashion-MNIST needs `apt-get install dataset-fashion-mnist` (the README's test command does it)"
+        )
     return tmp_path_factory.mktemp("data")
 
 

@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from prism_flwr.federated.aggregation import (aggregate, count_ones, hamming_lambda, logit, mada_blend,
-                                    smoothed_mean)
+from prism_flwr.federated.aggregation import (
+    aggregate,
+    count_ones,
+    hamming_lambda,
+    logit,
+    mada_blend,
+    smoothed_mean,
+)
 
 C1 = np.array([1, 1, 0, 0, 1, 0, 1, 0], dtype=bool)
 C2 = np.array([1, 0, 0, 1, 1, 1, 0, 0], dtype=bool)
@@ -47,7 +53,9 @@ def test_mada_blend_score_space_by_hand():
 def test_mada_blend_probability_space_by_hand():
     # theta_{t+1} = 0.75 * sigmoid(s_t) + 0.25 * theta_agg, then logit
     out = mada_blend(S_T, np.array(THETA_AGG, np.float32), 0.25, "probability")
-    np.testing.assert_allclose(out, [2.29063, 1.29859, -2.29063, -1.29859, 2.29063, -1.29859, 1.29859, -2.29063], atol=1e-4)
+    np.testing.assert_allclose(
+        out, [2.29063, 1.29859, -2.29063, -1.29859, 2.29063, -1.29859, 1.29859, -2.29063], atol=1e-4
+    )
 
 
 def test_hamming_lambda_is_the_fraction_of_differing_bits():
@@ -107,8 +115,8 @@ from prism_flwr.federated.aggregation import Aggregator, change_lambda, lambda_d
 
 def test_lambda_diagnostics_by_hand():
     d = lambda_diagnostics(np.array([0.5, 0.9], np.float32), np.array([0.5, 0.1], np.float32))
-    assert d["lambda_no_change"] == pytest.approx((0.5 + 0.18) / 2)      # mean 2 t (1 - t)
-    assert d["theta_change_sq"] == pytest.approx((0.0 + 0.64) / 2)       # mean (t_o - t_agg)^2
+    assert d["lambda_no_change"] == pytest.approx((0.5 + 0.18) / 2)  # mean 2 t (1 - t)
+    assert d["theta_change_sq"] == pytest.approx((0.0 + 0.64) / 2)  # mean (t_o - t_agg)^2
 
 
 def test_mada_lambda_expectation_is_change_plus_noise():
@@ -140,17 +148,18 @@ def test_mada_change_blends_with_its_gain():
     res = Aggregator("mada-change").step(scores, np.array([0, 1]), 5, rng=np.random.default_rng(0))
     lam = change_lambda(sigmoid(scores), smoothed_mean(np.array([0, 1]), 5), 5)
     assert res.mada_lambda == pytest.approx(lam)
-    np.testing.assert_allclose(res.scores, lam * logit(smoothed_mean(np.array([0, 1]), 5)) + (1 - lam) * scores,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        res.scores, lam * logit(smoothed_mean(np.array([0, 1]), 5)) + (1 - lam) * scores, rtol=1e-6
+    )
     assert set(res.diagnostics) == {"lambda_no_change", "theta_change_sq"}
 
 
 def test_server_adam_first_two_steps_by_hand():
     agg = Aggregator("adam")
     s0 = np.array([0.0, 1.0], np.float32)
-    counts, k = np.array([1, 0]), 1                      # theta_agg = (0.99, 0.01)
-    target = np.log(99.0) * np.array([1.0, -1.0])        # logit(0.99) = 4.59512
-    d = target - s0                                       # (4.59512, -5.59512)
+    counts, k = np.array([1, 0]), 1  # theta_agg = (0.99, 0.01)
+    target = np.log(99.0) * np.array([1.0, -1.0])  # logit(0.99) = 4.59512
+    d = target - s0  # (4.59512, -5.59512)
     s1 = agg.step(s0, counts, k, rng=np.random.default_rng(0)).scores
     # m = 0.1 d, v = 0.01 d^2: the step is 0.1 d / (0.1 |d| + 1e-3), about one unit per weight
     np.testing.assert_allclose(s1, s0 + 0.1 * d / (0.1 * np.abs(d) + 1e-3), rtol=1e-5)
@@ -161,8 +170,10 @@ def test_server_adam_first_two_steps_by_hand():
     np.testing.assert_allclose(s2, s1 + m / (np.sqrt(v) + 1e-3), rtol=1e-5)
     restored = Aggregator("adam")
     restored.load_state_dict(agg.state_dict())
-    np.testing.assert_array_equal(restored.step(s2, counts, k, rng=np.random.default_rng(0)).scores,
-                                  agg.step(s2, counts, k, rng=np.random.default_rng(0)).scores)
+    np.testing.assert_array_equal(
+        restored.step(s2, counts, k, rng=np.random.default_rng(0)).scores,
+        agg.step(s2, counts, k, rng=np.random.default_rng(0)).scores,
+    )
 
 
 def test_beta_posterior_with_forgetting_by_hand():

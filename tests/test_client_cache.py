@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.support.fixtures_data import write_mnist
 
+from prism_flwr.config import RunConfig
 from prism_flwr.data import client_cache
 from prism_flwr.data import datasets as data
-from prism_flwr.config import RunConfig
 from prism_flwr.data.partition import label_histogram, partition_indices
+from tests.support.fixtures_data import write_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,7 @@ def mnist_root(tmp_path: Path) -> Path:
 def _forbid_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the dataset was read although the cache holds this client")
+
     monkeypatch.setattr(client_cache, "load_dataset", refuse)
 
 
@@ -90,15 +91,19 @@ def _rewrite(path: Path, **arrays) -> None:
     np.savez(path, **{k: v for k, v in content.items() if v is not None})
 
 
-@pytest.mark.parametrize("damage, reason", [
-    ("truncated", "unreadable"),
-    ("other key", "written for other data"),
-    ("float images", "not uint8"),
-    ("histogram", "does not count"),
-    ("missing array", "not key, images and hist"),
-])
-def test_a_file_that_does_not_match_is_refused_and_rebuilt(mnist_root: Path, caplog: pytest.LogCaptureFixture,
-                                                           damage: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("truncated", "unreadable"),
+        ("other key", "written for other data"),
+        ("float images", "not uint8"),
+        ("histogram", "does not count"),
+        ("missing array", "not key, images and hist"),
+    ],
+)
+def test_a_file_that_does_not_match_is_refused_and_rebuilt(
+    mnist_root: Path, caplog: pytest.LogCaptureFixture, damage: str, reason: str
+) -> None:
     cfg = _cfg(mnist_root)
     images, hist = client_cache.client_images(cfg, 0, 4)
     path = client_cache.cache_path(cfg, client_cache._key(cfg, 0, 4))
@@ -123,9 +128,12 @@ def test_a_file_that_does_not_match_is_refused_and_rebuilt(mnist_root: Path, cap
     assert not caplog.records
 
 
-def test_an_unwritable_data_dir_only_costs_the_speed_up(mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unwritable_data_dir_only_costs_the_speed_up(
+    mnist_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
+
     monkeypatch.setattr(client_cache, "write_bytes_atomic", read_only)
     images, hist = client_cache.client_images(_cfg(mnist_root), 0, 4)
     assert len(images) == sum(hist) > 0
@@ -137,15 +145,25 @@ def test_partition_id_checked(mnist_root: Path) -> None:
         client_cache.client_images(_cfg(mnist_root), 4, 4)
 
 
-def test_a_clientapp_process_with_a_warm_cache_imports_neither_torchvision_nor_flwr_datasets(mnist_root: Path) -> None:
+def test_a_clientapp_process_with_a_warm_cache_imports_neither_torchvision_nor_flwr_datasets(
+    mnist_root: Path,
+) -> None:
     client_cache.client_images(_cfg(mnist_root), 1, 4)  # the first process builds the file
-    script = ("import sys, torch, client_app\n"
-              "from prism_flwr.config import RunConfig\nfrom prism_flwr.data.client_cache import client_data\n"
-              f"cfg = RunConfig.parse({{'dataset': 'mnist', 'data-dir': {str(mnist_root)!r}, 'download': False, 'seed': 3}})\n"
-              "x, hist = client_data(cfg, 1, 4, torch.device('cpu'))\n"
-              "print(len(x), sum(hist), [m for m in ('torchvision', 'flwr_datasets', 'datasets') if m in sys.modules])\n")
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    script = (
+        "import sys, torch, client_app\n"
+        "from prism_flwr.config import RunConfig\nfrom prism_flwr.data.client_cache import client_data\n"
+        f"cfg = RunConfig.parse({{'dataset': 'mnist', 'data-dir': {str(mnist_root)!r}, 'download': False, 'seed': 3}})\n"
+        "x, hist = client_data(cfg, 1, 4, torch.device('cpu'))\n"
+        "print(len(x), sum(hist), [m for m in ('torchvision', 'flwr_datasets', 'datasets') if m in sys.modules])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr
     n, total, imported = out.stdout.split(" ", 2)
     assert int(n) == int(total) > 0 and imported.strip() == "[]"
@@ -154,6 +172,8 @@ def test_a_clientapp_process_with_a_warm_cache_imports_neither_torchvision_nor_f
 def test_startup_benchmark_prints_its_table(mnist_root: Path) -> None:
     from benchmarks import clientapp_startup
 
-    out = clientapp_startup.main(["--dataset", "mnist", "--data-dir", str(mnist_root), "--repeats", "1", "--ngf", "4"])
+    out = clientapp_startup.main(
+        ["--dataset", "mnist", "--data-dir", str(mnist_root), "--repeats", "1", "--ngf", "4"]
+    )
     assert out["images"] > 0 and len(out["cold_s"]) == len(out["warm_s"]) == len(clientapp_startup.PHASES)
     assert all(t >= 0 for t in out["cold_s"] + out["warm_s"])

@@ -5,11 +5,23 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from prism_flwr.federated.codec import (HEADER_BYTES, LEVEL_PROBABILITIES, PROB_BITS, MaskFormatError, byte_distribution,
-                              decode_mask, encode_mask, mask_method, mask_model, mask_model_from_codes,
-                              packed_length, unpack_mask)
+from prism_flwr.federated.codec import (
+    HEADER_BYTES,
+    LEVEL_PROBABILITIES,
+    PROB_BITS,
+    MaskFormatError,
+    byte_distribution,
+    decode_mask,
+    encode_mask,
+    mask_method,
+    mask_model,
+    mask_model_from_codes,
+    packed_length,
+    unpack_mask,
+)
 from prism_flwr.federated.downlink import GRID, quantise, snap_to_grid
 
 LAYOUT = b"\x01\x02\x03\x04\x05\x06\x07\x08"
@@ -27,23 +39,28 @@ def test_round_trip_odd_sizes(n):
 @given(st.lists(st.booleans(), min_size=1, max_size=300))
 def test_round_trip_property(bits):
     mask = np.array(bits)
-    np.testing.assert_array_equal(unpack_mask(decode_mask(encode_mask(mask, LAYOUT), mask.size, LAYOUT), mask.size), mask)
+    np.testing.assert_array_equal(
+        unpack_mask(decode_mask(encode_mask(mask, LAYOUT), mask.size, LAYOUT), mask.size), mask
+    )
 
 
 def _blob(n=37):
     return encode_mask(np.random.default_rng(0).random(n) < 0.5, LAYOUT)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda b: b[:10], "truncated"),
-    (lambda b: b"XXXX" + b[4:], "not a PRISM mask"),
-    (lambda b: b[:4] + bytes([9]) + b[5:], "unknown mask format version 9"),
-    (lambda b: b[:-1], "payload is 4 bytes, expected 5"),
-    (lambda b: b + b"\x00", "payload is 6 bytes, expected 5"),
-    (lambda b: b[:-1] + bytes([b[-1] ^ 0x01]), "checksum mismatch"),
-    (lambda b: b[:5] + bytes([1]) + b[6:], "checksum mismatch"),   # the header is covered too
-    (lambda b: b[:5] + bytes([7]) + b[6:], "unknown mask coding method 7"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b[:10], "truncated"),
+        (lambda b: b"XXXX" + b[4:], "not a PRISM mask"),
+        (lambda b: b[:4] + bytes([9]) + b[5:], "unknown mask format version 9"),
+        (lambda b: b[:-1], "payload is 4 bytes, expected 5"),
+        (lambda b: b + b"\x00", "payload is 6 bytes, expected 5"),
+        (lambda b: b[:-1] + bytes([b[-1] ^ 0x01]), "checksum mismatch"),
+        (lambda b: b[:5] + bytes([1]) + b[6:], "checksum mismatch"),  # the header is covered too
+        (lambda b: b[:5] + bytes([7]) + b[6:], "unknown mask coding method 7"),
+    ],
+)
 def test_malformed_is_rejected(mutate, message):
     with pytest.raises(MaskFormatError, match=message):
         decode_mask(mutate(_blob()), 37, LAYOUT)
@@ -94,6 +111,7 @@ def test_random_corruption_never_passes_silently(data):
 
 # ---- entropy-coded masks -------------------------------------------------------------------
 
+
 def _scores(n, seed=0, spread=3.0):
     return (np.random.default_rng(seed).standard_normal(n) * spread).astype(np.float32)
 
@@ -130,7 +148,7 @@ def test_coded_size_is_the_cross_entropy():
 def test_coding_falls_back_to_raw_when_not_smaller():
     """A mask that contradicts the model would cost ~8 bits/weight coded: it goes raw instead."""
     n = 5000
-    model = mask_model(np.full(n, 5.0, np.float32))   # the model says 'almost surely 1'
+    model = mask_model(np.full(n, 5.0, np.float32))  # the model says 'almost surely 1'
     mask = np.random.default_rng(0).random(n) < 0.5  # the client sends fair coins
     blob = encode_mask(mask, LAYOUT, model)
     assert mask_method(blob) == "raw" and len(blob) == HEADER_BYTES + packed_length(n)
@@ -146,7 +164,7 @@ def _coded_blob(n=3000, seed=0):
 
 def _refit(blob: bytes, payload: bytes) -> bytes:
     """Same header with a fresh checksum over header + new payload (a 'hostile' but intact blob)."""
-    head = blob[:HEADER_BYTES - 4]
+    head = blob[: HEADER_BYTES - 4]
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
 
 
@@ -159,11 +177,14 @@ def test_coded_needs_the_right_model():
         decode_mask(blob, 3000, LAYOUT, other)
 
 
-@pytest.mark.parametrize("make_payload, message", [
-    (lambda p: b"\x01\x00\x00\x00" + p, "trailing data"),  # a word below the stack
-    (lambda p: p + b"\x00", "whole number of 32-bit words"),
-    (lambda p: bytes(packed_length(3000) + 4), "coded, more than the raw"),
-])
+@pytest.mark.parametrize(
+    "make_payload, message",
+    [
+        (lambda p: b"\x01\x00\x00\x00" + p, "trailing data"),  # a word below the stack
+        (lambda p: p + b"\x00", "whole number of 32-bit words"),
+        (lambda p: bytes(packed_length(3000) + 4), "coded, more than the raw"),
+    ],
+)
 def test_hostile_coded_payloads_are_refused(make_payload, message):
     blob, model = _coded_blob()
     with pytest.raises(MaskFormatError, match=message):

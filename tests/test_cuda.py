@@ -29,8 +29,15 @@ def _train(graph: bool, seed: int = 0, steps: int = 60, objective: str = "mmd"):
     torch.manual_seed(seed)
     model = ResnetGenerator(GeneratorSpec(ngf=16, seed=3)).cuda()
     state = ClientState()
-    out = train_local(model, PixelFeatures(), _data(), TrainSettings(steps=steps, objective=objective), state,
-                      torch.Generator(device="cuda").manual_seed(seed), cuda_graph=graph)
+    out = train_local(
+        model,
+        PixelFeatures(),
+        _data(),
+        TrainSettings(steps=steps, objective=objective),
+        state,
+        torch.Generator(device="cuda").manual_seed(seed),
+        cuda_graph=graph,
+    )
     return out, get_scores(model)
 
 
@@ -65,8 +72,15 @@ def test_non_finite_data_is_caught_once_per_round():
     data = _data()
     data[:] = float("nan")
     with pytest.raises(NonFiniteError):
-        train_local(model, PixelFeatures(), data, TrainSettings(steps=10, objective="mmd"), ClientState(),
-                    torch.Generator(device="cuda").manual_seed(0), cuda_graph=True)
+        train_local(
+            model,
+            PixelFeatures(),
+            data,
+            TrainSettings(steps=10, objective="mmd"),
+            ClientState(),
+            torch.Generator(device="cuda").manual_seed(0),
+            cuda_graph=True,
+        )
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import datasets as tvd
 from torchvision import transforms as T
 
-import hashlib
-import urllib.error
-import urllib.request
-
-from torchvision import datasets as tvd
-
-from tests.support.fixtures_data import (fake_urlopen, gzip_file, tar_gz_folder, write_celeba, write_cifar10, write_idx,
-                           write_mnist)
 from prism_flwr.data import datasets as data
 from prism_flwr.data.datasets import DatasetMissingError, load_dataset
+from tests.support.fixtures_data import (
+    fake_urlopen,
+    gzip_file,
+    tar_gz_folder,
+    write_celeba,
+    write_cifar10,
+    write_idx,
+    write_mnist,
+)
 
 needs_fmnist = pytest.mark.skipif(
     not all((data.FMNIST_SYSTEM_DIR / f"{f}.gz").is_file() for f in data._IDX_FILES),
@@ -41,7 +46,9 @@ def test_fmnist_train_from_debian_package(fmnist_dir: Path) -> None:
     assert train.labels.dtype == np.int64
     assert np.bincount(train.labels).tolist() == [6000] * 10
     # prepared in torchvision's layout, uncompressed
-    assert (fmnist_dir / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").stat().st_size == 16 + 60_000 * 784
+    assert (
+        fmnist_dir / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    ).stat().st_size == 16 + 60_000 * 784
     x = train.to_float(np.arange(2000))
     assert x.dtype == torch.float32 and x.shape == (2000, 1, 32, 32)
     assert x.min().item() == -1.0 and x.max().item() == pytest.approx(1.0)
@@ -68,8 +75,9 @@ def test_mnist_fixture_resized_like_pil(tmp_path: Path) -> None:
     np.testing.assert_array_equal(train.labels, written["train_labels"])
     assert (train.images[0] == 200).all()
     # the vectorised resize matches the paper's per-image PIL Resize(32) up to rounding
-    pil = torch.stack([T.functional.pil_to_tensor(T.Resize(32)(Image.fromarray(a, mode="L")))
-                       for a in images])
+    pil = torch.stack(
+        [T.functional.pil_to_tensor(T.Resize(32)(Image.fromarray(a, mode="L"))) for a in images]
+    )
     assert (train.images.int() - pil.int()).abs().max().item() <= 1
     test = load_dataset("mnist", tmp_path, train=False)
     assert len(test) == 20 and test is not train
@@ -85,7 +93,9 @@ def test_cifar10_fixture(tmp_path: Path) -> None:
     np.testing.assert_array_equal(train.images.numpy(), written["train_images"])  # constant colours kept
     np.testing.assert_array_equal(train.labels, written["train_labels"])
     x = train.to_float([0])
-    assert torch.allclose(x[0, :, 5, 7], torch.from_numpy(written["train_images"][0, :, 0, 0]).float() / 127.5 - 1)
+    assert torch.allclose(
+        x[0, :, 5, 7], torch.from_numpy(written["train_images"][0, :, 0, 0]).float() / 127.5 - 1
+    )
     test = load_dataset("cifar10", tmp_path, train=False)
     np.testing.assert_array_equal(test.images.numpy(), written["test_images"])
     assert load_dataset("cifar10", tmp_path) is train
@@ -98,7 +108,9 @@ def test_celeba_fixture_centre_crop_and_male_labels(tmp_path: Path) -> None:
     write_celeba(tmp_path, partitions, male, greens)
 
     train = load_dataset("celeba", tmp_path)
-    assert train.images.shape == (3, 3, 32, 32) and train.images.dtype == torch.uint8 and train.num_classes == 2
+    assert (
+        train.images.shape == (3, 3, 32, 32) and train.images.dtype == torch.uint8 and train.num_classes == 2
+    )
     np.testing.assert_array_equal(train.labels, [1, 0, 1])
     # the red border lies outside the central 160x160 crop: gone after CenterCrop(160) + Resize(32)
     assert train.images[:, 0].max().item() < 20, "red border survived the centre crop"
@@ -109,27 +121,45 @@ def test_celeba_fixture_centre_crop_and_male_labels(tmp_path: Path) -> None:
     np.testing.assert_allclose(test.images[:, 1].float().mean(dim=(1, 2)).numpy(), greens[4:], atol=4)
 
 
-@pytest.mark.parametrize("name, layout", [
-    ("mnist", "MNIST/raw/train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-              "t10k-labels-idx1-ubyte  (uncompressed idx files)"),
-    ("fmnist", "FashionMNIST/raw/train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-               "t10k-labels-idx1-ubyte  (uncompressed idx files)"),
-    ("cifar10", "cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta"),
-    ("celeba", "celeba/img_align_celeba/*.jpg, list_attr_celeba.txt, list_eval_partition.txt, identity_CelebA.txt, "
-               "list_bbox_celeba.txt, list_landmarks_align_celeba.txt"),
-])
-def test_missing_dataset_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, layout: str) -> None:
+@pytest.mark.parametrize(
+    "name, layout",
+    [
+        (
+            "mnist",
+            "MNIST/raw/train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+            "t10k-labels-idx1-ubyte  (uncompressed idx files)",
+        ),
+        (
+            "fmnist",
+            "FashionMNIST/raw/train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+            "t10k-labels-idx1-ubyte  (uncompressed idx files)",
+        ),
+        ("cifar10", "cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta"),
+        (
+            "celeba",
+            "celeba/img_align_celeba/*.jpg, list_attr_celeba.txt, list_eval_partition.txt, identity_CelebA.txt, "
+            "list_bbox_celeba.txt, list_landmarks_align_celeba.txt",
+        ),
+    ],
+)
+def test_missing_dataset_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, layout: str
+) -> None:
     monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", tmp_path / "no-debian-package")
     root = (tmp_path / "data").resolve()
     with pytest.raises(DatasetMissingError) as caught:
         load_dataset(name, root)
     message = str(caught.value)
     assert isinstance(caught.value, FileNotFoundError)
-    assert message.startswith(f"Dataset '{name}' not found (download is off). Looked for these files, missing:\n")
+    assert message.startswith(
+        f"Dataset '{name}' not found (download is off). Looked for these files, missing:\n"
+    )
     for path in data.expected_files(name, root):
         assert f"\n  {path}\n" in message
-    assert ("  - set run-config key `download` to \"auto\" (the default) on a machine with internet "
-            f"(flwr run . --run-config 'download=\"auto\"'); torchvision downloads it once into {root}") in message
+    assert (
+        '  - set run-config key `download` to "auto" (the default) on a machine with internet '
+        f"(flwr run . --run-config 'download=\"auto\"'); torchvision downloads it once into {root}"
+    ) in message
     assert f"  - put the files there yourself, in this layout:\n      {root}/{layout}" in message
     assert "or set run-config key `data-dir` to a directory with this layout" in message
     has_apt = f"  - apt-get install dataset-fashion-mnist (Debian/Ubuntu); its files in {tmp_path / 'no-debian-package'}"
@@ -141,7 +171,9 @@ def test_missing_dataset_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_partial_cifar10_names_only_missing_files(tmp_path: Path) -> None:
     write_cifar10(tmp_path, per_batch=1, n_test=1)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
-    with pytest.raises(DatasetMissingError, match=r"missing:\n  \S+/cifar-10-batches-py/data_batch_3\nGet it"):
+    with pytest.raises(
+        DatasetMissingError, match=r"missing:\n  \S+/cifar-10-batches-py/data_batch_3\nGet it"
+    ):
         load_dataset("cifar10", tmp_path)
 
 
@@ -157,6 +189,7 @@ def test_unknown_dataset_and_image_data_checks(tmp_path: Path) -> None:
 
 
 # ---- downloads: torchvision's real download and extraction code, with urlopen stubbed ----
+
 
 @pytest.fixture
 def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,8 +212,14 @@ def _serve_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type) 
 
 
 @pytest.mark.parametrize("name, loader", [("mnist", tvd.MNIST), ("fmnist", tvd.FashionMNIST)])
-def test_auto_download_fetches_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None,
-                                    capsys: pytest.CaptureFixture, name: str, loader: type) -> None:
+def test_auto_download_fetches_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_cache: None,
+    capsys: pytest.CaptureFixture,
+    name: str,
+    loader: type,
+) -> None:
     written, calls = _serve_mnist(tmp_path, monkeypatch, loader)
     root = tmp_path / "data"
     train = load_dataset(name, root, download="auto")
@@ -197,7 +236,9 @@ def test_auto_download_fetches_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert len(calls) == n_calls
 
 
-def test_auto_download_cifar10_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None) -> None:
+def test_auto_download_cifar10_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None
+) -> None:
     written = write_cifar10(tmp_path / "source", per_batch=2, n_test=3)
     body = tar_gz_folder(tmp_path / "source" / "cifar-10-batches-py", tmp_path / "cifar.tar.gz")
     monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", hashlib.md5(body).hexdigest())
@@ -210,7 +251,9 @@ def test_auto_download_cifar10_archive(tmp_path: Path, monkeypatch: pytest.Monke
     assert set(calls) == {tvd.CIFAR10.url}
 
 
-def test_corrupted_download_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None) -> None:
+def test_corrupted_download_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None
+) -> None:
     """A download whose md5 is not the archive's stops with one clear error; nothing is loaded."""
     write_cifar10(tmp_path / "source", per_batch=1, n_test=1)
     body = tar_gz_folder(tmp_path / "source" / "cifar-10-batches-py", tmp_path / "cifar.tar.gz")
@@ -219,24 +262,30 @@ def test_corrupted_download_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
         load_dataset("cifar10", tmp_path / "data", download=True)
 
 
-@pytest.mark.parametrize("name, host", [("cifar10", "www.cs.toronto.edu"),
-                                        ("mnist", "ossci-datasets.s3.amazonaws.com or yann.lecun.com")])
-def test_no_network_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None,
-                            name: str, host: str) -> None:
+@pytest.mark.parametrize(
+    "name, host",
+    [("cifar10", "www.cs.toronto.edu"), ("mnist", "ossci-datasets.s3.amazonaws.com or yann.lecun.com")],
+)
+def test_no_network_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None, name: str, host: str
+) -> None:
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen({}, []))
     root = (tmp_path / "data").resolve()
     with pytest.raises(DatasetMissingError) as caught:
         load_dataset(name, root, download="auto")
     message = str(caught.value)
-    assert message.startswith(f"Dataset '{name}' not found (no network: could not reach {host}: "
-                              "<urlopen error [Errno -2] Name or service not known>). Looked for")
+    assert message.startswith(
+        f"Dataset '{name}' not found (no network: could not reach {host}: "
+        "<urlopen error [Errno -2] Name or service not known>). Looked for"
+    )
     assert f"  - run again where {host} is reachable: the download goes into {root}" in message
     assert "  - put the files there yourself, in this layout:" in message
     assert all(f"\n  {path}\n" in message for path in data.expected_files(name, root))
 
 
-def test_download_false_never_asks_the_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               fresh_cache: None) -> None:
+def test_download_false_never_asks_the_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None
+) -> None:
     calls: list[str] = []
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen({}, calls))
     with pytest.raises(DatasetMissingError, match=r"not found \(download is off\)"):
@@ -244,18 +293,24 @@ def test_download_false_never_asks_the_network(tmp_path: Path, monkeypatch: pyte
     assert calls == []
 
 
-def test_celeba_without_gdown_gives_the_manual_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     fresh_cache: None) -> None:
+def test_celeba_without_gdown_gives_the_manual_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None
+) -> None:
     monkeypatch.setitem(__import__("sys").modules, "gdown", None)  # import gdown -> ImportError
     with pytest.raises(DatasetMissingError) as caught:
         load_dataset("celeba", tmp_path, download="auto")
     message = str(caught.value)
     assert "(the download failed: the Python package `gdown` is not installed (pip install gdown))" in message
-    assert f"download by hand from {data.CELEBA_PAGE}" in message and "img_align_celeba.zip (unzip it)" in message
+    assert (
+        f"download by hand from {data.CELEBA_PAGE}" in message
+        and "img_align_celeba.zip (unzip it)" in message
+    )
 
 
-@pytest.mark.parametrize("given, mode", [(True, True), (False, False), ("auto", "auto"), ("true", True),
-                                         ("False", False), (" AUTO ", "auto")])
+@pytest.mark.parametrize(
+    "given, mode",
+    [(True, True), (False, False), ("auto", "auto"), ("true", True), ("False", False), (" AUTO ", "auto")],
+)
 def test_download_mode(given: object, mode: object) -> None:
     assert data.download_mode(given) == mode
 
@@ -265,8 +320,9 @@ def test_download_mode_rejects_others() -> None:
         data.download_mode("sometimes")
 
 
-def test_data_command_fetches_or_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None,
-                                          capsys: pytest.CaptureFixture) -> None:
+def test_data_command_fetches_or_explains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_cache: None, capsys: pytest.CaptureFixture
+) -> None:
     from prism_flwr import cli
 
     assert cli.main(["data", "mnist", "--data-dir", str(tmp_path / "a"), "--download", "false"]) == 2

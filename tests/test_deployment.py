@@ -32,8 +32,18 @@ from pathlib import Path
 import pytest
 
 from tools import procs
-from tools.flowerkit import (REPO, exe, fleet_proxy_command, flower_env, flwr, flwr_json, newest_run, nginx, online_nodes,
-                       write_connection)
+from tools.flowerkit import (
+    REPO,
+    exe,
+    fleet_proxy_command,
+    flower_env,
+    flwr,
+    flwr_json,
+    newest_run,
+    nginx,
+    online_nodes,
+    write_connection,
+)
 
 RUN_TIMEOUT = 300  # seconds for `flwr run` (about 90 s on 2 CPU cores)
 
@@ -49,39 +59,76 @@ def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
     # 1.42: one HTTP server per SuperLink (Fleet + Control + Runtime APIs on --port) and one
     # Runtime API server per SuperNode (--port); no other port is opened by default.
     write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
-    run_config = (f"num-server-rounds=2 local-steps=2 ngf=4 eval-every=1 eval-samples=64 eval-feature-metrics=false "
-                  f"output-dir='{out}' data-dir='{data_dir}'")
+    run_config = (
+        f"num-server-rounds=2 local-steps=2 ngf=4 eval-every=1 eval-samples=64 eval-feature-metrics=false "
+        f"output-dir='{out}' data-dir='{data_dir}'"
+    )
 
     t0 = time.monotonic()
     with procs.Processes() as ps:
-        link = ps.start([exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                         "--host", "127.0.0.1", "--port", str(link_port)], env=env, log_path=logs / "superlink.log")
+        link = ps.start(
+            [
+                exe("flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+            ],
+            env=env,
+            log_path=logs / "superlink.log",
+        )
         procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
         fleet = link_port
         if nginx():  # the SuperNodes see only the Fleet API, as in docker/compose.yaml
-            proxy = ps.start(fleet_proxy_command(tmp_path / "proxy", proxy_port, f"127.0.0.1:{link_port}"),
-                             log_path=logs / "fleet-proxy.log")
+            proxy = ps.start(
+                fleet_proxy_command(tmp_path / "proxy", proxy_port, f"127.0.0.1:{link_port}"),
+                log_path=logs / "fleet-proxy.log",
+            )
             procs.wait_for_port("127.0.0.1", proxy_port, timeout=30, procs=[proxy])
             fleet = proxy_port
         nodes = [
-            ps.start([exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
-                      "--host", "127.0.0.1", "--port", str(port),
-                      "--node-config", f"partition-id={i} num-partitions=2 {node_dirs}"],
-                     env=env, log_path=logs / f"supernode-{i}.log")
+            ps.start(
+                [
+                    exe("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{fleet}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={i} num-partitions=2 {node_dirs}",
+                ],
+                env=env,
+                log_path=logs / f"supernode-{i}.log",
+            )
             for i, port in enumerate(node_ports)
         ]
-        procs.wait_for(lambda: len(online_nodes(env, "loopback")) == 2, timeout=60,
-                       desc="2 SuperNodes online", procs=[link, *nodes])
+        procs.wait_for(
+            lambda: len(online_nodes(env, "loopback")) == 2,
+            timeout=60,
+            desc="2 SuperNodes online",
+            procs=[link, *nodes],
+        )
 
-        run = ps.start([exe("flwr"), "run", str(REPO), "loopback", "--stream", "--run-config", run_config],
-                       env=env, log_path=logs / "flwr-run.log", cwd=flwr_home)
+        run = ps.start(
+            [exe("flwr"), "run", str(REPO), "loopback", "--stream", "--run-config", run_config],
+            env=env,
+            log_path=logs / "flwr-run.log",
+            cwd=flwr_home,
+        )
         try:
             run.wait(timeout=RUN_TIMEOUT)
         except subprocess.TimeoutExpired:
             pass
         ps.snapshot()
         all_logs = "\n".join(procs.tail(p, 25) for p in sorted(logs.iterdir()))
-        assert run.returncode == 0, f"flwr run did not finish in {RUN_TIMEOUT}s (rc {run.returncode})\n{all_logs}"
+        assert run.returncode == 0, (
+            f"flwr run did not finish in {RUN_TIMEOUT}s (rc {run.returncode})\n{all_logs}"
+        )
 
         newest = newest_run(env, "loopback")
         assert newest["status"] == "finished:completed", f"{newest}\n{all_logs}"
@@ -103,8 +150,10 @@ def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
     assert (run_dir / "model.prism").stat().st_size > 0
     # ClientApps write their state under their node's state-dir, never under the server's output-dir.
     assert (state / "runs").is_dir() and not (out / "client-state").exists()
-    print(f"deployment run (superlink + 2 supernodes{' behind fleet-proxy' if fleet == proxy_port else ''}, "
-          f"2 rounds) took {seconds:.0f}s")
+    print(
+        f"deployment run (superlink + 2 supernodes{' behind fleet-proxy' if fleet == proxy_port else ''}, "
+        f"2 rounds) took {seconds:.0f}s"
+    )
 
 
 def _post(url: str, data: bytes | None = b"", context=None) -> int:
@@ -116,66 +165,124 @@ def _post(url: str, data: bytes | None = b"", context=None) -> int:
         return err.code
 
 
-def _assert_only_fleet_api_passes(env: dict, flwr_home: Path, proxy_port: int, ca: Path | None = None) -> None:
+def _assert_only_fleet_api_passes(
+    env: dict, flwr_home: Path, proxy_port: int, ca: Path | None = None
+) -> None:
     """Through fleet-proxy (TLS when ``ca`` is given): `flwr ls`/`flwr run` (Control API) and the
     Runtime API get 403, also with dot segments; a Fleet route reaches the SuperLink (415 for an
     empty body) and /health answers 200."""
     config = flwr_home / "config.toml"
-    config.write_text(config.read_text() + f'\n[superlink.via-proxy]\naddress = "127.0.0.1:{proxy_port}"\n'
-                      + (f'root-certificates = "{ca}"\n' if ca else 'insecure = true\n'))
+    config.write_text(
+        config.read_text()
+        + f'\n[superlink.via-proxy]\naddress = "127.0.0.1:{proxy_port}"\n'
+        + (f'root-certificates = "{ca}"\n' if ca else "insecure = true\n")
+    )
     scheme, context = ("https", ssl.create_default_context(cafile=str(ca))) if ca else ("http", None)
     listed = flwr_json(["ls", "via-proxy"], env)
     assert not listed.get("success") and "403" in listed.get("error-message", ""), listed
     run = flwr(["run", str(REPO), "via-proxy"], env, timeout=120)
     assert run.returncode != 0 and "403" in run.stdout + run.stderr, run.stdout + run.stderr
     base = f"{scheme}://127.0.0.1:{proxy_port}"
-    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/runtime/acquire-task",
-                 "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "/docs"):
+    for path in (
+        "/v1/control/list-runs",
+        "/v1/control/start-run",
+        "/v1/runtime/acquire-task",
+        "/v1/fleet/../control/list-runs",
+        "/v1/fleet/%2e%2e/control/list-runs",
+        "/docs",
+    ):
         assert _post(base + path, context=context) == 403, path
     assert _post(base + "/v1/fleet/get-run", context=context) == 415  # reached FastAPI: the route exists
     assert _post(base + "/health", data=None, context=context) == 200
 
 
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl and ssh-keygen")
+@pytest.mark.skipif(
+    not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl and ssh-keygen"
+)
 def test_tls_and_supernode_auth(tmp_path: Path) -> None:
     certs, flwr_home, logs = tmp_path / "certs", tmp_path / "flwr-home", tmp_path / "logs"
     logs.mkdir()
-    subprocess.run(["bash", str(REPO / "docker" / "certs" / "generate.sh"), "-o", str(certs)], check=True,
-                   capture_output=True, timeout=120)
-    subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", certs / "ca.crt", certs / "server.pem"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["bash", str(REPO / "docker" / "certs" / "generate.sh"), "-o", str(certs)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    subprocess.run(
+        ["openssl", "verify", "-x509_strict", "-CAfile", certs / "ca.crt", certs / "server.pem"],
+        check=True,
+        capture_output=True,
+    )
     for key in ("registered", "stranger"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / key)],
-                       check=True, timeout=30)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / key)],
+            check=True,
+            timeout=30,
+        )
     env = flower_env(flwr_home)
     link_port, port_a, port_b, proxy_port = procs.free_ports(4)
-    write_connection(flwr_home, "tls", f"127.0.0.1:{link_port}", **{"root-certificates": str(certs / "ca.crt")})
+    write_connection(
+        flwr_home, "tls", f"127.0.0.1:{link_port}", **{"root-certificates": str(certs / "ca.crt")}
+    )
     fleet = proxy_port if nginx() else link_port  # TLS proxy: terminates TLS, re-encrypts to the SuperLink
 
     def supernode(key: str, port: int, pid: int) -> list[str]:
-        return [exe("flower-supernode"), "--superlink", f"127.0.0.1:{fleet}",
-                "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key", str(tmp_path / key),
-                "--port", str(port), "--max-retries", "3", "--node-config", f"partition-id={pid} num-partitions=2"]
+        return [
+            exe("flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{fleet}",
+            "--root-certificates",
+            str(certs / "ca.crt"),
+            "--auth-supernode-private-key",
+            str(tmp_path / key),
+            "--port",
+            str(port),
+            "--max-retries",
+            "3",
+            "--node-config",
+            f"partition-id={pid} num-partitions=2",
+        ]
 
     with procs.Processes() as ps:
-        link = ps.start([exe("flower-superlink"), "--ssl-ca-certfile", certs / "ca.crt",
-                         "--ssl-certfile", certs / "server.pem", "--ssl-keyfile", certs / "server.key",
-                         "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                         "--port", str(link_port)], env=env, log_path=logs / "superlink.log")
+        link = ps.start(
+            [
+                exe("flower-superlink"),
+                "--ssl-ca-certfile",
+                certs / "ca.crt",
+                "--ssl-certfile",
+                certs / "server.pem",
+                "--ssl-keyfile",
+                certs / "server.key",
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--port",
+                str(link_port),
+            ],
+            env=env,
+            log_path=logs / "superlink.log",
+        )
         procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
         if fleet == proxy_port:
-            proxy = ps.start(fleet_proxy_command(tmp_path / "proxy", proxy_port, f"localhost:{link_port}", certs),
-                             log_path=logs / "fleet-proxy.log")
+            proxy = ps.start(
+                fleet_proxy_command(tmp_path / "proxy", proxy_port, f"localhost:{link_port}", certs),
+                log_path=logs / "fleet-proxy.log",
+            )
             procs.wait_for_port("127.0.0.1", proxy_port, timeout=30, procs=[proxy])
         reply = flwr_json(["supernode", "register", str(tmp_path / "registered.pub"), "tls"], env)
         assert reply.get("success"), reply
         good = ps.start(supernode("registered", port_a, 0), env=env, log_path=logs / "registered.log")
         bad = ps.start(supernode("stranger", port_b, 1), env=env, log_path=logs / "stranger.log")
-        online = procs.wait_for(lambda: online_nodes(env, "tls"), timeout=60, desc="the registered node online",
-                                procs=[link, good])
+        online = procs.wait_for(
+            lambda: online_nodes(env, "tls"),
+            timeout=60,
+            desc="the registered node online",
+            procs=[link, good],
+        )
         assert [n["node-id"] for n in online] == [str(reply["node-id"])]
-        procs.wait_for(lambda: bad.poll() is not None, timeout=60, desc="the unregistered SuperNode to give up")
+        procs.wait_for(
+            lambda: bad.poll() is not None, timeout=60, desc="the unregistered SuperNode to give up"
+        )
         assert bad.returncode != 0
         assert "Failed to activate SuperNode" in bad.log_path.read_text()
         assert len(online_nodes(env, "tls")) == 1
@@ -189,8 +296,14 @@ def test_app_bundle_is_small(tmp_path: Path) -> None:
     """Flower caps a FAB at 10 MB; data, outputs and the venv must stay out of it (.gitignore)."""
     env = flower_env(tmp_path / "flwr-home")
     (tmp_path / "flwr-home").mkdir()
-    done = subprocess.run([exe("flwr"), "build", "--app", str(REPO)], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [exe("flwr"), "build", "--app", str(REPO)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     fabs = list(tmp_path.glob("*.fab"))
     assert done.returncode == 0 and len(fabs) == 1, done.stdout + done.stderr
     size = fabs[0].stat().st_size
@@ -202,17 +315,24 @@ def test_app_bundle_is_small(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------
 def _gen_compose(*args: str) -> str:
-    done = subprocess.run([sys.executable, str(REPO / "docker" / "gen-compose.py"), *args], capture_output=True,
-                          text=True, check=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "docker" / "gen-compose.py"), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return done.stdout
 
 
 def test_compose_file_is_generated() -> None:
-    assert (REPO / "docker" / "compose.yaml").read_text() == _gen_compose(), \
+    assert (REPO / "docker" / "compose.yaml").read_text() == _gen_compose(), (
         "docker/compose.yaml is stale: python docker/gen-compose.py > docker/compose.yaml"
+    )
     for name, flags in (("nginx.conf", []), ("nginx-tls.conf", ["--tls"])):
-        assert (REPO / "docker" / "fleet-proxy" / name).read_text() == _gen_compose("--proxy-conf", *flags), \
+        assert (REPO / "docker" / "fleet-proxy" / name).read_text() == _gen_compose("--proxy-conf", *flags), (
             f"docker/fleet-proxy/{name} is stale: python docker/gen-compose.py --proxy-conf {' '.join(flags)}"
+        )
 
 
 @pytest.mark.parametrize("flags", [["--nodes", "3"], ["--nodes", "2", "--tls", "--auth", "--gpu"]])
@@ -235,7 +355,11 @@ def test_compose_services_are_wired(flags: list[str]) -> None:
         node = services[f"supernode-{i}"]["command"]
         assert node[node.index("--node-config") + 1] == f"partition-id={i} num-partitions={n}"
         assert node[node.index("--superlink") + 1] == "fleet-proxy:9092"
-        assert services[f"supernode-{i}"]["networks"] == services[f"superexec-clientapp-{i}"]["networks"] == ["fleet"]
+        assert (
+            services[f"supernode-{i}"]["networks"]
+            == services[f"superexec-clientapp-{i}"]["networks"]
+            == ["fleet"]
+        )
         assert "ports" not in services[f"supernode-{i}"]
         assert node[node.index("--isolation") + 1] == "process"
         exe = services[f"superexec-clientapp-{i}"]

@@ -5,12 +5,27 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from prism_flwr.federated.downlink import (GRID, HEADER_BYTES, LEVELS, SCORE_CLIP, STEP, DownlinkFormatError, codes_fingerprint,
-                                 dequantise, pack_delta, pack_update,
-                                 is_on_grid, pack_scores, quantise, snap_to_grid, unpack_scores)
 from prism_flwr.federated.broadcast import DOWNLINKS, DownlinkRefused, NodeCopies, digest, receive
+from prism_flwr.federated.downlink import (
+    GRID,
+    HEADER_BYTES,
+    LEVELS,
+    SCORE_CLIP,
+    STEP,
+    DownlinkFormatError,
+    codes_fingerprint,
+    dequantise,
+    is_on_grid,
+    pack_delta,
+    pack_scores,
+    pack_update,
+    quantise,
+    snap_to_grid,
+    unpack_scores,
+)
 
 GRID8, DELTA_DOWNLINK = DOWNLINKS["grid8"], DOWNLINKS["delta"]
 
@@ -36,8 +51,8 @@ def test_snap_is_idempotent_and_close(values, seed):
     np.testing.assert_array_equal(snap_to_grid(once, np.random.default_rng(seed + 1)), once)
     np.testing.assert_array_equal(snap_to_grid(once), once)
     inside = np.clip(s, -SCORE_CLIP, SCORE_CLIP)
-    assert np.all(np.abs(snap_to_grid(s) - inside) <= STEP / 2 + 1e-6)     # nearest: half a step
-    assert np.all(np.abs(once - inside) <= STEP + 1e-6)                    # stochastic: one step
+    assert np.all(np.abs(snap_to_grid(s) - inside) <= STEP / 2 + 1e-6)  # nearest: half a step
+    assert np.all(np.abs(once - inside) <= STEP + 1e-6)  # stochastic: one step
 
 
 def test_stochastic_rounding_is_unbiased():
@@ -70,30 +85,35 @@ def test_pack_round_trip(method, n):
 def test_auto_codes_peaked_scores_below_8_bits():
     """Scores concentrated on few levels (late rounds) cost their histogram's entropy."""
     rng = np.random.default_rng(0)
-    codes = quantise(np.concatenate([rng.normal(-4.4, 0.1, 50_000), rng.normal(4.4, 0.1, 50_000)]).astype(np.float32))
+    codes = quantise(
+        np.concatenate([rng.normal(-4.4, 0.1, 50_000), rng.normal(4.4, 0.1, 50_000)]).astype(np.float32)
+    )
     blob = pack_scores(codes)
     p = np.bincount(codes, minlength=256) / codes.size
     entropy = -(p[p > 0] * np.log2(p[p > 0])).sum()
     assert 8 * len(blob) / codes.size < 8 * (entropy + 0.01) + 8 * (1024 + HEADER_BYTES) / codes.size
     assert 8 * len(blob) / codes.size < 5
     uniform = quantise(rng.uniform(-6, 6, 5000).astype(np.float32))
-    assert len(pack_scores(uniform)) == HEADER_BYTES + 5000   # nothing to gain: raw
+    assert len(pack_scores(uniform)) == HEADER_BYTES + 5000  # nothing to gain: raw
 
 
 def _refit(blob: bytes, payload: bytes) -> bytes:
-    head = blob[:HEADER_BYTES - 4]
+    head = blob[: HEADER_BYTES - 4]
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda b: b[:5], "truncated"),
-    (lambda b: b"XXXX" + b[4:], "not PRISM downlink"),
-    (lambda b: b[:4] + bytes([3]) + b[5:], "unknown downlink version 3"),
-    (lambda b: b[:-1], "payload is 99 bytes"),
-    (lambda b: b[:5] + bytes([1]) + b[6:], "checksum mismatch"),
-    (lambda b: b[:5] + bytes([5]) + b[6:], "unknown downlink method 5"),
-    (lambda b: b[:-1] + bytes([b[-1] ^ 4]), "checksum mismatch"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b[:5], "truncated"),
+        (lambda b: b"XXXX" + b[4:], "not PRISM downlink"),
+        (lambda b: b[:4] + bytes([3]) + b[5:], "unknown downlink version 3"),
+        (lambda b: b[:-1], "payload is 99 bytes"),
+        (lambda b: b[:5] + bytes([1]) + b[6:], "checksum mismatch"),
+        (lambda b: b[:5] + bytes([5]) + b[6:], "unknown downlink method 5"),
+        (lambda b: b[:-1] + bytes([b[-1] ^ 4]), "checksum mismatch"),
+    ],
+)
 def test_malformed_downlink_is_refused(mutate, message):
     blob = pack_scores(np.arange(100, dtype=np.uint8), "raw")
     with pytest.raises(DownlinkFormatError, match=message):
@@ -122,7 +142,7 @@ def test_arbitrary_coded_words_decode_or_are_refused(words):
     codes = quantise(np.random.default_rng(0).normal(0, 0.5, 300).astype(np.float32))
     blob = pack_scores(codes, "coded")
     try:
-        out = unpack_scores(_refit(blob, blob[HEADER_BYTES:HEADER_BYTES + 1024] + words), 300)
+        out = unpack_scores(_refit(blob, blob[HEADER_BYTES : HEADER_BYTES + 1024] + words), 300)
     except DownlinkFormatError:
         return
     assert out.dtype == np.uint8 and out.size == 300
@@ -147,12 +167,13 @@ def test_delta_rebuilds_the_new_state_exactly_and_is_smaller():
     full = pack_scores(new)
     change = np.bincount((new - old).astype(np.uint8), minlength=256) / new.size
     h_change = -(change[change > 0] * np.log2(change[change > 0])).sum()
-    assert 8 * len(full) / new.size > 7 and h_change > 5           # neither the state nor the change is cheap
-    assert 8 * len(blob) / new.size < 0.7 * h_change                # the change given the old score is
+    assert 8 * len(full) / new.size > 7 and h_change > 5  # neither the state nor the change is cheap
+    assert 8 * len(blob) / new.size < 0.7 * h_change  # the change given the old score is
     assert pack_update(new, old) == blob and pack_update(new, None) == full
     wrapped = np.array([0, 255, 7], np.uint8)  # changes across the ends wrap mod 256, still exact
-    np.testing.assert_array_equal(unpack_scores(pack_delta(wrapped[::-1].copy(), wrapped), 3, base=wrapped),
-                                  wrapped[::-1])
+    np.testing.assert_array_equal(
+        unpack_scores(pack_delta(wrapped[::-1].copy(), wrapped), 3, base=wrapped), wrapped[::-1]
+    )
 
 
 def test_delta_on_the_wrong_base_is_refused():
@@ -162,7 +183,9 @@ def test_delta_on_the_wrong_base_is_refused():
         unpack_scores(blob, old.size)
     stale = old.copy()
     stale[0] ^= 1
-    with pytest.raises(DownlinkFormatError, match=f"based on scores {codes_fingerprint(old):08x}.*needs the full state"):
+    with pytest.raises(
+        DownlinkFormatError, match=f"based on scores {codes_fingerprint(old):08x}.*needs the full state"
+    ):
         unpack_scores(blob, old.size, base=stale)
 
 

@@ -13,14 +13,14 @@ from PIL import Image
 from prism_flwr import cli
 from prism_flwr.data.datasets import load_dataset
 from prism_flwr.evaluation.evaluator import Evaluator, extract_features, reference_features
-from prism_flwr.storage.export import save_sparse_model
 from prism_flwr.evaluation.feature_net import InceptionFeatures, build_feature_net, classifier_path
+from prism_flwr.evaluation.metrics import frechet_distance, prdc_metrics
+from prism_flwr.evaluation.plots import plot_history
 from prism_flwr.model.features import build_features
 from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.model.masked import sample_mask
-from prism_flwr.evaluation.metrics import frechet_distance, prdc_metrics
-from prism_flwr.evaluation.plots import plot_history
 from prism_flwr.model.training import ClientState, TrainSettings, train_local
+from prism_flwr.storage.export import save_sparse_model
 
 ACCURACY_FLOOR = 0.88  # measured 0.9067 (seed 0, 2 epochs); a weak classifier makes the metric meaningless
 
@@ -47,7 +47,9 @@ def test_fd_is_near_zero_real_vs_real_and_large_real_vs_noise(classifier, data_d
     net, _ = classifier
     feats = reference_features(net, load_dataset("fmnist", data_dir, train=False), data_dir)
     first, second = feats[:5000], feats[5000:]  # two disjoint halves of the test split
-    noise = extract_features(net, torch.rand(5000, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    noise = extract_features(
+        net, torch.rand(5000, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    )
     same, far = frechet_distance(first, second), frechet_distance(first, noise)
     assert 0 <= same < 0.01 * far, (same, far)  # measured 0.70 vs 487
     close, apart = prdc_metrics(first, second), prdc_metrics(first, noise)
@@ -62,8 +64,14 @@ def test_metric_ranks_a_trained_generator_above_its_untrained_masked_network(cla
 
     torch.manual_seed(0)
     train = load_dataset("fmnist", data_dir).to_float(torch.arange(3000))
-    train_local(model, build_features("pixels"), train, TrainSettings(steps=150, objective="mmd"), ClientState(),
-                 torch.Generator().manual_seed(0))
+    train_local(
+        model,
+        build_features("pixels"),
+        train,
+        TrainSettings(steps=150, objective="mmd"),
+        ClientState(),
+        torch.Generator().manual_seed(0),
+    )
     after, fake = evaluator.evaluate(model)
 
     name = "FD-FMNIST-CNN"
@@ -80,15 +88,24 @@ def test_sample_and_evaluate_commands_work_on_the_exported_model_alone(classifie
     save_sparse_model(path, model.spec, mask, {"dataset": "fmnist", "mask": "sample"})
 
     grid = tmp_path / "grid.png"
-    run = subprocess.run([sys.executable, "-m", "prism_flwr.cli", "sample", str(path), "--n", "16", "--out", str(grid)],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "prism_flwr.cli", "sample", str(path), "--n", "16", "--out", str(grid)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     with Image.open(grid) as image:
-        assert image.format == "PNG" and image.size == (8 * 34 + 2, 2 * 34 + 2)  # 8 x 2 tiles of 32 + 2 padding
+        assert image.format == "PNG" and image.size == (
+            8 * 34 + 2,
+            2 * 34 + 2,
+        )  # 8 x 2 tiles of 32 + 2 padding
         assert np.asarray(image).std() > 0  # not a blank picture
 
     out = tmp_path / "eval.json"
-    assert cli.main(["evaluate", str(path), "--data-dir", str(data_dir), "--n", "200", "--json", str(out)]) == 0
+    assert (
+        cli.main(["evaluate", str(path), "--data-dir", str(data_dir), "--n", "200", "--json", str(out)]) == 0
+    )
     result = json.loads(out.read_text())
     assert result["dataset"] == "fmnist" and result["n"] == 200  # the dataset comes from the model file
     assert result["features"]["metric"] == "FD-FMNIST-CNN" and result["FD-FMNIST-CNN"] > 0
@@ -111,10 +128,29 @@ def test_inception_features_load_a_local_file_and_are_called_fid(tmp_path):
 
 
 def test_plot_history_draws_metric_and_cumulative_uplink(tmp_path):
-    history = [{"round": r, "uplink_bytes": 0 if r == 0 else 400_000, "mada_lambda": None, "loss": None,
-                **({"eval": {"FD-FMNIST-CNN": 200.0 / (r + 1), "precision": 0.5, "recall": 0.1 * r / 10,
-                             "density": 0.6, "coverage": 0.05 * r, "mmd_pixels": 0.1}} if r % 5 == 0 else {})}
-               for r in range(11)]
+    history = [
+        {
+            "round": r,
+            "uplink_bytes": 0 if r == 0 else 400_000,
+            "mada_lambda": None,
+            "loss": None,
+            **(
+                {
+                    "eval": {
+                        "FD-FMNIST-CNN": 200.0 / (r + 1),
+                        "precision": 0.5,
+                        "recall": 0.1 * r / 10,
+                        "density": 0.6,
+                        "coverage": 0.05 * r,
+                        "mmd_pixels": 0.1,
+                    }
+                }
+                if r % 5 == 0
+                else {}
+            ),
+        }
+        for r in range(11)
+    ]
     out = plot_history(history, tmp_path / "history.png")
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 300

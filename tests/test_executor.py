@@ -40,8 +40,13 @@ APP = Path(__file__).resolve().parent / "apps" / "warm_app"
 RUN_TIMEOUT = 120  # seconds for `flwr run` of 3 rounds (about 15 s on 2 busy cores)
 
 
-def _run_warm(tmp_path: Path, nodes: int, run_config: str, idle_poll: float | None = None,
-              secured: tuple[Path, Path] | None = None) -> tuple[list[dict], procs.Processes]:
+def _run_warm(
+    tmp_path: Path,
+    nodes: int,
+    run_config: str,
+    idle_poll: float | None = None,
+    secured: tuple[Path, Path] | None = None,
+) -> tuple[list[dict], procs.Processes]:
     """SuperLink + ``nodes`` SuperNodes (process isolation) + one warm executor each; run the app.
     With ``idle_poll`` the SuperNodes run through ``prism-flwr supernode --idle-poll``; with
     ``secured`` (certificate folder, SuperExec secret file) their Runtime API is TLS with the secret."""
@@ -51,41 +56,114 @@ def _run_warm(tmp_path: Path, nodes: int, run_config: str, idle_poll: float | No
     link_port, node_ports = procs.free_port(), procs.free_ports(nodes)
     write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
     with procs.Processes() as ps:
-        link = ps.start([exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                         "--host", "127.0.0.1", "--port", str(link_port)],
-                        env=env, log_path=logs / "superlink.log")
+        link = ps.start(
+            [
+                exe("flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+            ],
+            env=env,
+            log_path=logs / "superlink.log",
+        )
         procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
         started = [link]
         for i, port in enumerate(node_ports):
-            supernode = [exe("flower-supernode")] if idle_poll is None else \
-                [sys.executable, "-m", "prism_flwr.cli", "supernode", "--idle-poll", str(idle_poll), "--"]
+            supernode = (
+                [exe("flower-supernode")]
+                if idle_poll is None
+                else [
+                    sys.executable,
+                    "-m",
+                    "prism_flwr.cli",
+                    "supernode",
+                    "--idle-poll",
+                    str(idle_poll),
+                    "--",
+                ]
+            )
             node_tls, executor_tls = [], ["--insecure"]  # the SuperNode's --insecure is for the SuperLink
             if secured is not None:
                 certs, secret = secured
-                node_tls = ["--ssl-certfile", certs / "server.pem", "--ssl-keyfile", certs / "server.key",
-                            "--ssl-ca-certfile", certs / "ca.crt", "--superexec-auth-secret-file", secret]
-                executor_tls = ["--root-certificates", certs / "ca.crt",
-                                "--superexec-auth-secret-file", secret]
+                node_tls = [
+                    "--ssl-certfile",
+                    certs / "server.pem",
+                    "--ssl-keyfile",
+                    certs / "server.key",
+                    "--ssl-ca-certfile",
+                    certs / "ca.crt",
+                    "--superexec-auth-secret-file",
+                    secret,
+                ]
+                executor_tls = [
+                    "--root-certificates",
+                    certs / "ca.crt",
+                    "--superexec-auth-secret-file",
+                    secret,
+                ]
             link_args = ["--insecure", "--superlink", f"127.0.0.1:{link_port}"]
-            started.append(ps.start([*supernode, *link_args, *node_tls,
-                                     "--isolation", "process", "--host", "127.0.0.1", "--port", str(port)],
-                                    env=env, log_path=logs / f"supernode-{i}.log"))
+            started.append(
+                ps.start(
+                    [
+                        *supernode,
+                        *link_args,
+                        *node_tls,
+                        "--isolation",
+                        "process",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                    ],
+                    env=env,
+                    log_path=logs / f"supernode-{i}.log",
+                )
+            )
             procs.wait_for_port("127.0.0.1", port, timeout=60, procs=started)
-            executor = [sys.executable, "-m", "prism_flwr.cli", "clientapp-executor",
-                        "--runtime-api-address", f"127.0.0.1:{port}"]
+            executor = [
+                sys.executable,
+                "-m",
+                "prism_flwr.cli",
+                "clientapp-executor",
+                "--runtime-api-address",
+                f"127.0.0.1:{port}",
+            ]
             if secured is not None:  # a wrong secret is refused at once, with the reason
                 wrong = tmp_path / "wrong.secret"
                 wrong.write_bytes(b"not the secret")
-                refused = subprocess.run([*executor, *executor_tls[:-1], wrong], env=env, capture_output=True,
-                                         text=True, timeout=60)
+                refused = subprocess.run(
+                    [*executor, *executor_tls[:-1], wrong],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 assert refused.returncode == 2, refused.stderr[-2000:]
                 assert "refused AcquireTask" in refused.stderr, refused.stderr[-2000:]
             started.append(ps.start([*executor, *executor_tls], env=env, log_path=logs / f"executor-{i}.log"))
-        procs.wait_for(lambda: len(online_nodes(env, "loopback")) == nodes, timeout=60,
-                       desc=f"{nodes} SuperNodes online", procs=started)
-        run = ps.start([exe("flwr"), "run", str(APP), "loopback", "--stream",
-                        "--run-config", f"out-file='{out}' {run_config}"],
-                       env=env, log_path=logs / "flwr-run.log", cwd=flwr_home)
+        procs.wait_for(
+            lambda: len(online_nodes(env, "loopback")) == nodes,
+            timeout=60,
+            desc=f"{nodes} SuperNodes online",
+            procs=started,
+        )
+        run = ps.start(
+            [
+                exe("flwr"),
+                "run",
+                str(APP),
+                "loopback",
+                "--stream",
+                "--run-config",
+                f"out-file='{out}' {run_config}",
+            ],
+            env=env,
+            log_path=logs / "flwr-run.log",
+            cwd=flwr_home,
+        )
         try:
             run.wait(timeout=RUN_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -134,8 +212,12 @@ def test_raising_handler_gives_error_reply_and_goes_on(tmp_path: Path) -> None:
 @pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
 def test_tls_runtime_api_and_superexec_secret(tmp_path: Path) -> None:
     certs, secret = tmp_path / "certs", tmp_path / "superexec.secret"
-    subprocess.run(["bash", str(REPO / "docker" / "certs" / "generate.sh"), "-o", str(certs)], check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        ["bash", str(REPO / "docker" / "certs" / "generate.sh"), "-o", str(certs)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     secret.write_bytes(os.urandom(32))
     rounds, _ = _run_warm(tmp_path, nodes=1, run_config="num-rounds=2", secured=(certs, secret))
     assert [r["replies"][0]["handled"] for r in rounds] == [1, 2]
@@ -168,8 +250,9 @@ def test_supernode_waits_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
         executor.shorten_supernode_poll(0.2)  # a loop that is not the one we know is refused
 
 
-def test_refuses_other_flower_versions(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-                                       ) -> None:
+def test_refuses_other_flower_versions(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from prism_flwr import cli
     from prism_flwr.deployment import executor
 

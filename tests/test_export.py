@@ -7,12 +7,18 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from prism_flwr.storage.export import (ModelFileError, dense_float32_bytes, expected_weight_count, load_sparse_model,
-                               save_sparse_model)
 from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.model.masked import get_scores, masked_layers, num_masked, set_mask_mode
+from prism_flwr.storage.export import (
+    ModelFileError,
+    dense_float32_bytes,
+    expected_weight_count,
+    load_sparse_model,
+    save_sparse_model,
+)
 
 
 def test_round_trip_rebuilds_the_masked_network(tmp_path):
@@ -29,14 +35,18 @@ def test_round_trip_rebuilds_the_masked_network(tmp_path):
     offset = 0
     for got, ref in zip(masked_layers(model), masked_layers(reference)):
         k = ref.weight.numel()
-        torch.testing.assert_close(got.masked_weight(), ref.weight * flat[offset:offset + k].view_as(ref.weight).float())
+        torch.testing.assert_close(
+            got.masked_weight(), ref.weight * flat[offset : offset + k].view_as(ref.weight).float()
+        )
         offset += k
     set_mask_mode(model, "sample")
     assert model(torch.randn(4, 128)).shape == (4, 3, 32, 32)
     assert size < dense_float32_bytes(spec) / 30  # 1 bit vs 32 bits per weight, plus a small header
 
 
-@pytest.mark.parametrize("spec", [GeneratorSpec(ngf=64), GeneratorSpec(ngf=4, nz=7, nc=3), GeneratorSpec(ngf=16)])
+@pytest.mark.parametrize(
+    "spec", [GeneratorSpec(ngf=64), GeneratorSpec(ngf=4, nz=7, nc=3), GeneratorSpec(ngf=16)]
+)
 def test_weight_count_is_known_before_building(spec):
     assert expected_weight_count(spec) == num_masked(ResnetGenerator(spec))
 
@@ -55,7 +65,7 @@ def _with_header(good: bytes, header, hlen=None, mask=None) -> bytes:
     """A file whose checksum is VALID: only the schema and the sizes can refuse it."""
     old = struct.unpack_from("<I", good, 12)[0]
     head = json.dumps(header).encode() if isinstance(header, dict) else header
-    wire = good[16 + old:-4] if mask is None else mask
+    wire = good[16 + old : -4] if mask is None else mask
     body = good[:12] + struct.pack("<I", len(head) if hlen is None else hlen) + head + wire
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -73,7 +83,10 @@ CRAFTED = [
     ({"format": 2, "generator": GEN, "evil": 1}, "unknown header keys"),
     ({"format": 2, "generator": GEN, "dataset": "../../x"}, "dataset"),
     ({"format": 3, "generator": GEN}, "format 3"),
-    ({"format": 2, "generator": {**GEN, "ngf": 512}}, "mask section"),  # huge network, refused before allocation
+    (
+        {"format": 2, "generator": {**GEN, "ngf": 512}},
+        "mask section",
+    ),  # huge network, refused before allocation
     ({"format": 2, "generator": [8, 2, 1, 3]}, "exactly"),
     (b'{"format": 2, "format": 2, "generator": {}}', "duplicate key"),
     (b"\xff\xfe not json", "not JSON"),
@@ -90,10 +103,14 @@ def test_crafted_header_with_valid_checksum_is_refused(tmp_path, good, header, w
 
 def test_header_length_mask_and_count_bounds(tmp_path, good):
     path = tmp_path / "bad.prism"
-    for blob, why in [(_with_header(good, {"format": 2, "generator": GEN}, hlen=2**32 - 1), "header length"),
-                      (_with_header(good, {"format": 2, "generator": GEN}, mask=b"x" * 40), "mask section"),
-                      (struct.pack("<I", 2) + b"{}" + b"\0" * 40, "older version"),
-                      (b"", "truncated"), (b"PRISMMDL", "truncated"), (b"\0" * 64, "not a PRISM model")]:
+    for blob, why in [
+        (_with_header(good, {"format": 2, "generator": GEN}, hlen=2**32 - 1), "header length"),
+        (_with_header(good, {"format": 2, "generator": GEN}, mask=b"x" * 40), "mask section"),
+        (struct.pack("<I", 2) + b"{}" + b"\0" * 40, "older version"),
+        (b"", "truncated"),
+        (b"PRISMMDL", "truncated"),
+        (b"\0" * 64, "not a PRISM model"),
+    ]:
         path.write_bytes(blob)
         with pytest.raises(ModelFileError, match=why):
             load_sparse_model(path)
@@ -119,7 +136,7 @@ def test_any_damage_gives_one_clear_error(tmp_path_factory, good, pos, how):
     if how == "flip":
         blob[pos % len(blob)] ^= 1 << (pos % 8)
     elif how == "cut":
-        blob = blob[:pos % len(blob)]
+        blob = blob[: pos % len(blob)]
     else:
         blob += bytes([pos % 256]) * (1 + pos % 7)
     path = tmp_path_factory.mktemp("fuzz") / "m.prism"
@@ -130,6 +147,7 @@ def test_any_damage_gives_one_clear_error(tmp_path_factory, good, pos, how):
 
 def test_cli_names_a_malformed_model_file_without_a_traceback(tmp_path, capsys):
     from prism_flwr.cli import main
+
     bad = tmp_path / "bad.prism"
     bad.write_bytes(b"garbage")
     assert main(["sample", str(bad), "--out", str(tmp_path / "g.png")]) == 2

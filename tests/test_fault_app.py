@@ -16,16 +16,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_production_code_does_not_read_the_fault_variable():
-    production = [REPO / "client_app.py", REPO / "server_app.py", *(REPO / "strategies").glob("*.py"),
-                  *(REPO / "prism_flwr").rglob("*.py")]
+    production = [
+        REPO / "client_app.py",
+        REPO / "server_app.py",
+        *(REPO / "strategies").glob("*.py"),
+        *(REPO / "prism_flwr").rglob("*.py"),
+    ]
     assert len(production) > 10
     readers = [p.relative_to(REPO).as_posix() for p in production if FAULT_ENV in p.read_text()]
     assert readers == []
 
 
 def _message(message_type="train"):
-    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=3, reply_to_message_id="",
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type=message_type)
+    meta = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=3,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=message_type,
+    )
     return Message(metadata=meta, content=RecordDict())
 
 
@@ -34,8 +47,12 @@ def _context(pid):
 
 
 def _honest(msg, context):
-    content = RecordDict({MASK_KEY: ArrayRecord({MASK_KEY: Array(np.arange(6, dtype=np.uint8))}),
-                          METRICS_KEY: MetricRecord({"num-examples": 1})})
+    content = RecordDict(
+        {
+            MASK_KEY: ArrayRecord({MASK_KEY: Array(np.arange(6, dtype=np.uint8))}),
+            METRICS_KEY: MetricRecord({"num-examples": 1}),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -54,5 +71,7 @@ def test_fault_mod_raises_and_corrupts_the_named_partitions(monkeypatch):
 def test_fault_app_dir_loads_the_test_app(tmp_path):
     app = fault_app_dir(tmp_path / "app")
     text = (app / "pyproject.toml").read_text()
-    assert 'clientapp = "tests.support.fault_client_app:app"' in text and 'serverapp = "server_app:app"' in text
+    assert (
+        'clientapp = "tests.support.fault_client_app:app"' in text and 'serverapp = "server_app:app"' in text
+    )
     assert (app / "tests" / "support" / "fault_client_app.py").is_file() and (app / "client_app.py").is_file()

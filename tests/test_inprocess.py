@@ -11,17 +11,14 @@ the GPU benchmark and the aggregation study at their tiny sizes (on the CPU here
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from tools import procs
-from tools.flowerkit import REPO
-from prism_flwr.federated import inprocess
 from prism_flwr.config import RunConfig
+from prism_flwr.federated import inprocess
 from tests.test_simulation import TINY, Simulation
-
+from tools import procs
 
 
 def _history(out: Path) -> list[dict]:
@@ -36,31 +33,44 @@ def test_inprocess_run_matches_flwr_run(data_dir: Path, tmp_path: Path) -> None:
     configs = {}
     for rule in RULES:
         keys = dict(item.split("=") for item in TINY.split())
-        keys.update({"num-server-rounds": "2", "eval-every": "2", "fraction-evaluate": "0.0",
-                     "aggregation": f"'{rule}'"})
+        keys.update(
+            {
+                "num-server-rounds": "2",
+                "eval-every": "2",
+                "fraction-evaluate": "0.0",
+                "aggregation": f"'{rule}'",
+            }
+        )
         configs[rule] = keys
     with procs.Processes() as ps:
         sim = Simulation(tmp_path, ps, data_dir=data_dir, test_mask_seed=5)  # one SuperLink, one run per rule
         for rule, keys in configs.items():
             out = tmp_path / f"out-{rule}"
-            config = (" ".join(f"{k}={v}" for k, v in keys.items())
-                      + f" output-dir='{out}' data-dir='{data_dir}'")
+            config = (
+                " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
+            )
             assert sim.run(config, nodes=2)["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
 
     for rule, keys in configs.items():
         flower = [r for r in _history(tmp_path / f"out-{rule}") if r["round"] >= 1]
-        cfg = RunConfig.parse({**{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
-                               "data-dir": str(data_dir), "output-dir": str(tmp_path / "unused")})
+        cfg = RunConfig.parse(
+            {
+                **{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
+                "data-dir": str(data_dir),
+                "output-dir": str(tmp_path / "unused"),
+            }
+        )
         local = inprocess.run(cfg, 2, insecure_test_mask_seed=5)[1:]
         assert len(flower) == len(local) == 2
-        for f, l in zip(flower, local):
+        for f, loc in zip(flower, local):
             for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):
-                assert f[key] == pytest.approx(l[key], rel=1e-6, abs=1e-9), (rule, key, f, l)
+                assert f[key] == pytest.approx(loc[key], rel=1e-6, abs=1e-9), (rule, key, f, loc)
 
 
 def test_bench_gpu_tiny_prints_its_table() -> None:
     from benchmarks import bench_gpu
+
     out = bench_gpu.main(["--size", "tiny", "--device", "cpu"])
     row = out["rows"][0]
     assert row["width"] == 4 and row["landed_ms_per_step"] > 0 and row["eager_ms_per_step"] > 0
@@ -69,8 +79,23 @@ def test_bench_gpu_tiny_prints_its_table() -> None:
 
 def test_aggregation_study_tiny_writes_its_report(tmp_path: Path) -> None:
     from experiments import aggregation_study
-    res = aggregation_study.main(["--size", "tiny", "--out", str(tmp_path), "--seeds", "30",
-                                  "--partitionings", "shards", "--rules", "mada", "mean", "adam"])
+
+    res = aggregation_study.main(
+        [
+            "--size",
+            "tiny",
+            "--out",
+            str(tmp_path),
+            "--seeds",
+            "30",
+            "--partitionings",
+            "shards",
+            "--rules",
+            "mada",
+            "mean",
+            "adam",
+        ]
+    )
     assert "| shards | adam | 1 |" in res["table"] and res["metric"] == "mmd_pixels"
     assert (tmp_path / "quality_vs_rounds.png").stat().st_size > 0
     assert len(list((tmp_path / "runs").glob("*.json"))) == 3

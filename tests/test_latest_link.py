@@ -10,13 +10,19 @@ from flwr.app import Context, RecordDict
 import server_app
 from prism_flwr.storage.checkpoint import checkpoint_files, point_latest
 
-TINY = {"ngf": 4, "eval-samples": 64, "eval-feature-metrics": False, "num-server-rounds": 1,
-        "dataset": "fmnist"}
+TINY = {
+    "ngf": 4,
+    "eval-samples": 64,
+    "eval-feature-metrics": False,
+    "num-server-rounds": 1,
+    "dataset": "fmnist",
+}
 
 
 def context(run_id: int, **config) -> Context:
-    return Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
-                   run_config={**TINY, **config})
+    return Context(
+        run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={**TINY, **config}
+    )
 
 
 class NoNodes:
@@ -39,8 +45,12 @@ def test_a_run_that_fails_before_training_leaves_latest_alone(tmp_path):
     empty.mkdir()
     before = earlier_run(out)
     with pytest.raises(Exception, match="(?i)cifar|download"):  # the dataset is missing
-        server_app.main(NoNodes(), context(2, **{"output-dir": str(out), "data-dir": str(empty),
-                                                  "download": False, "dataset": "cifar10"}))
+        server_app.main(
+            NoNodes(),
+            context(
+                2, **{"output-dir": str(out), "data-dir": str(empty), "download": False, "dataset": "cifar10"}
+            ),
+        )
     failed = [p for p in out.iterdir() if p.is_dir() and not p.is_symlink() and p != before]
     assert len(failed) == 1  # the failed run's folder exists, but latest does not name it
     assert os.readlink(out / "latest") == before.name

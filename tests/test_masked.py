@@ -1,16 +1,31 @@
 """Masked layers and the generator: W * m, gradient path, bit-identical rebuilds."""
 
-import torch
 import pytest
+import torch
 
 from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
-from prism_flwr.model.masked import (MaskedLinear, get_flat, get_scores, layout_fingerprint, make_dense, masked_layers, num_masked,
-                               sample_mask, set_flat, set_mask_mode, set_scores)
+from prism_flwr.model.masked import (
+    MaskedLinear,
+    get_flat,
+    get_scores,
+    layout_fingerprint,
+    make_dense,
+    masked_layers,
+    num_masked,
+    sample_mask,
+    set_flat,
+    set_mask_mode,
+    set_scores,
+)
 
 
 def _linear(seed=0):
-    return MaskedLinear(5, 3, weight_gen=torch.Generator().manual_seed(seed),
-                        score_gen=torch.Generator().manual_seed(seed + 1))
+    return MaskedLinear(
+        5,
+        3,
+        weight_gen=torch.Generator().manual_seed(seed),
+        score_gen=torch.Generator().manual_seed(seed + 1),
+    )
 
 
 def test_weights_are_signed_kaiming_constant_buffers():
@@ -47,7 +62,7 @@ def test_gradient_reaches_scores_through_the_estimator(estimator):
     x = torch.randn(4, 5)
     layer(x).sum().backward()
     theta = torch.sigmoid(layer.scores.detach())
-    dl_dm = x.sum(0).expand(3, 5) * layer.weight          # d sum(x (W*m)^T) / dm
+    dl_dm = x.sum(0).expand(3, 5) * layer.weight  # d sum(x (W*m)^T) / dm
     dl_dtheta = dl_dm * theta if estimator == "scaled" else dl_dm
     torch.testing.assert_close(layer.scores.grad, dl_dtheta * theta * (1 - theta))
     assert not layer.weight.requires_grad and layer.weight.grad is None

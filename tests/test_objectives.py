@@ -32,7 +32,7 @@ def test_feature_matching_first_step_by_hand():
     # gaps: mu 3-1=2, -1-0=-1; var 0-1=-1, 2-0=2. Adam's first step moves each v entry by
     # lr * sign(gap), so L = lr * (|2| + |-1|) + lr * (|-1| + |2|) = 6 lr.
     fm = FeatureMatching(torch.tensor([3.0, -1.0]), torch.tensor([0.0, 2.0]), lr=1e-5)
-    fake = torch.tensor([[0.0, 0.0], [2.0, 0.0]])   # mu_f = (1, 0), var_f = (1, 0)
+    fake = torch.tensor([[0.0, 0.0], [2.0, 0.0]])  # mu_f = (1, 0), var_f = (1, 0)
     assert fm(fake).item() == pytest.approx(6e-5, rel=1e-4)
     torch.testing.assert_close(fm.v_mean.detach(), torch.tensor([1e-5, -1e-5]))
 
@@ -74,6 +74,7 @@ def test_vgg19_without_weights_names_the_places(tmp_path, monkeypatch):
 
 def test_vgg19_features_from_a_local_file(tmp_path):
     from torchvision.models import vgg19
+
     path = tmp_path / "vgg.pth"
     torch.save(vgg19(weights=None).state_dict(), path)
     feats = build_features("vgg19", str(path))

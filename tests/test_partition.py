@@ -32,7 +32,9 @@ def _dirichlet_warnings(record: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in record if str(w.message).startswith("Dirichlet(")]
 
 
-@pytest.mark.parametrize("method, alpha", [("iid", 0.1), ("shards", 0.1), ("dirichlet", 0.5), ("dirichlet", 0.005)])
+@pytest.mark.parametrize(
+    "method, alpha", [("iid", 0.1), ("shards", 0.1), ("dirichlet", 0.5), ("dirichlet", 0.005)]
+)
 def test_disjoint_cover_and_seeded(method: str, alpha: float) -> None:
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -71,8 +73,10 @@ def test_shards_leave_out_the_remainder() -> None:
 
 
 def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:
-    skews = [label_skew(LABELS, partition_indices(LABELS, 10, "dirichlet", seed=30, alpha=a), 10)
-             for a in (100.0, 1.0, 0.05)]
+    skews = [
+        label_skew(LABELS, partition_indices(LABELS, 10, "dirichlet", seed=30, alpha=a), 10)
+        for a in (100.0, 1.0, 0.05)
+    ]
     assert skews[0] < 0.1 < skews[1] < skews[2]
 
 
@@ -105,24 +109,33 @@ def test_attribute_split_male_then_female() -> None:
     assert partition_indices(MALE, 10, "attribute", seed=31)[0].tolist() != parts[0].tolist()
 
 
-@pytest.mark.parametrize("labels, num_partitions, match", [
-    (LABELS, 10, r"needs binary 0/1 labels \(CelebA's Male attribute\), got label values \[0, 1, 2"),
-    (MALE, 3, "needs an even number of partitions"),
-    (np.ones(50, np.int64), 4, "0 samples with label 0, fewer than the 2 partitions"),
-])
+@pytest.mark.parametrize(
+    "labels, num_partitions, match",
+    [
+        (LABELS, 10, r"needs binary 0/1 labels \(CelebA's Male attribute\), got label values \[0, 1, 2"),
+        (MALE, 3, "needs an even number of partitions"),
+        (np.ones(50, np.int64), 4, "0 samples with label 0, fewer than the 2 partitions"),
+    ],
+)
 def test_attribute_rejects(labels: np.ndarray, num_partitions: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         partition_indices(labels, num_partitions, "attribute", seed=0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"method": "pathological"}, "unknown partitioning 'pathological'; choose one of iid, shards, dirichlet, attribute"),
-    ({"num_partitions": 0}, "num_partitions must be between 1 and the number of samples"),
-    ({"num_partitions": 2001}, "num_partitions must be between 1 and the number of samples"),
-    ({"method": "dirichlet", "alpha": 0.0}, "alpha must be > 0"),
-    ({"shards_per_partition": 0}, "shards_per_partition must be between 1 and"),
-    ({"labels": LABELS.reshape(2, -1)}, "labels must be a 1-D integer array"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            {"method": "pathological"},
+            "unknown partitioning 'pathological'; choose one of iid, shards, dirichlet, attribute",
+        ),
+        ({"num_partitions": 0}, "num_partitions must be between 1 and the number of samples"),
+        ({"num_partitions": 2001}, "num_partitions must be between 1 and the number of samples"),
+        ({"method": "dirichlet", "alpha": 0.0}, "alpha must be > 0"),
+        ({"shards_per_partition": 0}, "shards_per_partition must be between 1 and"),
+        ({"labels": LABELS.reshape(2, -1)}, "labels must be a 1-D integer array"),
+    ],
+)
 def test_rejects_bad_arguments(kwargs: dict, match: str) -> None:
     args = {"labels": LABELS, "num_partitions": 10, "method": "shards", "seed": 0} | kwargs
     with pytest.raises(ValueError, match=match):

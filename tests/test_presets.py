@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from prism_flwr.config import RunConfig
 
@@ -28,7 +28,9 @@ def test_preset_parses_and_validates(preset: Path) -> None:
     cfg = RunConfig.parse({**_defaults(), **values})
     if preset.stem in ("cifar10", "mnist", "celeba"):
         assert cfg.dataset == preset.stem and cfg.download == "auto"
-        assert cfg.output_dir.endswith(f"outputs-{preset.stem}")  # runs of different datasets do not overwrite
+        assert cfg.output_dir.endswith(
+            f"outputs-{preset.stem}"
+        )  # runs of different datasets do not overwrite
 
 
 def test_run_sh_example_uses_a_form_flower_accepts() -> None:
@@ -41,7 +43,25 @@ def test_run_sh_example_uses_a_form_flower_accepts() -> None:
 @pytest.mark.parametrize("name", ["paper-fmnist", "paper-fmnist-dp"])
 def test_paper_presets_pin_the_paper_values_whatever_the_defaults(name: str) -> None:
     values = tomllib.loads((ROOT / "presets" / f"{name}.toml").read_text())
-    assert {k: values.get(k) for k in ("local-steps", "batch-size", "lr", "aggregation", "ngf", "num-server-rounds",
-                                       "objective", "features")} == {
-        "local-steps": 100, "batch-size": 64, "lr": 0.1, "aggregation": "mada", "ngf": 64, "num-server-rounds": 500,
-        "objective": "feature-matching", "features": "vgg19"}
+    assert {
+        k: values.get(k)
+        for k in (
+            "local-steps",
+            "batch-size",
+            "lr",
+            "aggregation",
+            "ngf",
+            "num-server-rounds",
+            "objective",
+            "features",
+        )
+    } == {
+        "local-steps": 100,
+        "batch-size": 64,
+        "lr": 0.1,
+        "aggregation": "mada",
+        "ngf": 64,
+        "num-server-rounds": 500,
+        "objective": "feature-matching",
+        "features": "vgg19",
+    }

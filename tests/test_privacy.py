@@ -11,7 +11,6 @@ import torch
 
 from prism_flwr import privacy as P
 
-
 # ------------------------------------------------------------------ calibration
 
 
@@ -81,7 +80,9 @@ def test_privatize_theta_deterministic_with_generator_and_validates():
 def test_privatize_theta_one_sigma_over_all_tensors():
     """One mechanism on the concatenation: every tensor gets sigma = z (1 - 2c) sqrt(N), N = all weights."""
     c, z = 0.1, 1e-5
-    outs = P.privatize_theta([torch.full((200, 200), 0.5), torch.full((400, 400), 0.5)], c, z, generator=_gen(2))
+    outs = P.privatize_theta(
+        [torch.full((200, 200), 0.5), torch.full((400, 400), 0.5)], c, z, generator=_gen(2)
+    )
     for out in outs:
         assert (out - 0.5).std().item() == pytest.approx(z * 0.8 * math.sqrt(200_000), rel=0.03)
 
@@ -163,6 +164,7 @@ def _analytic_gaussian_epsilon(mu: float, delta: float) -> float:
 
     def gap(eps: float) -> float:
         return float(ndtr(-eps / mu + mu / 2) - math.exp(eps + log_ndtr(-eps / mu - mu / 2))) - delta
+
     return float(brentq(gap, 0.0, 1e4, xtol=1e-12))
 
 
@@ -296,7 +298,9 @@ def test_statistics_from_batches_equal_the_whole_matrix():
     """Clipping is per sample, so feeding the partition in batches releases the same thing."""
     feats = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) * 3
     whole = P.privatize_statistics(feats, 2.0, 5.0, 1e-5, generator=torch.Generator().manual_seed(1))
-    parts = P.privatize_statistics(feats.split(64), 2.0, 5.0, 1e-5, generator=torch.Generator().manual_seed(1))
+    parts = P.privatize_statistics(
+        feats.split(64), 2.0, 5.0, 1e-5, generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(whole[0], parts[0])
     torch.testing.assert_close(whole[1], parts[1])
     assert whole[2] == parts[2]
@@ -309,7 +313,9 @@ def test_noise_is_fresh_per_release_unless_a_test_passes_a_generator():
     outs = []
     for _ in range(2):
         torch.manual_seed(0)
-        outs.append((P.privatize_theta(thetas, 0.1, 0.01)[0], P.privatize_statistics(feats, 2.0, 1.0, 1e-5)[0]))
+        outs.append(
+            (P.privatize_theta(thetas, 0.1, 0.01)[0], P.privatize_statistics(feats, 2.0, 1.0, 1e-5)[0])
+        )
     assert not torch.equal(outs[0][0], outs[1][0]) and not torch.equal(outs[0][1], outs[1][1])
     g = P.fresh_generator()
     assert isinstance(g, torch.Generator) and g.initial_seed() != P.fresh_generator().initial_seed()

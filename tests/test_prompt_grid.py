@@ -20,8 +20,11 @@ class FakeGrid:
 
     def pull_messages(self, ids):
         self.pulls += 1
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"id{i}"))
-                for i, at in enumerate(self.arrive) if at == self.pulls and f"id{i}" in set(ids)]
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"id{i}"))
+            for i, at in enumerate(self.arrive)
+            if at == self.pulls and f"id{i}" in set(ids)
+        ]
 
     def close(self):
         self.closed = True

@@ -2,11 +2,18 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prism_flwr.federated.aggregation import count_ones
-from prism_flwr.federated.robust import (consensus_distances, distinct_masks, majority, outliers, robust_counts,
-                               trimmed_counts)
+from prism_flwr.federated.robust import (
+    consensus_distances,
+    distinct_masks,
+    majority,
+    outliers,
+    robust_counts,
+    trimmed_counts,
+)
 
 
 def packed(bits: str) -> np.ndarray:
@@ -39,11 +46,13 @@ def test_outliers_by_hand():
     d = np.array([0.30, 0.31, 0.29, 0.30, 0.80])
     # median 0.30, MAD 0.01 -> sd 0.014826; threshold 0.30 + 3 * 0.014826 = 0.3445
     assert outliers(d, 3.0, min_spread=0.0).tolist() == [False, False, False, False, True]
-    assert not outliers(np.array([0.30, 0.31, 0.29, 0.30, 0.33]), 3.0, min_spread=0.01).any()  # floor: 0.33 < 0.33
+    assert not outliers(
+        np.array([0.30, 0.31, 0.29, 0.30, 0.33]), 3.0, min_spread=0.01
+    ).any()  # floor: 0.33 < 0.33
     # median 0.25, MAD 0.25 -> 0.37; threshold 0.25 + 0.1 * 0.37 flags 0.5 and 0.6, but at most (4 - 1) // 2 = 1
     assert outliers(np.array([0.0, 0.0, 0.5, 0.6]), 0.1).tolist() == [False, False, False, True]
     assert not outliers(np.array([0.0, 0.9]), 0.1).any()  # fewer than 3 masks: nothing to compare
-    assert not outliers(d, 0.0).any()                      # 0 turns the filter off
+    assert not outliers(d, 0.0).any()  # 0 turns the filter off
 
 
 def test_robust_counts_by_hand():
@@ -58,11 +67,16 @@ def test_robust_counts_by_hand():
     assert info.duplicates == [4] and info.outliers == [1] and info.kept == [0, 2, 3, 5] and info.trim == 1
     assert info.distances == [0.0, 6 / 8, 1 / 8, 1 / 8, 1 / 8]
     assert k == 2 and counts.tolist() == [2, 2, 0, 0, 0, 0, 0, 0]
-    assert info.record() == {"robust_dropped_duplicates": [4], "robust_dropped_outliers": [1], "robust_trim": 1}
+    assert info.record() == {
+        "robust_dropped_duplicates": [4],
+        "robust_dropped_outliers": [1],
+        "robust_trim": 1,
+    }
     # which masks were dropped and why, named by their senders
     assert info.dropped(["a", "b", "c", "d", "e", "f"]) == [
         {"node": "b", "reason": "Hamming distance 0.7500 to the majority vote, above the cut-off 0.1550"},
-        {"node": "e", "reason": "same mask as node b (duplicate)"}]
+        {"node": "e", "reason": "same mask as node b (duplicate)"},
+    ]
 
 
 def test_robust_counts_off_is_count_ones_of_distinct_masks():
@@ -84,7 +98,7 @@ def test_weights_all_honest_clients_agree_on_cannot_be_moved(honest, attackers, 
     rng = np.random.default_rng(seed)
     n = 64
     masks = rng.random((honest, n)) < 0.5
-    masks[:, :8] = True     # unanimous ones
+    masks[:, :8] = True  # unanimous ones
     masks[:, 8:16] = False  # unanimous zeros
     evil = rng.random((attackers, n)) < rng.random()
     all_masks = [np.packbits(m, bitorder="little") for m in [*masks, *evil]]

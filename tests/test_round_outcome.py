@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord
 from prism_flwr.federated.codec import encode_mask
 from prism_flwr.federated.robust import robust_counts
 from strategies.wire import message_wire_bytes
-from tests.test_strategy import LAYOUT, N, SCORES, FakeGrid, make_strategy, mask, reply
+from tests.test_strategy import LAYOUT, SCORES, FakeGrid, N, make_strategy, mask, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -19,7 +19,9 @@ def replies(nodes=(1, 2, 3, 4)):
 
 def non_finite_settle(monkeypatch, strategy):
     """The aggregate comes out non-finite: the round is refused by the aggregate check."""
-    monkeypatch.setattr(type(strategy.downlink), "settle", lambda self, vector, rng=None: np.full_like(vector, np.nan))
+    monkeypatch.setattr(
+        type(strategy.downlink), "settle", lambda self, vector, rng=None: np.full_like(vector, np.nan)
+    )
 
 
 @pytest.mark.parametrize("rule", ["adam", "beta"])
@@ -52,13 +54,24 @@ def test_skip_reasons_are_the_real_ones(monkeypatch):
     non_finite_settle(monkeypatch, bad)
     assert bad.aggregate_train(1, replies()) == (None, None)
     rec = bad.round_records[1]
-    assert rec["skipped"] and "non-finite" in rec["aggregation_error"] and "aggregation failed" in rec["skip_reason"]
+    assert (
+        rec["skipped"]
+        and "non-finite" in rec["aggregation_error"]
+        and "aggregation failed" in rec["skip_reason"]
+    )
     line = _fmt(rec)
     assert "aggregation failed" in line and "too few valid masks" not in line
 
 
-@pytest.mark.parametrize("bug", [TypeError("unsupported operand"), IndexError("list index out of range"),
-                                 KeyError("scores"), AttributeError("no attribute 'grouped_bits'")])
+@pytest.mark.parametrize(
+    "bug",
+    [
+        TypeError("unsupported operand"),
+        IndexError("list index out of range"),
+        KeyError("scores"),
+        AttributeError("no attribute 'grouped_bits'"),
+    ],
+)
 def test_a_programming_error_in_aggregation_ends_the_run(bug):
     s = make_strategy()
 

@@ -7,11 +7,25 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from prism_flwr.secagg import client as secagg_client
 from prism_flwr.secagg import (
-    RoundSkipped, SecAggError, advertise_keys, collect_adverts, collect_masked, finish,
-    mask_input, neighbour_graph, new_round, pack, route_shares, run_protocol, share_keys,
-    start_round, unmask, unpack)
+    RoundSkipped,
+    SecAggError,
+    advertise_keys,
+    collect_adverts,
+    collect_masked,
+    finish,
+    mask_input,
+    neighbour_graph,
+    new_round,
+    pack,
+    route_shares,
+    run_protocol,
+    share_keys,
+    start_round,
+    unmask,
+    unpack,
+)
+from prism_flwr.secagg import client as secagg_client
 from prism_flwr.secagg.crypto import combine_secret
 from prism_flwr.secagg.round import pair_mask, self_mask
 
@@ -33,6 +47,7 @@ def assert_exact(result, inputs, contributors):
 
 class Round:
     """One round driven stage by stage, so a test can tamper with the messages in between."""
+
     STAGES = ("advertise", "forward", "share", "route", "mask", "collect", "unmask")
 
     def __init__(self, inputs, threshold, degree, round_id=None):
@@ -59,27 +74,26 @@ class Round:
         self.server, self.forwarded = collect_adverts(self.server, self.adverts)
 
     def share(self):
-        self.packages = self._clients(self.forwarded,
-                                      lambda u: share_keys(self.states[u], self.forwarded[u]))
+        self.packages = self._clients(self.forwarded, lambda u: share_keys(self.states[u], self.forwarded[u]))
 
     def route(self):
         self.server, self.inbox = route_shares(self.server, self.packages)
 
     def mask(self):
-        self.masked = self._clients(self.inbox, lambda u: mask_input(self.states[u], self.inbox[u],
-                                                                     self.inputs[u]))
+        self.masked = self._clients(
+            self.inbox, lambda u: mask_input(self.states[u], self.inbox[u], self.inputs[u])
+        )
 
     def collect(self):
         self.server, self.request = collect_masked(self.server, self.masked)
 
     def unmask(self):
-        self.replies = self._clients(self.request.survivors,
-                                     lambda u: unmask(self.states[u], self.request))
+        self.replies = self._clients(self.request.survivors, lambda u: unmask(self.states[u], self.request))
 
     def through(self, stage):
         """Run the stages not run yet, up to and including `stage`."""
         stop = self.STAGES.index(stage) + 1
-        for name in self.STAGES[self.done:stop]:
+        for name in self.STAGES[self.done : stop]:
             getattr(self, name)()
         self.done = max(self.done, stop)
         return self
@@ -90,6 +104,7 @@ class Round:
 
 
 # ---------------------------------------------------------------- building blocks
+
 
 @pytest.mark.parametrize("bits", range(1, 17))
 @pytest.mark.parametrize("length", [1, 7, 1001])
@@ -131,14 +146,17 @@ def test_graph_depends_on_round_id():
     assert len(graphs) > 1
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(threshold=2), "threshold"),  # t <= k/2 would let a server learn both shares
-    (dict(threshold=5), "threshold"),
-    (dict(degree=3), "regular"),  # 5 clients * degree 3 is odd
-    (dict(bits=2), "bits"),  # 2 bits cannot count to 5
-    (dict(round_id=b"short"), "round id"),
-    (dict(length=0), "length"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(threshold=2), "threshold"),  # t <= k/2 would let a server learn both shares
+        (dict(threshold=5), "threshold"),
+        (dict(degree=3), "regular"),  # 5 clients * degree 3 is odd
+        (dict(bits=2), "bits"),  # 2 bits cannot count to 5
+        (dict(round_id=b"short"), "round id"),
+        (dict(length=0), "length"),
+    ],
+)
 def test_params_refused(change, match):
     args = dict(clients=range(5), threshold=3, degree=4, length=10) | change
     with pytest.raises(SecAggError, match=match):
@@ -181,7 +199,7 @@ def test_exact_counts_on_a_sparse_graph_with_dropouts():
 def test_too_many_dropouts_skip_the_round(phase):
     inputs = make_inputs(K, N)
     with pytest.raises(RoundSkipped, match="round skipped"):
-        run_protocol(inputs, T, DEGREE, dropouts={phase: sorted(inputs)[:K - T + 1]})
+        run_protocol(inputs, T, DEGREE, dropouts={phase: sorted(inputs)[: K - T + 1]})
 
 
 def test_skip_when_a_survivors_self_mask_cannot_be_rebuilt():
@@ -189,7 +207,7 @@ def test_skip_when_a_survivors_self_mask_cannot_be_rebuilt():
     # 4 other answering neighbours, fewer than t = 5: skip, never a count with a mask left in
     inputs = make_inputs(K, N)
     with pytest.raises(RoundSkipped, match="self-mask seed"):
-        run_protocol(inputs, T, DEGREE, dropouts={"masked": sorted(inputs)[:K - T]})
+        run_protocol(inputs, T, DEGREE, dropouts={"masked": sorted(inputs)[: K - T]})
 
 
 def test_client_refusing_its_input_drops_out_cleanly():
@@ -253,8 +271,9 @@ def test_bad_share_package_is_refused(tamper):
     assert [(phase, node) for phase, node, _ in result.refused] == [("share", victim)]
 
 
-@pytest.mark.parametrize("tamper", ["flipped bit", "other receiver", "other sender", "replayed",
-                                    "duplicated"])
+@pytest.mark.parametrize(
+    "tamper", ["flipped bit", "other receiver", "other sender", "replayed", "duplicated"]
+)
 def test_client_refuses_a_forged_share(tamper):
     r = small_round().through("route")
     u = r.params.clients[0]
@@ -266,8 +285,7 @@ def test_client_refuses_a_forged_share(tamper):
         w = next(w for w in r.params.clients if w not in (u, first.sender))
         inbox[0] = replace(next(s for s in r.inbox[w] if s.sender == first.sender), receiver=u)
     elif tamper == "other sender":
-        inbox[0], inbox[1] = replace(inbox[0], sender=inbox[1].sender), replace(inbox[1],
-                                                                                sender=first.sender)
+        inbox[0], inbox[1] = replace(inbox[0], sender=inbox[1].sender), replace(inbox[1], sender=first.sender)
     elif tamper == "replayed":  # u's share from the same sender, sealed in another round
         old = other_round()
         old_share = next(s for s in old.inbox[u] if s.sender == first.sender)
@@ -282,8 +300,9 @@ def test_client_refuses_a_forged_share(tamper):
     assert_exact(result, r.inputs, [v for v in r.inputs if v != u])
 
 
-@pytest.mark.parametrize("tamper", ["truncated", "one byte more", "replayed", "padding",
-                                    "wrong neighbours", "not a sharer"])
+@pytest.mark.parametrize(
+    "tamper", ["truncated", "one byte more", "replayed", "padding", "wrong neighbours", "not a sharer"]
+)
 def test_bad_masked_vector_is_refused_and_counts_stay_exact(tamper):
     r = small_round().through("mask")
     victim = r.masked[2].node
@@ -338,8 +357,14 @@ def test_client_answers_one_unmask_request_only():
     u = r.request.survivors[0]
     assert r.states[u].phase == "done" and r.states[u].held == {}
     with pytest.raises(SecAggError, match="out of order"):
-        unmask(r.states[u], replace(r.request, survivors=r.request.survivors[1:],
-                                    dropped=r.request.dropped + (r.request.survivors[0],)))
+        unmask(
+            r.states[u],
+            replace(
+                r.request,
+                survivors=r.request.survivors[1:],
+                dropped=r.request.dropped + (r.request.survivors[0],),
+            ),
+        )
 
 
 def test_client_refuses_an_unmask_request_of_another_round():
@@ -393,7 +418,7 @@ def late_drop_view(x):
     r.through("unmask")
     p = r.params
     index = {v: i + 1 for i, v in enumerate(p.graph[u])}
-    shares = {index[rep.node]: rep.key_shares[u] for rep in r.replies[:p.threshold]}
+    shares = {index[rep.node]: rep.key_shares[u] for rep in r.replies[: p.threshold]}
     secret = combine_secret(shares)
     view = unpack(late.packed, p.length, p.bits)
     for v in late.masked_with:
@@ -411,7 +436,7 @@ def survivor_view(x):
     r = Round(inputs, threshold=3, degree=5).through("unmask")
     p = r.params
     index = {v: i + 1 for i, v in enumerate(p.graph[u])}
-    holders = [rep for rep in r.replies if rep.node != u][:p.threshold]
+    holders = [rep for rep in r.replies if rep.node != u][: p.threshold]
     seed = combine_secret({index[rep.node]: rep.seed_shares[u] for rep in holders})
     masked = next(m for m in r.masked if m.node == u)
     view = unpack(masked.packed, p.length, p.bits) - self_mask(seed, p, u)
@@ -436,8 +461,7 @@ def test_server_view_is_uniform_and_independent_of_the_input(view):
     assert same_distribution_p(view_0, view_1, bits) > ALPHA
 
 
-@pytest.mark.parametrize("view,omitted", [(late_drop_view, "self_mask"),
-                                          (survivor_view, "pair_mask")])
+@pytest.mark.parametrize("view,omitted", [(late_drop_view, "self_mask"), (survivor_view, "pair_mask")])
 def test_view_test_catches_a_missing_mask(monkeypatch, view, omitted):
     """The two checks above fail when the client leaves out one of its masks."""
     monkeypatch.setattr(secagg_client, omitted, lambda *a: np.zeros(VIEW_LENGTH, np.uint16))

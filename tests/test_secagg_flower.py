@@ -62,11 +62,20 @@ def _expected(nodes, rnd: int) -> np.ndarray:
 
 
 def _round(nodes=(11, 12, 13, 14), rnd=1, tamper=None, min_train_nodes=2, strategy=None):
-    clients = {u: LoopbackClient(u, lambda msg, u=u: (_mask(u, rnd), {"num-examples": 10, "loss": 0.5}))
-               for u in nodes}
+    clients = {
+        u: LoopbackClient(u, lambda msg, u=u: (_mask(u, rnd), {"num-examples": 10, "loss": 0.5}))
+        for u in nodes
+    }
     grid = LoopbackGrid(clients, tamper)
-    s = strategy or SecAggMADA(num_weights=N, layout=LAYOUT, rule="mada", seed=SEED, phase_timeout=60.0,
-                               min_train_nodes=min_train_nodes, min_available_nodes=len(nodes))
+    s = strategy or SecAggMADA(
+        num_weights=N,
+        layout=LAYOUT,
+        rule="mada",
+        seed=SEED,
+        phase_timeout=60.0,
+        min_train_nodes=min_train_nodes,
+        min_available_nodes=len(nodes),
+    )
     arrays = ArrayRecord({SCORES_KEY: Array(SCORES)})
     messages = list(s.configure_train(rnd, arrays, ConfigRecord(), grid))
     out, _ = s.aggregate_train(rnd, grid.send_and_receive(messages))
@@ -93,6 +102,7 @@ def _fail(kind: str, node: int):
         if msg.metadata.message_type == kind and msg.metadata.dst_node_id == node:
             return []  # silent
         return reply
+
     return tamper
 
 
@@ -111,8 +121,10 @@ def test_an_error_in_the_share_step_is_a_dropout() -> None:
     def tamper(msg, reply):
         if msg.metadata.message_type == SHARE and msg.metadata.dst_node_id == 12:
             from tools.secagg_loopback import reply_to
+
             return reply_to(msg, error="RuntimeError: fails on purpose")
         return reply
+
     _, out, rec, _ = _round(tamper=tamper)
     np.testing.assert_array_equal(out[SCORES_KEY].numpy(), _expected([11, 13, 14], 1))
     assert any("share: node 12" in d and "fails on purpose" in d for d in rec["secagg"]["dropped"])
@@ -122,11 +134,14 @@ def test_an_error_in_the_share_step_is_a_dropout() -> None:
 def test_too_many_dropouts_skip_the_round_cleanly() -> None:
     def tamper(msg, reply):
         return [] if msg.metadata.message_type == SHARE and msg.metadata.dst_node_id != 11 else reply
+
     s, out, rec, messages = _round(tamper=tamper)
     assert out is None and rec["skipped"] and "round skipped" in rec["skip_reason"] and messages == []
+
     # unmask phase: only one survivor helps, the threshold is 2
     def silent_unmask(msg, reply):
         return [] if msg.metadata.message_type == UNMASK and msg.metadata.dst_node_id != 11 else reply
+
     s, out, rec, _ = _round(tamper=silent_unmask)
     assert out is None and rec["skipped"] and "round skipped" in rec["skip_reason"]
 
@@ -139,6 +154,7 @@ def test_forged_and_replayed_masked_replies_are_refused_not_fatal() -> None:
         if msg.metadata.message_type == "train" and not reply.has_error():
             kept[msg.metadata.dst_node_id] = reply
         return reply
+
     nodes = (11, 12, 13, 14, 15, 16)  # t = 3: four survivors hold 3 shares of each other's seeds
     s, _, _, _ = _round(nodes, tamper=keep)
 
@@ -151,6 +167,7 @@ def test_forged_and_replayed_masked_replies_are_refused_not_fatal() -> None:
         if node == 13:  # claims to be node 14 in its node field
             return forged(reply, node=(14).to_bytes(8, "big"))
         return reply
+
     s, out, rec, _ = _round(nodes, rnd=2, tamper=attack, strategy=s)
     reasons = " ".join(rec["dropped"])
     assert "another round" in reasons and "is not the sender" in reasons, rec["dropped"]
@@ -161,16 +178,24 @@ def test_forged_and_replayed_masked_replies_are_refused_not_fatal() -> None:
 # ------------------------------------------------------------------------------ flwr run
 def _flower_config(out: Path, data_dir: Path, **extra) -> tuple[dict, str]:
     from tests.test_simulation import TINY
+
     keys = dict(item.split("=") for item in TINY.split())
-    keys.update({"num-server-rounds": "2", "eval-every": "2", "fraction-evaluate": "0.0",
-                 "aggregation": "'mada-change'", "secure-aggregation": "'secagg+'", **extra})
+    keys.update(
+        {
+            "num-server-rounds": "2",
+            "eval-every": "2",
+            "fraction-evaluate": "0.0",
+            "aggregation": "'mada-change'",
+            "secure-aggregation": "'secagg+'",
+            **extra,
+        }
+    )
     return keys, " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
 
 
 def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
     from prism_flwr.federated import inprocess
     from tests.test_inprocess import _history
-    from tests.support.fault_client_app import fault_app_dir
     from tests.test_simulation import Simulation
 
     out = tmp_path / "out"
@@ -180,14 +205,19 @@ def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_p
         assert sim.run(config, nodes=3)["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
     flower = [r for r in _history(out) if r["round"] >= 1]
-    cfg = RunConfig.parse({**{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
-                           "data-dir": str(data_dir), "output-dir": str(tmp_path / "unused")})
+    cfg = RunConfig.parse(
+        {
+            **{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
+            "data-dir": str(data_dir),
+            "output-dir": str(tmp_path / "unused"),
+        }
+    )
     local = inprocess.run(cfg, 3, insecure_test_mask_seed=5)[1:]
     assert len(flower) == len(local) == 2
-    for f, l in zip(flower, local):
+    for f, loc in zip(flower, local):
         assert f["secagg_contributors"] == 3 and f["secagg"]["bits"] == 2 and not f["skipped"], f
         for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):
-            assert f[key] == pytest.approx(l[key], rel=1e-6, abs=1e-9), (key, f, l)
+            assert f[key] == pytest.approx(loc[key], rel=1e-6, abs=1e-9), (key, f, loc)
         assert f["wire_bytes_per_client"]["up"] > f["uplink_bytes"] / 3
 
 
@@ -200,8 +230,13 @@ def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Pat
     out = tmp_path / "out"
     _, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})
     with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps, extra_env={"PRISM_FAULT_INJECTION": "secagg-share=1"},
-                         data_dir=data_dir, app=fault_app_dir(tmp_path / "app"))
+        sim = Simulation(
+            tmp_path,
+            ps,
+            extra_env={"PRISM_FAULT_INJECTION": "secagg-share=1"},
+            data_dir=data_dir,
+            app=fault_app_dir(tmp_path / "app"),
+        )
         assert sim.run(config, nodes=4)["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
     (rec,) = [r for r in json.loads((out / "latest" / "history.json").read_text()) if r["round"] >= 1]

@@ -13,19 +13,34 @@ import stat
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tools import security_probe as sp
-from prism_flwr.federated.aggregation import AggregationError
-from prism_flwr.storage.checkpoint import (CheckpointError, RunLock, RunLocked, check_resume_config, checkpoint_files,
-                                   find_run_dir, load_checkpoint, new_run_dir, point_latest,
-                                   save_checkpoint)
-from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
-from prism_flwr.storage.client_state import (ClientRecord, StateError, client_state_dir,
-                                             read_latest_state_file, validate_run_tag, write_state_file)
 from prism_flwr.config import RunConfig
+from prism_flwr.federated.aggregation import AggregationError
 from prism_flwr.model.training import ClientState
-
+from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
+from prism_flwr.storage.checkpoint import (
+    CheckpointError,
+    RunLock,
+    RunLocked,
+    check_resume_config,
+    checkpoint_files,
+    find_run_dir,
+    load_checkpoint,
+    new_run_dir,
+    point_latest,
+    save_checkpoint,
+)
+from prism_flwr.storage.client_state import (
+    ClientRecord,
+    StateError,
+    client_state_dir,
+    read_latest_state_file,
+    validate_run_tag,
+    write_state_file,
+)
+from tools import security_probe as sp
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -64,7 +79,9 @@ def test_client_metrics_never_overwrite_record_fields():
     rng = np.random.default_rng(0)
     s = sp.make_mada([1, 2, 3])
     good = [sp._good(rng, n) for n in (1, 2)]
-    evil = sp.message(3, sp.mask_content(sp._blob(rng), {"num-examples": 5, "clients": 1000.0, "skipped": 1.0}))
+    evil = sp.message(
+        3, sp.mask_content(sp._blob(rng), {"num-examples": 5, "clients": 1000.0, "skipped": 1.0})
+    )
     s.aggregate_train(1, [m for m, _ in good] + [evil])
     rec = s.round_records[1]
     assert rec["clients"] == 2 and rec["skipped"] is False and "unknown metric 'clients'" in rec["dropped"][0]
@@ -92,16 +109,25 @@ def test_num_examples_and_histogram_bounds():
     s = sp.make_mada([1])
     ok = {"num-examples": 60_000, "label_histogram": [6_000] * 10}
     assert s.check_metrics(sp.MetricRecord(ok), s.train_metrics)["num-examples"] == 60_000
-    for bad, why in [({"num-examples": 60_001}, "outside"), ({"num-examples": 10, "label_histogram": [1] * 9}, "entries"),
-                     ({"num-examples": 10, "label_histogram": [2] * 10}, "sums to")]:
+    for bad, why in [
+        ({"num-examples": 60_001}, "outside"),
+        ({"num-examples": 10, "label_histogram": [1] * 9}, "entries"),
+        ({"num-examples": 10, "label_histogram": [2] * 10}, "sums to"),
+    ]:
         with pytest.raises(ValueError, match=why):
             s.check_metrics(sp.MetricRecord(bad), s.train_metrics)
 
 
 # ------------------------------------------------------------------------------ run folders
 def _state(rnd, cfg=None):
-    return {"round": rnd, "scores": np.full(4, rnd, np.float32), "history": [{"round": r} for r in range(rnd + 1)],
-            "run_tag": "0123abcd", "spec": {"nz": 8}, "run_config": cfg or {}}
+    return {
+        "round": rnd,
+        "scores": np.full(4, rnd, np.float32),
+        "history": [{"round": r} for r in range(rnd + 1)],
+        "run_tag": "0123abcd",
+        "spec": {"nz": 8},
+        "run_config": cfg or {},
+    }
 
 
 def test_checkpoints_keep_three_and_fall_back_past_a_corrupt_newest(tmp_path, caplog):
@@ -143,16 +169,21 @@ def test_run_folders_latest_and_lock(tmp_path):
     os.symlink(str(tmp_path.parent), tmp_path / "escape")
     with pytest.raises(CheckpointError, match="outside"):
         find_run_dir(tmp_path, "escape")
-    with RunLock(b):
-        with pytest.raises(RunLocked, match="in use by another run"):
-            RunLock(b).acquire()
+    with RunLock(b), pytest.raises(RunLocked, match="in use by another run"):
+        RunLock(b).acquire()
     RunLock(b).acquire().release()  # free again once the holder let go
 
 
 def test_resume_refuses_model_and_privacy_changes_and_names_the_key():
     cfg = RunConfig().model_dump(by_alias=True)
     check_resume_config(cfg, {**cfg, "eval-every": 1, "num-server-rounds": 30, "output-dir": "/x"})
-    for key, value in [("ngf", 8), ("seed", 1), ("dp-epsilon", 1.0), ("aggregation", "mada"), ("dataset", "mnist")]:
+    for key, value in [
+        ("ngf", 8),
+        ("seed", 1),
+        ("dp-epsilon", 1.0),
+        ("aggregation", "mada"),
+        ("dataset", "mnist"),
+    ]:
         with pytest.raises(CheckpointError, match=f"'{key}'"):
             check_resume_config(cfg, {**cfg, key: value})
     dp = {**cfg, "dp": "theta"}
@@ -174,8 +205,12 @@ def test_run_tag_is_hex_only(tmp_path):
 
 
 def test_client_state_files_are_private_atomic_and_pickle_free(tmp_path):
-    rec = ClientRecord(ClientState({"0.exp_avg": torch.arange(4.0), "0.step": torch.tensor(3.0)},
-                                   {"mu_real": torch.ones(2, dtype=torch.float64)}))
+    rec = ClientRecord(
+        ClientState(
+            {"0.exp_avg": torch.arange(4.0), "0.step": torch.tensor(3.0)},
+            {"mu_real": torch.ones(2, dtype=torch.float64)},
+        )
+    )
     for rnd in range(1, 7):
         write_state_file(tmp_path, 2, rnd, rec.to_bytes())
     folder = tmp_path / "partition-2"
@@ -183,7 +218,11 @@ def test_client_state_files_are_private_atomic_and_pickle_free(tmp_path):
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.iterdir())
     rnd, blob = read_latest_state_file(tmp_path, 2, 6)
     back = ClientRecord.from_bytes(blob)
-    assert rnd == 5 and back.secret == rec.secret and torch.equal(back.train.score_opt["0.exp_avg"], torch.arange(4.0))
+    assert (
+        rnd == 5
+        and back.secret == rec.secret
+        and torch.equal(back.train.score_opt["0.exp_avg"], torch.arange(4.0))
+    )
     assert back.train.objective["mu_real"].dtype == torch.float64
     with pytest.raises(StateError):
         ClientRecord.from_bytes(sp._pickle_payload())
@@ -234,6 +273,7 @@ def test_released_statistics_are_released_once_and_then_reused(tmp_path):
     def release():
         calls.append(1)
         return torch.arange(3.0), torch.ones(3), 5.0
+
     for rnd, run in ((1, RUN), (2, RUN), (1, "4567cdef")):
         mu, var, eps = LedgerSession(ledger, run, rnd).statistics({"features": "pixels"}, 1.0, release)
         assert torch.equal(mu, torch.arange(3.0)) and torch.equal(var, torch.ones(3)) and eps == 5.0

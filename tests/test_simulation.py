@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
+from prism_flwr.federated.codec import HEADER_BYTES
+from prism_flwr.model.generator import generate
+from prism_flwr.model.masked import num_masked
+from prism_flwr.storage.checkpoint import load_checkpoint
+from prism_flwr.storage.export import load_sparse_model
 from tests.support.fault_client_app import FAULT_ENV, fault_app_dir
 from tools import procs
 from tools.flowerkit import REPO, exe, flower_env, newest_run, write_connection
-from prism_flwr.storage.checkpoint import load_checkpoint
-from prism_flwr.federated.codec import HEADER_BYTES
-from prism_flwr.model.generator import generate
-from prism_flwr.storage.export import load_sparse_model
-from prism_flwr.model.masked import num_masked
 
 RUN_TIMEOUT = 300
 TINY = "local-steps=3 ngf=4 eval-samples=64 min-train-nodes=2 eval-feature-metrics=false"
@@ -33,9 +33,18 @@ TINY = "local-steps=3 ngf=4 eval-samples=64 min-train-nodes=2 eval-feature-metri
 class Simulation:
     """A simulation SuperLink plus `flwr run` of this repository against it."""
 
-    def __init__(self, tmp: Path, ps: procs.Processes, extra_env: dict[str, str] | None = None, *,
-                 app: Path = REPO, data_dir: Path | None = None, state_dir: Path | None = None,
-                 node_config: str = "", test_mask_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        ps: procs.Processes,
+        extra_env: dict[str, str] | None = None,
+        *,
+        app: Path = REPO,
+        data_dir: Path | None = None,
+        state_dir: Path | None = None,
+        node_config: str = "",
+        test_mask_seed: int | None = None,
+    ) -> None:
         """The simulated nodes' own settings (data-dir, state-dir, ``node_config``) reach them as
         ``PRISM_NODE_CONFIG``; ``test_mask_seed`` makes their masks predictable (reproducible runs);
         ``app`` is the app directory to run (a test-only variant, e.g. the fault-injecting app)."""
@@ -50,18 +59,44 @@ class Simulation:
         port = procs.free_port()
         write_connection(self.home, "sim", f"127.0.0.1:{port}", insecure=True)
         n = len(list(self.logs.glob("superlink*.log")))
-        self.link = ps.start([exe("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-                              "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
-                              "--database", str(tmp / f"state-{n}.db")], env=self.env,
-                             log_path=self.logs / f"superlink-{n}.log")
+        self.link = ps.start(
+            [
+                exe("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--database",
+                str(tmp / f"state-{n}.db"),
+            ],
+            env=self.env,
+            log_path=self.logs / f"superlink-{n}.log",
+        )
         procs.wait_for_port("127.0.0.1", port, timeout=60, procs=[self.link])
 
     def start_run(self, run_config: str, nodes: int = 3) -> subprocess.Popen:
         n = len(list(self.logs.glob("run*.log")))
-        return self.ps.start([exe("flwr"), "run", str(self.app), "sim", "--stream",
-                              "--run-config", run_config,
-                              "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1"],
-                             env=self.env, log_path=self.logs / f"run-{n}.log", cwd=self.home)
+        return self.ps.start(
+            [
+                exe("flwr"),
+                "run",
+                str(self.app),
+                "sim",
+                "--stream",
+                "--run-config",
+                run_config,
+                "--federation-config",
+                f"num-supernodes={nodes} client-resources-num-cpus=1",
+            ],
+            env=self.env,
+            log_path=self.logs / f"run-{n}.log",
+            cwd=self.home,
+        )
 
     def run(self, run_config: str, nodes: int = 3) -> dict:
         """Run to the end; return the run's record from `flwr ls`."""
@@ -83,9 +118,17 @@ def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, 
     the other two, history shows both dropped with their reasons, the model loads and samples."""
     out = tmp_path / "out"
     with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps, extra_env={FAULT_ENV: "raise=1 corrupt=2"}, data_dir=data_dir,
-                         app=fault_app_dir(tmp_path / "app"))  # the app behind a fault-injecting mod
-        run = sim.run(f"num-server-rounds=2 eval-every=1 aggregation='mada' {TINY} output-dir='{out}' data-dir='{data_dir}'", nodes=4)
+        sim = Simulation(
+            tmp_path,
+            ps,
+            extra_env={FAULT_ENV: "raise=1 corrupt=2"},
+            data_dir=data_dir,
+            app=fault_app_dir(tmp_path / "app"),
+        )  # the app behind a fault-injecting mod
+        run = sim.run(
+            f"num-server-rounds=2 eval-every=1 aggregation='mada' {TINY} output-dir='{out}' data-dir='{data_dir}'",
+            nodes=4,
+        )
         assert run["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
 
@@ -98,20 +141,30 @@ def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, 
         assert r["clients"] == 2 and r["asked"] == 4 and not r["skipped"], r
         reasons = " ".join(r["dropped"])
         assert len(r["dropped"]) == 2 and "fails on purpose" in reasons and "checksum mismatch" in reasons, r
-        assert 0.0 < r["uplink_bits_per_weight"] <= limit, (r, limit)  # coded: below 1 bit per weight once theta moves
+        assert 0.0 < r["uplink_bits_per_weight"] <= limit, (
+            r,
+            limit,
+        )  # coded: below 1 bit per weight once theta moves
         assert 0.0 <= r["mada_lambda"] <= 1.0
         assert np.isfinite(r["loss"]) and "mmd_pixels" in r["eval"] and "local_mmd_pixels" in r["client_eval"]
-        assert len(r["label_histograms"]) == 2 and all(sum(h) == 15_000 for h in r["label_histograms"].values())
+        assert len(r["label_histograms"]) == 2 and all(
+            sum(h) == 15_000 for h in r["label_histograms"].values()
+        )
     images = generate(model, 8, seed=0)
     assert images.shape == (8, 1, 32, 32) and torch.isfinite(images).all()
     assert header["generator"] == {"nz": 128, "ngf": 4, "nc": 1, "seed": 30}
-    assert (out / "latest" / "samples.png").stat().st_size > 0 and (out / "latest" / "history.png").stat().st_size > 0
+    assert (out / "latest" / "samples.png").stat().st_size > 0 and (
+        out / "latest" / "history.png"
+    ).stat().st_size > 0
     summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["model_bytes"] < summary["dense_float32_bytes"] / 20
 
 
 BAD_CONFIGS = [
-    ("dataset='foo'", "run-config key 'dataset' = 'foo': Input should be 'mnist', 'fmnist', 'cifar10' or 'celeba'"),
+    (
+        "dataset='foo'",
+        "run-config key 'dataset' = 'foo': Input should be 'mnist', 'fmnist', 'cifar10' or 'celeba'",
+    ),
     ("ngf=-1", "run-config key 'ngf' = -1: Input should be greater than or equal to 1"),
     ("lr='fast'", "run-config key 'lr' = 'fast': Input should be a valid number"),
 ]
@@ -124,8 +177,14 @@ def test_bad_run_config_fails_before_training(data_dir: Path, tmp_path: Path) ->
         for i, (bad, line) in enumerate(BAD_CONFIGS):
             out = tmp_path / f"out-{i}"
             run = sim.run(f"{bad} output-dir='{out}' data-dir='{data_dir}'", nodes=2)
-            status = subprocess.run([exe("prism-flwr"), "last-run", "sim"], env=sim.env, capture_output=True,
-                                    text=True, timeout=60, cwd=sim.home)
+            status = subprocess.run(
+                [exe("prism-flwr"), "last-run", "sim"],
+                env=sim.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=sim.home,
+            )
             assert run["status"] == "finished:failed" and line in run["status-details"], run
             assert status.returncode == 1 and line in status.stdout
             assert not out.exists()  # nothing trained, nothing written
@@ -145,8 +204,12 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data_dir: Path, tmp_path: 
 
         sim = Simulation(tmp_path / "b", ps, **node)
         run = sim.start_run(f"{config} output-dir='{crashed}'")
-        procs.wait_for(lambda: (crashed / "latest" / "history.json").is_file() and len(rounds_of(crashed)) >= 2,
-                       timeout=RUN_TIMEOUT, desc="two rounds done", procs=[run])
+        procs.wait_for(
+            lambda: (crashed / "latest" / "history.json").is_file() and len(rounds_of(crashed)) >= 2,
+            timeout=RUN_TIMEOUT,
+            desc="two rounds done",
+            procs=[run],
+        )
         ps.snapshot()
         server = [p for p in procs.descendants(sim.link.pid) if b"flwr-simulation" in _cmdline(p)]
         assert server, "no ServerApp process (flwr-simulation) found"
@@ -180,8 +243,11 @@ def test_dp_modes_account_epsilon_per_client(data_dir: Path, tmp_path: Path, dp:
     out = tmp_path / "out"
     with procs.Processes() as ps:
         sim = Simulation(tmp_path, ps, data_dir=data_dir)
-        run = sim.run(f"num-server-rounds=3 eval-every=3 {TINY} objective='feature-matching' dp='{dp}' "
-                      f"dp-epsilon=5.0 output-dir='{out}' data-dir='{data_dir}'", nodes=2)
+        run = sim.run(
+            f"num-server-rounds=3 eval-every=3 {TINY} objective='feature-matching' dp='{dp}' "
+            f"dp-epsilon=5.0 output-dir='{out}' data-dir='{data_dir}'",
+            nodes=2,
+        )
         assert run["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
     per_round = [sorted(r["dp_epsilon_per_client"].values()) for r in rounds_of(out)]
@@ -190,11 +256,16 @@ def test_dp_modes_account_epsilon_per_client(data_dir: Path, tmp_path: Path, dp:
     if dp == "theta":
         assert firsts[0] < firsts[1] < firsts[2] <= 5.0 * (1 + 1e-6)  # the whole budget by the last round
         assert firsts[2] == pytest.approx(5.0, rel=1e-3)
-        assert all(r["loss"] is None and "label_histograms" not in r for r in rounds_of(out))  # only the mask leaves
+        assert all(
+            r["loss"] is None and "label_histograms" not in r for r in rounds_of(out)
+        )  # only the mask leaves
     else:
         assert firsts[0] == firsts[1] == firsts[2] == pytest.approx(5.0, rel=1e-3)
     summary = json.loads((out / "latest" / "summary.json").read_text())
-    assert summary["dp"] == dp and summary["dp_epsilon_per_client"] == rounds_of(out)[-1]["dp_epsilon_per_client"]
+    assert (
+        summary["dp"] == dp
+        and summary["dp_epsilon_per_client"] == rounds_of(out)[-1]["dp_epsilon_per_client"]
+    )
 
 
 def test_a_second_run_cannot_spend_past_the_nodes_budget(data_dir: Path, tmp_path: Path) -> None:
@@ -219,8 +290,10 @@ def test_dense_fedavg_baseline_runs_the_same_generator(data_dir: Path, tmp_path:
     out = tmp_path / "out"
     with procs.Processes() as ps:
         sim = Simulation(tmp_path, ps, data_dir=data_dir)
-        run = sim.run(f"num-server-rounds=2 eval-every=2 {TINY} method='dense' output-dir='{out}' data-dir='{data_dir}'",
-                      nodes=2)
+        run = sim.run(
+            f"num-server-rounds=2 eval-every=2 {TINY} method='dense' output-dir='{out}' data-dir='{data_dir}'",
+            nodes=2,
+        )
         assert run["status"] == "finished:completed", sim.logs_tail()
     procs.assert_gone(ps.pids)
     for r in rounds_of(out):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prism_flwr.federated.aggregation import aggregate, count_ones
 from prism_flwr.federated.broadcast import DOWNLINK_KEY, DOWNLINKS, digest, receive
@@ -33,15 +34,30 @@ class FakeGrid:
 
 
 def make_strategy(nodes=(1, 2, 3, 4), rule="mada", min_train_nodes=2):
-    s = MADA(num_weights=N, layout=LAYOUT, rule=rule, seed=5, min_train_nodes=min_train_nodes,
-             min_available_nodes=len(nodes))
+    s = MADA(
+        num_weights=N,
+        layout=LAYOUT,
+        rule=rule,
+        seed=5,
+        min_train_nodes=min_train_nodes,
+        min_available_nodes=len(nodes),
+    )
     s.configure_train(1, ArrayRecord({SCORES_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid(list(nodes)))
     return s
 
 
 def reply(node, blob=None, metrics=None, error=None, code=1):
-    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     if error:
         return Message(metadata=meta, error=Error(code=code, reason=error))
     content = RecordDict()
@@ -63,13 +79,17 @@ def expected_scores(masks, rnd=1):
 def test_valid_replies_are_aggregated_exactly():
     s = make_strategy()
     masks = [mask(i) for i in range(4)]
-    arrays, metrics = s.aggregate_train(1, [reply(i + 1, encode_mask(m, LAYOUT)) for i, m in enumerate(masks)])
+    arrays, metrics = s.aggregate_train(
+        1, [reply(i + 1, encode_mask(m, LAYOUT)) for i, m in enumerate(masks)]
+    )
     np.testing.assert_array_equal(arrays[SCORES_KEY].numpy(), expected_scores(masks))
     assert metrics["clients"] == 4 and 0 <= metrics["mada_lambda"] <= 1
     rec = s.round_records[1]
     assert rec["uplink_bytes"] == 4 * len(encode_mask(masks[0], LAYOUT)) and rec["dropped"] == []
     # counted as Flower serialises the messages: the payload plus the envelope, records and .npy headers
-    assert rec["uplink_wire_bytes"] > rec["uplink_bytes"] and rec["downlink_wire_bytes"] > rec["downlink_bytes"]
+    assert (
+        rec["uplink_wire_bytes"] > rec["uplink_bytes"] and rec["downlink_wire_bytes"] > rec["downlink_bytes"]
+    )
     assert rec["wire_bits_per_weight_up"] > rec["uplink_bits_per_weight"] > 0
     assert rec["downlink_bits_per_weight"] == 32.0  # float32 scores in this test
 
@@ -81,18 +101,24 @@ def test_bad_replies_are_dropped_with_a_reason():
     replies = [
         reply(1, blob),
         reply(2, encode_mask(good[1], LAYOUT)),
-        reply(3, blob[:-3]),                                                 # truncated
-        reply(4, encode_mask(mask(4), b"X" * 8)),                            # other model
+        reply(3, blob[:-3]),  # truncated
+        reply(4, encode_mask(mask(4), b"X" * 8)),  # other model
         reply(5, encode_mask(mask(5), LAYOUT), {"num-examples": 10, "loss": float("nan")}),
         reply(6, error="ClientApp raised ValueError"),
-        reply(7, None),                                                       # no mask record
-        reply(1, encode_mask(mask(9), LAYOUT)),                              # duplicate from node 1
+        reply(7, None),  # no mask record
+        reply(1, encode_mask(mask(9), LAYOUT)),  # duplicate from node 1
     ]
     arrays, _ = s.aggregate_train(1, replies)
     np.testing.assert_array_equal(arrays[SCORES_KEY].numpy(), expected_scores(good))
     reasons = "\n".join(s.round_records[1]["dropped"])
-    for node, why in [(3, "payload is"), (4, "layout"), (5, "is not finite"), (6, "ClientApp raised"),
-                      (7, "lacks record"), (1, "duplicate")]:
+    for node, why in [
+        (3, "payload is"),
+        (4, "layout"),
+        (5, "is not finite"),
+        (6, "ClientApp raised"),
+        (7, "lacks record"),
+        (1, "duplicate"),
+    ]:
         assert f"node {node}: " in reasons and why in reasons, reasons
     assert len(s.round_records[1]["dropped"]) == 6
 
@@ -108,7 +134,9 @@ def test_wrong_dtype_is_dropped():
 
 def test_round_is_skipped_below_min_train_nodes():
     s = make_strategy(min_train_nodes=3)
-    arrays, metrics = s.aggregate_train(1, [reply(1, encode_mask(mask(0), LAYOUT)), reply(2, error="timeout")])
+    arrays, metrics = s.aggregate_train(
+        1, [reply(1, encode_mask(mask(0), LAYOUT)), reply(2, error="timeout")]
+    )
     assert arrays is None and metrics is None
     assert s.round_records[1]["skipped"] and s.round_records[1]["clients"] == 1
 
@@ -122,8 +150,11 @@ def test_error_reply_of_a_crashed_clientapp_is_logged_and_the_round_goes_on():
     handler.emit = records.append  # type: ignore[method-assign]
     logging.getLogger("flwr").addHandler(handler)
     try:
-        replies = [reply(1, encode_mask(mask(0), LAYOUT)), reply(2, encode_mask(mask(1), LAYOUT)),
-                   reply(3, error="ClientApp stopped responding.", code=8)]
+        replies = [
+            reply(1, encode_mask(mask(0), LAYOUT)),
+            reply(2, encode_mask(mask(1), LAYOUT)),
+            reply(3, error="ClientApp stopped responding.", code=8),
+        ]
         arrays, _ = s.aggregate_train(1, replies)
     finally:
         logging.getLogger("flwr").removeHandler(handler)
@@ -134,7 +165,9 @@ def test_error_reply_of_a_crashed_clientapp_is_logged_and_the_round_goes_on():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=6))
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=6)
+)
 def test_fuzzed_replies_never_leak_into_the_aggregate(corruptions):
     """Random byte corruptions: no exception escapes and only intact masks are aggregated."""
     s = make_strategy(nodes=tuple(range(1, len(corruptions) + 1)), min_train_nodes=1)
@@ -158,16 +191,22 @@ def test_fuzzed_replies_never_leak_into_the_aggregate(corruptions):
 def test_round_offset_continues_the_numbering():
     s = make_strategy()
     s.round_offset = 7
-    msgs = list(s.configure_train(1, ArrayRecord({SCORES_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid([1, 2, 3, 4])))
+    msgs = list(
+        s.configure_train(1, ArrayRecord({SCORES_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid([1, 2, 3, 4]))
+    )
     assert msgs[0].content["config"]["server-round"] == 8
     masks = [mask(0), mask(1)]
-    arrays, _ = s.aggregate_train(1, [reply(1, encode_mask(masks[0], LAYOUT)), reply(2, encode_mask(masks[1], LAYOUT))])
+    arrays, _ = s.aggregate_train(
+        1, [reply(1, encode_mask(masks[0], LAYOUT)), reply(2, encode_mask(masks[1], LAYOUT))]
+    )
     np.testing.assert_array_equal(arrays[SCORES_KEY].numpy(), expected_scores(masks, rnd=8))
     assert 8 in s.round_records
 
 
 def _dense(nodes=(1, 2, 3)):
-    s = DenseFedAvg(num_weights=N, seed=5, min_train_nodes=2, min_available_nodes=len(nodes), max_examples=60_000)
+    s = DenseFedAvg(
+        num_weights=N, seed=5, min_train_nodes=2, min_available_nodes=len(nodes), max_examples=60_000
+    )
     s.configure_train(1, ArrayRecord({WEIGHTS_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid(list(nodes)))
     return s
 
@@ -182,8 +221,9 @@ def test_dense_fedavg_counts_clients_equally_and_drops_bad_weights():
     """num-examples is the client's claim: the baseline averages clients equally."""
     s = _dense()
     a, b = np.full(N, 1.0), np.full(N, 4.0)
-    arrays, metrics = s.aggregate_train(1, [dense_reply(1, a, 10), dense_reply(2, b, 30),
-                                            dense_reply(3, np.full(N, np.nan), 10)])
+    arrays, metrics = s.aggregate_train(
+        1, [dense_reply(1, a, 10), dense_reply(2, b, 30), dense_reply(3, np.full(N, np.nan), 10)]
+    )
     np.testing.assert_allclose(arrays[WEIGHTS_KEY].numpy(), np.full(N, 2.5), rtol=1e-6)
     rec = s.round_records[1]
     assert rec["clients"] == 2 and "NaN" in rec["dropped"][0]
@@ -209,8 +249,16 @@ DN = 20_000  # large enough for a delta to beat the full state (its histograms c
 
 
 def _delta_strategy(nodes):
-    return MADA(num_weights=DN, layout=LAYOUT, rule="mada", seed=5, min_train_nodes=1, eval_every=100,
-                min_available_nodes=len(nodes), downlink=DOWNLINKS["delta"])
+    return MADA(
+        num_weights=DN,
+        layout=LAYOUT,
+        rule="mada",
+        seed=5,
+        min_train_nodes=1,
+        eval_every=100,
+        min_available_nodes=len(nodes),
+        downlink=DOWNLINKS["delta"],
+    )
 
 
 def _start_state():
@@ -241,9 +289,13 @@ def _delta_round(s, rnd, state, nodes, kept, answer):
     bases = _node_side(messages, kept)
     for node in nodes:
         assert kept[node].tobytes() == state.tobytes()  # bit for bit the server's state
-    replies = [reply(n, error="global does not decode: needs the full state") if held == "error"
-               else _delta_reply(n, rnd, held if held != "own" else digest(kept[n]))
-               for n, held in answer.items() if held is not None]
+    replies = [
+        reply(n, error="global does not decode: needs the full state")
+        if held == "error"
+        else _delta_reply(n, rnd, held if held != "own" else digest(kept[n]))
+        for n, held in answer.items()
+        if held is not None
+    ]
     arrays, _ = s.aggregate_train(rnd, replies)
     # as Flower's Strategy.start: an evaluation step every round, here without evaluation
     assert list(s.configure_evaluate(rnd, arrays, ConfigRecord(), FakeGrid(list(nodes)))) == []
@@ -293,8 +345,9 @@ def test_delta_reply_without_its_downlink_record_is_dropped():
 def test_client_app_keeps_its_copy_and_refuses_a_delta_it_cannot_rebuild():
     """The ClientApp's downlink part against the strategy: full state, then a delta rebuilt from
     the copy in ``context.state``; a node that lost its copy refuses and gets the full state."""
-    import client_app
     from flwr.app import Context
+
+    import client_app
     from prism_flwr.config import RunConfig
     from prism_flwr.federated.broadcast import DownlinkRefused
     from prism_flwr.federated.client_round import masked_count
@@ -303,8 +356,14 @@ def test_client_app_keeps_its_copy_and_refuses_a_delta_it_cannot_rebuild():
     run_config = {"ngf": 2, "downlink": "delta", "device": "cpu"}
     cfg = RunConfig.parse(run_config)
     n = masked_count(cfg, PRISM, torch.device("cpu"))
-    s = MADA(num_weights=n, layout=LAYOUT, seed=5, min_train_nodes=1, min_available_nodes=2,
-             downlink=DOWNLINKS["delta"])
+    s = MADA(
+        num_weights=n,
+        layout=LAYOUT,
+        seed=5,
+        min_train_nodes=1,
+        min_available_nodes=2,
+        downlink=DOWNLINKS["delta"],
+    )
     contexts = {node: Context(1, node, {}, RecordDict(), run_config) for node in (1, 2)}
     rng = np.random.default_rng(3)
     state = DOWNLINKS["delta"].settle(rng.normal(0, 1.5, n).astype(np.float32))

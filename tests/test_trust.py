@@ -43,8 +43,9 @@ def _upload(cfg: RunConfig, record=None, pid: int = 0, rnd: int = 1) -> tuple[np
     """One client round; the uploaded mask as booleans and the theta it was sampled from."""
     data, hist = _data()
     vector = _global(cfg)
-    res = client_round(cfg, PRISM, vector, data, hist, record or new_record(cfg), partition_id=pid,
-                       server_round=rnd)
+    res = client_round(
+        cfg, PRISM, vector, data, hist, record or new_record(cfg), partition_id=pid, server_round=rnd
+    )
     model = model_with(cfg, PRISM, vector, data.device)  # the cached network: still holds this round's theta
     thetas = [t.clone() for t in iter_thetas(model)]
     n = num_masked(model)
@@ -61,7 +62,7 @@ def test_server_cannot_predict_the_uploaded_mask_from_the_run_seed() -> None:
     server = sample_mask(None, thetas, torch.Generator().manual_seed(derive_seed(cfg.seed, 1, 0, 5))).numpy()
     theta = torch.cat([t.flatten() for t in thetas]).double().numpy()
     agree = float((server == upload).mean())
-    independent = float((theta ** 2 + (1 - theta) ** 2).mean())
+    independent = float((theta**2 + (1 - theta) ** 2).mean())
     spread = float(np.sqrt(independent * (1 - independent) / theta.size))
     assert independent < 0.9 and abs(agree - independent) < 6 * spread, (agree, independent)
 
@@ -169,11 +170,29 @@ def test_statistics_are_kept_in_the_ledger_and_reused_after_a_lost_state(tmp_pat
     cfg = RunConfig.parse({**TINY, "dp": "statistics", "objective": "feature-matching", "dp-epsilon": 6.0})
     ledger = PrivacyLedger(tmp_path, KEY, 9.8, 1e-5)
     data, hist = _data()
-    first = client_round(cfg, PRISM, _global(cfg), data, hist, new_record(cfg), partition_id=0,
-                         server_round=1, ledger=LedgerSession(ledger, "aaaa0001", 1))
+    first = client_round(
+        cfg,
+        PRISM,
+        _global(cfg),
+        data,
+        hist,
+        new_record(cfg),
+        partition_id=0,
+        server_round=1,
+        ledger=LedgerSession(ledger, "aaaa0001", 1),
+    )
     # state lost (new record), and a new run: the same statistics come back, nothing is spent again
-    again = client_round(cfg, PRISM, _global(cfg), data, hist, new_record(cfg), partition_id=0,
-                         server_round=1, ledger=LedgerSession(ledger, "bbbb0002", 1))
+    again = client_round(
+        cfg,
+        PRISM,
+        _global(cfg),
+        data,
+        hist,
+        new_record(cfg),
+        partition_id=0,
+        server_round=1,
+        ledger=LedgerSession(ledger, "bbbb0002", 1),
+    )
     for k in ("mu_real", "var_real"):
         assert torch.equal(first.record.train.objective[k], again.record.train.objective[k])
     with ledger.locked() as led:
@@ -183,8 +202,17 @@ def test_statistics_are_kept_in_the_ledger_and_reused_after_a_lost_state(tmp_pat
     # other parameters are a new release, refused once it would pass the node's budget
     cfg9 = RunConfig.parse({**TINY, "dp": "statistics", "objective": "feature-matching", "dp-epsilon": 9.0})
     with pytest.raises(LedgerError, match="node privacy budget"):
-        client_round(cfg9, PRISM, _global(cfg9), data, hist, new_record(cfg9), partition_id=0, server_round=1,
-                     ledger=LedgerSession(ledger, "cccc0003", 1))
+        client_round(
+            cfg9,
+            PRISM,
+            _global(cfg9),
+            data,
+            hist,
+            new_record(cfg9),
+            partition_id=0,
+            server_round=1,
+            ledger=LedgerSession(ledger, "cccc0003", 1),
+        )
 
 
 # ------------------------------------------------------------------------------ node config
@@ -193,8 +221,9 @@ def test_node_config_parses_environment_defaults_and_one_line_per_bad_key() -> N
     node = NodeConfig.parse({"partition-id": 1, "num-partitions": 2, "dp-budget": 4.0}, environ=env)
     assert (node.data_dir, node.min_dp, node.dp_budget, node.run_epsilon_cap) == ("/d x", "theta", 4.0, 4.0)
     with pytest.raises(NodeConfigError) as err:
-        NodeConfig.parse({"partition-id": 0, "num-partitions": 2, "min-dp": "max", "output-dir": "/x"},
-                         environ={})
+        NodeConfig.parse(
+            {"partition-id": 0, "num-partitions": 2, "min-dp": "max", "output-dir": "/x"}, environ={}
+        )
     lines = str(err.value).split("; ")
     assert len(lines) == 2 and "'min-dp' = 'max'" in lines[0] and "'output-dir' is unknown" in lines[1]
     with pytest.raises(NodeConfigError, match="partition-id 2 must be below num-partitions 2"):
@@ -203,15 +232,18 @@ def test_node_config_parses_environment_defaults_and_one_line_per_bad_key() -> N
         NodeConfig.parse({"partition-id": 0, "num-partitions": 1}, environ={"PRISM_NODE_CONFIG": "nonsense"})
 
 
-@pytest.mark.parametrize("floor,run,refused", [
-    ({"min-dp": "theta"}, {"dp": "off"}, "weaker than this node's floor min-dp='theta'"),
-    ({"min-dp": "theta"}, {"dp": "statistics", "objective": "feature-matching"}, "weaker"),
-    ({"min-dp": "statistics"}, {"dp": "theta"}, None),
-    ({"max-dp-epsilon": 2.0}, {"dp": "theta", "dp-epsilon": 3.0}, "max-dp-epsilon=2"),
-    ({"dp-budget": 1.0}, {"dp": "theta"}, "max-dp-epsilon=1"),  # the budget caps a run by default
-    ({}, {"dp": "theta", "dp-delta": 1e-3}, "max-dp-delta"),
-    ({}, {"dp": "theta"}, None),
-])
+@pytest.mark.parametrize(
+    "floor,run,refused",
+    [
+        ({"min-dp": "theta"}, {"dp": "off"}, "weaker than this node's floor min-dp='theta'"),
+        ({"min-dp": "theta"}, {"dp": "statistics", "objective": "feature-matching"}, "weaker"),
+        ({"min-dp": "statistics"}, {"dp": "theta"}, None),
+        ({"max-dp-epsilon": 2.0}, {"dp": "theta", "dp-epsilon": 3.0}, "max-dp-epsilon=2"),
+        ({"dp-budget": 1.0}, {"dp": "theta"}, "max-dp-epsilon=1"),  # the budget caps a run by default
+        ({}, {"dp": "theta", "dp-delta": 1e-3}, "max-dp-delta"),
+        ({}, {"dp": "theta"}, None),
+    ],
+)
 def test_privacy_floor(floor: dict, run: dict, refused: str | None) -> None:
     node = NodeConfig.parse({"partition-id": 0, "num-partitions": 1, **floor}, environ={})
     cfg = RunConfig.parse(run)
@@ -229,12 +261,18 @@ def call_train(task_identity, monkeypatch, tmp_path):
         monkeypatch.setattr(client_app, "client_data", lambda cfg, pid, num, device: _data(n_images))
         cfg = RunConfig.parse({**TINY, **run})
         sent = Array(PRISM.pack_global(_global(cfg), cfg))
-        content = RecordDict({"config": ConfigRecord({"server-round": rnd, "run-tag": tag}),
-                              PRISM.down_key: ArrayRecord({PRISM.down_key: sent})})
+        content = RecordDict(
+            {
+                "config": ConfigRecord({"server-round": rnd, "run-tag": tag}),
+                PRISM.down_key: ArrayRecord({PRISM.down_key: sent}),
+            }
+        )
         node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node"), **node}
-        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-                          run_config={**TINY, **run})
+        context = Context(
+            run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={**TINY, **run}
+        )
         return client_app.train(message(0, content), context)
+
     return call
 
 

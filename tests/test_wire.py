@@ -11,16 +11,28 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 
 from strategies.wire import bits_per_weight, content_bytes, envelope_bytes, message_wire_bytes, object_bytes
 
-
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _message(payload: np.ndarray) -> Message:
-    meta = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id="x",
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
-    content = RecordDict({"mask": ArrayRecord({"mask": Array(payload)}),
-                          "metrics": MetricRecord({"num-examples": 10, "loss": 0.5}),
-                          "config": ConfigRecord({"round": 3})})
+    meta = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=7,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+    content = RecordDict(
+        {
+            "mask": ArrayRecord({"mask": Array(payload)}),
+            "metrics": MetricRecord({"num-examples": 10, "loss": 0.5}),
+            "config": ConfigRecord({"round": 3}),
+        }
+    )
     return Message(metadata=meta, content=content)
 
 
@@ -50,8 +62,8 @@ def test_a_uint8_array_costs_its_npy_bytes_plus_a_fixed_overhead():
     npy = io.BytesIO()
     np.save(npy, np.ones(3000, np.uint8), allow_pickle=False)
     overhead = message_wire_bytes(big) - len(npy.getvalue())
-    assert 0 < overhead < 2000                                  # heads, ids, metadata, other records
-    assert message_wire_bytes(big) - message_wire_bytes(small) == 2000   # payload grows byte for byte
+    assert 0 < overhead < 2000  # heads, ids, metadata, other records
+    assert message_wire_bytes(big) - message_wire_bytes(small) == 2000  # payload grows byte for byte
     assert content_bytes(big) - content_bytes(small) == 2000
 
 
@@ -59,7 +71,7 @@ def test_arrays_over_5_mib_travel_in_chunks_all_counted():
     n = 6 * 1024 * 1024
     msg = _message(np.full(n, 3, np.uint8))
     arr = msg.content["mask"]["mask"]
-    assert len(arr.children) == 2                                # two ArrayChunks
+    assert len(arr.children) == 2  # two ArrayChunks
     assert n < message_wire_bytes(msg) < n + 4000
     assert object_bytes(msg) == _pushed(msg)
 

@@ -28,22 +28,25 @@ def exe(name: str) -> str:
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """Environment for every Flower process of a test: private FLWR_HOME, offline, no update check."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # as docker/compose.yaml: tasks start within 0.1 s
-        # SuperLink and SuperNode start `flower-superexec` by name: the venv's must come first.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONUNBUFFERED": "1",
-        "NO_COLOR": "1",
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # as docker/compose.yaml: tasks start within 0.1 s
+            # SuperLink and SuperNode start `flower-superexec` by name: the venv's must come first.
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+            "NO_COLOR": "1",
+        }
+    )
     return env
 
 
 def flwr(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([exe("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=env["FLWR_HOME"])
+    return subprocess.run(
+        [exe("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=env["FLWR_HOME"]
+    )
 
 
 def flwr_json(args: list[str], env: dict[str, str]) -> dict:
@@ -92,15 +95,25 @@ def _gen_compose_module():
     return module
 
 
-def fleet_proxy_command(folder: Path, listen_port: int, upstream: str, certs: Path | None = None) -> list[str]:
+def fleet_proxy_command(
+    folder: Path, listen_port: int, upstream: str, certs: Path | None = None
+) -> list[str]:
     """Write docker/fleet-proxy's nginx.conf for loopback (foreground, files under ``folder``) and
     return the command that runs it: the same generator as the committed files, other addresses."""
     folder.mkdir(parents=True, exist_ok=True)
     user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the test's private folder
-    main = (f"{user}daemon off;\npid {folder / 'nginx.pid'};\nerror_log stderr warn;\n")
-    conf = _gen_compose_module().nginx_conf(certs is not None, listen=f"127.0.0.1:{listen_port}", upstream=upstream,
-                                            certs=str(certs) if certs else "/etc/nginx/certs", main=main)
-    temp = "".join(f"    {kind}_temp_path {folder / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    main = f"{user}daemon off;\npid {folder / 'nginx.pid'};\nerror_log stderr warn;\n"
+    conf = _gen_compose_module().nginx_conf(
+        certs is not None,
+        listen=f"127.0.0.1:{listen_port}",
+        upstream=upstream,
+        certs=str(certs) if certs else "/etc/nginx/certs",
+        main=main,
+    )
+    temp = "".join(
+        f"    {kind}_temp_path {folder / kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     conf = conf.replace("http {\n", "http {\n" + temp, 1)
     (folder / "nginx.conf").write_text(conf)
     return [nginx(), "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", "stderr"]

@@ -67,7 +67,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    rest = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and ')'
+    rest = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces and ')'
     return rest[0], int(rest[1])
 
 
@@ -122,8 +122,13 @@ def group_members(pgid: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------ start/stop
-def start(cmd: Sequence[str], env: Mapping[str, str] | None = None, log_path: str | os.PathLike | None = None,
-          cwd: str | os.PathLike | None = None, tag: str | None = None) -> subprocess.Popen:
+def start(
+    cmd: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    log_path: str | os.PathLike | None = None,
+    cwd: str | os.PathLike | None = None,
+    tag: str | None = None,
+) -> subprocess.Popen:
     """Start ``cmd`` in a new session, stdout+stderr to ``log_path`` (or discarded).
 
     ``env`` replaces the environment (default: this process's). The returned Popen has
@@ -135,8 +140,15 @@ def start(cmd: Sequence[str], env: Mapping[str, str] | None = None, log_path: st
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     log = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     try:
-        popen = subprocess.Popen(list(map(str, cmd)), env=full_env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        popen = subprocess.Popen(
+            list(map(str, cmd)),
+            env=full_env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     finally:
         if log is not subprocess.DEVNULL:
             log.close()  # the child holds its own descriptor
@@ -196,15 +208,25 @@ def stop(popen: subprocess.Popen, grace: float = 10.0) -> list[int]:
             popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
-        wait_for(lambda: not tree(popen), timeout=5, interval=0.05, desc="processes to die after SIGKILL",
-                 raise_on_timeout=False)
+        wait_for(
+            lambda: not tree(popen),
+            timeout=5,
+            interval=0.05,
+            desc="processes to die after SIGKILL",
+            raise_on_timeout=False,
+        )
     try:
         popen.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
     # Orphans (reparented away from the tree) can take a moment to die after the signal.
-    wait_for(lambda: not [p for p in seen if is_alive(p)], timeout=10, interval=0.1,
-             desc="signalled processes to exit", raise_on_timeout=False)
+    wait_for(
+        lambda: not [p for p in seen if is_alive(p)],
+        timeout=10,
+        interval=0.1,
+        desc="signalled processes to exit",
+        raise_on_timeout=False,
+    )
     survivors = [p for p in seen if is_alive(p)]
     if survivors:
         raise RuntimeError(f"processes survived SIGKILL: {survivors}")
@@ -226,8 +248,14 @@ def assert_gone(pids: Iterable[int]) -> None:
 
 
 # ------------------------------------------------------------------------------------- waiting
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, desc: str = "condition",
-             procs: Sequence[subprocess.Popen] = (), raise_on_timeout: bool = True) -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    interval: float = 0.2,
+    desc: str = "condition",
+    procs: Sequence[subprocess.Popen] = (),
+    raise_on_timeout: bool = True,
+) -> Any:
     """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` seconds pass.
 
     If one of ``procs`` exits meanwhile, fail at once with the tail of its log: a server that
@@ -240,8 +268,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
             return value
         for p in procs:
             if p.poll() is not None:
-                raise RuntimeError(f"while waiting for {desc}: process {p.pid} ({_cmd(p)}) exited with "
-                                   f"{p.returncode}\n{tail(getattr(p, 'log_path', None))}")
+                raise RuntimeError(
+                    f"while waiting for {desc}: process {p.pid} ({_cmd(p)}) exited with "
+                    f"{p.returncode}\n{tail(getattr(p, 'log_path', None))}"
+                )
         if time.monotonic() >= deadline:
             if not raise_on_timeout:
                 return value
@@ -298,8 +328,13 @@ class Processes:
         self.started: list[subprocess.Popen] = []
         self.pids: set[int] = set()
 
-    def start(self, cmd: Sequence[str], env: Mapping[str, str] | None = None,
-              log_path: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None) -> subprocess.Popen:
+    def start(
+        self,
+        cmd: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        log_path: str | os.PathLike | None = None,
+        cwd: str | os.PathLike | None = None,
+    ) -> subprocess.Popen:
         popen = start(cmd, env=env, log_path=log_path, cwd=cwd)
         self.started.append(popen)
         self.pids.add(popen.pid)
@@ -322,12 +357,17 @@ class Processes:
         # Processes once seen in our trees but orphaned since (e.g. Ray's agents after their raylet
         # was SIGKILLed with the ServerApp) are no longer in any tree: end them by their PIDs.
         _signal([p for p in self.pids if is_alive(p)], signal.SIGKILL)
-        wait_for(lambda: not [p for p in self.pids if is_alive(p)], timeout=10, interval=0.1,
-                 desc="orphaned processes to exit", raise_on_timeout=False)
+        wait_for(
+            lambda: not [p for p in self.pids if is_alive(p)],
+            timeout=10,
+            interval=0.1,
+            desc="orphaned processes to exit",
+            raise_on_timeout=False,
+        )
         if errors:
             raise errors[0]
 
-    def __enter__(self) -> "Processes":
+    def __enter__(self) -> Processes:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,25 +11,40 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from prism_flwr.federated.records import METRICS_KEY
-from strategies.secagg import (ADVERTISE, SHARE, UNMASK, client_advertise, client_mask, client_share,
-                               client_unmask)
+from strategies.secagg import (
+    ADVERTISE,
+    SHARE,
+    UNMASK,
+    client_advertise,
+    client_mask,
+    client_share,
+    client_unmask,
+)
 
 _ids = itertools.count(1)
 
 
-def reply_to(msg: Message, content: RecordDict | None = None, error: str | None = None,
-             src: int | None = None) -> Message:
+def reply_to(
+    msg: Message, content: RecordDict | None = None, error: str | None = None, src: int | None = None
+) -> Message:
     """The reply a node would send to ``msg`` (``src``: a sender other than the addressee)."""
-    meta = Metadata(run_id=1, message_id=f"r{next(_ids)}", dst_node_id=0,
-                    src_node_id=msg.metadata.dst_node_id if src is None else src,
-                    reply_to_message_id=msg.metadata.message_id or f"m{next(_ids)}", group_id="",
-                    created_at=time.time(), ttl=60.0, message_type=msg.metadata.message_type)
+    meta = Metadata(
+        run_id=1,
+        message_id=f"r{next(_ids)}",
+        dst_node_id=0,
+        src_node_id=msg.metadata.dst_node_id if src is None else src,
+        reply_to_message_id=msg.metadata.message_id or f"m{next(_ids)}",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=msg.metadata.message_type,
+    )
     if error is not None:
         return Message(metadata=meta, error=Error(code=1, reason=error))
     return Message(metadata=meta, content=content)
@@ -86,6 +101,7 @@ class LoopbackGrid:
 def forged(reply: Message, **fields) -> Message:
     """``reply`` with fields of its secagg record replaced (bytes or ints as the record holds)."""
     from strategies.secagg import SECAGG_KEY
+
     content = RecordDict(dict(reply.content.items()))
     content[SECAGG_KEY] = ConfigRecord({**dict(reply.content[SECAGG_KEY].items()), **fields})
     return Message(metadata=reply.metadata, content=content)

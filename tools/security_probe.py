@@ -27,14 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+
+from prism_flwr.federated.aggregation import aggregate, count_ones
+from prism_flwr.federated.codec import HEADER_BYTES, encode_mask
+from prism_flwr.federated.records import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY
 
 REPO = Path(__file__).resolve().parents[1]
-
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
-
-from prism_flwr.federated.aggregation import aggregate, count_ones  # noqa: E402
-from prism_flwr.federated.codec import HEADER_BYTES, encode_mask  # noqa: E402
-from prism_flwr.federated.records import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY
 
 N = 53
 LAYOUT = b"L" * 8
@@ -67,9 +66,20 @@ def restore_task_identity(saved: tuple) -> None:
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
-def message(node: int, content: RecordDict | None = None, error: str | None = None, kind: str = "train") -> Message:
-    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type=kind)
+def message(
+    node: int, content: RecordDict | None = None, error: str | None = None, kind: str = "train"
+) -> Message:
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=kind,
+    )
     if error is not None:
         return Message(metadata=meta, error=Error(code=1, reason=error))
     return Message(metadata=meta, content=content if content is not None else RecordDict())
@@ -78,8 +88,14 @@ def message(node: int, content: RecordDict | None = None, error: str | None = No
 def valid_metrics(rng: np.random.Generator) -> dict:
     n = int(rng.integers(1, 5000))
     hist = rng.multinomial(n, np.full(CLASSES_K, 1 / CLASSES_K)).tolist()
-    m = {"num-examples": n, "loss": float(rng.normal()), "theta_density": float(rng.random()),
-         "theta_entropy_bits": float(rng.random()), "mask_density": float(rng.random()), "label_histogram": hist}
+    m = {
+        "num-examples": n,
+        "loss": float(rng.normal()),
+        "theta_density": float(rng.random()),
+        "theta_entropy_bits": float(rng.random()),
+        "mask_density": float(rng.random()),
+        "label_histogram": hist,
+    }
     if rng.random() < 0.3:  # the DP shape: only the mask and the spend
         m = {"num-examples": 1, "dp_epsilon": float(rng.random() * 10)}
     return m
@@ -114,25 +130,25 @@ def _codec_damage(rng: np.random.Generator, blob: bytes) -> bytes:
         b[i // 8] ^= 1 << (i % 8)
         return bytes(b)
     if how == 1:
-        return bytes(b[: int(rng.integers(0, len(b)))])           # truncated
+        return bytes(b[: int(rng.integers(0, len(b)))])  # truncated
     if how == 2:
-        return bytes(b) + rng.bytes(int(rng.integers(1, 20)))     # extended
+        return bytes(b) + rng.bytes(int(rng.integers(1, 20)))  # extended
     if how == 3:
-        b[16:24] = rng.bytes(8)                                    # other model's layout
+        b[16:24] = rng.bytes(8)  # other model's layout
         return bytes(b)
     if how == 4:
         struct.pack_into("<Q", b, 8, N + int(rng.integers(1, 100)))  # other weight count
         return bytes(b)
     if how == 5:
-        b[-1] |= 0x80                                              # padding bits set (53 = 6*8 + 5)
+        b[-1] |= 0x80  # padding bits set (53 = 6*8 + 5)
         return _recrc(b)
     if how == 6:
-        b[0:4] = rng.bytes(4)                                      # magic
+        b[0:4] = rng.bytes(4)  # magic
         return bytes(b)
     if how == 7:
-        b[4] = int(rng.integers(2, 256))                           # version
+        b[4] = int(rng.integers(2, 256))  # version
         return bytes(b)
-    return rng.bytes(len(b))                                       # noise of the right length
+    return rng.bytes(len(b))  # noise of the right length
 
 
 def _bad_metrics(rng: np.random.Generator) -> dict:
@@ -141,9 +157,13 @@ def _bad_metrics(rng: np.random.Generator) -> dict:
         m = {"num-examples": 10, "loss": 0.1, "label_histogram": [1] * 10}
     how = rng.integers(0, 12)
     if how == 0:
-        m[str(rng.choice(["clients", "round", "skipped", "dropped", "eval", "x" * 300, "uplink_bytes"]))] = 1.0
+        m[str(rng.choice(["clients", "round", "skipped", "dropped", "eval", "x" * 300, "uplink_bytes"]))] = (
+            1.0
+        )
     elif how == 1:
-        m[str(rng.choice(["loss", "theta_density", "num-examples"]))] = float(rng.choice([np.nan, np.inf, -np.inf]))
+        m[str(rng.choice(["loss", "theta_density", "num-examples"]))] = float(
+            rng.choice([np.nan, np.inf, -np.inf])
+        )
     elif how == 2:
         m["loss"] = [0.1, 0.2]
     elif how == 3:
@@ -155,7 +175,7 @@ def _bad_metrics(rng: np.random.Generator) -> dict:
     elif how == 6:
         del m["num-examples"]
     elif how == 7:
-        m["label_histogram"] = m["label_histogram"] + [0]        # one class too many
+        m["label_histogram"] = m["label_histogram"] + [0]  # one class too many
     elif how == 8:
         h = list(m["label_histogram"])
         h[0] = -h[0] - 1
@@ -163,9 +183,11 @@ def _bad_metrics(rng: np.random.Generator) -> dict:
     elif how == 9:
         h = list(m["label_histogram"])
         h[int(rng.integers(0, CLASSES_K))] += int(rng.integers(1, 10))
-        m["label_histogram"] = h                                  # sum no longer num-examples
+        m["label_histogram"] = h  # sum no longer num-examples
     elif how == 10:
-        m[str(rng.choice(["theta_density", "mask_density", "theta_entropy_bits"]))] = float(rng.choice([1.5, -0.1]))
+        m[str(rng.choice(["theta_density", "mask_density", "theta_entropy_bits"]))] = float(
+            rng.choice([1.5, -0.1])
+        )
     else:
         m["dp_epsilon"] = -1.0
     return m
@@ -219,8 +241,11 @@ def _wrong_shape(rng, node):
 def _lying_metadata(rng, node):
     packed = _packed(rng)
     actual = packed.astype(np.float32) if rng.random() < 0.5 else packed[:-3].copy()
-    return _upload(rng, node, (MASK_KEY, Array(dtype="uint8", shape=(len(packed),), stype="numpy.ndarray",
-                                               data=_npy(actual))))
+    return _upload(
+        rng,
+        node,
+        (MASK_KEY, Array(dtype="uint8", shape=(len(packed),), stype="numpy.ndarray", data=_npy(actual))),
+    )
 
 
 def _not_npy(rng, node):
@@ -236,8 +261,12 @@ def _wrong_record_type(rng, node):
 
 # Each builder: (rng, node) -> Message that must be dropped.
 REPLY_CLASSES: dict[str, Callable[[np.random.Generator, int], Message]] = {
-    "Flower error reply": lambda rng, node: message(node, error="ClientApp raised " + "x" * int(rng.integers(0, 2000))),
-    "record missing (mask or metrics)": lambda rng, node: _with(rng, node, **{str(rng.choice([MASK_KEY, METRICS_KEY])): None}),
+    "Flower error reply": lambda rng, node: message(
+        node, error="ClientApp raised " + "x" * int(rng.integers(0, 2000))
+    ),
+    "record missing (mask or metrics)": lambda rng, node: _with(
+        rng, node, **{str(rng.choice([MASK_KEY, METRICS_KEY])): None}
+    ),
     "extra record": lambda rng, node: _with(rng, node, extra=ConfigRecord({"a": 1})),
     "record of the wrong type": _wrong_record_type,
     "extra or misnamed array": _extra_or_misnamed,
@@ -245,9 +274,15 @@ REPLY_CLASSES: dict[str, Callable[[np.random.Generator, int], Message]] = {
     "wrong shape": _wrong_shape,
     "declared dtype/shape differ from data": _lying_metadata,
     "array bytes not .npy / foreign stype": _not_npy,
-    "oversized upload": lambda rng, node: _upload(rng, node, (MASK_KEY, Array(np.zeros(4 * N + 5000, np.uint8)))),
-    "corrupt codec bytes": lambda rng, node: message(node, mask_content(_codec_damage(rng, _blob(rng)), valid_metrics(rng))),
-    "metrics outside the schema": lambda rng, node: message(node, mask_content(_blob(rng), _bad_metrics(rng))),
+    "oversized upload": lambda rng, node: _upload(
+        rng, node, (MASK_KEY, Array(np.zeros(4 * N + 5000, np.uint8)))
+    ),
+    "corrupt codec bytes": lambda rng, node: message(
+        node, mask_content(_codec_damage(rng, _blob(rng)), valid_metrics(rng))
+    ),
+    "metrics outside the schema": lambda rng, node: message(
+        node, mask_content(_blob(rng), _bad_metrics(rng))
+    ),
     "second reply from a node": lambda rng, node: _good(rng, 1)[0],
     "reply from a node not asked": lambda rng, node: _good(rng, 10_000 + node)[0],
 }
@@ -265,8 +300,15 @@ def _build(cls, **kwargs):
 def make_mada(nodes, min_train_nodes: int = 1):
     from strategies.mada import MADA
 
-    s = _build(MADA, num_weights=N, layout=LAYOUT, rule="mada", seed=SEED, min_train_nodes=min_train_nodes,
-               min_available_nodes=len(nodes))
+    s = _build(
+        MADA,
+        num_weights=N,
+        layout=LAYOUT,
+        rule="mada",
+        seed=SEED,
+        min_train_nodes=min_train_nodes,
+        min_available_nodes=len(nodes),
+    )
     s.configure_train(1, ArrayRecord({SCORES_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid(nodes))
     return s
 
@@ -316,8 +358,21 @@ def probe_reply(rng: np.random.Generator, kind: str) -> str:
 class HostileDecode:
     """Exceptions a buggy or hostile ``decode`` may raise, beyond ValueError."""
 
-    ERRORS = (RuntimeError, ZeroDivisionError, KeyError, IndexError, TypeError, AssertionError, MemoryError,
-              RecursionError, OverflowError, struct.error, UnicodeDecodeError, NotImplementedError, AttributeError)
+    ERRORS = (
+        RuntimeError,
+        ZeroDivisionError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AssertionError,
+        MemoryError,
+        RecursionError,
+        OverflowError,
+        struct.error,
+        UnicodeDecodeError,
+        NotImplementedError,
+        AttributeError,
+    )
 
     @staticmethod
     def error(rng: np.random.Generator) -> Exception:
@@ -350,24 +405,38 @@ def probe_evaluate(rng: np.random.Generator) -> str:
     from strategies.mada import MADA
 
     s = _build(MADA, num_weights=N, layout=LAYOUT, seed=SEED, min_train_nodes=1, min_available_nodes=3)
-    good = [message(n, RecordDict({METRICS_KEY: MetricRecord({"num-examples": 100, "local_mmd_pixels": 0.1 * n})}),
-                    kind="evaluate") for n in (1, 2)]
+    good = [
+        message(
+            n,
+            RecordDict({METRICS_KEY: MetricRecord({"num-examples": 100, "local_mmd_pixels": 0.1 * n})}),
+            kind="evaluate",
+        )
+        for n in (1, 2)
+    ]
     how = int(rng.integers(0, 6))
     if how == 0:
         bad = message(3, error="boom", kind="evaluate")
     elif how == 1:
-        bad = message(3, RecordDict({METRICS_KEY: MetricRecord({"num-examples": 100, "local_mmd_pixels": float("nan")})}),
-                      kind="evaluate")
+        bad = message(
+            3,
+            RecordDict({METRICS_KEY: MetricRecord({"num-examples": 100, "local_mmd_pixels": float("nan")})}),
+            kind="evaluate",
+        )
     elif how == 2:
         bad = message(3, RecordDict({METRICS_KEY: MetricRecord({"num-examples": 100})}), kind="evaluate")
         bad.content["x"] = ArrayRecord({"x": Array(np.zeros(3))})
     elif how == 3:
-        bad = message(3, RecordDict({METRICS_KEY: MetricRecord({"num-examples": 10**12, "local_mmd_pixels": 0.0})}),
-                      kind="evaluate")
+        bad = message(
+            3,
+            RecordDict({METRICS_KEY: MetricRecord({"num-examples": 10**12, "local_mmd_pixels": 0.0})}),
+            kind="evaluate",
+        )
     elif how == 4:
         bad = message(3, RecordDict({METRICS_KEY: ConfigRecord({"num-examples": 5})}), kind="evaluate")
     else:
-        bad = message(3, RecordDict({METRICS_KEY: MetricRecord({"num-examples": 5, "unknown": 1.0})}), kind="evaluate")
+        bad = message(
+            3, RecordDict({METRICS_KEY: MetricRecord({"num-examples": 5, "unknown": 1.0})}), kind="evaluate"
+        )
     try:
         out = s.aggregate_evaluate(1, [*good, bad])
     except Exception:  # noqa: BLE001
@@ -383,8 +452,15 @@ def probe_dense(rng: np.random.Generator) -> str:
     s.configure_train(1, ArrayRecord({WEIGHTS_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid([1, 2, 3]))
 
     def reply(node, w):
-        return message(node, RecordDict({WEIGHTS_KEY: ArrayRecord({WEIGHTS_KEY: Array(w)}),
-                                         METRICS_KEY: MetricRecord({"num-examples": 100, "loss": 0.1})}))
+        return message(
+            node,
+            RecordDict(
+                {
+                    WEIGHTS_KEY: ArrayRecord({WEIGHTS_KEY: Array(w)}),
+                    METRICS_KEY: MetricRecord({"num-examples": 100, "loss": 0.1}),
+                }
+            ),
+        )
 
     honest = [SCORES + np.float32(0.01) * rng.standard_normal(N).astype(np.float32) for _ in range(2)]
     how = int(rng.integers(0, 5))
@@ -464,14 +540,19 @@ def model_with_header(header: bytes | dict, mask: bytes | None = None, hlen: int
 
     blob = model_file_bytes()
     old_hlen = struct.unpack_from("<I", blob, 12)[0]
-    wire = blob[16 + old_hlen:-4] if mask is None else mask
+    wire = blob[16 + old_hlen : -4] if mask is None else mask
     head = json.dumps(header).encode() if isinstance(header, dict) else header
     body = struct.pack("<8sII", MAGIC, EXPORT_FORMAT, len(head) if hlen is None else hlen) + head + wire
     return body + struct.pack("<I", zlib.crc32(body))
 
 
 def crafted_model(rng: np.random.Generator) -> bytes:
-    good = {"format": 2, "generator": {"nz": 8, "ngf": 2, "nc": 1, "seed": 3}, "dataset": "fmnist", "mask": "sample"}
+    good = {
+        "format": 2,
+        "generator": {"nz": 8, "ngf": 2, "nc": 1, "seed": 3},
+        "dataset": "fmnist",
+        "mask": "sample",
+    }
     how = int(rng.integers(0, 14))
     h = json.loads(json.dumps(good))
     if how == 0:
@@ -495,7 +576,9 @@ def crafted_model(rng: np.random.Generator) -> bytes:
     elif how == 9:
         h["generator"]["ngf"] = 512  # a huge network: the short mask must be refused before allocation
     elif how == 10:
-        return model_with_header(b'{"format": 2, "format": 2, "generator": {"nz": 8, "ngf": 2, "nc": 1, "seed": 3}}')
+        return model_with_header(
+            b'{"format": 2, "format": 2, "generator": {"nz": 8, "ngf": 2, "nc": 1, "seed": 3}}'
+        )
     elif how == 11:
         return model_with_header(rng.bytes(int(rng.integers(1, 60))))
     elif how == 12:
@@ -539,8 +622,17 @@ def probe_checkpoint(rng: np.random.Generator) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
         for rnd in (1, 2, 3):
-            save_checkpoint(run, {"round": rnd, "scores": np.full(5, rnd, np.float32), "history": [{"round": rnd}],
-                                  "run_tag": "ab" * 4, "spec": {}, "run_config": {}})
+            save_checkpoint(
+                run,
+                {
+                    "round": rnd,
+                    "scores": np.full(5, rnd, np.float32),
+                    "history": [{"round": rnd}],
+                    "run_tag": "ab" * 4,
+                    "spec": {},
+                    "run_config": {},
+                },
+            )
         newest = run / "checkpoint-000003.ckpt"
         newest.write_bytes(_damage(rng, newest.read_bytes()))
         try:
@@ -553,10 +645,10 @@ def probe_checkpoint(rng: np.random.Generator) -> str:
 
 
 def probe_client_state(rng: np.random.Generator) -> str:
-    from prism_flwr.storage.client_state import ClientRecord, StateError
-    from prism_flwr.model.training import ClientState
-
     import torch
+
+    from prism_flwr.model.training import ClientState
+    from prism_flwr.storage.client_state import ClientRecord, StateError
 
     rec = ClientRecord(ClientState({"0.exp_avg": torch.ones(4), "0.step": torch.tensor(3.0)}, {}))
     blob = _damage(rng, rec.to_bytes())
@@ -606,8 +698,21 @@ def probe_ledger(rng: np.random.Generator) -> str:
 def probe_run_tag(rng: np.random.Generator) -> str:
     from prism_flwr.storage.client_state import client_state_dir
 
-    tag = rng.choice(["../../etc", "/abs/path", "ABCDEF12", "abc", "a" * 65, "", "12345678/..", "1234567g",
-                      "..", "deadbeef\n", "ab\0cdef01"])
+    tag = rng.choice(
+        [
+            "../../etc",
+            "/abs/path",
+            "ABCDEF12",
+            "abc",
+            "a" * 65,
+            "",
+            "12345678/..",
+            "1234567g",
+            "..",
+            "deadbeef\n",
+            "ab\0cdef01",
+        ]
+    )
     if rng.random() < 0.2:
         tag = [int(rng.integers(0, 10))][0]
     return refused(lambda: client_state_dir("/tmp/state", tag), ValueError)
@@ -615,14 +720,29 @@ def probe_run_tag(rng: np.random.Generator) -> str:
 
 def probe_resume(rng: np.random.Generator) -> str:
     """A changed model/privacy key on resume must be refused, naming the key."""
-    from prism_flwr.storage.checkpoint import CheckpointError, check_resume_config
     from prism_flwr.config import RunConfig
+    from prism_flwr.storage.checkpoint import CheckpointError, check_resume_config
 
     saved = RunConfig().model_dump(by_alias=True)
-    changes = {"dataset": "mnist", "ngf": 8, "nz": 64, "seed": 1, "method": "dense", "aggregation": "mada",
-               "objective": "feature-matching", "dp-epsilon": 1.0, "dp-delta": 1e-6, "dp-clip": 0.2,
-               "mada-space": "probability", "estimator": "identity", "lr": 0.5, "local-steps": 3,
-               "partitioning": "iid", "robust-aggregation": "on", "batch-size": 32}
+    changes = {
+        "dataset": "mnist",
+        "ngf": 8,
+        "nz": 64,
+        "seed": 1,
+        "method": "dense",
+        "aggregation": "mada",
+        "objective": "feature-matching",
+        "dp-epsilon": 1.0,
+        "dp-delta": 1e-6,
+        "dp-clip": 0.2,
+        "mada-space": "probability",
+        "estimator": "identity",
+        "lr": 0.5,
+        "local-steps": 3,
+        "partitioning": "iid",
+        "robust-aggregation": "on",
+        "batch-size": 32,
+    }
     key = str(rng.choice(sorted(changes)))
     now = {**saved, key: changes[key]}
     if key == "objective":
@@ -637,28 +757,35 @@ def probe_resume(rng: np.random.Generator) -> str:
 
 
 def probe_dp_rounds_change(rng: np.random.Generator) -> str:
-    from prism_flwr.storage.checkpoint import CheckpointError, check_resume_config
     from prism_flwr.config import RunConfig
+    from prism_flwr.storage.checkpoint import CheckpointError, check_resume_config
 
     saved = {**RunConfig().model_dump(by_alias=True), "dp": "theta"}
-    return refused(lambda: check_resume_config(saved, {**saved, "num-server-rounds": int(rng.integers(16, 500))}),
-                   CheckpointError)
+    return refused(
+        lambda: check_resume_config(saved, {**saved, "num-server-rounds": int(rng.integers(16, 500))}),
+        CheckpointError,
+    )
 
 
 def probe_lock(rng: np.random.Generator) -> str:
     from prism_flwr.storage.checkpoint import RunLock, RunLocked
 
-    with tempfile.TemporaryDirectory() as tmp:
-        with RunLock(tmp):
-            return refused(lambda: RunLock(tmp).acquire(), RunLocked)
+    with tempfile.TemporaryDirectory() as tmp, RunLock(tmp):
+        return refused(lambda: RunLock(tmp).acquire(), RunLocked)
 
 
 PROBES: dict[str, tuple[str, Callable[[np.random.Generator], str]]] = {
-    **{f"reply: {name}": ("train reply (MADA)", (lambda n: lambda rng: probe_reply(rng, n))(name)) for name in REPLY_CLASSES},
+    **{
+        f"reply: {name}": ("train reply (MADA)", (lambda n: lambda rng: probe_reply(rng, n))(name))
+        for name in REPLY_CLASSES
+    },
     "reply: decode raises any exception": ("train reply (MADA)", probe_decode_raises),
     "reply: hostile evaluation reply": ("evaluate reply", probe_evaluate),
     "reply: bad dense weights (NaN, inf, shape, dtype)": ("train reply (dense)", probe_dense),
-    "model.prism: damaged bytes (flip, cut, append, noise, pickle)": ("file", lambda rng: probe_model(rng, False)),
+    "model.prism: damaged bytes (flip, cut, append, noise, pickle)": (
+        "file",
+        lambda rng: probe_model(rng, False),
+    ),
     "model.prism: crafted header, valid checksum": ("file", lambda rng: probe_model(rng, True)),
     "checkpoint: newest damaged (falls back)": ("file", probe_checkpoint),
     "client state: damaged or pickled blob": ("file", probe_client_state),
@@ -702,9 +829,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-class", type=int, default=40)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "security")
-    ap.add_argument("--strategies-from", type=Path, default=None,
-                    help="probe the replies against the strategies/ package in this folder instead "
-                         "(e.g. an older commit's: git archive COMMIT strategies | tar -x -C DIR)")
+    ap.add_argument(
+        "--strategies-from",
+        type=Path,
+        default=None,
+        help="probe the replies against the strategies/ package in this folder instead "
+        "(e.g. an older commit's: git archive COMMIT strategies | tar -x -C DIR)",
+    )
     ap.add_argument("--name", default="probe", help="output file stem")
     args = ap.parse_args(argv)
     only = ""
@@ -716,13 +847,26 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     import strategies
 
-    (args.out / f"{args.name}.json").write_text(json.dumps({"per_class": args.per_class, "seconds": time.time() - t0,
-                                                            "strategies": str(Path(strategies.__file__).parent),
-                                                            "rows": rows}, indent=1) + "\n")
+    (args.out / f"{args.name}.json").write_text(
+        json.dumps(
+            {
+                "per_class": args.per_class,
+                "seconds": time.time() - t0,
+                "strategies": str(Path(strategies.__file__).parent),
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     lines = ["| input class | tried | handled | crashed | silently accepted |", "|---|---|---|---|---|"]
-    lines += [f"| {r['class']} | {r['tried']} | {r['handled']} | {r['crashed']} | {r['accepted']} |" for r in rows]
+    lines += [
+        f"| {r['class']} | {r['tried']} | {r['handled']} | {r['crashed']} | {r['accepted']} |" for r in rows
+    ]
     total = {k: sum(r[k] for r in rows) for k in ("tried", "handled", "crashed", "accepted")}
-    lines.append(f"| **all** | {total['tried']} | {total['handled']} | {total['crashed']} | {total['accepted']} |")
+    lines.append(
+        f"| **all** | {total['tried']} | {total['handled']} | {total['crashed']} | {total['accepted']} |"
+    )
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if total["crashed"] == 0 and total["accepted"] == 0 else 1

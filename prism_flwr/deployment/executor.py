@@ -42,7 +42,8 @@ def check_flower_version(version: str | None = None) -> str:
         raise UnsupportedFlowerVersion(
             f"the warm ClientApp executor relies on Flower internals and was tested with Flower "
             f"{SUPPORTED_FLOWER}x only; the installed Flower is {version}. Run the SuperNode without "
-            f"`--isolation process` (Flower's own executor) or install flwr=={SUPPORTED_FLOWER}*")
+            f"`--isolation process` (Flower's own executor) or install flwr=={SUPPORTED_FLOWER}*"
+        )
     return version
 
 
@@ -60,7 +61,10 @@ from flwr.proto.task_pb2 import Task  # noqa: E402
 from flwr.supercore.constant import TaskType  # noqa: E402
 from flwr.supercore.heartbeat import HeartbeatSender  # noqa: E402
 from flwr.supercore.interceptors import (  # noqa: E402
-    RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor)
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
 from flwr.supercore.runtime import RuntimeHttpClient  # noqa: E402
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output  # noqa: E402
 
@@ -103,8 +107,12 @@ class _Retry:
                 delay = min(2 * delay, 5.0)
 
 
-def runtime_client(endpoint: Endpoint, token: str | None = None, component: str = "flwr-clientapp",
-                   max_seconds: float = RETRY_SECONDS) -> RuntimeHttpClient:
+def runtime_client(
+    endpoint: Endpoint,
+    token: str | None = None,
+    component: str = "flwr-clientapp",
+    max_seconds: float = RETRY_SECONDS,
+) -> RuntimeHttpClient:
     """A Runtime API client as ``run_clientapp`` builds one (with ``token``) or SuperExec (without)."""
     interceptors: list = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token is not None:
@@ -114,9 +122,12 @@ def runtime_client(endpoint: Endpoint, token: str | None = None, component: str 
         protected = {"/flwr.proto.Runtime/AcquireTask"}  # what flower-superexec signs
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=protected))
     return RuntimeHttpClient.from_server_address(
-        server_address=endpoint.address, insecure=endpoint.insecure,
+        server_address=endpoint.address,
+        insecure=endpoint.insecure,
         root_certificates=None if endpoint.insecure else endpoint.root_certificates,
-        interceptors=interceptors, retry_invoker=_Retry(max_seconds))
+        interceptors=interceptors,
+        retry_invoker=_Retry(max_seconds),
+    )
 
 
 def heartbeat_fn(client: RuntimeHttpClient):
@@ -165,15 +176,20 @@ class LoadedApp:
     def get(self, run, fab) -> ClientApp:
         if self.app is not None:
             if fab.hash_str != self.fab_hash:
-                raise LoadClientAppError(f"this process serves FAB {self.fab_hash[:12]}, "
-                                         f"not {fab.hash_str[:12]}")
+                raise LoadClientAppError(
+                    f"this process serves FAB {self.fab_hash[:12]}, not {fab.hash_str[:12]}"
+                )
             return self.app
         install_from_fab(fab.content, skip_prompt=True)  # no-op when $FLWR_HOME/apps already has it
         load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
         self.app = load(run.fab_id, run.fab_version, fab.hash_str)
         self.fab_hash = fab.hash_str
-        log.info("[warm executor] ClientApp of %s (FAB %s) loaded in process %d", run.fab_id,
-                 fab.hash_str[:12], os.getpid())
+        log.info(
+            "[warm executor] ClientApp of %s (FAB %s) loaded in process %d",
+            run.fab_id,
+            fab.hash_str[:12],
+            os.getpid(),
+        )
         return self.app
 
 
@@ -234,18 +250,22 @@ def serve_task(endpoint: Endpoint, token: str, task_id: int, loaded: LoadedApp) 
 def exit_on_sigterm() -> None:
     """The first SIGTERM unwinds (``finally`` blocks push a running task's status); a second one,
     as a process group's stop sends, ends the process at once instead of interrupting the unwinding."""
+
     def stop(*_: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise SystemExit(0)
+
     signal.signal(signal.SIGTERM, stop)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
     """End this worker when its supervisor is gone (SIGKILL leaves no chance to tell it)."""
+
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(0.5)
         os._exit(1)
+
     threading.Thread(target=watch, daemon=True).start()
 
 
@@ -271,8 +291,11 @@ class Worker:
 
     def __init__(self, endpoint: Endpoint) -> None:
         read_fd, write_fd = os.pipe()
-        settings = {"endpoint": asdict(endpoint) | {"auth_secret_file": None}, "result_fd": write_fd,
-                    "parent_pid": os.getpid()}
+        settings = {
+            "endpoint": asdict(endpoint) | {"auth_secret_file": None},
+            "result_fd": write_fd,
+            "parent_pid": os.getpid(),
+        }
         # Run by path with -P: the worker imports nothing of this package, so the app's own modules
         # (including its copy of prism_flwr) come from the FAB, as in Flower's flwr-clientapp.
         flags = ["-P"] if sys.version_info >= (3, 11) else []
@@ -331,8 +354,10 @@ def acquire(client: RuntimeHttpClient) -> tuple[Task, str] | None:
         res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
     except httpx.HTTPStatusError as err:
         if err.response.status_code in (401, 403):
-            raise RuntimeApiRefused(f"the Runtime API refused AcquireTask (HTTP {err.response.status_code}): "
-                                    f"check --superexec-auth-secret-file and TLS options") from err
+            raise RuntimeApiRefused(
+                f"the Runtime API refused AcquireTask (HTTP {err.response.status_code}): "
+                f"check --superexec-auth-secret-file and TLS options"
+            ) from err
         log.warning("[warm executor] AcquireTask failed (HTTP %s); retrying", err.response.status_code)
         time.sleep(1.0)
         return None
@@ -347,13 +372,16 @@ def _replace(worker: Worker, endpoint: Endpoint) -> Worker:
 def _restart_delay(deaths: int) -> float:
     """Seconds before replacing a worker after ``deaths`` unexpected exits in a row: a worker that
     dies at start-up (a broken environment) must not make this loop spin."""
-    return 0.0 if deaths <= 1 else min(30.0, 0.5 * 2 ** deaths)
+    return 0.0 if deaths <= 1 else min(30.0, 0.5 * 2**deaths)
 
 
 def serve(endpoint: Endpoint, poll_interval: float = 0.1) -> int:
     """Supervisor loop: acquire tasks, route them to the worker of their FAB, replace dead workers."""
-    log.info("[warm executor] serving ClientApp tasks of the SuperNode at %s (Flower %s)", endpoint.address,
-             installed_flower_version())
+    log.info(
+        "[warm executor] serving ClientApp tasks of the SuperNode at %s (Flower %s)",
+        endpoint.address,
+        installed_flower_version(),
+    )
     client = runtime_client(endpoint, component="SuperExec", max_seconds=float("inf"))
     worker, deaths = Worker(endpoint), 0
     exit_on_sigterm()
@@ -361,8 +389,11 @@ def serve(endpoint: Endpoint, poll_interval: float = 0.1) -> int:
         while True:
             if not worker.alive():  # crashed, or left after a failed load: warm up the next one now
                 deaths = deaths + 1 if worker.proc.returncode != 0 else 0
-                log.warning("[warm executor] worker %d exited (code %s); starting a new one", worker.proc.pid,
-                            worker.proc.returncode)
+                log.warning(
+                    "[warm executor] worker %d exited (code %s); starting a new one",
+                    worker.proc.pid,
+                    worker.proc.returncode,
+                )
                 time.sleep(_restart_delay(deaths))
                 worker = _replace(worker, endpoint)
             claimed = acquire(client)
@@ -371,18 +402,30 @@ def serve(endpoint: Endpoint, poll_interval: float = 0.1) -> int:
                 continue
             task, token = claimed
             if worker.fab_hash not in (None, task.fab_hash):  # two apps never share one interpreter
-                log.info("[warm executor] task %d is another app's (FAB %s): new worker", task.task_id,
-                         task.fab_hash[:12])
+                log.info(
+                    "[warm executor] task %d is another app's (FAB %s): new worker",
+                    task.task_id,
+                    task.fab_hash[:12],
+                )
                 worker = _replace(worker, endpoint)
             result = worker.run(token, task)
             if result is None:
-                log.error("[warm executor] worker %d died during task %d; the SuperNode answers the message "
-                          "as crashed once the task's heartbeat expires", worker.proc.pid, task.task_id)
+                log.error(
+                    "[warm executor] worker %d died during task %d; the SuperNode answers the message "
+                    "as crashed once the task's heartbeat expires",
+                    worker.proc.pid,
+                    task.task_id,
+                )
             else:
                 deaths = 0
-                log.info("[warm executor] task %d %s in %.2f s by process %d (%s)", result["task_id"],
-                         result["sub_status"], result["seconds"], result["pid"],
-                         ", ".join(f"{k} {v:.2f} s" for k, v in result["phases"].items()))
+                log.info(
+                    "[warm executor] task %d %s in %.2f s by process %d (%s)",
+                    result["task_id"],
+                    result["sub_status"],
+                    result["seconds"],
+                    result["pid"],
+                    ", ".join(f"{k} {v:.2f} s" for k, v in result["phases"].items()),
+                )
     finally:
         worker.stop()
         client.close()
@@ -417,8 +460,10 @@ def shorten_supernode_poll(cap: float) -> None:
     from flwr.supernode import start_client_internal as loop
 
     if IDLE_POLL_SOURCE not in inspect.getsource(loop.start_client_internal) or loop.time is not time:
-        raise UnsupportedFlowerVersion("the SuperNode loop of this Flower does not sleep as 1.42.0's does "
-                                       "(or is patched already): run flower-supernode itself")
+        raise UnsupportedFlowerVersion(
+            "the SuperNode loop of this Flower does not sleep as 1.42.0's does "
+            "(or is patched already): run flower-supernode itself"
+        )
     loop.time = CappedSleep(cap)
 
 
@@ -427,8 +472,9 @@ def supernode_main(argv: list[str], idle_poll: float) -> None:
     from flwr.supernode.cli import flower_supernode
 
     shorten_supernode_poll(idle_poll)
-    log.info("[prism-flwr supernode] SuperNode waits capped at %.2f s (Flower's: 3 s idle, 0.5 s reply)",
-             idle_poll)
+    log.info(
+        "[prism-flwr supernode] SuperNode waits capped at %.2f s (Flower's: 3 s idle, 0.5 s reply)", idle_poll
+    )
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 

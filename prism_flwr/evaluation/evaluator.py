@@ -27,9 +27,9 @@ from torchvision.utils import save_image
 
 from prism_flwr.data.datasets import ImageData, load_dataset
 from prism_flwr.evaluation.feature_net import atomic_write, build_feature_net
+from prism_flwr.evaluation.metrics import NEAREST_K, FrechetDistance, prdc_metrics
 from prism_flwr.model.generator import generate
 from prism_flwr.model.masked import set_mask_mode
-from prism_flwr.evaluation.metrics import NEAREST_K, FrechetDistance, prdc_metrics
 from prism_flwr.model.objectives import mmd2_unbiased
 from prism_flwr.progress import Progress
 
@@ -51,25 +51,40 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
 
 
 @torch.no_grad()
-def extract_features(net: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+def extract_features(
+    net: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """``net`` applied to float images in [-1, 1], in batches on ``device``; float32 on the CPU."""
-    return torch.cat([net(images[i:i + _FEATURE_BATCH].to(device)).float().cpu()
-                      for i in range(0, len(images), _FEATURE_BATCH)])
+    return torch.cat(
+        [
+            net(images[i : i + _FEATURE_BATCH].to(device)).float().cpu()
+            for i in range(0, len(images), _FEATURE_BATCH)
+        ]
+    )
 
 
-def reference_features(net: nn.Module, data: ImageData, data_dir: str | Path, device: torch.device | str = "cpu") -> torch.Tensor:
+def reference_features(
+    net: nn.Module, data: ImageData, data_dir: str | Path, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Features of every image of ``data`` (a test split), cached in memory and on disk."""
-    path = Path(data_dir).expanduser().resolve() / "feature-nets" / f"{data.name}-{net.ident}.test-features.pt"
+    path = (
+        Path(data_dir).expanduser().resolve() / "feature-nets" / f"{data.name}-{net.ident}.test-features.pt"
+    )
     if path not in _REFERENCE:
         if path.is_file():
             _REFERENCE[path] = torch.load(path, weights_only=True)
         else:
-            progress, parts = Progress(f"features of the {data.name} test split ({net.metric_name})", len(data),
-                                       "images"), []
+            progress, parts = (
+                Progress(f"features of the {data.name} test split ({net.metric_name})", len(data), "images"),
+                [],
+            )
             for i in range(0, len(data), _REFERENCE_CHUNK):  # a chunk at a time: bounds the float copy
                 progress.update(i)
-                parts.append(extract_features(net, data.to_float(torch.arange(i, min(i + _REFERENCE_CHUNK, len(data)))),
-                                              device))
+                parts.append(
+                    extract_features(
+                        net, data.to_float(torch.arange(i, min(i + _REFERENCE_CHUNK, len(data)))), device
+                    )
+                )
             feats = torch.cat(parts)
             progress.close(f"cached in {path}")
             atomic_write(path, lambda tmp: torch.save(feats, tmp))
@@ -86,9 +101,19 @@ class Evaluator:
     runs). ``metric_name`` and ``feature_info`` (a description for summaries) are None then.
     """
 
-    def __init__(self, dataset: str, data_dir: str | Path, n: int, seed: int, device: torch.device | str = "cpu",
-                 download: bool = False, inception_weights: str | None = None, feature_seed: int = 0,
-                 nearest_k: int = NEAREST_K, feature_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        data_dir: str | Path,
+        n: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+        download: bool = False,
+        inception_weights: str | None = None,
+        feature_seed: int = 0,
+        nearest_k: int = NEAREST_K,
+        feature_metrics: bool = True,
+    ) -> None:
         data = load_dataset(dataset, data_dir, train=False, download=download)
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
         self.real = data.to_float(idx.numpy())
@@ -101,9 +126,12 @@ class Evaluator:
         self.feature_info: dict | None = None
         if feature_metrics:
             if self.n <= nearest_k + 1:  # fail before any training, not at the first evaluation
-                raise ValueError(f"feature metrics need more than {nearest_k + 1} evaluation samples, got {self.n}")
-            self.features, self.feature_info = build_feature_net(dataset, data_dir, inception_weights, feature_seed,
-                                                                 device, download)
+                raise ValueError(
+                    f"feature metrics need more than {nearest_k + 1} evaluation samples, got {self.n}"
+                )
+            self.features, self.feature_info = build_feature_net(
+                dataset, data_dir, inception_weights, feature_seed, device, download
+            )
             self.metric_name = self.features.metric_name
             self.real_features = reference_features(self.features, data, data_dir, device)[idx]
             self._fd = FrechetDistance(self.real_features)
@@ -115,7 +143,9 @@ class Evaluator:
         metrics = {}
         if self.features is not None:
             fake_features = extract_features(self.features, fake, self.device)
-            metrics = {self.metric_name: self._fd(fake_features),
-                       **prdc_metrics(self.real_features, fake_features, self.nearest_k)}
+            metrics = {
+                self.metric_name: self._fd(fake_features),
+                **prdc_metrics(self.real_features, fake_features, self.nearest_k),
+            }
         metrics["mmd_pixels"] = mmd_pixels(fake, self.real)
         return metrics, fake

@@ -52,9 +52,15 @@ class SmallCNN(nn.Module):
         super().__init__()
         blocks = []
         for cin, cout in ((in_ch, 16), (16, 32), (32, 64)):
-            blocks += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
-        self.body = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(64 * 4 * 4, CNN_FEATURES), nn.ReLU(inplace=True))
+            blocks += [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+        self.body = nn.Sequential(
+            *blocks, nn.Flatten(), nn.Linear(64 * 4 * 4, CNN_FEATURES), nn.ReLU(inplace=True)
+        )
         self.head = nn.Linear(CNN_FEATURES, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +99,8 @@ class InceptionFeatures(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(
                 f"inception-weights: no file at {path}. Give the path of torchvision's Inception-V3 ImageNet "
-                f"checkpoint (inception_v3_google-0cc3c7bd.pth); nothing is downloaded at run time.")
+                f"checkpoint (inception_v3_google-0cc3c7bd.pth); nothing is downloaded at run time."
+            )
         # init_weights=False: the random init (scipy truncnorm, slow) is overwritten by the file anyway.
         net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -105,7 +112,9 @@ class InceptionFeatures(nn.Module):
         v = quantize(x) / 255.0
         if v.shape[1] == 1:
             v = v.expand(-1, 3, -1, -1)
-        v = F.interpolate(v, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bicubic", align_corners=False, antialias=True)
+        v = F.interpolate(
+            v, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bicubic", align_corners=False, antialias=True
+        )
         return self.net(2.0 * v - 1.0)
 
 
@@ -126,15 +135,27 @@ def atomic_write(path: Path, write) -> None:
 
 
 @torch.no_grad()
-def _accuracy(cnn: SmallCNN, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch: int = 1000) -> float:
+def _accuracy(
+    cnn: SmallCNN, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch: int = 1000
+) -> float:
     cnn.eval()
-    correct = sum((cnn(images[i:i + batch].to(device)).argmax(1).cpu() == labels[i:i + batch]).sum().item()
-                  for i in range(0, len(images), batch))
+    correct = sum(
+        (cnn(images[i : i + batch].to(device)).argmax(1).cpu() == labels[i : i + batch]).sum().item()
+        for i in range(0, len(images), batch)
+    )
     return correct / len(images)
 
 
-def train_classifier(dataset: str, data_dir: str | Path, seed: int = 0, epochs: int = 2, batch_size: int = 128,
-                     lr: float = 2e-3, device: torch.device | str = "cpu", download: bool = False) -> tuple[SmallCNN, dict]:
+def train_classifier(
+    dataset: str,
+    data_dir: str | Path,
+    seed: int = 0,
+    epochs: int = 2,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    device: torch.device | str = "cpu",
+    download: bool = False,
+) -> tuple[SmallCNN, dict]:
     """Train ``SmallCNN`` on the real training split; returns it and its info (test accuracy, seconds).
 
     Adam with a one-cycle learning-rate schedule (peak ``lr``), cross-entropy, no augmentation.
@@ -148,7 +169,9 @@ def train_classifier(dataset: str, data_dir: str | Path, seed: int = 0, epochs: 
         torch.manual_seed(seed)
         cnn = SmallCNN(NUM_CHANNELS[dataset], NUM_CLASSES[dataset]).to(device)
     opt = torch.optim.Adam(cnn.parameters(), lr=lr)
-    steps_per_epoch = len(x_train) // batch_size  # drop the ragged last batch: BatchNorm dislikes tiny batches
+    steps_per_epoch = (
+        len(x_train) // batch_size
+    )  # drop the ragged last batch: BatchNorm dislikes tiny batches
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     t0 = time.time()
     progress = Progress(f"{dataset} feature classifier", epochs * steps_per_epoch, "steps")
@@ -157,7 +180,7 @@ def train_classifier(dataset: str, data_dir: str | Path, seed: int = 0, epochs: 
         order = torch.randperm(len(x_train), generator=gen)
         for b in range(steps_per_epoch):
             progress.update(epoch * steps_per_epoch + b, f"epoch {epoch + 1}/{epochs}")
-            idx = order[b * batch_size:(b + 1) * batch_size]
+            idx = order[b * batch_size : (b + 1) * batch_size]
             loss = F.cross_entropy(cnn(x_train[idx].to(device)), y_train[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -166,15 +189,31 @@ def train_classifier(dataset: str, data_dir: str | Path, seed: int = 0, epochs: 
     seconds = time.time() - t0
     progress.close()
     acc = _accuracy(cnn, test.to_float(), torch.from_numpy(test.labels), device)
-    info = {"dataset": dataset, "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-            "test_accuracy": acc, "train_seconds": round(seconds, 1), "train_images": len(x_train),
-            "test_images": len(test), "features": CNN_FEATURES, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    info = {
+        "dataset": dataset,
+        "seed": seed,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "test_accuracy": acc,
+        "train_seconds": round(seconds, 1),
+        "train_images": len(x_train),
+        "test_images": len(test),
+        "features": CNN_FEATURES,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     return cnn.cpu().eval(), info
 
 
-def load_or_train_classifier(dataset: str, data_dir: str | Path, seed: int = 0, device: torch.device | str = "cpu",
-                             download: bool = False, force: bool = False) -> tuple[SmallCNN, dict, Path]:
+def load_or_train_classifier(
+    dataset: str,
+    data_dir: str | Path,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    download: bool = False,
+    force: bool = False,
+) -> tuple[SmallCNN, dict, Path]:
     """The cached classifier for (dataset, seed), trained and saved first when missing (or ``force``)."""
     path = classifier_path(data_dir, dataset, seed)
     if path.is_file() and not force:
@@ -185,13 +224,22 @@ def load_or_train_classifier(dataset: str, data_dir: str | Path, seed: int = 0, 
     cnn, info = train_classifier(dataset, data_dir, seed, device=device, download=download)
     atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
     atomic_write(path, lambda tmp: torch.save(cnn.state_dict(), tmp))
-    print(f"{dataset} feature classifier: test accuracy {info['test_accuracy']:.4f} "
-          f"after {info['train_seconds']:.0f} s of training", flush=True)
+    print(
+        f"{dataset} feature classifier: test accuracy {info['test_accuracy']:.4f} "
+        f"after {info['train_seconds']:.0f} s of training",
+        flush=True,
+    )
     return cnn, info, path
 
 
-def build_feature_net(dataset: str, data_dir: str | Path, inception_weights: str | None = None, seed: int = 0,
-                      device: torch.device | str = "cpu", download: bool = False) -> tuple[nn.Module, dict]:
+def build_feature_net(
+    dataset: str,
+    data_dir: str | Path,
+    inception_weights: str | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    download: bool = False,
+) -> tuple[nn.Module, dict]:
     """Inception-V3 when ``inception_weights`` is given, else the dataset's cached classifier.
 
     Returns the feature module (on ``device``) and a description for summaries.
@@ -202,6 +250,10 @@ def build_feature_net(dataset: str, data_dir: str | Path, inception_weights: str
     else:
         cnn, info, path = load_or_train_classifier(dataset, data_dir, seed, device, download)
         net = ClassifierFeatures(cnn, dataset, f"cnn-seed{seed}-{_file_digest(path)}")
-        info = {"metric": net.metric_name, "network": "small-cnn", "weights": str(path),
-                "test_accuracy": info["test_accuracy"]}
+        info = {
+            "metric": net.metric_name,
+            "network": "small-cnn",
+            "weights": str(path),
+            "test_accuracy": info["test_accuracy"],
+        }
     return net.to(device), info

@@ -67,9 +67,14 @@ def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int = NEARES
     N = M = 10k).
     """
     if min(len(real), len(fake)) <= nearest_k + 1:
-        raise ValueError(f"precision/recall/density/coverage with k = {nearest_k} need more than {nearest_k + 1} "
-                         f"samples per set, got {len(real)} real and {len(fake)} fake")
+        raise ValueError(
+            f"precision/recall/density/coverage with k = {nearest_k} need more than {nearest_k + 1} "
+            f"samples per set, got {len(real)} real and {len(fake)} fake"
+        )
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the sample counts on every call
-        out = compute_prdc(real_features=real.detach().cpu().float().numpy(),
-                           fake_features=fake.detach().cpu().float().numpy(), nearest_k=nearest_k)
+        out = compute_prdc(
+            real_features=real.detach().cpu().float().numpy(),
+            fake_features=fake.detach().cpu().float().numpy(),
+            nearest_k=nearest_k,
+        )
     return {name: float(value) for name, value in out.items()}

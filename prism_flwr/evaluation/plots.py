@@ -39,8 +39,11 @@ def plot_history(history: list[dict], out_png: str | Path) -> Path:
 
     fig, (ax_fd, ax_prdc, ax_up) = plt.subplots(3, 1, figsize=(7, 9), sharex=True)
     if fd is not None:
-        ax_fd.plot([r["round"] for r in evals if fd in r["eval"]], [r["eval"][fd] for r in evals if fd in r["eval"]],
-                   "o-")
+        ax_fd.plot(
+            [r["round"] for r in evals if fd in r["eval"]],
+            [r["eval"][fd] for r in evals if fd in r["eval"]],
+            "o-",
+        )
     ax_fd.set_ylabel(f"{fd or 'Fréchet distance'} (lower is better)")
     for name in PRDC:
         points = [(r["round"], r["eval"][name]) for r in evals if name in r["eval"]]

@@ -11,8 +11,9 @@ list of round records (as in ``history.json``: ``round``, ``eval`` on evaluation
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 # Metrics where a smaller value is better; every other reported metric is better larger.
 LOWER_IS_BETTER_PREFIXES = ("FD-", "FID", "mmd")
@@ -50,12 +51,17 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if abs(value) < 1 else f"{value:.1f}"
 
 
-def metrics_table(first: Mapping[str, Any], last: Mapping[str, Any], first_round: int, last_round: int) -> list[str]:
+def metrics_table(
+    first: Mapping[str, Any], last: Mapping[str, Any], first_round: int, last_round: int
+) -> list[str]:
     """Lines 'name  start -> end  (lower/higher is better)' for every metric in either record."""
     names = _ordered_metrics({**first, **last})
     width = max(len(n) for n in names)
     head = f"  {'metric':<{width}}  {'round ' + str(first_round):>10}  {'round ' + str(last_round):>10}"
-    rows = [f"  {n:<{width}}  {_fmt(first.get(n, '-')):>10}  {_fmt(last.get(n, '-')):>10}  ({_better(n)})" for n in names]
+    rows = [
+        f"  {n:<{width}}  {_fmt(first.get(n, '-')):>10}  {_fmt(last.get(n, '-')):>10}  ({_better(n)})"
+        for n in names
+    ]
     return [head, *rows]
 
 
@@ -65,9 +71,11 @@ def closing_summary(history: Sequence[Mapping[str, Any]], out: str | Path, summa
     dense = summary.get("method") == "dense"
     rounds = summary.get("rounds", max((r.get("round", 0) for r in history), default=0))
     model_file = out / ("model-dense.pt" if dense else "model.prism")
-    lines = [f"PRISM run finished: {rounds} rounds"
-             + (f" in {human_seconds(summary['wall_seconds'])}" if "wall_seconds" in summary else "")
-             + f". Outputs in {out}:"]
+    lines = [
+        f"PRISM run finished: {rounds} rounds"
+        + (f" in {human_seconds(summary['wall_seconds'])}" if "wall_seconds" in summary else "")
+        + f". Outputs in {out}:"
+    ]
 
     size = summary.get("model_bytes")
     dense_size = summary.get("dense_float32_bytes")
@@ -76,14 +84,18 @@ def closing_summary(history: Sequence[Mapping[str, Any]], out: str | Path, summa
         what += f", {human_bytes(size)}"
         if dense_size and not dense:
             what += f" (dense float32: {human_bytes(dense_size)}, {dense_size / size:.0f}x larger)"
-    files = [(model_file.name, what),
-             ("samples.png", "64 samples of the exported model"),
-             ("history.json", "one record per round; history.png: the metrics against rounds"),
-             ("summary.json", "final metrics, sizes, traffic")]
+    files = [
+        (model_file.name, what),
+        ("samples.png", "64 samples of the exported model"),
+        ("history.json", "one record per round; history.png: the metrics against rounds"),
+        ("summary.json", "final metrics, sizes, traffic"),
+    ]
     evaluated = [r for r in history if r.get("eval")]
     if evaluated:
         files.append(("samples/", f"a 64-sample grid at each of the {len(evaluated)} evaluations"))
-    files.append(("checkpoint-*.ckpt", "server state after each of the last rounds (resume = true continues)"))
+    files.append(
+        ("checkpoint-*.ckpt", "server state after each of the last rounds (resume = true continues)")
+    )
     width = max(len(f) for f, _ in files)
     lines += [f"  {f:<{width}}  {w}" for f, w in files]
 
@@ -107,10 +119,15 @@ def closing_summary(history: Sequence[Mapping[str, Any]], out: str | Path, summa
         eps = summary.get("dp_epsilon_per_client") or {}
         values = list(eps.values()) if isinstance(eps, Mapping) else list(eps)
         spent = max(values) if values else None
-        lines.append(f"Privacy: dp = {summary['dp']}" + (f", largest epsilon spent by a client {spent:.3g}" if spent else ""))
+        lines.append(
+            f"Privacy: dp = {summary['dp']}"
+            + (f", largest epsilon spent by a client {spent:.3g}" if spent else "")
+        )
 
     if dense:
-        lines.append(f"The dense baseline's weights are in {model_file} (prism-flwr sample reads .prism files only).")
+        lines.append(
+            f"The dense baseline's weights are in {model_file} (prism-flwr sample reads .prism files only)."
+        )
     else:
         lines.append("Draw samples from the exported model:")
         lines.append(f"  prism-flwr sample {shlex.quote(str(model_file))} --n 64 --out grid.png")

@@ -12,8 +12,8 @@ Input-caused failures raise ``AggregationError`` (the round is skipped); anythin
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 
@@ -70,8 +70,10 @@ def lambda_diagnostics(theta_old: np.ndarray, theta_agg: np.ndarray) -> dict[str
     """What MADA's lambda is made of: its no-change expectation ``mean 2 theta_o (1 - theta_o)``
     and the deterministic change term ``mean (theta_o - theta_agg)^2``."""
     t = theta_old.astype(np.float64)
-    return {"lambda_no_change": float(np.mean(2.0 * t * (1.0 - t))),
-            "theta_change_sq": float(np.mean((t - theta_agg.astype(np.float64)) ** 2))}
+    return {
+        "lambda_no_change": float(np.mean(2.0 * t * (1.0 - t))),
+        "theta_change_sq": float(np.mean((t - theta_agg.astype(np.float64)) ** 2)),
+    }
 
 
 def vote_noise(theta_agg: np.ndarray, k: int, eps: float = EPS) -> float:
@@ -95,19 +97,28 @@ def change_lambda(theta_old: np.ndarray, theta_agg: np.ndarray, k: int, eps: flo
 
 @dataclass(frozen=True)
 class AggregateResult:
-    scores: np.ndarray      # s_{t+1}, float32
-    mada_lambda: float      # the blend step (MADA's Hamming distance, or mada-change's gain); nan otherwise
+    scores: np.ndarray  # s_{t+1}, float32
+    mada_lambda: float  # the blend step (MADA's Hamming distance, or mada-change's gain); nan otherwise
     diagnostics: dict = field(default_factory=dict)  # lambda_diagnostics of the round
     state: dict | None = None  # the rule's state after this round (adam, beta), kept by Aggregator.commit
 
 
-def aggregate(scores: np.ndarray, counts: np.ndarray, k: int, *, method: str = "mada",
-              space: str = "score", rng: np.random.Generator, eps: float = EPS) -> AggregateResult:
+def aggregate(
+    scores: np.ndarray,
+    counts: np.ndarray,
+    k: int,
+    *,
+    method: str = "mada",
+    space: str = "score",
+    rng: np.random.Generator,
+    eps: float = EPS,
+) -> AggregateResult:
     """New global scores from the current ones and the per-weight mask counts of ``k`` clients
     (the stateless rules: ``mada``, ``mean``, ``mada-change``; see ``Aggregator`` for all)."""
     if method not in ("mada", "mean", "mada-change"):
-        raise ValueError(f"aggregation must be one of mada, mean, mada-change here (all rules: Aggregator), "
-                         f"got {method!r}")
+        raise ValueError(
+            f"aggregation must be one of mada, mean, mada-change here (all rules: Aggregator), got {method!r}"
+        )
     if space not in MADA_SPACES:
         raise ValueError(f"mada space must be one of {MADA_SPACES}, got {space!r}")
     theta_agg = smoothed_mean(counts, k, eps)
@@ -137,8 +148,9 @@ class Aggregator:
         self.rule, self.space, self.eps = rule, space, eps
         self.state: dict[str, np.ndarray] = {}
 
-    def propose(self, scores: np.ndarray, counts: np.ndarray, k: int,
-                rng: np.random.Generator) -> AggregateResult:
+    def propose(
+        self, scores: np.ndarray, counts: np.ndarray, k: int, rng: np.random.Generator
+    ) -> AggregateResult:
         """The round's result and the rule's state after it, without keeping that state."""
         if self.rule in ("mada", "mean", "mada-change"):
             return aggregate(scores, counts, k, method=self.rule, space=self.space, rng=rng, eps=self.eps)
@@ -155,8 +167,9 @@ class Aggregator:
         if result.state is not None:
             self.state = result.state
 
-    def step(self, scores: np.ndarray, counts: np.ndarray, k: int,
-             rng: np.random.Generator) -> AggregateResult:
+    def step(
+        self, scores: np.ndarray, counts: np.ndarray, k: int, rng: np.random.Generator
+    ) -> AggregateResult:
         """``propose`` and ``commit``: for callers that apply every round they aggregate."""
         result = self.propose(scores, counts, k, rng)
         self.commit(result)
@@ -185,8 +198,17 @@ class Aggregator:
         self.state = {k: np.asarray(v, dtype=np.float32).copy() for k, v in state.items()}
 
 
-def combine_masks(aggregator: "Aggregator", scores: np.ndarray, packed_masks: Iterable[np.ndarray], count: int,
-                  seed: int, rnd: int, coding=None, *, commit: bool = True) -> AggregateResult:
+def combine_masks(
+    aggregator: Aggregator,
+    scores: np.ndarray,
+    packed_masks: Iterable[np.ndarray],
+    count: int,
+    seed: int,
+    rnd: int,
+    coding=None,
+    *,
+    commit: bool = True,
+) -> AggregateResult:
     """A round on the server: count the valid masks' ones and apply the rule. The server's
     Bernoulli samples use ``default_rng([seed, rnd])``, so a round's result depends only on its
     inputs (a resumed run is bit-identical). ``coding``: the round's ``codec.MaskModel`` when the

@@ -25,12 +25,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from prism_flwr.federated.downlink import DELTA as DELTA_KIND
-from prism_flwr.federated.downlink import (HEADER_BYTES, DownlinkFormatError, dequantise, pack_scores,
-                                           pack_update, quantise, snap_to_grid, unpack_scores)
+from prism_flwr.federated.downlink import (
+    HEADER_BYTES,
+    DownlinkFormatError,
+    dequantise,
+    pack_scores,
+    pack_update,
+    quantise,
+    snap_to_grid,
+    unpack_scores,
+)
 
 DOWNLINK_KEY = "downlink"  # record: server -> node {"digest", "base"}; node -> server {"held"}
-DIGEST_CHARS = 64          # sha256, hex
-KIND_OFFSET = 5            # downlink header: magic (4 bytes), version, then the method byte
+DIGEST_CHARS = 64  # sha256, hex
+KIND_OFFSET = 5  # downlink header: magic (4 bytes), version, then the method byte
 
 
 class DownlinkRefused(ValueError):
@@ -61,8 +69,9 @@ class Downlink:
         """The wire array back to the float32 state; ``ValueError`` when it is not what ``encode``
         makes for ``count`` entries."""
         if array.dtype != np.float32 or array.shape != (count,):
-            raise ValueError(f"global vector must be float32 of shape ({count},), "
-                             f"got {array.dtype} {array.shape}")
+            raise ValueError(
+                f"global vector must be float32 of shape ({count},), got {array.dtype} {array.shape}"
+            )
         if not np.isfinite(array).all():
             raise ValueError("global vector holds NaN or inf")
         return array
@@ -86,8 +95,9 @@ class Grid8(Downlink):
 
     def decode(self, array, count, base=None):
         if array.dtype != np.uint8 or array.ndim != 1:
-            raise ValueError(f"global scores must arrive as uint8 downlink bytes, "
-                             f"got {array.dtype} {array.shape}")
+            raise ValueError(
+                f"global scores must arrive as uint8 downlink bytes, got {array.dtype} {array.shape}"
+            )
         try:
             return dequantise(unpack_scores(array.tobytes(), count, None if base is None else quantise(base)))
         except DownlinkFormatError as err:
@@ -112,8 +122,13 @@ class Delta(Grid8):
 DOWNLINKS = {d.name: d for d in (Downlink(), Grid8(), Delta())}
 
 
-def receive(downlink: Downlink, array: np.ndarray, count: int, info: Mapping[str, object] | None,
-            held: np.ndarray | None) -> np.ndarray:
+def receive(
+    downlink: Downlink,
+    array: np.ndarray,
+    count: int,
+    info: Mapping[str, object] | None,
+    held: np.ndarray | None,
+) -> np.ndarray:
     """What a node rebuilds from one message: ``info`` is the message's downlink record
     (``digest`` of the state sent, ``base`` it was built on, "" for the full state), ``held`` the
     state the node keeps. Raises ``DownlinkRefused`` unless the result is exactly the sender's."""
@@ -123,15 +138,19 @@ def receive(downlink: Downlink, array: np.ndarray, count: int, info: Mapping[str
         raise DownlinkRefused(f"message lacks the '{DOWNLINK_KEY}' record with 'digest' and 'base'")
     base = str(info["base"])
     if base and (held is None or digest(held) != base):
-        raise DownlinkRefused(f"delta built on global {base[:12]}, this node holds "
-                              f"{'none' if held is None else digest(held)[:12]}: needs the full state")
+        raise DownlinkRefused(
+            f"delta built on global {base[:12]}, this node holds "
+            f"{'none' if held is None else digest(held)[:12]}: needs the full state"
+        )
     try:
         state = downlink.decode(array, count, held if base else None)
     except ValueError as err:
         raise DownlinkRefused(f"global does not decode ({err}): needs the full state") from None
     if digest(state) != info["digest"]:
-        raise DownlinkRefused(f"rebuilt global {digest(state)[:12]} is not the one sent "
-                              f"({str(info['digest'])[:12]}): needs the full state")
+        raise DownlinkRefused(
+            f"rebuilt global {digest(state)[:12]} is not the one sent "
+            f"({str(info['digest'])[:12]}): needs the full state"
+        )
     return state
 
 
@@ -148,8 +167,8 @@ class NodeCopies:
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
         self._states: dict[str, np.ndarray] = {}  # digest -> state, oldest first
-        self._sent: dict[int, str] = {}           # node -> digest of the last state sent to it
-        self._held: dict[int, str] = {}           # node -> digest it confirmed holding
+        self._sent: dict[int, str] = {}  # node -> digest of the last state sent to it
+        self._held: dict[int, str] = {}  # node -> digest it confirmed holding
 
     def base_for(self, node: int) -> tuple[str, np.ndarray | None]:
         """(digest, state) of the copy ``node`` holds, or ("", None) when the full state must go."""

@@ -27,19 +27,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from prism_flwr.storage.client_state import ClientRecord
 from prism_flwr.config import RunConfig
+from prism_flwr.federated.methods import Method, dp_theta_release
+from prism_flwr.federated.seeds import derive_seed
+from prism_flwr.model.build import generator_spec
 from prism_flwr.model.features import build_features
 from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator, generate
 from prism_flwr.model.masked import num_masked, set_flat, set_mask_mode
-from prism_flwr.federated.methods import Method, dp_theta_release
 from prism_flwr.model.objectives import FeatureMatching, mmd2_unbiased
-from prism_flwr.privacy import (ThetaAccountant, fresh_generator, noise_multiplier_for_budget,
-                                privatize_statistics, statistics_noise_multiplier)
-from prism_flwr.privacy.ledger import LedgerError, LedgerSession
-from prism_flwr.federated.seeds import derive_seed
-from prism_flwr.model.build import generator_spec
 from prism_flwr.model.training import train_local
+from prism_flwr.privacy import (
+    ThetaAccountant,
+    fresh_generator,
+    noise_multiplier_for_budget,
+    privatize_statistics,
+    statistics_noise_multiplier,
+)
+from prism_flwr.privacy.ledger import LedgerError, LedgerSession
+from prism_flwr.storage.client_state import ClientRecord
 
 # Metrics a client may report under dp = "statistics" (training saw only the DP statistics);
 # under dp = "theta" nothing computed from data leaves the client but the mask.
@@ -48,9 +53,9 @@ _DP_STATISTICS_METRICS = ("loss", "theta_density", "theta_entropy_bits", "mask_d
 
 @dataclass
 class ClientRoundResult:
-    payload: np.ndarray                   # PRISM: uint8 codec bytes; dense: float32 weights
+    payload: np.ndarray  # PRISM: uint8 codec bytes; dense: float32 weights
     metrics: dict[str, float | list[int]]
-    record: ClientRecord                  # the state to keep for the next round
+    record: ClientRecord  # the state to keep for the next round
 
 
 @lru_cache(maxsize=4)
@@ -113,9 +118,18 @@ def release_multiplier(cfg: RunConfig) -> float:
     return statistics_noise_multiplier(cfg.dp_epsilon, cfg.dp_delta)
 
 
-def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch.Tensor, hist: list[int],
-                 record: ClientRecord, *, partition_id: int, server_round: int,
-                 ledger: LedgerSession | None = None) -> ClientRoundResult:
+def client_round(
+    cfg: RunConfig,
+    method: Method,
+    vector: np.ndarray,
+    data: torch.Tensor,
+    hist: list[int],
+    record: ClientRecord,
+    *,
+    partition_id: int,
+    server_round: int,
+    ledger: LedgerSession | None = None,
+) -> ClientRoundResult:
     """Train on ``data`` from the global ``vector`` and build this client's upload.
 
     ``ledger``: the node's ledger for this round; each DP release is checked and recorded there
@@ -125,8 +139,9 @@ def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch
         # (no count in the text: error text reaches the server, and a partition's size is data)
         raise ValueError(f"partition {partition_id} holds fewer than 2 images: nothing to train on")
     if record.accountant is not None and not record.accountant.can_release():
-        raise LedgerError(f"client {partition_id}: the run's privacy budget epsilon={cfg.dp_epsilon} is spent; "
-                          "not training")
+        raise LedgerError(
+            f"client {partition_id}: the run's privacy budget epsilon={cfg.dp_epsilon} is spent; not training"
+        )
     model = model_with(cfg, method, vector, device)
     torch.manual_seed(derive_seed(cfg.seed, server_round, partition_id, 0))
     gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, server_round, partition_id, 1))
@@ -135,21 +150,35 @@ def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch
         # Released once with sample-level DP; every later step and round is post-processing.
         def release() -> tuple[torch.Tensor, torch.Tensor, float]:
             with torch.no_grad():
-                batches = (features(data[i:i + 256]) for i in range(0, len(data), 256))
-                return privatize_statistics(batches, cfg.dp_feature_clip, cfg.dp_epsilon, cfg.dp_delta,
-                                            generator=fresh_generator(device))
-        mu, var, eps = release() if ledger is None else ledger.statistics(
-            statistics_params(cfg), statistics_noise_multiplier(cfg.dp_epsilon, cfg.dp_delta), release)
+                batches = (features(data[i : i + 256]) for i in range(0, len(data), 256))
+                return privatize_statistics(
+                    batches,
+                    cfg.dp_feature_clip,
+                    cfg.dp_epsilon,
+                    cfg.dp_delta,
+                    generator=fresh_generator(device),
+                )
+
+        mu, var, eps = (
+            release()
+            if ledger is None
+            else ledger.statistics(
+                statistics_params(cfg), statistics_noise_multiplier(cfg.dp_epsilon, cfg.dp_delta), release
+            )
+        )
         record.train.objective = FeatureMatching(mu.to(device), var.to(device)).full_state()
         record.statistics_epsilon = eps
 
-    metrics: dict = train_local(model, features, data, method.train_settings(cfg), record.train, generator=gen)
+    metrics: dict = train_local(
+        model, features, data, method.train_settings(cfg), record.train, generator=gen
+    )
     mask_generator = torch.Generator().manual_seed(derive_seed(record.secret, server_round, partition_id, 5))
     if cfg.dp == "theta":
         z = record.accountant.noise_multiplier
         with nullcontext() if ledger is None else ledger.theta_release(z):
-            payload, extra = method.upload(model, cfg, vector, dp_theta_release(cfg, z, fresh_generator()),
-                                           mask_generator)
+            payload, extra = method.upload(
+                model, cfg, vector, dp_theta_release(cfg, z, fresh_generator()), mask_generator
+            )
             record.accountant.step()
     else:
         payload, extra = method.upload(model, cfg, vector, None, mask_generator)
@@ -163,8 +192,15 @@ def client_round(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch
     return ClientRoundResult(payload, metrics, record)
 
 
-def client_evaluate(cfg: RunConfig, method: Method, vector: np.ndarray, data: torch.Tensor, *,
-                    partition_id: int, server_round: int) -> dict[str, float]:
+def client_evaluate(
+    cfg: RunConfig,
+    method: Method,
+    vector: np.ndarray,
+    data: torch.Tensor,
+    *,
+    partition_id: int,
+    server_round: int,
+) -> dict[str, float]:
     """Pixel MMD^2 between samples of the global model and this client's images.
 
     Under DP nothing derived from the data is returned (only a constant ``num-examples``)."""
@@ -175,5 +211,7 @@ def client_evaluate(cfg: RunConfig, method: Method, vector: np.ndarray, data: to
     seed = derive_seed(cfg.seed, server_round, partition_id, 2)
     n = min(256, len(data))
     fake = generate(model, n, seed, data.device)
-    real = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].to(data.device)].cpu()
+    real = data[
+        torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].to(data.device)
+    ].cpu()
     return {"num-examples": len(data), "local_mmd_pixels": mmd2_unbiased(fake, real).item()}

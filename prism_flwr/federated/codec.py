@@ -63,7 +63,9 @@ def byte_distribution(p: float) -> np.ndarray:
 def _group_model(code: int):
     import constriction
 
-    return constriction.stream.model.Categorical(byte_distribution(float(LEVEL_PROBABILITIES[code])), perfect=False)
+    return constriction.stream.model.Categorical(
+        byte_distribution(float(LEVEL_PROBABILITIES[code])), perfect=False
+    )
 
 
 @lru_cache(maxsize=LEVELS)
@@ -131,7 +133,7 @@ def mask_model_from_codes(codes: np.ndarray) -> MaskModel:
     sizes = np.bincount(codes, minlength=LEVELS)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     offsets = np.concatenate([[0], np.cumsum((sizes + 7) // 8)])
-    rank = np.empty(codes.size, dtype=np.int64)       # position of each weight within its group
+    rank = np.empty(codes.size, dtype=np.int64)  # position of each weight within its group
     rank[order] = np.arange(codes.size) - np.repeat(starts, sizes)
     slot = offsets[codes].astype(np.int64) * 8 + rank
     return MaskModel(codes, sizes, offsets, slot, codes_fingerprint(codes))
@@ -160,10 +162,10 @@ def _encode_coded(packed: np.ndarray, model: MaskModel) -> bytes:
         size, off = int(model.sizes[c]), int(model.offsets[c])
         full, rem = divmod(size, 8)
         if rem:  # the group's last bits one at a time (decoded last, so encoded first)
-            last = np.unpackbits(grouped[off + full:off + full + 1], count=rem, bitorder="little")
+            last = np.unpackbits(grouped[off + full : off + full + 1], count=rem, bitorder="little")
             coder.encode_reverse(last.astype(np.int32), _bit_model(c))
         if full:
-            coder.encode_reverse(grouped[off:off + full].astype(np.int32), _group_model(c))
+            coder.encode_reverse(grouped[off : off + full].astype(np.int32), _group_model(c))
     return coder.get_compressed().astype("<u4").tobytes()
 
 
@@ -190,7 +192,9 @@ def _decode_coded(payload: bytes, model: MaskModel) -> np.ndarray:
     import constriction
 
     if len(payload) % 4:  # empty is legal: ANS codes leading zero bytes into an empty stack for free
-        raise MaskFormatError(f"coded mask payload of {len(payload)} bytes is not a whole number of 32-bit words")
+        raise MaskFormatError(
+            f"coded mask payload of {len(payload)} bytes is not a whole number of 32-bit words"
+        )
     words = np.frombuffer(payload, "<u4").astype(np.uint32)
     grouped = np.zeros(int(model.offsets[-1]), dtype=np.uint8)
     try:
@@ -199,7 +203,7 @@ def _decode_coded(payload: bytes, model: MaskModel) -> np.ndarray:
             size, off = int(model.sizes[c]), int(model.offsets[c])
             full, rem = divmod(size, 8)
             if full:
-                grouped[off:off + full] = coder.decode(_group_model(c), full)
+                grouped[off : off + full] = coder.decode(_group_model(c), full)
             if rem:
                 grouped[off + full] = np.packbits(coder.decode(_bit_model(c), rem) != 0, bitorder="little")[0]
         empty = coder.is_empty()
@@ -210,8 +214,9 @@ def _decode_coded(payload: bytes, model: MaskModel) -> np.ndarray:
     return grouped
 
 
-def decode_mask(data: bytes, count: int, layout: bytes, model: MaskModel | None = None,
-                grouped: bool = False) -> np.ndarray:
+def decode_mask(
+    data: bytes, count: int, layout: bytes, model: MaskModel | None = None, grouped: bool = False
+) -> np.ndarray:
     """Validate ``data`` against the expected weight count and layout; return the packed bits.
 
     The result is a ``uint8`` array of ``packed_length(count)`` bytes (bit ``i`` of the mask is
@@ -230,18 +235,26 @@ def decode_mask(data: bytes, count: int, layout: bytes, model: MaskModel | None 
     return model.from_grouped(packed) if coded else packed
 
 
-def _decode_checked(data: bytes, count: int, layout: bytes, model: MaskModel | None) -> tuple[np.ndarray, bool]:
+def _decode_checked(
+    data: bytes, count: int, layout: bytes, model: MaskModel | None
+) -> tuple[np.ndarray, bool]:
     data = bytes(data)
     if len(data) < 5:
-        raise MaskFormatError(f"mask payload truncated: {len(data)} bytes, the header alone is {HEADER_BYTES}")
+        raise MaskFormatError(
+            f"mask payload truncated: {len(data)} bytes, the header alone is {HEADER_BYTES}"
+        )
     if data[:4] != MAGIC:
         raise MaskFormatError(f"not a PRISM mask: magic {data[:4]!r}, expected {MAGIC!r}")
     if data[4] == 1:
         return _decode_v1(data, count, layout), False
     if data[4] != FORMAT_VERSION:
-        raise MaskFormatError(f"unknown mask format version {data[4]}, this build reads 1 and {FORMAT_VERSION}")
+        raise MaskFormatError(
+            f"unknown mask format version {data[4]}, this build reads 1 and {FORMAT_VERSION}"
+        )
     if len(data) < HEADER_BYTES:
-        raise MaskFormatError(f"mask payload truncated: {len(data)} bytes, the header alone is {HEADER_BYTES}")
+        raise MaskFormatError(
+            f"mask payload truncated: {len(data)} bytes, the header alone is {HEADER_BYTES}"
+        )
     _, _, method, pad, got_count, got_layout, got_model, crc = _HEADER.unpack_from(data)
     if pad != bytes(2):
         raise MaskFormatError("mask header reserved bytes are not zero")
@@ -256,7 +269,7 @@ def _decode_checked(data: bytes, count: int, layout: bytes, model: MaskModel | N
     if (method == RAW and len(payload) != raw_len) or (method == CODED and len(payload) > raw_len):
         kind = "expected" if method == RAW else "coded, more than the raw"
         raise MaskFormatError(f"mask payload is {len(payload)} bytes, {kind} {raw_len}")
-    if zlib.crc32(payload, zlib.crc32(data[:HEADER_BYTES - 4])) != crc:
+    if zlib.crc32(payload, zlib.crc32(data[: HEADER_BYTES - 4])) != crc:
         raise MaskFormatError("mask checksum mismatch: header or payload corrupted")
     if method == RAW:
         if got_model != 0:
@@ -267,8 +280,10 @@ def _decode_checked(data: bytes, count: int, layout: bytes, model: MaskModel | N
     if model.size != count:
         raise MaskFormatError(f"coding model has {model.size} weights, the mask {count}")
     if got_model != model.fingerprint:
-        raise MaskFormatError(f"mask was coded against global model {got_model:08x}, this round's is "
-                              f"{model.fingerprint:08x} (stale or foreign scores)")
+        raise MaskFormatError(
+            f"mask was coded against global model {got_model:08x}, this round's is "
+            f"{model.fingerprint:08x} (stale or foreign scores)"
+        )
     return _decode_coded(payload, model), True
 
 
@@ -281,7 +296,9 @@ def _check_padding(packed: np.ndarray, count: int) -> np.ndarray:
 
 def _decode_v1(data: bytes, count: int, layout: bytes) -> np.ndarray:
     if len(data) < HEADER_BYTES_V1:
-        raise MaskFormatError(f"mask payload truncated: {len(data)} bytes, the header alone is {HEADER_BYTES_V1}")
+        raise MaskFormatError(
+            f"mask payload truncated: {len(data)} bytes, the header alone is {HEADER_BYTES_V1}"
+        )
     _, _, pad, got_count, got_layout, crc = _HEADER_V1.unpack_from(data)
     if pad != bytes(3):
         raise MaskFormatError("mask header reserved bytes are not zero")

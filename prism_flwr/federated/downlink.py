@@ -97,10 +97,10 @@ def _decode_codes(payload: bytes, count: int) -> np.ndarray:
 
     if len(payload) < 4 * LEVELS or len(payload) % 4:
         raise DownlinkFormatError(f"coded downlink payload of {len(payload)} bytes is malformed")
-    hist = np.frombuffer(payload[:4 * LEVELS], "<u4").astype(np.int64)
+    hist = np.frombuffer(payload[: 4 * LEVELS], "<u4").astype(np.int64)
     if hist.sum() != count:
         raise DownlinkFormatError(f"downlink histogram counts {hist.sum()} codes, expected {count}")
-    words = np.frombuffer(payload[4 * LEVELS:], "<u4").astype(np.uint32)
+    words = np.frombuffer(payload[4 * LEVELS :], "<u4").astype(np.uint32)
     try:
         coder = constriction.stream.stack.AnsCoder(words)
         codes = coder.decode(_histogram_model(hist), count)
@@ -152,7 +152,9 @@ def _encode_delta(d: np.ndarray, base: np.ndarray) -> bytes:
     best = None
     for bits in CONTEXT_BITS:  # pick the context count with the smallest estimated size
         ctx = _context(base, bits)
-        hist = np.bincount(ctx.astype(np.intp) * LEVELS + d, minlength=(1 << bits) * LEVELS).reshape(1 << bits, LEVELS)
+        hist = np.bincount(ctx.astype(np.intp) * LEVELS + d, minlength=(1 << bits) * LEVELS).reshape(
+            1 << bits, LEVELS
+        )
         size = _coded_bits(hist) / 8 + 5 * np.count_nonzero(hist) + 2 * (1 << bits)
         if best is None or size < best[0]:
             best = (size, bits, ctx, hist)
@@ -166,7 +168,9 @@ def _encode_delta(d: np.ndarray, base: np.ndarray) -> bytes:
     coder = constriction.stream.stack.AnsCoder()
     for k in range((1 << bits) - 1, -1, -1):  # a stack: encode the last context first
         if bounds[k + 1] > bounds[k]:
-            coder.encode_reverse(d[order[bounds[k]:bounds[k + 1]]].astype(np.int32), _histogram_model(hist[k]))
+            coder.encode_reverse(
+                d[order[bounds[k] : bounds[k + 1]]].astype(np.int32), _histogram_model(hist[k])
+            )
     return bytes(tables) + coder.get_compressed().astype("<u4").tobytes()
 
 
@@ -204,7 +208,7 @@ def _decode_delta(payload: bytes, base: np.ndarray) -> np.ndarray:
                 part = coder.decode(_histogram_model(hist[k]), int(sizes[k])).astype(np.uint8)
                 if not np.array_equal(np.bincount(part, minlength=LEVELS), hist[k]):
                     raise DownlinkFormatError(f"delta downlink context {k} does not match its histogram")
-                d[order[bounds[k]:bounds[k + 1]]] = part
+                d[order[bounds[k] : bounds[k + 1]]] = part
         empty = coder.is_empty()
     except DownlinkFormatError:
         raise
@@ -223,7 +227,9 @@ def pack_delta(codes: np.ndarray, base: np.ndarray) -> bytes:
             raise ValueError(f"{name} must be a flat uint8 array, got {a.dtype} {a.shape}")
     if codes.size != base.size:
         raise ValueError(f"codes have {codes.size} entries, base {base.size}")
-    payload = struct.pack("<II", codes_fingerprint(base), codes_fingerprint(codes)) + _encode_delta(codes - base, base)
+    payload = struct.pack("<II", codes_fingerprint(base), codes_fingerprint(codes)) + _encode_delta(
+        codes - base, base
+    )
     head = _HEADER.pack(MAGIC, DOWNLINK_VERSION, DELTA, bytes(2), codes.size, 0)[:-4]
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
 
@@ -248,7 +254,9 @@ def unpack_scores(data: bytes, count: int, base: np.ndarray | None = None) -> np
     """
     data = bytes(data)
     if len(data) < HEADER_BYTES:
-        raise DownlinkFormatError(f"downlink truncated: {len(data)} bytes, the header alone is {HEADER_BYTES}")
+        raise DownlinkFormatError(
+            f"downlink truncated: {len(data)} bytes, the header alone is {HEADER_BYTES}"
+        )
     magic, version, kind, pad, got_count, crc = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise DownlinkFormatError(f"not PRISM downlink scores: magic {magic!r}, expected {MAGIC!r}")
@@ -263,8 +271,10 @@ def unpack_scores(data: bytes, count: int, base: np.ndarray | None = None) -> np
     payload = data[HEADER_BYTES:]
     limit = count + (4 * LEVELS + 4 if kind == CODED else (1 << max(CONTEXT_BITS)) * (2 + 5 * LEVELS) + 16)
     if len(payload) > limit or (kind == RAW and len(payload) != count):
-        raise DownlinkFormatError(f"downlink payload is {len(payload)} bytes, expected {count} or fewer coded")
-    if zlib.crc32(payload, zlib.crc32(data[:HEADER_BYTES - 4])) != crc:
+        raise DownlinkFormatError(
+            f"downlink payload is {len(payload)} bytes, expected {count} or fewer coded"
+        )
+    if zlib.crc32(payload, zlib.crc32(data[: HEADER_BYTES - 4])) != crc:
         raise DownlinkFormatError("downlink checksum mismatch: header or payload corrupted")
     if kind == RAW:
         return np.frombuffer(payload, np.uint8).copy()
@@ -277,8 +287,10 @@ def unpack_scores(data: bytes, count: int, base: np.ndarray | None = None) -> np
         raise DownlinkFormatError("downlink is a delta but this receiver holds no previous scores")
     base = np.asarray(base)
     if base.dtype != np.uint8 or base.shape != (count,) or codes_fingerprint(base) != want_base:
-        raise DownlinkFormatError(f"downlink delta is based on scores {want_base:08x}, this receiver holds "
-                                  f"{codes_fingerprint(base) if base.dtype == np.uint8 else 0:08x}: needs the full state")
+        raise DownlinkFormatError(
+            f"downlink delta is based on scores {want_base:08x}, this receiver holds "
+            f"{codes_fingerprint(base) if base.dtype == np.uint8 else 0:08x}: needs the full state"
+        )
     codes = base + _decode_delta(payload[8:], base)
     if codes_fingerprint(codes) != want_new:
         raise DownlinkFormatError("downlink delta does not rebuild the sender's scores (checksum mismatch)")

@@ -17,30 +17,37 @@ PRISM only (``method = "prism"``); the dense baseline runs through Flower.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from prism_flwr.config import RunConfig
+from prism_flwr.data.client_cache import client_data
+from prism_flwr.evaluation.evaluator import Evaluator, save_grid
 from prism_flwr.federated.aggregation import Aggregator, combine_masks
 from prism_flwr.federated.client_round import client_round, model_with, new_record
 from prism_flwr.federated.codec import decode_mask, mask_model
+from prism_flwr.federated.methods import PRISM, method_for
 from prism_flwr.federated.secure_sum import own_mask, secure_counts
-from prism_flwr.secagg.crypto import packed_size
-from prism_flwr.config import RunConfig
-from prism_flwr.evaluation.evaluator import Evaluator, save_grid
+from prism_flwr.model.build import generator_spec, pick_device
 from prism_flwr.model.generator import ResnetGenerator
 from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
-from prism_flwr.federated.methods import PRISM, method_for
 from prism_flwr.privacy import insecure_test_secret
-from prism_flwr.data.client_cache import client_data
-from prism_flwr.model.build import generator_spec, pick_device
+from prism_flwr.secagg.crypto import packed_size
 
 
-def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
-        on_record: Callable[[dict], None] | None = None, deadline: float | None = None,
-        samples_dir: Path | None = None, insecure_test_mask_seed: int | None = None) -> list[dict]:
+def run(
+    cfg: RunConfig,
+    num_clients: int,
+    *,
+    evaluator: Evaluator | None = None,
+    on_record: Callable[[dict], None] | None = None,
+    deadline: float | None = None,
+    samples_dir: Path | None = None,
+    insecure_test_mask_seed: int | None = None,
+) -> list[dict]:
     """Train ``cfg.num_server_rounds`` rounds of ``num_clients`` clients; returns the history.
 
     Records follow ``history.json``'s names (``round, clients, uplink_bytes,
@@ -55,7 +62,9 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
     each client's run accountant alone limits its DP spend.
     """
     if method_for(cfg) is not PRISM:
-        raise ValueError("the in-process runner trains PRISM (method = 'prism'); the dense baseline runs through Flower")
+        raise ValueError(
+            "the in-process runner trains PRISM (method = 'prism'); the dense baseline runs through Flower"
+        )
     device = pick_device(cfg.device)
     template = ResnetGenerator(generator_spec(cfg))
     n, layout = num_masked(template), layout_fingerprint(template)
@@ -64,12 +73,16 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
     aggregator = Aggregator(cfg.aggregation, cfg.mada_space)
     clients = [client_data(cfg, pid, num_clients, device) for pid in range(num_clients)]
     test_seed = insecure_test_mask_seed
-    mask_secrets = [None if test_seed is None else insecure_test_secret(test_seed, pid) for pid in range(num_clients)]
+    mask_secrets = [
+        None if test_seed is None else insecure_test_secret(test_seed, pid) for pid in range(num_clients)
+    ]
     states = [new_record(cfg, secret) for secret in mask_secrets]
 
     def evaluate(rnd: int, record: dict) -> None:
         if evaluator is not None and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
-            record["eval"], fake = evaluator.evaluate(model_with(cfg, PRISM, scores, device), PRISM.eval_mask_mode)
+            record["eval"], fake = evaluator.evaluate(
+                model_with(cfg, PRISM, scores, device), PRISM.eval_mask_mode
+            )
             if samples_dir is not None:
                 save_grid(fake[:64], Path(samples_dir) / f"round-{rnd:04d}.png")
 
@@ -83,7 +96,9 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
         sent = downlink.encode(scores)
         received = downlink.decode(sent, n)
         for pid, (data, hist) in enumerate(clients):
-            res = client_round(cfg, PRISM, received, data, hist, states[pid], partition_id=pid, server_round=rnd)
+            res = client_round(
+                cfg, PRISM, received, data, hist, states[pid], partition_id=pid, server_round=rnd
+            )
             states[pid] = res.record
             if secure:  # the client's own mask as the 0/1 vector it masks (the ClientApp's step)
                 packed.append(own_mask(res.payload, received, layout))
@@ -95,18 +110,26 @@ def run(cfg: RunConfig, num_clients: int, *, evaluator: Evaluator | None = None,
         if secure:  # the same protocol as the ServerApp's, all parties here: only counts come out
             summed = secure_counts(dict(enumerate(packed)))
             sizes = [packed_size(n, num_clients.bit_length())] * num_clients  # b = ceil(log2(K + 1))
-            agg = aggregator.step(scores, summed.counts, len(summed.contributors),
-                                  rng=np.random.default_rng([cfg.seed, rnd]))
+            agg = aggregator.step(
+                scores, summed.counts, len(summed.contributors), rng=np.random.default_rng([cfg.seed, rnd])
+            )
         else:
             agg = combine_masks(aggregator, scores, packed, n, cfg.seed, rnd, coding)
         scores = downlink.settle(agg.scores, np.random.default_rng([cfg.seed, rnd, 8]))
         t2 = time.perf_counter()
-        record = {"round": rnd, "clients": num_clients, "uplink_bytes": int(sum(sizes)),
-                  "downlink_bytes": int(num_clients * sent.nbytes),
-                  "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / n,
-                  "mada_lambda": None if np.isnan(agg.mada_lambda) else agg.mada_lambda, **agg.diagnostics,
-                  "loss": float(np.mean(losses)), "client_seconds": t1 - t0, "server_seconds": t2 - t1,
-                  "round_seconds": t2 - t0}
+        record = {
+            "round": rnd,
+            "clients": num_clients,
+            "uplink_bytes": int(sum(sizes)),
+            "downlink_bytes": int(num_clients * sent.nbytes),
+            "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / n,
+            "mada_lambda": None if np.isnan(agg.mada_lambda) else agg.mada_lambda,
+            **agg.diagnostics,
+            "loss": float(np.mean(losses)),
+            "client_seconds": t1 - t0,
+            "server_seconds": t2 - t1,
+            "round_seconds": t2 - t0,
+        }
         evaluate(rnd, record)
         history.append(record)
         if on_record is not None:

@@ -16,22 +16,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from prism_flwr.federated.codec import encode_mask, mask_model
-from prism_flwr.federated.broadcast import DOWNLINKS, Downlink
 from prism_flwr.config import RunConfig
-from prism_flwr.storage.export import load_sparse_model, save_sparse_model
-from prism_flwr.model.masked import get_flat, iter_thetas, layout_fingerprint, make_dense, sample_mask, set_flat
-from prism_flwr.privacy import privatize_theta
+from prism_flwr.federated.broadcast import DOWNLINKS, Downlink
+from prism_flwr.federated.codec import encode_mask, mask_model
 from prism_flwr.federated.records import MASK_KEY, SCORES_KEY, WEIGHTS_KEY
+from prism_flwr.model.masked import (
+    get_flat,
+    iter_thetas,
+    layout_fingerprint,
+    make_dense,
+    sample_mask,
+    set_flat,
+)
 from prism_flwr.model.training import TrainSettings
+from prism_flwr.privacy import privatize_theta
+from prism_flwr.storage.export import load_sparse_model, save_sparse_model
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    down_key: str       # record key of the global vector the server sends
-    up_key: str         # record key of what a client sends back
-    vector_attr: str    # model attribute the global vector fills ("scores" or "weight")
+    down_key: str  # record key of the global vector the server sends
+    up_key: str  # record key of what a client sends back
+    vector_attr: str  # model attribute the global vector fills ("scores" or "weight")
     eval_mask_mode: str
 
     def train_settings(self, cfg: RunConfig) -> TrainSettings:
@@ -44,13 +51,21 @@ class Method:
     def describe(self, cfg: RunConfig) -> str:
         raise NotImplementedError
 
-    def upload(self, model: nn.Module, cfg: RunConfig, received: np.ndarray, theta_release,
-               mask_generator: torch.Generator) -> tuple[np.ndarray, dict]:
+    def upload(
+        self,
+        model: nn.Module,
+        cfg: RunConfig,
+        received: np.ndarray,
+        theta_release,
+        mask_generator: torch.Generator,
+    ) -> tuple[np.ndarray, dict]:
         """(payload array, extra metrics) a client sends after local training; ``received`` is
         the global vector as it arrived this round."""
         raise NotImplementedError
 
-    def export(self, model: nn.Module, final: np.ndarray, cfg: RunConfig, out: Path) -> tuple[Path, float, nn.Module]:
+    def export(
+        self, model: nn.Module, final: np.ndarray, cfg: RunConfig, out: Path
+    ) -> tuple[Path, float, nn.Module]:
         """Write the final model under ``out``; returns (file, density, the model as exported)."""
         raise NotImplementedError
 
@@ -58,8 +73,14 @@ class Method:
 @dataclass(frozen=True)
 class Prism(Method):
     def train_settings(self, cfg: RunConfig) -> TrainSettings:
-        return TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, objective=cfg.objective,
-                             estimator=cfg.estimator, trainable="scores")
+        return TrainSettings(
+            steps=cfg.local_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            objective=cfg.objective,
+            estimator=cfg.estimator,
+            trainable="scores",
+        )
 
     def downlink(self, cfg):
         return DOWNLINKS[cfg.downlink]
@@ -93,8 +114,14 @@ class Prism(Method):
 @dataclass(frozen=True)
 class Dense(Method):
     def train_settings(self, cfg: RunConfig) -> TrainSettings:
-        return TrainSettings(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.dense_lr,
-                             objective=cfg.objective, estimator=cfg.estimator, trainable="weights")
+        return TrainSettings(
+            steps=cfg.local_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.dense_lr,
+            objective=cfg.objective,
+            estimator=cfg.estimator,
+            trainable="weights",
+        )
 
     def describe(self, cfg):
         return "dense FedAvg"

@@ -41,13 +41,16 @@ def majority(counts: np.ndarray, k: int) -> np.ndarray:
     return np.packbits(2 * counts.astype(np.int64) > k, bitorder="little")
 
 
-def consensus_distances(packed_masks: Sequence[np.ndarray], count: int,
-                        counts: np.ndarray | None = None) -> np.ndarray:
+def consensus_distances(
+    packed_masks: Sequence[np.ndarray], count: int, counts: np.ndarray | None = None
+) -> np.ndarray:
     """Fraction of the ``count`` weights where each mask differs from the majority vote of all."""
     if counts is None:
         counts, _ = count_ones(packed_masks, count)
     cons = majority(counts, len(packed_masks))
-    return np.array([int(_POPCOUNT[np.bitwise_xor(p, cons)].sum(dtype=np.int64)) / count for p in packed_masks])
+    return np.array(
+        [int(_POPCOUNT[np.bitwise_xor(p, cons)].sum(dtype=np.int64)) / count for p in packed_masks]
+    )
 
 
 def outliers(distances: np.ndarray, outlier_mads: float = 3.0, min_spread: float = 0.01) -> np.ndarray:
@@ -88,32 +91,48 @@ def trimmed_counts(counts: np.ndarray, k: int, trim: int) -> tuple[np.ndarray, i
 class RobustInfo:
     """What ``robust_counts`` did, for the round record."""
 
-    kept: list[int] = field(default_factory=list)          # indices into the input masks
-    duplicates: list[int] = field(default_factory=list)    # dropped as copies of an earlier mask
-    outliers: list[int] = field(default_factory=list)      # dropped by the Hamming filter
-    distinct: list[int] = field(default_factory=list)      # first copy of every distinct mask
-    distances: list[float] = field(default_factory=list)   # of the distinct masks, input order
-    trim: int = 0                                           # votes trimmed at each end per weight
+    kept: list[int] = field(default_factory=list)  # indices into the input masks
+    duplicates: list[int] = field(default_factory=list)  # dropped as copies of an earlier mask
+    outliers: list[int] = field(default_factory=list)  # dropped by the Hamming filter
+    distinct: list[int] = field(default_factory=list)  # first copy of every distinct mask
+    distances: list[float] = field(default_factory=list)  # of the distinct masks, input order
+    trim: int = 0  # votes trimmed at each end per weight
     copy_of: dict[int, int] = field(default_factory=dict)  # duplicate -> the first mask it copies
-    threshold: float | None = None                          # the Hamming filter's cut-off, if it ran
+    threshold: float | None = None  # the Hamming filter's cut-off, if it ran
 
     def record(self) -> dict:
-        return {"robust_dropped_duplicates": self.duplicates, "robust_dropped_outliers": self.outliers,
-                "robust_trim": self.trim}
+        return {
+            "robust_dropped_duplicates": self.duplicates,
+            "robust_dropped_outliers": self.outliers,
+            "robust_trim": self.trim,
+        }
 
     def dropped(self, nodes: Sequence[object]) -> list[dict]:
         """Every dropped mask as ``{"node", "reason"}``, ``nodes[i]`` the sender of input mask ``i``."""
-        out = [{"node": nodes[i], "reason": f"same mask as node {nodes[self.copy_of[i]]} (duplicate)"}
-               for i in self.duplicates]
+        out = [
+            {"node": nodes[i], "reason": f"same mask as node {nodes[self.copy_of[i]]} (duplicate)"}
+            for i in self.duplicates
+        ]
         distance = dict(zip(self.distinct, self.distances))
-        out += [{"node": nodes[i],
-                 "reason": f"Hamming distance {distance[i]:.4f} to the majority vote, "
-                           f"above the cut-off {self.threshold:.4f}"} for i in self.outliers]
+        out += [
+            {
+                "node": nodes[i],
+                "reason": f"Hamming distance {distance[i]:.4f} to the majority vote, "
+                f"above the cut-off {self.threshold:.4f}",
+            }
+            for i in self.outliers
+        ]
         return sorted(out, key=lambda d: str(d["node"]))
 
 
-def robust_counts(packed_masks: Sequence[np.ndarray], count: int, *, trim: int = 1, outlier_mads: float = 3.0,
-                  min_spread: float = 0.01) -> tuple[np.ndarray, int, RobustInfo]:
+def robust_counts(
+    packed_masks: Sequence[np.ndarray],
+    count: int,
+    *,
+    trim: int = 1,
+    outlier_mads: float = 3.0,
+    min_spread: float = 0.01,
+) -> tuple[np.ndarray, int, RobustInfo]:
     """Drop-in for ``count_ones`` with duplicates removed, Hamming outliers removed and ``trim``
     votes trimmed per weight: returns ``(counts, k, info)`` for ``aggregation.aggregate``."""
     packed_masks = list(packed_masks)

@@ -9,7 +9,7 @@ Protocol and parameter rules: docs/secure-aggregation.md.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -35,7 +35,9 @@ class PixelFeatures(nn.Module):
 class RandomConvFeatures(nn.Module):
     """Pixels plus three blocks of seeded random conv-ReLU-avgpool activations (frozen)."""
 
-    def __init__(self, in_ch: int = 3, widths: tuple[int, ...] = RANDOM_CONV_WIDTHS, seed: int = RANDOM_CONV_SEED) -> None:
+    def __init__(
+        self, in_ch: int = 3, widths: tuple[int, ...] = RANDOM_CONV_WIDTHS, seed: int = RANDOM_CONV_SEED
+    ) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         convs = []

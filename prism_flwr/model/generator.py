@@ -39,7 +39,9 @@ class _UpBlock(nn.Module):
         self.conv2 = MaskedConv2d(cout, cout, 3, padding=1, weight_gen=wg, score_gen=sg)
         self.skip = MaskedConv2d(cin, cout, 1, weight_gen=wg, score_gen=sg)
 
-    def forward(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_skip: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_skip: torch.Tensor
+    ) -> torch.Tensor:
         h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
         h = self.conv2(F.relu(self.bn2(self.conv1(h, w1))), w2)
         return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"), w_skip)
@@ -67,12 +69,14 @@ class ResnetGenerator(nn.Module):
         w = masked_weights(masked_layers(self)) if weights is None else weights
         h = self.head(z.view(z.shape[0], -1, 1, 1), w[0])
         for i, block in enumerate(self.blocks):
-            h = block(h, *w[1 + 3 * i: 4 + 3 * i])
+            h = block(h, *w[1 + 3 * i : 4 + 3 * i])
         return torch.tanh(self.out(F.relu(self.bn(h)), w[-1]))
 
 
 @torch.no_grad()
-def generate(model: nn.Module, n: int, seed: int, device: torch.device | str = "cpu", batch: int = 500) -> torch.Tensor:
+def generate(
+    model: nn.Module, n: int, seed: int, device: torch.device | str = "cpu", batch: int = 500
+) -> torch.Tensor:
     """``n`` images from ``model`` (its current mask mode); latents and masks seeded by ``seed``.
 
     Runs inside ``fork_rng`` so the caller's global RNG state is left as it was.
@@ -81,6 +85,8 @@ def generate(model: nn.Module, n: int, seed: int, device: torch.device | str = "
     model.to(device)
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(seed)
-        out = [model(torch.randn(min(batch, n - i), model.spec.nz, generator=gen).to(device)).cpu()
-               for i in range(0, n, batch)]
+        out = [
+            model(torch.randn(min(batch, n - i), model.spec.nz, generator=gen).to(device)).cpu()
+            for i in range(0, n, batch)
+        ]
     return torch.cat(out)

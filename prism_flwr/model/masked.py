@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +83,17 @@ class MaskedLayer:
 
 
 class MaskedConv2d(MaskedLayer, nn.Conv2d):
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
-                 weight_gen: torch.Generator, score_gen: torch.Generator) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        weight_gen: torch.Generator,
+        score_gen: torch.Generator,
+    ) -> None:
         nn.Conv2d.__init__(self, in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
         self._make_masked(weight_gen, score_gen)
 
@@ -93,19 +102,32 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
 
 
 class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
-                 weight_gen: torch.Generator, score_gen: torch.Generator) -> None:
-        nn.ConvTranspose2d.__init__(self, in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        weight_gen: torch.Generator,
+        score_gen: torch.Generator,
+    ) -> None:
+        nn.ConvTranspose2d.__init__(
+            self, in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False
+        )
         self._make_masked(weight_gen, score_gen)
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose2d(x, weight, None, self.stride, self.padding,
-                                  self.output_padding, self.groups, self.dilation)
+        return F.conv_transpose2d(
+            x, weight, None, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+        )
 
 
 class MaskedLinear(MaskedLayer, nn.Linear):
-    def __init__(self, in_features: int, out_features: int, *,
-                 weight_gen: torch.Generator, score_gen: torch.Generator) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, *, weight_gen: torch.Generator, score_gen: torch.Generator
+    ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=False)
         self._make_masked(weight_gen, score_gen)
 
@@ -114,6 +136,7 @@ class MaskedLinear(MaskedLayer, nn.Linear):
 
 
 # --- the model's masked tensors as one flat vector ---------------------------------------
+
 
 def masked_layers(model: nn.Module) -> list[MaskedLayer]:
     """The masked layers of ``model`` in registration order: the order of every flat vector."""
@@ -167,7 +190,7 @@ def set_flat(model: nn.Module, flat: torch.Tensor, attr: str = "scores") -> None
         for m in layers:
             target = getattr(m, attr)
             n = target.numel()
-            target.copy_(flat[offset:offset + n].view_as(target))
+            target.copy_(flat[offset : offset + n].view_as(target))
             offset += n
 
 
@@ -196,8 +219,9 @@ def iter_thetas(model: nn.Module) -> Iterator[torch.Tensor]:
         yield m.theta.detach()
 
 
-def sample_mask(model: nn.Module, thetas: list[torch.Tensor] | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_mask(
+    model: nn.Module, thetas: list[torch.Tensor] | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One flat boolean mask ``m ~ Bernoulli(theta)`` (CPU); ``thetas`` overrides the model's (DP)."""
     thetas = thetas if thetas is not None else list(iter_thetas(model))
     return torch.cat([torch.bernoulli(t.cpu().flatten(), generator=generator) for t in thetas]).bool()

@@ -8,11 +8,10 @@ docs/algorithm.md.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
-
 
 OBJECTIVES = ("feature-matching", "mmd")
 MMD_BANDWIDTHS = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -27,7 +26,9 @@ def gaussian_kernel_sum(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[floa
     return sum(torch.exp(-d2 / (2.0 * b * b)) for b in bandwidths)
 
 
-def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] | None = None) -> torch.Tensor:
+def mmd2_unbiased(
+    x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] | None = None
+) -> torch.Tensor:
     """Unbiased MMD^2 estimate: within-set kernel means exclude the diagonal.
 
     ``bandwidths`` default to ``MMD_BANDWIDTHS`` scaled by ``sqrt(d / 1024)``.
@@ -61,8 +62,14 @@ class FeatureMatching(nn.Module):
     ``mean((v - gap)^2)`` is ``2 (v - gap) / d``.
     """
 
-    def __init__(self, mu_real: torch.Tensor, var_real: torch.Tensor, lr: float = 1e-5,
-                 betas: tuple[float, float] = (0.5, 0.999), eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        mu_real: torch.Tensor,
+        var_real: torch.Tensor,
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.5, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         super().__init__()
         self.lr, self.betas, self.eps = lr, betas, eps
         self.register_buffer("mu_real", mu_real.detach().clone())
@@ -96,7 +103,9 @@ class FeatureMatching(nn.Module):
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> "FeatureMatching":
+    def from_state(
+        cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+    ) -> FeatureMatching:
         fm = cls(state["mu_real"].to(device), state["var_real"].to(device))
         if "step" in state:  # a state with released statistics only (dp = statistics) starts at zero
             fm.load_state_dict(state)

@@ -59,11 +59,13 @@ class ClientState:
 
 
 @torch.no_grad()
-def real_feature_moments(features: nn.Module, data: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def real_feature_moments(
+    features: nn.Module, data: torch.Tensor, batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of ``features`` over all of ``data``, in batches (exact, two passes free)."""
     total, total_sq, n = None, None, 0
     for i in range(0, len(data), batch):
-        f = features(data[i:i + batch]).double()
+        f = features(data[i : i + batch]).double()
         total = f.sum(0) if total is None else total + f.sum(0)
         total_sq = f.pow(2).sum(0) if total_sq is None else total_sq + f.pow(2).sum(0)
         n += f.shape[0]
@@ -89,9 +91,15 @@ def device_generator(device: torch.device) -> torch.Generator:
     return torch.cuda.default_generators[index]
 
 
-def train_local(model: nn.Module, features: nn.Module, data: torch.Tensor, settings: TrainSettings,
-                 state: ClientState, generator: torch.Generator | None = None,
-                 cuda_graph: bool | None = None) -> dict[str, float]:
+def train_local(
+    model: nn.Module,
+    features: nn.Module,
+    data: torch.Tensor,
+    settings: TrainSettings,
+    state: ClientState,
+    generator: torch.Generator | None = None,
+    cuda_graph: bool | None = None,
+) -> dict[str, float]:
     """Train ``model``'s scores in place on ``data`` (float, [-1, 1], on the model's device).
 
     ``state`` is read and updated in place. ``generator`` (on the data's device) drives latent
@@ -111,7 +119,9 @@ def train_local(model: nn.Module, features: nn.Module, data: torch.Tensor, setti
     if graph and not on_cuda:
         raise ValueError("cuda_graph=True needs data on a CUDA device")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=settings.lr, betas=settings.betas, capturable=on_cuda, fused=on_cuda or None)
+    opt = torch.optim.Adam(
+        params, lr=settings.lr, betas=settings.betas, capturable=on_cuda, fused=on_cuda or None
+    )
     if state.score_opt:
         load_optimizer_tensors(opt, state.score_opt)
 
@@ -138,8 +148,9 @@ def train_local(model: nn.Module, features: nn.Module, data: torch.Tensor, setti
         return loss.detach()
 
     losses = torch.zeros(settings.steps, device=device)
-    with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False,
-                                    allow_tf32=torch.backends.cudnn.allow_tf32):
+    with torch.backends.cudnn.flags(
+        enabled=True, deterministic=True, benchmark=False, allow_tf32=torch.backends.cudnn.allow_tf32
+    ):
         if graph:
             _run_graphed(step, losses, device, generator)
         else:
@@ -154,7 +165,7 @@ def train_local(model: nn.Module, features: nn.Module, data: torch.Tensor, setti
     state.score_opt = optimizer_tensors(opt)
     if fm is not None:
         state.objective = fm.full_state()
-    tail = losses[-max(1, settings.steps // 4):]  # the last quarter: the loss the round ended at
+    tail = losses[-max(1, settings.steps // 4) :]  # the last quarter: the loss the round ended at
     stats = theta_stats(model) if settings.trainable == "scores" else {}
     return {"loss": float(tail.mean()), **stats}
 
@@ -186,4 +197,3 @@ def theta_stats(model: nn.Module) -> dict[str, float]:
     t = torch.cat([m.theta.flatten() for m in masked_layers(model)]).double().clamp(1e-12, 1 - 1e-12)
     ent = -(t * t.log2() + (1 - t) * (1 - t).log2())
     return {"theta_density": float(t.mean()), "theta_entropy_bits": float(ent.mean())}
-

@@ -93,8 +93,9 @@ class ThetaAccountant:
     The state is plain scalars (``state_dict``) so it fits Flower's ``context.state``.
     """
 
-    def __init__(self, noise_multiplier: float, delta: float, budget_epsilon: float, *,
-                 steps: int = 0) -> None:
+    def __init__(
+        self, noise_multiplier: float, delta: float, budget_epsilon: float, *, steps: int = 0
+    ) -> None:
         check_eps_delta(budget_epsilon, delta)
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
@@ -127,16 +128,26 @@ class ThetaAccountant:
     def step(self) -> None:
         """Record one more release; ``RuntimeError`` past the budget."""
         if not self.can_release():
-            raise RuntimeError(f"privacy budget exhausted: one more round would spend epsilon="
-                               f"{self.epsilon_after(self._steps + 1):.4f} > budget {self.budget_epsilon} "
-                               f"(delta={self.delta})")
+            raise RuntimeError(
+                f"privacy budget exhausted: one more round would spend epsilon="
+                f"{self.epsilon_after(self._steps + 1):.4f} > budget {self.budget_epsilon} "
+                f"(delta={self.delta})"
+            )
         self._steps += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"noise_multiplier": self.noise_multiplier, "delta": self.delta,
-                "budget_epsilon": self.budget_epsilon, "steps": self._steps}
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "delta": self.delta,
+            "budget_epsilon": self.budget_epsilon,
+            "steps": self._steps,
+        }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "ThetaAccountant":
-        return cls(float(state["noise_multiplier"]), float(state["delta"]), float(state["budget_epsilon"]),
-                   steps=int(state["steps"]))
+    def from_state(cls, state: dict[str, Any]) -> ThetaAccountant:
+        return cls(
+            float(state["noise_multiplier"]),
+            float(state["delta"]),
+            float(state["budget_epsilon"]),
+            steps=int(state["steps"]),
+        )

@@ -52,15 +52,26 @@ def _unb64(text: str) -> torch.Tensor:
 def _valid_row(row: Any) -> bool:
     if not isinstance(row, dict) or not {"run", "round", "kind", "z"} <= set(row):
         return False
-    if not (isinstance(row["run"], str) and _RUN.fullmatch(row["run"]) and type(row["round"]) is int
-            and row["round"] >= 1 and row["kind"] in KINDS and isinstance(row["z"], (int, float))
-            and math.isfinite(row["z"]) and row["z"] > 0):
+    if not (
+        isinstance(row["run"], str)
+        and _RUN.fullmatch(row["run"])
+        and type(row["round"]) is int
+        and row["round"] >= 1
+        and row["kind"] in KINDS
+        and isinstance(row["z"], (int, float))
+        and math.isfinite(row["z"])
+        and row["z"] > 0
+    ):
         return False
     if row["kind"] == "statistics":
-        return (set(row) == {"run", "round", "kind", "z", "params", "mu", "var", "epsilon"}
-                and isinstance(row["params"], dict) and isinstance(row["mu"], str)
-                and isinstance(row["var"], str)
-                and isinstance(row["epsilon"], (int, float)) and 0 <= row["epsilon"] < math.inf)
+        return (
+            set(row) == {"run", "round", "kind", "z", "params", "mu", "var", "epsilon"}
+            and isinstance(row["params"], dict)
+            and isinstance(row["mu"], str)
+            and isinstance(row["var"], str)
+            and isinstance(row["epsilon"], (int, float))
+            and 0 <= row["epsilon"] < math.inf
+        )
     return set(row) == {"run", "round", "kind", "z"}
 
 
@@ -77,7 +88,7 @@ class PrivacyLedger:
         self.entries: list[dict[str, Any]] = []
 
     @contextmanager
-    def locked(self) -> Iterator["PrivacyLedger"]:
+    def locked(self) -> Iterator[PrivacyLedger]:
         """Hold the ledger's exclusive lock and its current content (read afresh) for one step."""
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.folder / self.LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
@@ -99,8 +110,9 @@ class PrivacyLedger:
         try:
             rows = [json.loads(line) for line in lines]
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise LedgerError(f"privacy ledger {self.path} is damaged ({err}): no release until it is "
-                              "repaired by hand") from None
+            raise LedgerError(
+                f"privacy ledger {self.path} is damaged ({err}): no release until it is repaired by hand"
+            ) from None
         head = rows[0] if rows and isinstance(rows[0], dict) else {}
         if head.get("ledger") != 2 or head.get("key") != self.key:
             raise LedgerError(f"privacy ledger {self.path} has no valid first line for this data")
@@ -133,8 +145,9 @@ class PrivacyLedger:
         """The node's epsilon at its delta over every release, plus releases of multipliers ``extra``."""
         return epsilon_of_releases([e["z"] for e in self.entries] + list(extra), self.delta)
 
-    def accountant(self, run: str, noise_multiplier: float, delta: float,
-                   run_budget: float) -> ThetaAccountant:
+    def accountant(
+        self, run: str, noise_multiplier: float, delta: float, run_budget: float
+    ) -> ThetaAccountant:
         """This run's theta accountant: one step per theta release of ``run`` in the ledger."""
         return ThetaAccountant(noise_multiplier, delta, run_budget, steps=len(self.run_entries(run, "theta")))
 
@@ -148,13 +161,17 @@ class PrivacyLedger:
             raise LedgerError(f"run tag {str(run)[:80]!r} is not 8-64 lowercase hex characters")
         last = max((e["round"] for e in self.run_entries(run)), default=0)
         if type(server_round) is not int or server_round <= last:
-            raise LedgerError(f"round {server_round!r} is at or below round {last}, already released in this "
-                              "run; refusing to release again")
+            raise LedgerError(
+                f"round {server_round!r} is at or below round {last}, already released in this "
+                "run; refusing to release again"
+            )
         after = self.spent((z,))
         if after > self.budget * (1.0 + REL_TOL):
-            raise LedgerError(f"node privacy budget: this release would bring the data's epsilon to "
-                              f"{after:.3f} > {self.budget:g} (delta {self.delta:g}, node-config dp-budget); "
-                              "refusing")
+            raise LedgerError(
+                f"node privacy budget: this release would bring the data's epsilon to "
+                f"{after:.3f} > {self.budget:g} (delta {self.delta:g}, node-config dp-budget); "
+                "refusing"
+            )
 
     # -- writing (call inside ``locked``, after ``check``)
     def record(self, run: str, server_round: int, kind: str, z: float, **extra: Any) -> None:
@@ -180,21 +197,33 @@ class LedgerSession:
             yield
             led.record(self.run, self.server_round, "theta", z)
 
-    def statistics(self, params: dict[str, Any], z: float,
-                   release: Callable[[], tuple[torch.Tensor, torch.Tensor, float]]
-                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def statistics(
+        self,
+        params: dict[str, Any],
+        z: float,
+        release: Callable[[], tuple[torch.Tensor, torch.Tensor, float]],
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The statistics released earlier with ``params`` (no new spend), else ``release()`` recorded."""
         with self.ledger.locked() as led:
             if (found := led.find_statistics(params)) is not None:
                 try:
                     return _unb64(found["mu"]), _unb64(found["var"]), float(found["epsilon"])
                 except ValueError as err:  # binascii.Error and a length that is no float32 count
-                    raise LedgerError(f"privacy ledger {led.path}: released statistics unreadable "
-                                      f"({err})") from None
+                    raise LedgerError(
+                        f"privacy ledger {led.path}: released statistics unreadable ({err})"
+                    ) from None
             led.check(self.run, self.server_round, z)
             mu, var, eps = release()
-            led.record(self.run, self.server_round, "statistics", z, params=params, epsilon=float(eps),
-                       mu=_b64(mu), var=_b64(var))
+            led.record(
+                self.run,
+                self.server_round,
+                "statistics",
+                z,
+                params=params,
+                epsilon=float(eps),
+                mu=_b64(mu),
+                var=_b64(var),
+            )
             return mu, var, eps
 
     def precheck(self, kind: str, z: float, params: dict[str, Any] | None = None) -> None:

@@ -48,9 +48,13 @@ def statistics_noise_multiplier(epsilon: float, delta: float) -> float:
     return noise_multiplier_for_budget(epsilon, delta, 1)
 
 
-def privatize_statistics(features: torch.Tensor | Iterable[torch.Tensor], clip_norm: float, epsilon: float,
-                         delta: float, generator: torch.Generator | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, float]:
+def privatize_statistics(
+    features: torch.Tensor | Iterable[torch.Tensor],
+    clip_norm: float,
+    epsilon: float,
+    delta: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(mu, var, epsilon_spent)`` of the features ((n, d) or batches of it), released once.
 
     mu, var: float32 (d,) on the features' device. Each call is a new release whose epsilon adds
@@ -71,5 +75,5 @@ def privatize_statistics(features: torch.Tensor | Iterable[torch.Tensor], clip_n
     noise = noise.to(s1.device) * sigma
     n_noisy = max(float(n) + float(noise[2 * d]) / count_weight(clip_norm, d), 1.0)
     mu = (s1 + noise[:d]) / n_noisy
-    var = torch.clamp((s2 + noise[d:2 * d]) / n_noisy - mu * mu, min=0.0)
+    var = torch.clamp((s2 + noise[d : 2 * d]) / n_noisy - mu * mu, min=0.0)
     return mu.float(), var.float(), compute_epsilon(z, delta, 1)

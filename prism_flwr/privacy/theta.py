@@ -27,8 +27,9 @@ def theta_sensitivity(numel: int, clip: float) -> float:
     return (1.0 - 2.0 * clip) * math.sqrt(numel)
 
 
-def privatize_theta(thetas: list[torch.Tensor], clip: float, noise_multiplier: float,
-                    generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def privatize_theta(
+    thetas: list[torch.Tensor], clip: float, noise_multiplier: float, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
     """New detached tensors ``clamp(clamp(theta, c, 1-c) + N(0, sigma^2), c, 1-c)``, one sigma for all.
 
     ``generator=None`` (what a client uses): fresh noise from the OS's CSPRNG for this release
@@ -46,8 +47,9 @@ def privatize_theta(thetas: list[torch.Tensor], clip: float, noise_multiplier: f
     with torch.no_grad():
         for theta in thetas:
             base = theta.detach().clamp(clip, 1.0 - clip)
-            noise = torch.randn(theta.shape, generator=generator, dtype=torch.float32,
-                                device=generator.device)
+            noise = torch.randn(
+                theta.shape, generator=generator, dtype=torch.float32, device=generator.device
+            )
             noisy = base + (noise * sigma).to(device=theta.device, dtype=base.dtype)
             out.append(noisy.clamp_(clip, 1.0 - clip))
     return out

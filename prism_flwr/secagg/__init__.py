@@ -9,26 +9,63 @@ costs: docs/secure-aggregation.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from prism_flwr.secagg.client import (
-    ClientState, advertise_keys, mask_input, share_keys, unmask)
+from prism_flwr.secagg.client import ClientState, advertise_keys, mask_input, share_keys, unmask
 from prism_flwr.secagg.crypto import RoundSkipped, SecAggError, pack, unpack
 from prism_flwr.secagg.round import (
-    Aggregate, EncryptedShare, KeyAdvert, MaskedInput, RoundParams, SharePackage, UnmaskReply,
-    UnmaskRequest, neighbour_graph, new_round)
+    Aggregate,
+    EncryptedShare,
+    KeyAdvert,
+    MaskedInput,
+    RoundParams,
+    SharePackage,
+    UnmaskReply,
+    UnmaskRequest,
+    neighbour_graph,
+    new_round,
+)
 from prism_flwr.secagg.server import (
-    ServerState, collect_adverts, collect_masked, finish, route_shares, start_round)
+    ServerState,
+    collect_adverts,
+    collect_masked,
+    finish,
+    route_shares,
+    start_round,
+)
 
 __all__ = [
-    "SecAggError", "RoundSkipped", "RoundParams", "new_round", "neighbour_graph", "pack", "unpack",
-    "KeyAdvert", "EncryptedShare", "SharePackage", "MaskedInput", "UnmaskRequest", "UnmaskReply",
-    "Aggregate", "ClientState", "advertise_keys", "share_keys", "mask_input", "unmask",
-    "ServerState", "start_round", "collect_adverts", "route_shares", "collect_masked", "finish",
-    "PHASES", "run_protocol"]
+    "SecAggError",
+    "RoundSkipped",
+    "RoundParams",
+    "new_round",
+    "neighbour_graph",
+    "pack",
+    "unpack",
+    "KeyAdvert",
+    "EncryptedShare",
+    "SharePackage",
+    "MaskedInput",
+    "UnmaskRequest",
+    "UnmaskReply",
+    "Aggregate",
+    "ClientState",
+    "advertise_keys",
+    "share_keys",
+    "mask_input",
+    "unmask",
+    "ServerState",
+    "start_round",
+    "collect_adverts",
+    "route_shares",
+    "collect_masked",
+    "finish",
+    "PHASES",
+    "run_protocol",
+]
 
 PHASES = ("start", "advertise", "share", "masked")  # where run_protocol lets clients drop out
 
@@ -46,9 +83,14 @@ def _client_step(states: dict, nodes: Iterable[int], step: Callable, refused: li
     return replies
 
 
-def run_protocol(inputs: Mapping[int, np.ndarray], threshold: int, degree: int,
-                 dropouts: Mapping[str, Iterable[int]] | None = None, bits: int | None = None,
-                 round_id: bytes | None = None) -> Aggregate:
+def run_protocol(
+    inputs: Mapping[int, np.ndarray],
+    threshold: int,
+    degree: int,
+    dropouts: Mapping[str, Iterable[int]] | None = None,
+    bits: int | None = None,
+    round_id: bytes | None = None,
+) -> Aggregate:
     """Every phase of one round in one process (tests, the in-process runner): `inputs` maps node
     id -> 0/1 vector; `dropouts` maps a phase of PHASES to the nodes that go silent after it.
     Raises `RoundSkipped` when too few clients remain."""
@@ -62,16 +104,20 @@ def run_protocol(inputs: Mapping[int, np.ndarray], threshold: int, degree: int,
     def alive(nodes, phase):
         return [u for u in nodes if u not in drops.get(phase, ())]
 
-    adverts = _client_step(states, alive(params.clients, "start"),
-                           lambda u: advertise_keys(params, u), refused)
+    adverts = _client_step(
+        states, alive(params.clients, "start"), lambda u: advertise_keys(params, u), refused
+    )
     server, forward = collect_adverts(server, adverts)
-    packages = _client_step(states, alive(forward, "advertise"),
-                            lambda u: share_keys(states[u], forward[u]), refused)
+    packages = _client_step(
+        states, alive(forward, "advertise"), lambda u: share_keys(states[u], forward[u]), refused
+    )
     server, inbox = route_shares(server, packages)
-    masked = _client_step(states, alive(inbox, "share"),
-                          lambda u: mask_input(states[u], inbox[u], inputs[u]), refused)
+    masked = _client_step(
+        states, alive(inbox, "share"), lambda u: mask_input(states[u], inbox[u], inputs[u]), refused
+    )
     server, request = collect_masked(server, masked)
-    replies = _client_step(states, alive(request.survivors, "masked"),
-                           lambda u: unmask(states[u], request), refused)
+    replies = _client_step(
+        states, alive(request.survivors, "masked"), lambda u: unmask(states[u], request), refused
+    )
     result = finish(server, replies)
     return replace(result, refused=result.refused + tuple(refused))

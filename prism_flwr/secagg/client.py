@@ -7,17 +7,38 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
 
 import numpy as np
 
 from prism_flwr.secagg.crypto import (
-    DOMAIN, KEY_BYTES, SHARE_BYTES, SecAggError, commitment, derive_key, new_keypair, node_bytes,
-    pack, seal, split_secret, unseal)
+    DOMAIN,
+    KEY_BYTES,
+    SHARE_BYTES,
+    SecAggError,
+    commitment,
+    derive_key,
+    new_keypair,
+    node_bytes,
+    pack,
+    seal,
+    split_secret,
+    unseal,
+)
 from prism_flwr.secagg.round import (
-    SEALED_BYTES, EncryptedShare, KeyAdvert, MaskedInput, RoundParams, SharePackage, UnmaskReply,
-    UnmaskRequest, check_message, pair_mask, self_mask)
+    SEALED_BYTES,
+    EncryptedShare,
+    KeyAdvert,
+    MaskedInput,
+    RoundParams,
+    SharePackage,
+    UnmaskReply,
+    UnmaskRequest,
+    check_message,
+    pair_mask,
+    self_mask,
+)
 
 
 def share_key(secret: bytes, peer_public: bytes, p: RoundParams, sender: int, receiver: int):
@@ -34,6 +55,7 @@ def share_ad(p: RoundParams, sender: int, receiver: int) -> bytes:
 @dataclass(frozen=True)
 class ClientState:
     """A client's secrets between phases (keep it on the client; it never leaves)."""
+
     params: RoundParams
     node: int
     phase: str
@@ -46,12 +68,14 @@ class ClientState:
 
 def _refuse_malformed(step):
     """A message with fields of the wrong kind is refused like any other bad message."""
+
     @functools.wraps(step)
     def wrapped(*args):
         try:
             return step(*args)
         except (TypeError, AttributeError) as error:
             raise SecAggError(f"malformed message: {type(error).__name__}: {error}") from None
+
     return wrapped
 
 
@@ -81,8 +105,7 @@ def _read_adverts(state: ClientState, adverts: Iterable[KeyAdvert]) -> dict[int,
         check_message(advert, KeyAdvert, p, p.graph[state.node])
         if advert.node in peers:
             raise SecAggError(f"advert of node {advert.node} is repeated")
-        if not all(isinstance(k, bytes) and len(k) == KEY_BYTES
-                   for k in (advert.enc_key, advert.mask_key)):
+        if not all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in (advert.enc_key, advert.mask_key)):
             raise SecAggError(f"advert of node {advert.node}: public keys must be 32 bytes")
         peers[advert.node] = advert
     if len(peers) < p.threshold:
@@ -91,8 +114,7 @@ def _read_adverts(state: ClientState, adverts: Iterable[KeyAdvert]) -> dict[int,
 
 
 @_refuse_malformed
-def share_keys(state: ClientState, adverts: Iterable[KeyAdvert]
-               ) -> tuple[ClientState, SharePackage]:
+def share_keys(state: ClientState, adverts: Iterable[KeyAdvert]) -> tuple[ClientState, SharePackage]:
     """Phase 2: t-of-k Shamir shares of the masking key s_u and of a fresh self-mask seed b_u,
     each neighbour's pair sealed under a key only that neighbour and this client can derive."""
     p = _expect(state, "advertised")
@@ -102,10 +124,18 @@ def share_keys(state: ClientState, adverts: Iterable[KeyAdvert]
     key_shares = split_secret(state.mask_secret, p.threshold, len(holders))
     seed_shares = split_secret(seed, p.threshold, len(holders))
     shares = tuple(
-        EncryptedShare(state.node, v, seal(
-            share_key(state.enc_secret, peers[v].enc_key, p, state.node, v),
-            key_shares[i] + seed_shares[i], share_ad(p, state.node, v)))
-        for i, v in enumerate(holders) if v in peers)
+        EncryptedShare(
+            state.node,
+            v,
+            seal(
+                share_key(state.enc_secret, peers[v].enc_key, p, state.node, v),
+                key_shares[i] + seed_shares[i],
+                share_ad(p, state.node, v),
+            ),
+        )
+        for i, v in enumerate(holders)
+        if v in peers
+    )
     package = SharePackage(p.round_id, state.node, commitment(p.round_id, state.node, seed), shares)
     return replace(state, phase="shared", seed=seed, peers=peers), package
 
@@ -121,8 +151,7 @@ def _open_inbox(state: ClientState, inbox: Iterable[EncryptedShare]) -> dict[int
             raise SecAggError(f"share from node {share.sender!r}: not a neighbour, or repeated")
         if not isinstance(share.blob, bytes) or len(share.blob) != SEALED_BYTES:
             raise SecAggError(f"share from node {share.sender}: wrong size")
-        key = share_key(state.enc_secret, state.peers[share.sender].enc_key, p,
-                         share.sender, state.node)
+        key = share_key(state.enc_secret, state.peers[share.sender].enc_key, p, share.sender, state.node)
         held[share.sender] = unseal(key, share.blob, share_ad(p, share.sender, state.node))
     if len(held) < p.threshold:
         raise SecAggError(f"shares from only {len(held)} neighbours, threshold {p.threshold}")
@@ -140,8 +169,7 @@ def _check_vector(x, length: int) -> np.ndarray:
 
 
 @_refuse_malformed
-def mask_input(state: ClientState, inbox: Iterable[EncryptedShare], x
-               ) -> tuple[ClientState, MaskedInput]:
+def mask_input(state: ClientState, inbox: Iterable[EncryptedShare], x) -> tuple[ClientState, MaskedInput]:
     """Phase 3: y_u = x_u + PRG(b_u) + sum over neighbours v of +-PRG(s_uv) mod 2^bits
     (+ when u < v), packed at `bits` bits per value."""
     p = _expect(state, "shared")
@@ -165,8 +193,9 @@ def unmask(state: ClientState, request: UnmaskRequest) -> tuple[ClientState, Unm
     if survivors & dropped:
         raise SecAggError(f"request asks for both shares of nodes {sorted(survivors & dropped)}")
     if state.node not in survivors or len(survivors) < p.threshold:
-        raise SecAggError(f"request lists {len(survivors)} survivors (threshold {p.threshold}) "
-                          "or omits this client")
+        raise SecAggError(
+            f"request lists {len(survivors)} survivors (threshold {p.threshold}) or omits this client"
+        )
     seed_shares, key_shares = {}, {}
     for owner, plain in state.held.items():
         if owner in survivors:

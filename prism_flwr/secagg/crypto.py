@@ -66,8 +66,7 @@ def derive_key(private: bytes, peer_public: bytes, round_id: bytes, info: bytes)
 
 def hkdf(secret: bytes, round_id: bytes, info: bytes) -> bytes:
     """A 32-byte key for one purpose (`info`) in one round (`round_id` as salt)."""
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=round_id,
-                info=DOMAIN + info).derive(secret)
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=round_id, info=DOMAIN + info).derive(secret)
 
 
 def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
@@ -83,8 +82,10 @@ def unseal(key: bytes, blob: bytes, associated: bytes) -> bytes:
     try:
         return ChaCha20Poly1305(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], associated)
     except InvalidTag:
-        raise SecAggError("encrypted share fails authentication (forged, altered or "
-                          "addressed to another round, sender or receiver)") from None
+        raise SecAggError(
+            "encrypted share fails authentication (forged, altered or "
+            "addressed to another round, sender or receiver)"
+        ) from None
 
 
 def commitment(round_id: bytes, node: int, seed: bytes) -> bytes:
@@ -142,12 +143,14 @@ def unpack(data: bytes, length: int, bits: int) -> np.ndarray:
     """Inverse of `pack`; a wrong size or non-zero padding bits raise `SecAggError`."""
     if not isinstance(data, (bytes, bytearray)) or len(data) != packed_size(length, bits):
         size = len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__
-        raise SecAggError(f"packed vector has {size} bytes, expected "
-                          f"{packed_size(length, bits)} ({length} values at {bits} bits)")
+        raise SecAggError(
+            f"packed vector has {size} bytes, expected "
+            f"{packed_size(length, bits)} ({length} values at {bits} bits)"
+        )
     flat = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
-    if flat[length * bits:].any():
+    if flat[length * bits :].any():
         raise SecAggError("packed vector has non-zero padding bits")
-    planes = flat[:length * bits].reshape(length, bits)
+    planes = flat[: length * bits].reshape(length, bits)
     values = np.zeros(length, np.uint16)
     for j in range(bits):
         values |= planes[:, j].astype(np.uint16) << j

@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Mapping
 
 import numpy as np
 
 from prism_flwr.secagg.crypto import (
-    DOMAIN, NONCE_BYTES, SHARE_BYTES, TAG_BYTES, SecAggError, derive_key, hkdf, node_bytes, prg)
+    DOMAIN,
+    NONCE_BYTES,
+    SHARE_BYTES,
+    TAG_BYTES,
+    SecAggError,
+    derive_key,
+    hkdf,
+    node_bytes,
+    prg,
+)
 
 SEALED_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + TAG_BYTES  # one neighbour's sealed share pair
 
@@ -25,6 +34,7 @@ SEALED_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + TAG_BYTES  # one neighbour's seal
 @dataclass(frozen=True)
 class RoundParams:
     """What every party of one round agrees on; validated on construction (clients get a copy)."""
+
     round_id: bytes
     clients: tuple[int, ...]  # sorted node ids of the sampled clients
     threshold: int  # t: shares needed to rebuild a secret, and the fewest clients that may go on
@@ -57,43 +67,48 @@ def check_params(p: RoundParams) -> None:
         raise SecAggError("client ids must be unique and sorted")
     count = len(p.clients)
     if not _is_int(p.degree) or not 1 <= p.degree < count or count * p.degree % 2:
-        raise SecAggError(f"no {p.degree}-regular graph on {count} clients (need 1 <= k < K, "
-                          "k * K even)")
+        raise SecAggError(f"no {p.degree}-regular graph on {count} clients (need 1 <= k < K, k * K even)")
     if not _is_int(p.threshold) or not p.degree // 2 < p.threshold <= p.degree:
         raise SecAggError(f"threshold {p.threshold} must satisfy k/2 < t <= k (k = {p.degree})")
     if not _is_int(p.bits) or not 1 <= p.bits <= 16 or 1 << p.bits <= count:
-        raise SecAggError(f"{p.bits} bits cannot hold a count of up to {count} (need 2^b > K, "
-                          "b <= 16)")
+        raise SecAggError(f"{p.bits} bits cannot hold a count of up to {count} (need 2^b > K, b <= 16)")
     if not _is_int(p.length) or p.length < 1:
         raise SecAggError(f"vector length {p.length!r} must be a positive integer")
 
 
-def new_round(clients: Iterable[int], threshold: int, degree: int, length: int,
-              bits: int | None = None, round_id: bytes | None = None) -> RoundParams:
+def new_round(
+    clients: Iterable[int],
+    threshold: int,
+    degree: int,
+    length: int,
+    bits: int | None = None,
+    round_id: bytes | None = None,
+) -> RoundParams:
     """Phase 0 (server): the round's parameters, with a fresh random round id by default."""
     clients = tuple(sorted(clients))
     bits = len(clients).bit_length() if bits is None else bits  # ceil(log2(K + 1))
-    return RoundParams(os.urandom(16) if round_id is None else round_id, clients, threshold,
-                       degree, bits, length)
+    return RoundParams(
+        os.urandom(16) if round_id is None else round_id, clients, threshold, degree, bits, length
+    )
 
 
-def neighbour_graph(round_id: bytes, clients: tuple[int, ...], degree: int
-                    ) -> dict[int, tuple[int, ...]]:
+def neighbour_graph(round_id: bytes, clients: tuple[int, ...], degree: int) -> dict[int, tuple[int, ...]]:
     """A k-regular graph: a circulant (Harary) graph over the clients in an order drawn by hashing
     the round id, so every party computes the same graph and no party chooses it."""
-    order = sorted(clients, key=lambda c: hashlib.sha256(DOMAIN + b"graph" + round_id
-                                                         + node_bytes(c)).digest())
+    order = sorted(
+        clients, key=lambda c: hashlib.sha256(DOMAIN + b"graph" + round_id + node_bytes(c)).digest()
+    )
     count = len(order)
     offsets = [o for h in range(1, degree // 2 + 1) for o in (h, -h)]
     if degree % 2:
         offsets.append(count // 2)
-    return {order[i]: tuple(sorted(order[(i + o) % count] for o in offsets))
-            for i in range(count)}
+    return {order[i]: tuple(sorted(order[(i + o) % count] for o in offsets)) for i in range(count)}
 
 
 @dataclass(frozen=True)
 class KeyAdvert:
     """Phase 1, client -> server -> neighbours: the two public keys of one client."""
+
     round_id: bytes
     node: int
     enc_key: bytes  # X25519 public key c_u (encrypts shares)
@@ -103,6 +118,7 @@ class KeyAdvert:
 @dataclass(frozen=True)
 class EncryptedShare:
     """Phase 2, one client's shares for one neighbour: seal(key share || seed share)."""
+
     sender: int
     receiver: int
     blob: bytes
@@ -111,6 +127,7 @@ class EncryptedShare:
 @dataclass(frozen=True)
 class SharePackage:
     """Phase 2, client -> server: a commitment to the self-mask seed and one share per neighbour."""
+
     round_id: bytes
     node: int
     seed_commitment: bytes
@@ -120,6 +137,7 @@ class SharePackage:
 @dataclass(frozen=True)
 class MaskedInput:
     """Phase 3, client -> server: the masked vector packed at `bits` bits per value."""
+
     round_id: bytes
     node: int
     masked_with: tuple[int, ...]  # neighbours whose pairwise masks were added
@@ -129,6 +147,7 @@ class MaskedInput:
 @dataclass(frozen=True)
 class UnmaskRequest:
     """Phase 4, server -> survivors: who sent a masked vector and who dropped after sharing."""
+
     round_id: bytes
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
@@ -137,6 +156,7 @@ class UnmaskRequest:
 @dataclass(frozen=True)
 class UnmaskReply:
     """Phase 4, client -> server: seed shares of surviving neighbours, key shares of dropped ones."""
+
     round_id: bytes
     node: int
     seed_shares: Mapping[int, bytes]
@@ -146,6 +166,7 @@ class UnmaskReply:
 @dataclass(frozen=True)
 class Aggregate:
     """The round's result: per-weight counts of ones over `contributors`, and what was refused."""
+
     counts: np.ndarray  # uint16, length n
     contributors: tuple[int, ...]
     refused: tuple[tuple[str, object, str], ...] = ()  # (phase, node, reason)
@@ -170,5 +191,3 @@ def check_message(message, kind: type, p: RoundParams, senders=None) -> None:
         raise SecAggError(f"{kind.__name__} belongs to another round (replayed or misrouted)")
     if senders is not None and not (_is_int(message.node) and message.node in senders):
         raise SecAggError(f"{kind.__name__} from node {message.node!r}, which may not send one now")
-
-

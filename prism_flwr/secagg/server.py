@@ -6,18 +6,37 @@ raises `RoundSkipped`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import combinations, islice
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
 from prism_flwr.secagg.crypto import (
-    KEY_BYTES, SHARE_BYTES, RoundSkipped, SecAggError, combine_secret, commitment, public_key_of,
-    unpack)
+    KEY_BYTES,
+    SHARE_BYTES,
+    RoundSkipped,
+    SecAggError,
+    combine_secret,
+    commitment,
+    public_key_of,
+    unpack,
+)
 from prism_flwr.secagg.round import (
-    SEALED_BYTES, Aggregate, EncryptedShare, KeyAdvert, MaskedInput, RoundParams, SharePackage,
-    UnmaskReply, UnmaskRequest, check_message, check_params, pair_mask, self_mask)
+    SEALED_BYTES,
+    Aggregate,
+    EncryptedShare,
+    KeyAdvert,
+    MaskedInput,
+    RoundParams,
+    SharePackage,
+    UnmaskReply,
+    UnmaskRequest,
+    check_message,
+    check_params,
+    pair_mask,
+    self_mask,
+)
 
 MAX_RECOVERY_ATTEMPTS = 256  # subsets of shares tried when one share is inconsistent
 
@@ -25,6 +44,7 @@ MAX_RECOVERY_ATTEMPTS = 256  # subsets of shares tried when one share is inconsi
 @dataclass(frozen=True)
 class ServerState:
     """What the server keeps between phases; nothing in it is secret."""
+
     params: RoundParams
     adverts: Mapping[int, KeyAdvert] = field(default_factory=dict)  # U1
     commitments: Mapping[int, bytes] = field(default_factory=dict)  # U2
@@ -61,15 +81,15 @@ def _require(count: int, p: RoundParams, what: str) -> None:
         raise RoundSkipped(f"round skipped: only {count} clients {what} (threshold {p.threshold})")
 
 
-def collect_adverts(state: ServerState, adverts: Iterable[KeyAdvert]
-                    ) -> tuple[ServerState, dict[int, tuple[KeyAdvert, ...]]]:
+def collect_adverts(
+    state: ServerState, adverts: Iterable[KeyAdvert]
+) -> tuple[ServerState, dict[int, tuple[KeyAdvert, ...]]]:
     """Phase 1: keep well-formed adverts, then give each client its neighbours' adverts."""
     p = state.params
 
     def check(advert):
         check_message(advert, KeyAdvert, p, p.clients)
-        if not all(isinstance(k, bytes) and len(k) == KEY_BYTES
-                   for k in (advert.enc_key, advert.mask_key)):
+        if not all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in (advert.enc_key, advert.mask_key)):
             raise SecAggError("public keys must be 32 bytes")
         return advert
 
@@ -79,8 +99,9 @@ def collect_adverts(state: ServerState, adverts: Iterable[KeyAdvert]
     return replace(state, adverts=accepted, refused=state.refused + tuple(refused)), forward
 
 
-def route_shares(state: ServerState, packages: Iterable[SharePackage]
-                 ) -> tuple[ServerState, dict[int, tuple[EncryptedShare, ...]]]:
+def route_shares(
+    state: ServerState, packages: Iterable[SharePackage]
+) -> tuple[ServerState, dict[int, tuple[EncryptedShare, ...]]]:
     """Phase 2: keep complete share packages and route each sealed share to its receiver."""
     p = state.params
 
@@ -90,30 +111,38 @@ def route_shares(state: ServerState, packages: Iterable[SharePackage]
             raise SecAggError("seed commitment must be 32 bytes")
         expected = [v for v in p.graph[package.node] if v in state.adverts]
         shares = tuple(package.shares) if isinstance(package.shares, (tuple, list)) else ()
-        if (not all(isinstance(s, EncryptedShare) and s.sender == package.node
-                    and isinstance(s.blob, bytes) and len(s.blob) == SEALED_BYTES for s in shares)
-                or sorted(s.receiver for s in shares) != expected):
-            raise SecAggError(f"package of node {package.node} must hold one {SEALED_BYTES}-byte "
-                              f"share for each neighbour that advertised: {expected}")
+        if (
+            not all(
+                isinstance(s, EncryptedShare)
+                and s.sender == package.node
+                and isinstance(s.blob, bytes)
+                and len(s.blob) == SEALED_BYTES
+                for s in shares
+            )
+            or sorted(s.receiver for s in shares) != expected
+        ):
+            raise SecAggError(
+                f"package of node {package.node} must hold one {SEALED_BYTES}-byte "
+                f"share for each neighbour that advertised: {expected}"
+            )
         return package
 
     accepted, refused = _screen("share", packages, check)
     _require(len(accepted), p, "shared keys")
-    inbox = {u: tuple(s for w in sorted(accepted) for s in accepted[w].shares if s.receiver == u)
-             for u in accepted}
+    inbox = {
+        u: tuple(s for w in sorted(accepted) for s in accepted[w].shares if s.receiver == u) for u in accepted
+    }
     commitments = {u: package.seed_commitment for u, package in accepted.items()}
     return replace(state, commitments=commitments, refused=state.refused + tuple(refused)), inbox
 
 
-def collect_masked(state: ServerState, inputs: Iterable[MaskedInput]
-                   ) -> tuple[ServerState, UnmaskRequest]:
+def collect_masked(state: ServerState, inputs: Iterable[MaskedInput]) -> tuple[ServerState, UnmaskRequest]:
     """Phase 3: sum the well-formed masked vectors mod 2^bits; ask survivors to help unmask."""
     p = state.params
 
     def check(masked):
         check_message(masked, MaskedInput, p, state.commitments)
-        if tuple(masked.masked_with) != tuple(v for v in p.graph[masked.node]
-                                              if v in state.commitments):
+        if tuple(masked.masked_with) != tuple(v for v in p.graph[masked.node] if v in state.commitments):
             raise SecAggError(f"node {masked.node} masked with the wrong set of neighbours")
         return unpack(masked.packed, p.length, p.bits)
 
@@ -132,8 +161,10 @@ def _recover(p: RoundParams, owner: int, shares: dict[int, bytes], valid: Callab
     """Rebuild a secret of `owner` from its holders' shares: the first t-subset whose result
     passes `valid` (so one inconsistent share cannot silently corrupt the sum)."""
     if len(shares) < p.threshold:
-        raise RoundSkipped(f"round skipped: only {len(shares)} shares of the {what} of node "
-                           f"{owner} (threshold {p.threshold})")
+        raise RoundSkipped(
+            f"round skipped: only {len(shares)} shares of the {what} of node "
+            f"{owner} (threshold {p.threshold})"
+        )
     index = {v: i + 1 for i, v in enumerate(p.graph[owner])}
     for subset in islice(combinations(sorted(shares), p.threshold), MAX_RECOVERY_ATTEMPTS):
         secret = combine_secret({index[v]: shares[v] for v in subset})
@@ -151,11 +182,15 @@ def finish(state: ServerState, replies: Iterable[UnmaskReply]) -> Aggregate:
     def check(reply):
         check_message(reply, UnmaskReply, p, survivors)
         held = [v for v in p.graph[reply.node] if v in state.commitments]
-        for name, shares, wanted in (("seed", reply.seed_shares, survivors),
-                                     ("key", reply.key_shares, set(dropped))):
-            if (not isinstance(shares, Mapping) or sorted(shares) != [v for v in held if v in wanted]
-                    or not all(isinstance(s, bytes) and len(s) == SHARE_BYTES
-                               for s in shares.values())):
+        for name, shares, wanted in (
+            ("seed", reply.seed_shares, survivors),
+            ("key", reply.key_shares, set(dropped)),
+        ):
+            if (
+                not isinstance(shares, Mapping)
+                or sorted(shares) != [v for v in held if v in wanted]
+                or not all(isinstance(s, bytes) and len(s) == SHARE_BYTES for s in shares.values())
+            ):
                 raise SecAggError(f"reply of node {reply.node}: wrong set or size of {name} shares")
         return reply
 
@@ -164,13 +199,19 @@ def finish(state: ServerState, replies: Iterable[UnmaskReply]) -> Aggregate:
     total = state.total.copy()
     for u in state.survivors:
         shares = {v: r.seed_shares[u] for v, r in accepted.items() if u in r.seed_shares}
-        seed = _recover(p, u, shares, lambda s: commitment(p.round_id, u, s)
-                        == state.commitments[u], "self-mask seed")
+        seed = _recover(
+            p,
+            u,
+            shares,
+            lambda s, u=u: commitment(p.round_id, u, s) == state.commitments[u],
+            "self-mask seed",
+        )
         total -= self_mask(seed, p, u)
     for u in dropped:
         shares = {v: r.key_shares[u] for v, r in accepted.items() if u in r.key_shares}
-        secret = _recover(p, u, shares, lambda s: public_key_of(s)
-                          == state.adverts[u].mask_key, "masking key")
+        secret = _recover(
+            p, u, shares, lambda s, u=u: public_key_of(s) == state.adverts[u].mask_key, "masking key"
+        )
         for v in (v for v in p.graph[u] if v in survivors):  # v added +PRG(s_uv) iff v < u
             mask = pair_mask(secret, state.adverts[v].mask_key, p, u, v)
             total = total - mask if v < u else total + mask

@@ -43,6 +43,7 @@ def _dumps(obj: Any) -> bytes:
 
 def strict_json(data: bytes, error: type[ValueError], what: str) -> Any:
     """``json.loads`` of untrusted bytes: ``error`` for invalid UTF-8 or JSON and duplicate keys."""
+
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
         out: dict = {}
         for key, value in pairs:
@@ -63,7 +64,11 @@ def pack(magic: bytes, meta: Any, tensors: dict[str, torch.Tensor | np.ndarray] 
         raise ValueError("magic must be 8 bytes")
     entries, chunks = [], []
     for name, value in (tensors or {}).items():
-        arr = value.detach().cpu().contiguous().numpy() if isinstance(value, torch.Tensor) else np.ascontiguousarray(value)
+        arr = (
+            value.detach().cpu().contiguous().numpy()
+            if isinstance(value, torch.Tensor)
+            else np.ascontiguousarray(value)
+        )
         if str(arr.dtype) not in DTYPES:
             raise ValueError(f"tensor {name!r}: dtype {arr.dtype} is not one of {DTYPES}")
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
@@ -84,18 +89,27 @@ def unpack(blob: bytes, magic: bytes, what: str = "file") -> tuple[Any, dict[str
         raise BlobError(f"{what} is not a {magic.decode(errors='replace')} file (magic {got_magic!r})")
     if version != FORMAT_VERSION:
         raise BlobError(f"{what} has format version {version}, this build reads {FORMAT_VERSION}")
-    if zlib.crc32(blob[:-_CRC.size]) != _CRC.unpack_from(blob, len(blob) - _CRC.size)[0]:
+    if zlib.crc32(blob[: -_CRC.size]) != _CRC.unpack_from(blob, len(blob) - _CRC.size)[0]:
         raise BlobError(f"{what} checksum mismatch: the file is corrupted or truncated")
     if hlen > min(MAX_HEADER_BYTES, len(blob) - _HEAD.size - _CRC.size):
         raise BlobError(f"{what} header length {hlen} exceeds the file")
-    header = strict_json(blob[_HEAD.size:_HEAD.size + hlen], BlobError, what)
-    if not isinstance(header, dict) or set(header) != {"meta", "tensors"} or not isinstance(header["tensors"], list):
+    header = strict_json(blob[_HEAD.size : _HEAD.size + hlen], BlobError, what)
+    if (
+        not isinstance(header, dict)
+        or set(header) != {"meta", "tensors"}
+        or not isinstance(header["tensors"], list)
+    ):
         raise BlobError(f"{what} header must be an object with 'meta' and 'tensors'")
     offset, end, tensors = _HEAD.size + hlen, len(blob) - _CRC.size, {}
     for entry in header["tensors"]:
-        if not (isinstance(entry, dict) and set(entry) == {"name", "dtype", "shape"} and isinstance(entry["name"], str)
-                and entry["dtype"] in DTYPES and isinstance(entry["shape"], list)
-                and all(type(d) is int and 0 <= d < 2**40 for d in entry["shape"])):
+        if not (
+            isinstance(entry, dict)
+            and set(entry) == {"name", "dtype", "shape"}
+            and isinstance(entry["name"], str)
+            and entry["dtype"] in DTYPES
+            and isinstance(entry["shape"], list)
+            and all(type(d) is int and 0 <= d < 2**40 for d in entry["shape"])
+        ):
             raise BlobError(f"{what}: bad tensor entry {str(entry)[:100]}")
         if entry["name"] in tensors:
             raise BlobError(f"{what}: tensor {entry['name']!r} appears twice")
@@ -104,7 +118,9 @@ def unpack(blob: bytes, magic: bytes, what: str = "file") -> tuple[Any, dict[str
         if nbytes > end - offset:
             raise BlobError(f"{what}: tensor {entry['name']!r} runs past the end of the data")
         arr = np.frombuffer(blob, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
-        tensors[entry["name"]] = torch.from_numpy(arr.astype(dtype.newbyteorder("="), copy=True).reshape(entry["shape"]))
+        tensors[entry["name"]] = torch.from_numpy(
+            arr.astype(dtype.newbyteorder("="), copy=True).reshape(entry["shape"])
+        )
         offset += nbytes
     if offset != end:
         raise BlobError(f"{what}: {end - offset} bytes after the last tensor")

@@ -26,8 +26,9 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -44,11 +45,23 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # (num-server-rounds only without DP: under DP the noise is calibrated to it). Every other key -
 # dataset, ngf, nz, seed, method, aggregation, objective, dp settings, and any key added later -
 # must be what the checkpoint was trained with.
-RESUME_MAY_CHANGE = frozenset({
-    "resume", "resume-run", "output-dir", "data-dir", "download", "device", "round-timeout",
-    "eval-every", "eval-samples", "eval-feature-metrics", "inception-weights", "fraction-evaluate",
-    "min-train-nodes",
-})
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "resume",
+        "resume-run",
+        "output-dir",
+        "data-dir",
+        "download",
+        "device",
+        "round-timeout",
+        "eval-every",
+        "eval-samples",
+        "eval-feature-metrics",
+        "inception-weights",
+        "fraction-evaluate",
+        "min-train-nodes",
+    }
+)
 
 
 class CheckpointError(ValueError):
@@ -127,7 +140,9 @@ def find_run_dir(output_dir: str | Path, name: str = "") -> Path:
     out = Path(output_dir)
     if name:
         if not _RUN_NAME.fullmatch(name) or name in (".", ".."):
-            raise CheckpointError(f"resume-run {name!r} is not a run folder name (letters, digits, '.', '_', '-')")
+            raise CheckpointError(
+                f"resume-run {name!r} is not a run folder name (letters, digits, '.', '_', '-')"
+            )
         folder = out / name
     else:
         folder = out / LATEST
@@ -151,15 +166,17 @@ class RunLock:
         self.path = Path(run_dir) / ".lock"
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             os.close(fd)
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunLocked(f"{self.path.parent} is in use by another run (lock {self.path} held); "
-                                "two runs must not share files") from None
+                raise RunLocked(
+                    f"{self.path.parent} is in use by another run (lock {self.path} held); "
+                    "two runs must not share files"
+                ) from None
             raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -172,7 +189,7 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
@@ -197,8 +214,12 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int = KEEP
     run_dir = Path(run_dir)
     scores = state["scores"]
     meta = {k: v for k, v in state.items() if k not in ("scores", "aggregator")}
-    tensors = {"scores": np.asarray(scores, dtype=np.float32) if not isinstance(scores, torch.Tensor) else scores}
-    tensors.update({f"aggregator/{k}": np.asarray(v, dtype=np.float32) for k, v in state.get("aggregator", {}).items()})
+    tensors = {
+        "scores": np.asarray(scores, dtype=np.float32) if not isinstance(scores, torch.Tensor) else scores
+    }
+    tensors.update(
+        {f"aggregator/{k}": np.asarray(v, dtype=np.float32) for k, v in state.get("aggregator", {}).items()}
+    )
     path = run_dir / f"checkpoint-{int(state['round']):06d}.ckpt"
     write_bytes_atomic(path, pack(MAGIC, meta, tensors))
     for _, old in checkpoint_files(run_dir)[:-keep]:
@@ -214,17 +235,26 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(str(err)) from None
     need = {"round", "history", "run_tag", "spec", "run_config"}
     extra = {k for k in tensors if k != "scores"}
-    if not isinstance(meta, dict) or not need <= set(meta) or "scores" not in tensors \
-            or not all(k.startswith("aggregator/") and len(k) > 11 for k in extra):
+    if (
+        not isinstance(meta, dict)
+        or not need <= set(meta)
+        or "scores" not in tensors
+        or not all(k.startswith("aggregator/") and len(k) > 11 for k in extra)
+    ):
         raise CheckpointError(f"checkpoint {path} lacks {sorted(need - set(meta or {}))} or its scores")
     if type(meta["round"]) is not int or meta["round"] < 0 or not isinstance(meta["history"], list):
         raise CheckpointError(f"checkpoint {path}: bad round or history")
     scores = tensors["scores"]
     if scores.dtype != torch.float32 or scores.dim() != 1 or not torch.isfinite(scores).all():
         raise CheckpointError(f"checkpoint {path}: scores must be a finite flat float32 vector")
-    aggregator = {k[len("aggregator/"):]: tensors[k].numpy() for k in extra}
-    if any(a.dtype != np.float32 or a.shape != (scores.numel(),) or not np.isfinite(a).all() for a in aggregator.values()):
-        raise CheckpointError(f"checkpoint {path}: aggregator state must be finite float32 vectors like the scores")
+    aggregator = {k[len("aggregator/") :]: tensors[k].numpy() for k in extra}
+    if any(
+        a.dtype != np.float32 or a.shape != (scores.numel(),) or not np.isfinite(a).all()
+        for a in aggregator.values()
+    ):
+        raise CheckpointError(
+            f"checkpoint {path}: aggregator state must be finite float32 vectors like the scores"
+        )
     return {**meta, "scores": scores, "aggregator": aggregator}
 
 
@@ -258,8 +288,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     raise CheckpointError(f"no usable checkpoint in {path}: " + "; ".join(errors))
 
 
-def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: str | Path = "the checkpoint",
-                        defaults: dict[str, Any] | None = None) -> None:
+def check_resume_config(
+    saved: dict[str, Any],
+    now: dict[str, Any],
+    where: str | Path = "the checkpoint",
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """Raise ``CheckpointError`` naming the first key that must not change on resume but did.
 
     ``saved`` and ``now`` are run configs as dicts with kebab-case keys; a key missing from
@@ -275,6 +309,8 @@ def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: str |
         old = saved.get(key, defaults.get(key))
         new = now.get(key, defaults.get(key))
         if old != new:
-            raise CheckpointError(f"resume refused: run-config key '{key}' was {old!r} in {where} and is {new!r} "
-                                  "now; it changes the model or its privacy. Set it back, or start a new run "
-                                  "(resume=false)")
+            raise CheckpointError(
+                f"resume refused: run-config key '{key}' was {old!r} in {where} and is {new!r} "
+                "now; it changes the model or its privacy. Set it back, or start a new run "
+                "(resume=false)"
+            )

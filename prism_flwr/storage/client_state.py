@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from prism_flwr.storage.blob import BlobError, pack, unpack
-from prism_flwr.storage.checkpoint import write_bytes_atomic
+from prism_flwr.model.training import ClientState
 from prism_flwr.privacy.accounting import ThetaAccountant
 from prism_flwr.privacy.randomness import new_secret
-from prism_flwr.model.training import ClientState
+from prism_flwr.storage.blob import BlobError, pack, unpack
+from prism_flwr.storage.checkpoint import write_bytes_atomic
 
 MAGIC = b"PRISMCST"
 KEEP_STATES = 4
@@ -65,12 +65,15 @@ class ClientRecord:
     def to_bytes(self) -> bytes:
         tensors = {f"score_opt/{k}": v for k, v in self.train.score_opt.items()}
         tensors.update({f"objective/{k}": v for k, v in self.train.objective.items()})
-        meta = {"accountant": self.accountant.state_dict() if self.accountant is not None else None,
-                "statistics_epsilon": float(self.statistics_epsilon), "secret": int(self.secret)}
+        meta = {
+            "accountant": self.accountant.state_dict() if self.accountant is not None else None,
+            "statistics_epsilon": float(self.statistics_epsilon),
+            "secret": int(self.secret),
+        }
         return pack(MAGIC, meta, tensors)
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "ClientRecord":
+    def from_bytes(cls, blob: bytes) -> ClientRecord:
         try:
             meta, tensors = unpack(blob, MAGIC, "client state")
         except BlobError as err:

@@ -16,11 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prism_flwr.storage.blob import strict_json
-from prism_flwr.storage.checkpoint import write_bytes_atomic
-from prism_flwr.federated.codec import HEADER_BYTES, MaskFormatError, decode_mask, encode_mask, packed_length, unpack_mask
+from prism_flwr.federated.codec import (
+    HEADER_BYTES,
+    MaskFormatError,
+    decode_mask,
+    encode_mask,
+    packed_length,
+    unpack_mask,
+)
 from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.model.masked import layout_fingerprint, num_masked, set_mask_mode, set_scores
+from prism_flwr.storage.blob import strict_json
+from prism_flwr.storage.checkpoint import write_bytes_atomic
 
 EXPORT_FORMAT = 2
 MAGIC = b"PRISMMDL"
@@ -70,13 +77,19 @@ def validate_header(header: object) -> GeneratorSpec:
     return GeneratorSpec(**gen)
 
 
-def save_sparse_model(path: str | Path, spec: GeneratorSpec, mask: np.ndarray, meta: dict | None = None) -> int:
+def save_sparse_model(
+    path: str | Path, spec: GeneratorSpec, mask: np.ndarray, meta: dict | None = None
+) -> int:
     """Write ``spec`` and the flat boolean ``mask``; returns the file size in bytes."""
     header_dict = {"format": EXPORT_FORMAT, "generator": spec.to_dict(), **(meta or {})}
     validate_header(header_dict)  # never write what load_sparse_model would refuse
     model = ResnetGenerator(spec)
     header = json.dumps(header_dict).encode()
-    body = _HEAD.pack(MAGIC, EXPORT_FORMAT, len(header)) + header + encode_mask(np.asarray(mask), layout_fingerprint(model))
+    body = (
+        _HEAD.pack(MAGIC, EXPORT_FORMAT, len(header))
+        + header
+        + encode_mask(np.asarray(mask), layout_fingerprint(model))
+    )
     blob = body + _CRC.pack(zlib.crc32(body))
     write_bytes_atomic(path, blob)
     return len(blob)
@@ -87,35 +100,41 @@ def read_sparse_model(path: str | Path, max_weights: int = MAX_WEIGHTS) -> tuple
     path = Path(path)
     with open(path, "rb") as f:
         # A model file is its mask plus a small header: never read more than the largest allowed one.
-        blob = f.read(_HEAD.size + MAX_HEADER_BYTES + HEADER_BYTES + packed_length(max_weights) + _CRC.size + 1)
+        blob = f.read(
+            _HEAD.size + MAX_HEADER_BYTES + HEADER_BYTES + packed_length(max_weights) + _CRC.size + 1
+        )
     where = str(path)
     if len(blob) < _HEAD.size + _CRC.size:
         raise ModelFileError(f"{where}: truncated ({len(blob)} bytes)")
     magic, version, hlen = _HEAD.unpack_from(blob)
     if magic != MAGIC:
         if blob[4:5] == b"{":
-            raise ModelFileError(f"{where}: written by an older version (format 1, no header checksum); "
-                                 "export it again")
+            raise ModelFileError(
+                f"{where}: written by an older version (format 1, no header checksum); export it again"
+            )
         raise ModelFileError(f"{where}: not a PRISM model file (magic {magic!r})")
     if version != EXPORT_FORMAT:
         raise ModelFileError(f"{where}: model format {version}, this build reads {EXPORT_FORMAT}")
-    if zlib.crc32(blob[:-_CRC.size]) != _CRC.unpack_from(blob, len(blob) - _CRC.size)[0]:
+    if zlib.crc32(blob[: -_CRC.size]) != _CRC.unpack_from(blob, len(blob) - _CRC.size)[0]:
         raise ModelFileError(f"{where}: checksum mismatch: the file is corrupted, truncated or too large")
     if hlen > MAX_HEADER_BYTES or _HEAD.size + hlen > len(blob) - _CRC.size:
         raise ModelFileError(f"{where}: header length {hlen} is beyond {MAX_HEADER_BYTES} bytes or the file")
-    header = strict_json(blob[_HEAD.size:_HEAD.size + hlen], ModelFileError, where)
+    header = strict_json(blob[_HEAD.size : _HEAD.size + hlen], ModelFileError, where)
     try:
         spec = validate_header(header)
     except ModelFileError as err:
         raise ModelFileError(f"{where}: {err}") from None
     count = expected_weight_count(spec)
     if count > max_weights:
-        raise ModelFileError(f"{where}: the header's generator has {count:,} weights, more than the "
-                             f"{max_weights:,} allowed")
-    mask = blob[_HEAD.size + hlen:-_CRC.size]
+        raise ModelFileError(
+            f"{where}: the header's generator has {count:,} weights, more than the {max_weights:,} allowed"
+        )
+    mask = blob[_HEAD.size + hlen : -_CRC.size]
     if len(mask) != HEADER_BYTES + packed_length(count):
-        raise ModelFileError(f"{where}: mask section is {len(mask)} bytes, the header's generator needs "
-                             f"{HEADER_BYTES + packed_length(count)}")
+        raise ModelFileError(
+            f"{where}: mask section is {len(mask)} bytes, the header's generator needs "
+            f"{HEADER_BYTES + packed_length(count)}"
+        )
     return header, spec, mask
 
 
@@ -128,7 +147,9 @@ def load_sparse_model(path: str | Path, max_weights: int = MAX_WEIGHTS) -> tuple
     model = ResnetGenerator(spec)
     n = num_masked(model)
     if n != expected_weight_count(spec):  # the architecture changed without expected_weight_count
-        raise RuntimeError(f"expected_weight_count({spec}) = {expected_weight_count(spec)}, the model has {n}")
+        raise RuntimeError(
+            f"expected_weight_count({spec}) = {expected_weight_count(spec)}, the model has {n}"
+        )
     try:
         mask = unpack_mask(decode_mask(wire, n, layout_fingerprint(model)), n)
     except MaskFormatError as err:

@@ -25,8 +25,12 @@ FAULT_ENV = "PRISM_FAULT_INJECTION"
 REPO = Path(__file__).resolve().parents[2]
 COMPONENT = "tests.support.fault_client_app:app"
 # message type -> secure-aggregation step (the masked vector leaves with the training reply)
-SECAGG_STEPS = {"query.secagg_advertise": "advertise", "query.secagg_share": "share", "train": "masked",
-                "query.secagg_unmask": "unmask"}
+SECAGG_STEPS = {
+    "query.secagg_advertise": "advertise",
+    "query.secagg_share": "share",
+    "train": "masked",
+    "query.secagg_unmask": "unmask",
+}
 
 
 def injected_fault(pid: int) -> str | None:
@@ -48,7 +52,7 @@ def fault_mod(msg: Message, context: Context, call_next) -> Message:
         raise RuntimeError(f"{FAULT_ENV}: partition {pid} fails on purpose")
     reply = call_next(msg, context)
     if fault == "corrupt":
-        key = next(k for k in reply.content.keys() if k != METRICS_KEY)
+        key = next(k for k in reply.content if k != METRICS_KEY)
         payload = reply.content[key][key].numpy().copy()
         payload[-1] ^= 0xFF
         reply.content[key] = ArrayRecord({key: Array(payload)})
@@ -64,12 +68,25 @@ for _step in ("advertise", "share", "unmask"):
 
 def fault_app_dir(dest: Path) -> Path:
     """A copy of this app (what Flower packs of it) whose pyproject loads the fault-injecting app."""
-    skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", "outputs", "data", "results", "docs", "*.png",
-                                  ".pytest_cache", ".hypothesis", "*.egg-info")
+    skip = shutil.ignore_patterns(
+        ".git",
+        ".venv",
+        "__pycache__",
+        "outputs",
+        "data",
+        "results",
+        "docs",
+        "*.png",
+        ".pytest_cache",
+        ".hypothesis",
+        "*.egg-info",
+    )
     shutil.copytree(REPO, dest, ignore=skip)
     pyproject = dest / "pyproject.toml"
-    text, n = re.subn(r'(?m)^clientapp = "client_app:app"$', f'clientapp = "{COMPONENT}"', pyproject.read_text())
+    text, n = re.subn(
+        r'(?m)^clientapp = "client_app:app"$', f'clientapp = "{COMPONENT}"', pyproject.read_text()
+    )
     if n != 1:
-        raise RuntimeError("pyproject.toml: no `clientapp = \"client_app:app\"` line to replace")
+        raise RuntimeError('pyproject.toml: no `clientapp = "client_app:app"` line to replace')
     pyproject.write_text(text)
     return dest

@@ -15,13 +15,48 @@ import numpy as np
 from PIL import Image
 
 CELEBA_SIZE = (178, 218)  # width, height of img_align_celeba JPEGs
-CELEBA_ATTRS = (
-    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair Blond_Hair "
-    "Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup High_Cheekbones "
-    "Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline "
-    "Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick "
-    "Wearing_Necklace Wearing_Necktie Young"
-).split()
+CELEBA_ATTRS = [
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
+]
 MALE = CELEBA_ATTRS.index("Male")
 
 
@@ -86,20 +121,37 @@ def write_cifar10(root: Path, per_batch: int, n_test: int, seed: int = 0) -> dic
         colours = rng.integers(0, 256, (n, 3), dtype=np.uint8)
         images = np.broadcast_to(colours[:, :, None, None], (n, 3, 32, 32)).copy()
         labels = rng.integers(0, 10, n).tolist()
-        _py2_pickle(base / file, {
-            "batch_label": f"{'testing' if file == 'test_batch' else 'training'} batch 1 of 1",
-            "labels": labels,
-            "data": images.reshape(n, 3072),
-            "filenames": [f"fixture_{file}_{i}.png" for i in range(n)],
-        })
+        _py2_pickle(
+            base / file,
+            {
+                "batch_label": f"{'testing' if file == 'test_batch' else 'training'} batch 1 of 1",
+                "labels": labels,
+                "data": images.reshape(n, 3072),
+                "filenames": [f"fixture_{file}_{i}.png" for i in range(n)],
+            },
+        )
         split = "test" if file == "test_batch" else "train"
         arrays.setdefault(f"{split}_images", []).append(images)
         arrays.setdefault(f"{split}_labels", []).append(np.asarray(labels))
-    _py2_pickle(base / "batches.meta", {
-        "num_cases_per_batch": per_batch,
-        "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-        "num_vis": 3072,
-    })
+    _py2_pickle(
+        base / "batches.meta",
+        {
+            "num_cases_per_batch": per_batch,
+            "label_names": [
+                "airplane",
+                "automobile",
+                "bird",
+                "cat",
+                "deer",
+                "dog",
+                "frog",
+                "horse",
+                "ship",
+                "truck",
+            ],
+            "num_vis": 3072,
+        },
+    )
     return {key: np.concatenate(value) for key, value in arrays.items()}
 
 
@@ -117,7 +169,7 @@ def write_celeba(root: Path, partitions: list[int], male: list[int], centre_gree
     for name, green in zip(names, centre_green):
         pixels = np.zeros((height, width, 3), dtype=np.uint8)
         pixels[:, :, 0] = 220
-        pixels[top:top + 160, left:left + 160] = (0, green, 0)
+        pixels[top : top + 160, left : left + 160] = (0, green, 0)
         Image.fromarray(pixels).save(base / "img_align_celeba" / name, quality=95, subsampling=0)
     count = f"{len(names)}\n"
     attrs = [np.where(np.arange(len(CELEBA_ATTRS)) % 3 == 0, 1, -1) for _ in names]
@@ -126,14 +178,19 @@ def write_celeba(root: Path, partitions: list[int], male: list[int], centre_gree
     texts = {
         "list_eval_partition.txt": "".join(f"{n} {p}\n" for n, p in zip(names, partitions)),
         "identity_CelebA.txt": "".join(f"{n} {2880 + i}\n" for i, n in enumerate(names)),
-        "list_attr_celeba.txt": count + " ".join(CELEBA_ATTRS) + " \n"  # the official header ends with a space
+        "list_attr_celeba.txt": count
+        + " ".join(CELEBA_ATTRS)
+        + " \n"  # the official header ends with a space
         + "".join(n + "".join(f"{v:3d}" for v in row) + "\n" for n, row in zip(names, attrs)),
-        "list_bbox_celeba.txt": count + "image_id x_1 y_1 width height\n"
+        "list_bbox_celeba.txt": count
+        + "image_id x_1 y_1 width height\n"
         + "".join(f"{n}{95:6d}{71:4d}{226:4d}{313:4d}\n" for n in names),
         "list_landmarks_align_celeba.txt": count
         + "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y\n"
-        + "".join(f"{n} 69" + "".join(f"{v:5d}" for v in (109, 106, 113, 77, 142, 73, 152, 108, 154)) + "\n"
-                  for n in names),
+        + "".join(
+            f"{n} 69" + "".join(f"{v:5d}" for v in (109, 106, 113, 77, 142, 73, 152, 108, 154)) + "\n"
+            for n in names
+        ),
     }
     for file, text in texts.items():
         (base / file).write_text(text)
@@ -164,10 +221,10 @@ class FakeResponse:
 
     def read(self, size: int = -1) -> bytes:
         end = len(self._body) if size < 0 else self._pos + size
-        chunk, self._pos = self._body[self._pos:end], min(end, len(self._body))
+        chunk, self._pos = self._body[self._pos : end], min(end, len(self._body))
         return chunk
 
-    def __enter__(self) -> "FakeResponse":
+    def __enter__(self) -> FakeResponse:
         return self
 
     def __exit__(self, *exc: object) -> None:

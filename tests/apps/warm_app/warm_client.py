@@ -20,6 +20,7 @@ def train(msg: Message, context: Context) -> Message:
         threading.Timer(0.5, os._exit, (3,)).start()
     seen = int(context.state["seen"]["n"]) if "seen" in context.state else 0
     context.state["seen"] = MetricRecord({"n": seen + 1})
-    metrics = MetricRecord({"pid": os.getpid(), "handled": HANDLED["count"], "round": server_round,
-                            "state_seen": seen + 1})
+    metrics = MetricRecord(
+        {"pid": os.getpid(), "handled": HANDLED["count"], "round": server_round, "state_seen": seen + 1}
+    )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -10,8 +10,15 @@ app = ServerApp()
 
 
 def _one_round(grid: Grid, nodes: list[int], server_round: int) -> list[dict]:
-    messages = [Message(RecordDict({"config": ConfigRecord({"round": server_round})}), dst_node_id=node,
-                        message_type=MessageType.TRAIN, group_id=str(server_round)) for node in nodes]
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({"round": server_round})}),
+            dst_node_id=node,
+            message_type=MessageType.TRAIN,
+            group_id=str(server_round),
+        )
+        for node in nodes
+    ]
     waiting = set(grid.push_messages(messages))
     replies = []
     while waiting:
@@ -37,7 +44,12 @@ def main(grid: Grid, context: Context) -> None:
         if server_round > 1:
             time.sleep(float(context.run_config["pause"]))
         t0 = time.time()
-        rounds.append({"round": server_round, "replies": _one_round(grid, nodes, server_round),
-                       "seconds": time.time() - t0})
+        rounds.append(
+            {
+                "round": server_round,
+                "replies": _one_round(grid, nodes, server_round),
+                "seconds": time.time() - t0,
+            }
+        )
     with open(context.run_config["out-file"], "w") as f:
         json.dump(rounds, f)
