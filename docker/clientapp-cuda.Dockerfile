@@ -63,6 +63,6 @@ COPY --chown=app:app prism_flwr/ prism_flwr/
 COPY --chown=app:app strategies/ strategies/
 RUN sed -i 's/"flwr\[simulation\]/"flwr/' pyproject.toml \
     && python -m pip install --no-cache-dir . \
-    && mkdir -p /app/.cache/prism-flwr/data /app/prism-flwr/outputs
+    && mkdir -p /app/.cache/prism-flwr/data /app/prism-flwr/outputs /app/.local/state/prism-flwr
 
 ENTRYPOINT ["flower-superexec"]

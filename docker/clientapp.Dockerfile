@@ -44,7 +44,7 @@ COPY --chown=app:app strategies/ strategies/
 # there start writable (run-config data-dir ~/.cache/prism-flwr/data and output-dir ~/prism-flwr/outputs).
 RUN sed -i 's/"flwr\[simulation\]/"flwr/' pyproject.toml \
     && python -m pip install --no-cache-dir . \
-    && mkdir -p /app/.cache/prism-flwr/data /app/prism-flwr/outputs
+    && mkdir -p /app/.cache/prism-flwr/data /app/prism-flwr/outputs /app/.local/state/prism-flwr
 
 ENV FLWR_DISABLE_UPDATE_CHECK=1
 ENTRYPOINT ["flower-superexec"]

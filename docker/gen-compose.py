@@ -21,7 +21,8 @@ Services (one host; docs/deployment.md splits them over machines), on two networ
   superexec-clientapp-<i>  this app's ClientApp image (CPU, or CUDA with --gpu); runs ClientApps
                          for supernode-<i> over its Runtime API (supernode-<i>:9094)
 Volumes: prism-data (datasets, = run-config data-dir ~/.cache/prism-flwr/data in the images),
-prism-outputs (ServerApp output-dir) and prism-outputs-<i> (each node's output-dir: client-state).
+prism-outputs (ServerApp output-dir) and prism-state-<i> (each node's state-dir: client state and
+the privacy ledger, which must outlive the container or the node's DP budget would start afresh).
 Without --tls everything is plain HTTP and every published port binds 127.0.0.1: for trying it
 on one machine only. WARNING: insecure; never expose it.
 --tls   SuperLink and fleet-proxy serve HTTPS with docker/certs/out/{ca.crt,server.pem,server.key}
@@ -52,6 +53,7 @@ FLEET_PREFIX = "/v1/fleet/"
 NODE_PORT = 9094  # SuperNode Runtime API port (1.42 default); each node is its own container
 DATA = "/app/.cache/prism-flwr/data"  # default run-config data-dir under the images' HOME=/app
 OUTPUTS = "/app/prism-flwr/outputs"  # default run-config output-dir ~/prism-flwr/outputs, HOME=/app
+STATE = "/app/.local/state/prism-flwr"  # default node-config state-dir ~/.local/state/prism-flwr, HOME=/app
 CERTS = "/app/certificates"
 # SuperExec looks for a new task (a round's ClientApp or the ServerApp) every second by default;
 # every 0.1 s a round's ClientApps start up to 0.9 s sooner (one local request per poll).
@@ -243,7 +245,7 @@ def compose(nodes: int, tls: bool, auth: bool, gpu: bool) -> dict:
             # The Runtime API stays on the Compose network (no `ports:`), so plain HTTP here.
             "command": ["--insecure", "--runtime-api-address", f"supernode-{i}:{NODE_PORT}"],
             "environment": ENV,
-            "volumes": [f"prism-data:{DATA}", f"prism-outputs-{i}:{OUTPUTS}"],
+            "volumes": [f"prism-data:{DATA}", f"prism-state-{i}:{STATE}"],
             "networks": ["fleet"],
             "stop_signal": "SIGINT",
             "restart": "on-failure",
@@ -258,7 +260,7 @@ def compose(nodes: int, tls: bool, auth: bool, gpu: bool) -> dict:
                 }
             }
         services[f"superexec-clientapp-{i}"] = exe
-        volumes[f"prism-outputs-{i}"] = {}
+        volumes[f"prism-state-{i}"] = {}
 
     spec: dict = {
         "name": "prism-flwr",

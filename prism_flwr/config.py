@@ -46,7 +46,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
 
-    # data (data-dir and download: the server's own evaluation data; a client uses its node config's)
+    # data
     dataset: Literal["mnist", "fmnist", "cifar10", "celeba"] = Field(
         "fmnist", description="the dataset, 32x32 (files and downloads: docs/data.md)"
     )

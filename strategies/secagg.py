@@ -340,6 +340,7 @@ class SecAggMADA(MADA):
         self.phase_timeout = phase_timeout  # each setup / unmask exchange
 
         self._grid = None
+        self._sampled = 0  # clients sampled this round
         self._server = None  # secagg ServerState of the round in progress
         self._notes = _new_notes()
 
@@ -393,6 +394,7 @@ class SecAggMADA(MADA):
         self._notes = _new_notes()
         rnd = server_round + self.round_offset
         nodes = sorted(m.metadata.dst_node_id for m in messages)
+        self._sampled = len(nodes)  # asked to take part, whether or not they got as far as training
         try:
             if len(nodes) < 2:
                 raise RoundSkipped(f"round skipped: {len(nodes)} clients sampled, secure aggregation needs 2")
@@ -484,7 +486,8 @@ class SecAggMADA(MADA):
         # every message of the round, both ways, in the wire counts
         record["uplink_wire_bytes"] = record.get("uplink_wire_bytes", 0) + notes["up"]
         record["downlink_wire_bytes"] = (record.get("downlink_wire_bytes") or 0) + notes["down"]
-        if asked := len(self._sent):
+        record["asked"] = self._sampled
+        if asked := self._sampled:
             per_client = {
                 "up": record["uplink_wire_bytes"] / asked,
                 "down": record["downlink_wire_bytes"] / asked,

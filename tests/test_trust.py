@@ -36,7 +36,7 @@ def _data(n: int = 16) -> tuple[torch.Tensor, list[int]]:
 
 
 def _global(cfg: RunConfig) -> np.ndarray:
-    return PRISM.settle(get_scores(ResnetGenerator(generator_spec(cfg))).numpy(), cfg, None)
+    return PRISM.downlink(cfg).settle(get_scores(ResnetGenerator(generator_spec(cfg))).numpy())
 
 
 def _upload(cfg: RunConfig, record=None, pid: int = 0, rnd: int = 1) -> tuple[np.ndarray, list[torch.Tensor]]:
@@ -260,7 +260,7 @@ def call_train(task_identity, monkeypatch, tmp_path):
     def call(run: dict, node: dict, n_images: int = 16, tag: str = "aaaa0001", rnd: int = 1):
         monkeypatch.setattr(client_app, "client_data", lambda cfg, pid, num, device: _data(n_images))
         cfg = RunConfig.parse({**TINY, **run})
-        sent = Array(PRISM.pack_global(_global(cfg), cfg))
+        sent = Array(PRISM.downlink(cfg).encode(_global(cfg)))
         content = RecordDict(
             {
                 "config": ConfigRecord({"server-round": rnd, "run-tag": tag}),
