@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -16,15 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Words about how the project was made rather than what it is: work tickets, work sessions, borrowed
 # machines, people. Each pattern is narrow enough that ordinary words ("tissue", a pytest "session"
 # fixture, a process "session", a "helper" function) never match.
-PROCESS_WORDS = re.compile(
-    r"\bthe issue\b|\bissue \d+|\(issue\b|\bissue's\b|\bissues? (asked|said|targets?)\b"
-    r"|\b(this|last|previous|next|that|each|every) session\b|\bsession's\b|\bsessions'"
-    r"|\blent\b|\blending\b"
-    r"|\bthe lead\b|\blead's\b"
-    r"|\b(another|other) helpers?\b|\bby (a|the|another) helper\b|\bhelpers?'s?\b (job|session|run)"
-    r"|\bthe GPU machine we\b|\bwe were (lent|given)\b|\bengineers?'?\b",
-    re.IGNORECASE,
-)
+# The pattern and its examples are data (tests/support/process_words.json, skipped by the scan like
+# every JSON file), so this file does not quote the phrases it forbids.
+_WORDS = json.loads((Path(__file__).parent / "support" / "process_words.json").read_text())
+PROCESS_WORDS = re.compile(_WORDS["pattern"], re.IGNORECASE)
 
 SELF = Path(__file__).resolve().relative_to(ROOT).as_posix()
 
@@ -77,23 +73,7 @@ def test_allowed_values_come_from_the_types():
     assert gen_config_docs.allowed(fields["dp_clip"]) == "number > 0, < 0.5"
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "as the issue asked",
-        "FD in issue 16",
-        "security (issue 16)",
-        "the issue's run",
-        "in this session",
-        "the last session's figures",
-        "no GPU was lent",
-        "the machine we were lent",
-        "kept for the lead's seeding",
-        "another helper measured it",
-        "the GPU machine we had",
-        "shared with other engineers' jobs",
-    ],
-)
+@pytest.mark.parametrize("text", _WORDS["caught"])
 def test_process_words_are_caught(text):
     assert PROCESS_WORDS.search(text)
 
