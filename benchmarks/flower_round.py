@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from tools import procs
-from tools.flowerkit import exe, flower_env, online_nodes, write_connection
+from tools.flowerkit import exe, flower_env, online_nodes, start_superlink, write_connection
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("deployment", "warm", "warm-poll", "simulation")
@@ -69,21 +69,7 @@ def through_flower(
             if engine == "simulation"
             else []
         )
-        link = ps.start(
-            [
-                exe("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                *sim,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link_port),
-            ],
-            env=env,
-            log_path=logs / "superlink.log",
-        )
-        procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
+        link = start_superlink(ps, link_port, env, logs / "superlink.log", extra=tuple(sim))
         if engine == "simulation":  # Ray workers, each hosting clients one after another
             cpus = max(1, (os.cpu_count() or 1) // nodes) if not gpus_per_client else 1
             federation = [

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from tools import procs
-from tools.flowerkit import REPO, exe, flower_env, online_nodes, write_connection
+from tools.flowerkit import REPO, exe, flower_env, online_nodes, start_superlink, write_connection
 
 IGNORED = {"time"}  # wall-clock
 PER_NODE = {"dp_epsilon_per_client", "label_histograms"}  # keyed by random node ids: values compared
@@ -53,20 +53,7 @@ def run(run_config: str, nodes: int, work: Path, timeout: float) -> dict:
     link_port, node_ports = procs.free_port(), procs.free_ports(nodes)
     write_connection(home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
     with procs.Processes() as ps:
-        link = ps.start(
-            [
-                exe("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link_port),
-            ],
-            env=env,
-            log_path=logs / "superlink.log",
-        )
-        procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
+        link = start_superlink(ps, link_port, env, logs / "superlink.log")
         started = [
             ps.start(
                 [

@@ -42,6 +42,7 @@ from tools.flowerkit import (
     newest_run,
     nginx,
     online_nodes,
+    start_superlink,
     write_connection,
 )
 
@@ -66,20 +67,7 @@ def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
 
     t0 = time.monotonic()
     with procs.Processes() as ps:
-        link = ps.start(
-            [
-                exe("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link_port),
-            ],
-            env=env,
-            log_path=logs / "superlink.log",
-        )
-        procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
+        link = start_superlink(ps, link_port, env, logs / "superlink.log")
         fleet = link_port
         if nginx():  # the SuperNodes see only the Fleet API, as in docker/compose.yaml
             proxy = ps.start(

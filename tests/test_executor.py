@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tools import procs
-from tools.flowerkit import REPO, exe, flower_env, newest_run, online_nodes, write_connection
+from tools.flowerkit import REPO, exe, flower_env, newest_run, online_nodes, start_superlink, write_connection
 
 APP = Path(__file__).resolve().parent / "apps" / "warm_app"
 RUN_TIMEOUT = 120  # seconds for `flwr run` of 3 rounds (about 15 s on 2 busy cores)
@@ -56,20 +56,7 @@ def _run_warm(
     link_port, node_ports = procs.free_port(), procs.free_ports(nodes)
     write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
     with procs.Processes() as ps:
-        link = ps.start(
-            [
-                exe("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link_port),
-            ],
-            env=env,
-            log_path=logs / "superlink.log",
-        )
-        procs.wait_for_port("127.0.0.1", link_port, timeout=60, procs=[link])
+        link = start_superlink(ps, link_port, env, logs / "superlink.log")
         started = [link]
         for i, port in enumerate(node_ports):
             supernode = (

@@ -57,6 +57,29 @@ def flwr_json(args: list[str], env: dict[str, str]) -> dict:
         raise AssertionError(f"flwr {' '.join(args)}: not JSON:\n{out.stdout}\n{out.stderr}") from None
 
 
+def start_superlink(ps, port: int, env: dict[str, str], log_path: Path, extra: tuple[str, ...] = ()):
+    """An insecure SuperLink on 127.0.0.1:``port`` (``extra``: more flags, e.g. ``--simulation``),
+    started under ``ps`` (tools.procs.Processes) and waited for; returns its process."""
+    from tools import procs
+
+    link = ps.start(
+        [
+            exe("flower-superlink"),
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            *extra,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        log_path=log_path,
+    )
+    procs.wait_for_port("127.0.0.1", port, timeout=60, procs=[link])
+    return link
+
+
 def write_connection(flwr_home: Path, name: str, address: str, **options: str | bool) -> None:
     lines = [f"[superlink.{name}]", f'address = "{address}"']
     lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
