@@ -45,6 +45,12 @@ from prism_flwr.federated.client_round import (
     statistics_params,
     theta_noise_multiplier,
 )
+from prism_flwr.federated.client_state import (
+    ClientRecord,
+    client_state_dir,
+    read_latest_state_file,
+    write_state_file,
+)
 from prism_flwr.federated.methods import method_for
 from prism_flwr.federated.records import METRICS_KEY
 from prism_flwr.federated.secure_sum import own_mask
@@ -53,12 +59,6 @@ from prism_flwr.model.masked import layout_fingerprint
 from prism_flwr.node_config import NodeConfig, NodeConfigError, Refusal
 from prism_flwr.privacy import insecure_test_secret
 from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
-from prism_flwr.storage.client_state import (
-    ClientRecord,
-    client_state_dir,
-    read_latest_state_file,
-    write_state_file,
-)
 from strategies.secagg import STATE_KEY as SECAGG_STATE_KEY
 from strategies.secagg import client_advertise, client_mask, client_share, client_unmask
 

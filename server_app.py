@@ -27,6 +27,7 @@ from prism_flwr.data.datasets import NUM_CLASSES
 from prism_flwr.evaluation.evaluator import Evaluator, save_grid
 from prism_flwr.evaluation.plots import plot_history
 from prism_flwr.evaluation.summary import closing_summary
+from prism_flwr.federated.export import dense_float32_bytes
 from prism_flwr.federated.methods import Method, method_for
 from prism_flwr.model.build import generator_spec, pick_device
 from prism_flwr.model.generator import ResnetGenerator, generate
@@ -39,9 +40,8 @@ from prism_flwr.storage.checkpoint import (
     new_run_dir,
     point_latest,
     save_checkpoint,
-    write_text_atomic,
 )
-from prism_flwr.storage.export import dense_float32_bytes
+from prism_flwr.storage.files import write_text_atomic
 from strategies.base import RecordingFedAvg
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA

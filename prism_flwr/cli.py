@@ -19,7 +19,7 @@ import sys
 
 from prism_flwr.config import RunConfig
 from prism_flwr.data.datasets import DATASETS, DatasetMissingError, load_dataset
-from prism_flwr.storage.export import ModelFileError
+from prism_flwr.federated.export import ModelFileError
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -32,8 +32,8 @@ def _data(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from prism_flwr.evaluation.evaluator import save_grid
+    from prism_flwr.federated.export import load_sparse_model
     from prism_flwr.model.generator import generate
-    from prism_flwr.storage.export import load_sparse_model
 
     model, header = load_sparse_model(args.model)
     save_grid(generate(model, args.n, args.seed), args.out)
@@ -43,8 +43,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from prism_flwr.evaluation.evaluator import Evaluator
+    from prism_flwr.federated.export import load_sparse_model
     from prism_flwr.model.build import pick_device
-    from prism_flwr.storage.export import load_sparse_model
 
     model, header = load_sparse_model(args.model)
     dataset = args.dataset or header.get("dataset")

@@ -10,15 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
-from prism_flwr.model.masked import get_scores, masked_layers, num_masked, set_mask_mode
-from prism_flwr.storage.export import (
+from prism_flwr.federated.export import (
     ModelFileError,
     dense_float32_bytes,
     expected_weight_count,
     load_sparse_model,
     save_sparse_model,
 )
+from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
+from prism_flwr.model.masked import get_scores, masked_layers, num_masked, set_mask_mode
 
 
 def test_round_trip_rebuilds_the_masked_network(tmp_path):

@@ -18,6 +18,14 @@ from hypothesis import strategies as st
 
 from prism_flwr.config import RunConfig
 from prism_flwr.federated.aggregation import AggregationError
+from prism_flwr.federated.client_state import (
+    ClientRecord,
+    StateError,
+    client_state_dir,
+    read_latest_state_file,
+    validate_run_tag,
+    write_state_file,
+)
 from prism_flwr.model.training import ClientState
 from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
 from prism_flwr.storage.checkpoint import (
@@ -31,14 +39,6 @@ from prism_flwr.storage.checkpoint import (
     new_run_dir,
     point_latest,
     save_checkpoint,
-)
-from prism_flwr.storage.client_state import (
-    ClientRecord,
-    StateError,
-    client_state_dir,
-    read_latest_state_file,
-    validate_run_tag,
-    write_state_file,
 )
 from tools import security_probe as sp
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from prism_flwr.federated.codec import HEADER_BYTES
+from prism_flwr.federated.export import load_sparse_model
 from prism_flwr.model.generator import generate
 from prism_flwr.model.masked import num_masked
 from prism_flwr.storage.checkpoint import load_checkpoint
-from prism_flwr.storage.export import load_sparse_model
 from tests.support.fault_client_app import FAULT_ENV, fault_app_dir
 from tools import procs
 from tools.flowerkit import REPO, exe, flower_env, newest_run, write_connection

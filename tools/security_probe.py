@@ -525,7 +525,7 @@ _MODEL_CACHE: dict = {}
 
 def model_file_bytes() -> bytes:
     if "blob" not in _MODEL_CACHE:
-        from prism_flwr.storage.export import expected_weight_count, save_sparse_model
+        from prism_flwr.federated.export import expected_weight_count, save_sparse_model
 
         with tempfile.TemporaryDirectory() as tmp:
             mask = np.random.default_rng(0).random(expected_weight_count(_spec())) < 0.5
@@ -536,7 +536,7 @@ def model_file_bytes() -> bytes:
 
 def model_with_header(header: bytes | dict, mask: bytes | None = None, hlen: int | None = None) -> bytes:
     """A model file with this header and a VALID checksum: only the schema can refuse it."""
-    from prism_flwr.storage.export import EXPORT_FORMAT, MAGIC
+    from prism_flwr.federated.export import EXPORT_FORMAT, MAGIC
 
     blob = model_file_bytes()
     old_hlen = struct.unpack_from("<I", blob, 12)[0]
@@ -601,7 +601,7 @@ def refused(call, refusal: type[Exception] | tuple[type[Exception], ...]) -> str
 
 
 def probe_model(rng: np.random.Generator, crafted: bool) -> str:
-    from prism_flwr.storage.export import ModelFileError, load_sparse_model
+    from prism_flwr.federated.export import ModelFileError, load_sparse_model
 
     blob = crafted_model(rng) if crafted else _damage(rng, model_file_bytes())
     if rng.random() < 0.05 and not crafted:
@@ -647,8 +647,8 @@ def probe_checkpoint(rng: np.random.Generator) -> str:
 def probe_client_state(rng: np.random.Generator) -> str:
     import torch
 
+    from prism_flwr.federated.client_state import ClientRecord, StateError
     from prism_flwr.model.training import ClientState
-    from prism_flwr.storage.client_state import ClientRecord, StateError
 
     rec = ClientRecord(ClientState({"0.exp_avg": torch.ones(4), "0.step": torch.tensor(3.0)}, {}))
     blob = _damage(rng, rec.to_bytes())
@@ -696,7 +696,7 @@ def probe_ledger(rng: np.random.Generator) -> str:
 
 
 def probe_run_tag(rng: np.random.Generator) -> str:
-    from prism_flwr.storage.client_state import client_state_dir
+    from prism_flwr.federated.client_state import client_state_dir
 
     tag = rng.choice(
         [

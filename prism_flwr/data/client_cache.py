@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prism_flwr.storage.checkpoint import write_bytes_atomic
+from prism_flwr.storage.files import write_bytes_atomic
 from prism_flwr.config import RunConfig
 from prism_flwr.data.datasets import IMAGE_SIZE, NUM_CHANNELS, NUM_CLASSES, expected_files, load_dataset, to_float
 from prism_flwr.data.partition import label_histogram, partition_indices

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from prism_flwr.config import RunConfig
+from prism_flwr.federated.client_state import ClientRecord
 from prism_flwr.federated.methods import Method, dp_theta_release
 from prism_flwr.federated.seeds import derive_seed
 from prism_flwr.model.build import generator_spec
@@ -44,7 +45,6 @@ from prism_flwr.privacy import (
     statistics_noise_multiplier,
 )
 from prism_flwr.privacy.ledger import LedgerError, LedgerSession
-from prism_flwr.storage.client_state import ClientRecord
 
 # Metrics a client may report under dp = "statistics" (training saw only the DP statistics);
 # under dp = "theta" nothing computed from data leaves the client but the mask.

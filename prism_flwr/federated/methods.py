@@ -19,6 +19,7 @@ from torch import nn
 from prism_flwr.config import RunConfig
 from prism_flwr.federated.broadcast import DOWNLINKS, Downlink
 from prism_flwr.federated.codec import encode_mask, mask_model
+from prism_flwr.federated.export import load_sparse_model, save_sparse_model
 from prism_flwr.federated.records import MASK_KEY, SCORES_KEY, WEIGHTS_KEY
 from prism_flwr.model.masked import (
     get_flat,
@@ -30,7 +31,6 @@ from prism_flwr.model.masked import (
 )
 from prism_flwr.model.training import TrainSettings
 from prism_flwr.privacy import privatize_theta
-from prism_flwr.storage.export import load_sparse_model, save_sparse_model
 
 
 @dataclass(frozen=True)

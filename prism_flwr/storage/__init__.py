@@ -1,1 +1,2 @@
-"""What is written to disk: checkpoints, client state and ledger, the exported model, blobs."""
+"""Low-level I/O below every layer: atomic file writes, the pickle-free blob format, run folders,
+checkpoints, optimizer tensors. Nothing here imports the rest of the package."""

@@ -27,7 +27,7 @@ from prism_flwr.federated.codec import (
 from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.model.masked import layout_fingerprint, num_masked, set_mask_mode, set_scores
 from prism_flwr.storage.blob import strict_json
-from prism_flwr.storage.checkpoint import write_bytes_atomic
+from prism_flwr.storage.files import write_bytes_atomic
 
 EXPORT_FORMAT = 2
 MAGIC = b"PRISMMDL"

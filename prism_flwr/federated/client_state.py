@@ -20,7 +20,7 @@ from prism_flwr.model.training import ClientState
 from prism_flwr.privacy.accounting import ThetaAccountant
 from prism_flwr.privacy.randomness import new_secret
 from prism_flwr.storage.blob import BlobError, pack, unpack
-from prism_flwr.storage.checkpoint import write_bytes_atomic
+from prism_flwr.storage.files import write_bytes_atomic
 
 MAGIC = b"PRISMCST"
 KEEP_STATES = 4
