@@ -41,12 +41,10 @@ from prism_flwr.federated.client_round import (
     model_with,
     new_record,
     received_vector,
-    release_multiplier,
-    statistics_params,
-    theta_noise_multiplier,
 )
 from prism_flwr.federated.client_state import (
     ClientRecord,
+    answered_rounds,
     client_state_dir,
     read_latest_state_file,
     write_state_file,
@@ -58,7 +56,8 @@ from prism_flwr.model.build import pick_device
 from prism_flwr.model.masked import layout_fingerprint
 from prism_flwr.node_config import NodeConfig, NodeConfigError, Refusal
 from prism_flwr.privacy import insecure_test_secret
-from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
+from prism_flwr.privacy.ledger import LedgerError
+from prism_flwr.privacy.modes import PrivacyModeError, hides_errors, privacy_for
 from strategies.secagg import STATE_KEY as SECAGG_STATE_KEY
 from strategies.secagg import client_advertise, client_mask, client_share, client_unmask
 
@@ -92,53 +91,31 @@ def node_for_run(context: Context, cfg: RunConfig) -> NodeConfig:
         node = NodeConfig.parse(context.node_config)
     except NodeConfigError as err:
         raise Refusal(str(err)) from None
-    if (why := node.refusal(cfg.dp, cfg.dp_epsilon, cfg.dp_delta)) is not None:
+    if (why := node.refusal(privacy_for(cfg), cfg.dp_epsilon, cfg.dp_delta)) is not None:
         raise Refusal(why)
     return node
 
 
-def open_ledger(node: NodeConfig, cfg: RunConfig, msg: Message, server_round: int) -> LedgerSession:
-    """The node's ledger for this data (never keyed by what the server sends), checked for one more
-    release."""
-    key = {
-        "dataset": cfg.dataset,
-        "data-dir": str(node.resolved("data_dir")),
-        "partition-id": node.partition_id,
-        "num-partitions": node.num_partitions,
-    }
-    ledger = PrivacyLedger(node.resolved("state_dir"), key, node.dp_budget, node.max_dp_delta)
-    session = LedgerSession(ledger, str(msg.content["config"]["run-tag"]), server_round)
-    session.precheck(cfg.dp, release_multiplier(cfg), statistics_params(cfg))
-    return session
-
-
-def load_client_state(
-    msg: Message,
-    context: Context,
-    cfg: RunConfig,
-    node: NodeConfig,
-    server_round: int,
-    ledger: LedgerSession | None,
-) -> ClientRecord:
-    """The newest state this client saved before ``server_round`` (memory first, then disk).
-
-    Under DP the run's accountant is always rebuilt from the node's append-only ledger, whatever a
-    state file says: losing or rolling back state never hands out a fresh budget."""
+def load_client_state(msg: Message, context: Context, cfg: RunConfig, node: NodeConfig, server_round: int):
+    """(the newest state this client saved before ``server_round``, the state it saved AT that round
+    or None): memory first, then disk. ``Refusal`` when it has answered a later round of this run."""
+    folder = _state_dir(node, msg)
     rec = context.state.config_records.get(STATE_KEY)
+    newest = max([*answered_rounds(folder, node.partition_id), rec["round"] if rec is not None else 0])
+    if newest > server_round:
+        raise Refusal(
+            f"node refuses round {server_round}: it has answered round {newest} of this run "
+            "(rounds only go forward)"
+        )
+    if newest == server_round:  # asked again: the answer it gave, never a second draw
+        blob = rec["blob"] if rec is not None and rec["round"] == server_round else None
+        blob = blob or answered_rounds(folder, node.partition_id)[server_round].read_bytes()
+        return None, ClientRecord.from_bytes(blob)
     if rec is not None and rec["round"] < server_round:
-        record = ClientRecord.from_bytes(rec["blob"])
-    elif (
-        saved := read_latest_state_file(_state_dir(node, msg), node.partition_id, server_round)
-    ) is not None:
-        record = ClientRecord.from_bytes(saved[1])
-    else:
-        record = _fresh_record(cfg, node.partition_id)
-    if ledger is not None and cfg.dp == "theta":
-        with ledger.ledger.locked() as led:
-            record.accountant = led.accountant(
-                ledger.run, theta_noise_multiplier(cfg), cfg.dp_delta, cfg.dp_epsilon
-            )
-    return record
+        return ClientRecord.from_bytes(rec["blob"]), None
+    if (saved := read_latest_state_file(folder, node.partition_id, server_round)) is not None:
+        return ClientRecord.from_bytes(saved[1]), None
+    return _fresh_record(cfg, node.partition_id), None
 
 
 def save_client_state(
@@ -196,10 +173,10 @@ def _held_record(cfg: RunConfig, method, vector: np.ndarray) -> dict:
 def train(msg: Message, context: Context) -> Message:
     try:
         return _train(msg, context)
-    except (Refusal, LedgerError):  # about configuration and budget, not the data: said as is
+    except (Refusal, LedgerError, PrivacyModeError):  # about configuration and budget, not the data
         raise
     except Exception:
-        if context.run_config.get("dp", "off") == "off":
+        if not hides_errors(context.run_config.get("dp", "off")):
             raise
         log.exception("client round failed under DP; the server is told only %r", DP_FAILURE)
         raise RuntimeError(DP_FAILURE) from None
@@ -209,24 +186,43 @@ def _train(msg: Message, context: Context) -> Message:
     cfg, node, method, vector, data, hist = _unpack(msg, context)
     pid = node.partition_id
     server_round = int(msg.content["config"]["server-round"])
-    # Under DP: refuses a repeated round or a spent budget before any training.
-    ledger = open_ledger(node, cfg, msg, server_round) if cfg.dp != "off" else None
-    record = load_client_state(msg, context, cfg, node, server_round, ledger)
-    result = client_round(
-        cfg, method, vector, data, hist, record, partition_id=pid, server_round=server_round, ledger=ledger
-    )
-    payload = result.payload
-    save_client_state(msg, context, node, server_round, result.record)
+    record, answered = load_client_state(msg, context, cfg, node, server_round)
+    secure = cfg.secure_aggregation != "off"
+    if answered is not None:
+        if secure or not answered.answer.size:  # a masked sum asked twice would give the mask away
+            raise Refusal(f"node refuses round {server_round}: it has answered it already in this run")
+        log.warning("client %d round %d asked again: the same answer is sent", pid, server_round)
+        payload, metrics = answered.answer, answered.answer_metrics
+    else:
+        ledger = privacy_for(cfg).session(
+            node.resolved("state_dir"), node.dp_budget, node.max_dp_delta, msg.content["config"]["run-tag"],
+            server_round, data,
+        )  # fmt: skip
+        result = client_round(
+            cfg,
+            method,
+            vector,
+            data,
+            hist,
+            record,
+            partition_id=pid,
+            server_round=server_round,
+            ledger=ledger,
+        )
+        payload, metrics = result.payload, result.metrics
+        if not secure:
+            result.record.answer, result.record.answer_metrics = payload, metrics
+        save_client_state(msg, context, node, server_round, result.record)
     log.info("client %d round %d: %d bytes up", pid, server_round, payload.nbytes)
     content = RecordDict(
         {
             method.up_key: ArrayRecord({method.up_key: Array(payload)}),
-            METRICS_KEY: MetricRecord(result.metrics),
+            METRICS_KEY: MetricRecord(metrics),
             **_held_record(cfg, method, vector),
         }
     )
-    if cfg.secure_aggregation != "off":  # the mask itself never leaves: its masked sum does
-        content = secagg_train_reply(msg, context, cfg, vector, payload, result.metrics)
+    if secure:  # the mask itself never leaves: its masked sum does
+        content = secagg_train_reply(msg, context, cfg, vector, payload, metrics)
     return Message(content=content, reply_to=msg)
 
 

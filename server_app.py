@@ -32,6 +32,7 @@ from prism_flwr.federated.methods import Method, method_for
 from prism_flwr.model.build import generator_spec, pick_device
 from prism_flwr.model.generator import ResnetGenerator, generate
 from prism_flwr.model.masked import get_flat, layout_fingerprint, num_masked, set_flat
+from prism_flwr.privacy.modes import privacy_for
 from prism_flwr.storage.checkpoint import (
     RunLock,
     check_resume_config,
@@ -207,8 +208,7 @@ def _strategy(
         seed=cfg.seed,
         eval_every=cfg.eval_every,
         fraction_train=cfg.fraction_train,
-        # under DP a client's local evaluation would leak data outside the guarantee
-        fraction_evaluate=0.0 if cfg.dp != "off" else cfg.fraction_evaluate,
+        fraction_evaluate=privacy_for(cfg).fraction_evaluate(cfg.fraction_evaluate),
         min_train_nodes=cfg.min_train_nodes,
         min_available_nodes=cfg.min_train_nodes,
         num_classes=NUM_CLASSES[cfg.dataset],
@@ -246,7 +246,7 @@ def _export(
         "final_eval": next((r["eval"] for r in reversed(history) if "eval" in r), None),
         "eval_features": feature_info,  # metric name, network, weights path, classifier test accuracy
         "dp": cfg.dp,
-        # privacy spent by each client by the end (from its last reply), under dp != "off"
+        # privacy spent by each client by the end (from its last reply), under DP
         "dp_epsilon_per_client": next(
             (r["dp_epsilon_per_client"] for r in reversed(history) if "dp_epsilon_per_client" in r), None
         ),

@@ -15,27 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from prism_flwr.privacy import check_dp_compatible
+from prism_flwr.settings import describe, download_value, kebab
 
 
 class ConfigError(ValueError):
     """Invalid run configuration."""
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _download(value: Any) -> bool | str:
-    """true / false / "auto" (booleans also as strings), else one clear message."""
-    if isinstance(value, bool) or (
-        isinstance(value, str) and value.strip().lower() in ("auto", "true", "false")
-    ):
-        return (
-            value
-            if isinstance(value, bool)
-            else {"true": True, "false": False}.get(value.strip().lower(), "auto")
-        )
-    raise ValueError('Input should be true, false or "auto"')
 
 
 class RunConfig(BaseModel):
@@ -44,7 +28,7 @@ class RunConfig(BaseModel):
     ``tools/gen_config_docs.py`` renders these fields into ``docs/configuration.md``.
     """
 
-    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(alias_generator=kebab, populate_by_name=True, extra="forbid", frozen=True)
 
     # data
     dataset: Literal["mnist", "fmnist", "cifar10", "celeba"] = Field(
@@ -55,7 +39,7 @@ class RunConfig(BaseModel):
         description="where the server's evaluation data live (docs/data.md); each client uses its node "
         "config's `data-dir` (docs/privacy.md)",
     )
-    download: Annotated[Literal["auto"] | bool, BeforeValidator(_download)] = Field(
+    download: Annotated[Literal["auto"] | bool, BeforeValidator(download_value)] = Field(
         "auto",
         description="for the server's data (a client: node-config `download`); `auto`: fetch a missing "
         "dataset once (torchvision's download, with progress) when the internet is there; `true`: the "
@@ -223,20 +207,10 @@ class RunConfig(BaseModel):
         try:
             return cls.model_validate(dict(run_config))
         except ValidationError as err:
-            raise ConfigError("; ".join(_describe(e) for e in err.errors())) from None
+            raise ConfigError("; ".join(describe(e, "run-config", cls) for e in err.errors())) from None
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir).expanduser().resolve()
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
-
-
-def _describe(error: dict) -> str:
-    key = ".".join(str(p) for p in error["loc"])
-    if error["type"] == "extra_forbidden":
-        allowed = ", ".join(sorted(f.alias or n for n, f in RunConfig.model_fields.items()))
-        return f"run-config key '{key}' is unknown; known keys: {allowed}"
-    if not key:  # a cross-key check
-        return f"invalid run config: {error['msg'].removeprefix('Value error, ')}"
-    return f"run-config key '{key}' = {error['input']!r}: {error['msg'].removeprefix('Value error, ')}"

@@ -18,9 +18,12 @@ from typing import Annotated, Any, Literal
 import tomllib
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from prism_flwr.privacy.modes import BY_RANK, MODES, NoPrivacy
+from prism_flwr.settings import describe, download_value, kebab
+
 ENV = "PRISM_NODE_CONFIG"
 # Privacy floors from weakest to strongest: client-level DP (theta) implies sample-level (statistics).
-DP_ORDER = ("off", "statistics", "theta")
+DP_ORDER = BY_RANK
 _PAIR = re.compile(r"""([A-Za-z0-9_-]+)=('[^']*'|"[^"]*"|[^\s'"]+)""")
 
 
@@ -32,24 +35,14 @@ class Refusal(RuntimeError):
     """This node will not take part in a run: the text is about configuration, never about data."""
 
 
-def _download(value: Any) -> bool | str:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
-        return {"true": True, "false": False}.get(value.strip().lower(), "auto")
-    raise ValueError('Input should be true, false or "auto"')
-
-
 class NodeConfig(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=lambda n: n.replace("_", "-"), populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=kebab, populate_by_name=True, extra="forbid", frozen=True)
 
     partition_id: int = Field(ge=0)
     num_partitions: int = Field(ge=1)
     data_dir: str = "~/.cache/prism-flwr/data"
     state_dir: str = "~/.local/state/prism-flwr"  # client state and the privacy ledger
-    download: Annotated[Literal["auto"] | bool, BeforeValidator(_download)] = "auto"
+    download: Annotated[Literal["auto"] | bool, BeforeValidator(download_value)] = "auto"
     min_dp: Literal["off", "statistics", "theta"] = "off"
     dp_budget: float = Field(9.8, gt=0)  # epsilon over all runs on this data
     max_dp_epsilon: float | None = Field(None, gt=0)  # per run; None: dp-budget
@@ -72,7 +65,7 @@ class NodeConfig(BaseModel):
         except NodeConfigError:
             raise
         except ValidationError as err:
-            raise NodeConfigError("; ".join(_describe(e) for e in err.errors())) from None
+            raise NodeConfigError("; ".join(describe(e, "node-config", cls) for e in err.errors())) from None
 
     @property
     def run_epsilon_cap(self) -> float:
@@ -81,20 +74,20 @@ class NodeConfig(BaseModel):
     def resolved(self, key: Literal["data_dir", "state_dir"]) -> Path:
         return Path(getattr(self, key)).expanduser().resolve()
 
-    def refusal(self, dp: str, epsilon: float, delta: float) -> str | None:
-        """Why this node refuses a run asking for ``dp`` at (``epsilon``, ``delta``); None if it
-        takes part."""
-        if DP_ORDER.index(dp) < DP_ORDER.index(self.min_dp):
+    def refusal(self, privacy: NoPrivacy, epsilon: float, delta: float) -> str | None:
+        """Why this node refuses a run asking for the privacy mode ``privacy`` at (``epsilon``,
+        ``delta``); None if it takes part."""
+        if privacy.rank < MODES[self.min_dp].rank:
             return (
-                f"node refuses the run: dp={dp!r} is weaker than this node's floor "
+                f"node refuses the run: dp={privacy.name!r} is weaker than this node's floor "
                 f"min-dp={self.min_dp!r} (order: {' < '.join(DP_ORDER)})"
             )
-        if dp != "off" and epsilon > self.run_epsilon_cap:
+        if privacy.spends and epsilon > self.run_epsilon_cap:
             return (
                 f"node refuses the run: dp-epsilon={epsilon:g} is above this node's max-dp-epsilon="
                 f"{self.run_epsilon_cap:g}"
             )
-        if dp != "off" and delta > self.max_dp_delta:
+        if privacy.spends and delta > self.max_dp_delta:
             return (
                 f"node refuses the run: dp-delta={delta:g} is above this node's "
                 f"max-dp-delta={self.max_dp_delta:g}"
@@ -116,13 +109,3 @@ def parse_pairs(text: str) -> dict[str, Any]:
                 f"{ENV}: value of {key!r} is not TOML (quote strings: {key}='...')"
             ) from None
     return out
-
-
-def _describe(error: dict) -> str:
-    key = ".".join(str(p) for p in error["loc"])
-    if error["type"] == "extra_forbidden":
-        known = ", ".join(sorted(f.alias or n for n, f in NodeConfig.model_fields.items()))
-        return f"node-config key '{key}' is unknown (known keys: {known})"
-    if not key:
-        return f"invalid node config: {error['msg'].removeprefix('Value error, ')}"
-    return f"node-config key '{key}' = {error['input']!r}: {error['msg'].removeprefix('Value error, ')}"

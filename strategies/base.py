@@ -317,8 +317,11 @@ class RecordingFedAvg(FedAvg):
             record["wire_bits_per_weight_down"] = 8 * self._down_wire / asked / self.num_weights
         self.round_records[rnd] = record
         if len(payloads) < self.min_train_nodes:
+            # what the nodes said, once each (a node's spent privacy budget, a refusal, ...)
+            said = dict.fromkeys(why.split(": ", 1)[-1] for why in screened.dropped)
+            heard = f"; nodes said: {' | '.join(said)}" if said else ""
             return self._skip(
-                record, f"{len(payloads)} valid replies, min-train-nodes is {self.min_train_nodes}"
+                record, f"{len(payloads)} valid replies, min-train-nodes is {self.min_train_nodes}{heard}"
             )
 
         weights = np.array([m["num-examples"] for m in metrics], dtype=np.float64)

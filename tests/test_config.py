@@ -73,7 +73,7 @@ def test_bad_values_name_the_key_and_the_allowed_values(key, value, message):
 
 def test_unknown_key_and_cross_key_checks():
     with pytest.raises(
-        ConfigError, match="run-config key 'num-rounds' is unknown; known keys: .*num-server-rounds"
+        ConfigError, match="run-config key 'num-rounds' is unknown \\(known keys: .*num-server-rounds"
     ):
         RunConfig.parse({"num-rounds": 3})
     with pytest.raises(ConfigError, match="dp='statistics'.*mmd"):

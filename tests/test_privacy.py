@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 
@@ -121,40 +120,27 @@ def test_noise_multiplier_close_to_opacus_get_noise_multiplier():
     assert z == pytest.approx(z_op, rel=0.01)
 
 
-def test_theta_accountant_increases_and_stops_at_budget():
+def test_a_runs_releases_stop_at_its_budget(tmp_path):
+    """The run budget (dp-epsilon over num-server-rounds) in the node's ledger: each release spends
+    more, the last fits exactly, one more is refused; the tolerance is floating-point only."""
+    from prism_flwr.privacy.ledger import ExampleSet, LedgerError, LedgerSession, PrivacyLedger
+
     delta, budget, rounds = 1e-5, 2.0, 5
     z = P.noise_multiplier_for_budget(budget, delta, rounds)
-    acc = P.ThetaAccountant(z, delta, budget)
-    assert acc.epsilon == 0.0 and acc.steps == 0
-    eps_seen = [acc.epsilon]
-    for _ in range(rounds):
-        assert acc.can_release()
-        acc.step()
-        eps_seen.append(acc.epsilon)
-    assert all(b > a for a, b in zip(eps_seen, eps_seen[1:]))
-    assert acc.epsilon == pytest.approx(budget, rel=1e-4) and acc.epsilon <= budget
-    assert not acc.can_release()
-    with pytest.raises(RuntimeError, match="budget"):
-        acc.step()
-    assert acc.steps == rounds
-    # the tolerance is floating-point only: a budget 0.1 % below one step's spend refuses
+    ledger, data = PrivacyLedger(tmp_path, 100.0, delta), ExampleSet.of([1, 2, 3])
+    seen = []
+    for rnd in range(1, rounds + 1):
+        with LedgerSession(ledger, "aaaa0001", rnd, data).theta_release(z, budget):
+            pass
+        seen.append(LedgerSession(ledger, "aaaa0001", rnd, data).run_epsilon())
+    assert all(b > a for a, b in zip(seen, seen[1:]))
+    assert seen[-1] == pytest.approx(budget, rel=1e-4) and seen[-1] <= budget
+    with pytest.raises(LedgerError, match="run's privacy budget"):
+        LedgerSession(ledger, "aaaa0001", rounds + 1, data).precheck(z, budget)
     one = P.compute_epsilon(z, delta, 1)
-    tight = P.ThetaAccountant(z, delta, one * (1 - 1e-3))
-    assert not tight.can_release()
-    assert P.ThetaAccountant(z, delta, one).can_release()
-
-
-def test_theta_accountant_state_round_trip():
-    acc = P.ThetaAccountant(5.0, 1e-5, 3.0)
-    acc.step()
-    acc.step()
-    state = json.loads(json.dumps(acc.state_dict()))  # plain scalars only
-    back = P.ThetaAccountant.from_state(state)
-    assert back.steps == 2
-    assert back.epsilon == pytest.approx(acc.epsilon, rel=1e-12)
-    assert back.can_release() == acc.can_release()
-    with pytest.raises(ValueError):
-        P.ThetaAccountant(0.0, 1e-5, 3.0)
+    with pytest.raises(LedgerError, match="run's privacy budget"):
+        LedgerSession(ledger, "bbbb0002", 1, data).precheck(z, one * (1 - 1e-3))
+    LedgerSession(ledger, "bbbb0002", 1, data).precheck(z, one)
 
 
 def _analytic_gaussian_epsilon(mu: float, delta: float) -> float:

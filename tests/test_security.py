@@ -27,7 +27,7 @@ from prism_flwr.federated.client_state import (
     write_state_file,
 )
 from prism_flwr.model.training import ClientState
-from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
+from prism_flwr.privacy.ledger import ExampleSet, LedgerError, LedgerSession, PrivacyLedger
 from prism_flwr.storage.checkpoint import (
     CheckpointError,
     RunLock,
@@ -231,43 +231,55 @@ def test_client_state_files_are_private_atomic_and_pickle_free(tmp_path):
 
 
 # ---------------------------------------------------------------------------- privacy ledger
-KEY = {"dataset": "fmnist", "data-dir": "/data", "partition-id": 0, "num-partitions": 2}
 RUN = "0123abcd"
+DATA = ExampleSet.of(np.arange(50))
 
 
 def test_ledger_is_append_only_and_refuses_replays(tmp_path):
-    ledger = PrivacyLedger(tmp_path, KEY, 9.8, 1e-5)
+    ledger = PrivacyLedger(tmp_path, 9.8, 1e-5)
     for rnd in (1, 2, 5):
-        with LedgerSession(ledger, RUN, rnd).theta_release(2.5):
+        with LedgerSession(ledger, RUN, rnd, DATA).theta_release(2.5):
             pass
     for rnd in (5, 4, 1, 0):
         with pytest.raises(LedgerError, match="already released"), ledger.locked() as led:
-            led.record(RUN, rnd, "theta", 2.5)
+            led.record(RUN, rnd, "theta", 2.5, DATA)
     lines = ledger.path.read_text().splitlines()
-    assert len(lines) == 4 and json.loads(lines[0])["key"] == KEY
+    assert len(lines) == 4 and json.loads(lines[0]) == {"ledger": 3}
     assert stat.S_IMODE(ledger.path.stat().st_mode) == 0o600
     # The state file is gone (rolled back, deleted): the ledger still knows the spend.
-    with PrivacyLedger(tmp_path, KEY, 9.8, 1e-5).locked() as again:
-        assert again.accountant(RUN, 2.5, 1e-5, 9.8).steps == 3
-        assert again.spent() == pytest.approx(ledger.spent())
+    with PrivacyLedger(tmp_path, 9.8, 1e-5).locked() as again:
+        assert again.run_multipliers(RUN, DATA) == [2.5] * 3
+        assert again.spent(DATA) == pytest.approx(ledger.spent(DATA))
 
 
-def test_ledger_is_tied_to_its_data_and_refuses_damage(tmp_path):
-    ledger = PrivacyLedger(tmp_path, KEY, 9.8, 1e-5)
-    with LedgerSession(ledger, RUN, 1).theta_release(2.5):
+def test_ledger_refuses_damage_and_a_swapped_example_set(tmp_path):
+    ledger = PrivacyLedger(tmp_path, 9.8, 1e-5)
+    with LedgerSession(ledger, RUN, 1, DATA).theta_release(2.5):
         pass
-    other = PrivacyLedger(tmp_path, {**KEY, "partition-id": 1}, 9.8, 1e-5)
-    other.folder.mkdir(parents=True)
-    other.path.write_bytes(ledger.path.read_bytes())  # partition 0's ledger copied to partition 1
-    with pytest.raises(LedgerError, match="no valid first line for this data"), other.locked():
-        pass
+    saved = ledger.folder / "examples" / f"{DATA.digest}.npy"
+    original = saved.read_bytes()
+    np.save(saved, np.arange(10, dtype=np.uint64))  # fewer examples under the old name: a smaller spend
+    with pytest.raises(LedgerError, match="does not match its name"), ledger.locked() as led:
+        led.spent(DATA)
+    saved.write_bytes(original)
     ledger.path.write_bytes(ledger.path.read_bytes()[:-5])
     with pytest.raises(LedgerError, match="damaged"), ledger.locked():
         pass
 
 
+def test_an_older_per_partition_ledger_counts_against_every_example(tmp_path):
+    old = tmp_path / "privacy" / "0123456789abcdef01234567"
+    old.mkdir(parents=True)
+    (old / "ledger.jsonl").write_text(
+        '{"ledger":2,"key":{}}\n{"run":"aaaa0001","round":1,"kind":"theta","z":2.5}\n'
+    )
+    with PrivacyLedger(tmp_path, 9.8, 1e-5).locked() as led:
+        assert led.spent(ExampleSet.of([7])) == pytest.approx(led.spent(DATA))
+        assert led.spent(DATA) > 0
+
+
 def test_released_statistics_are_released_once_and_then_reused(tmp_path):
-    ledger = PrivacyLedger(tmp_path, KEY, 9.8, 1e-5)
+    ledger = PrivacyLedger(tmp_path, 9.8, 1e-5)
     calls = []
 
     def release():
@@ -275,7 +287,7 @@ def test_released_statistics_are_released_once_and_then_reused(tmp_path):
         return torch.arange(3.0), torch.ones(3), 5.0
 
     for rnd, run in ((1, RUN), (2, RUN), (1, "4567cdef")):
-        mu, var, eps = LedgerSession(ledger, run, rnd).statistics({"features": "pixels"}, 1.0, release)
+        mu, var, eps = LedgerSession(ledger, run, rnd, DATA).statistics({"features": "pixels"}, 1.0, release)
         assert torch.equal(mu, torch.arange(3.0)) and torch.equal(var, torch.ones(3)) and eps == 5.0
     assert len(calls) == 1
 

@@ -24,11 +24,12 @@ from prism_flwr.model.generator import ResnetGenerator
 from prism_flwr.model.masked import get_scores, iter_thetas, layout_fingerprint, num_masked, sample_mask
 from prism_flwr.node_config import NodeConfig, NodeConfigError
 from prism_flwr.privacy import epsilon_of_releases, insecure_test_secret, noise_multiplier_for_budget
-from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
+from prism_flwr.privacy.ledger import ExampleSet, LedgerError, LedgerSession, PrivacyLedger, example_ids
+from prism_flwr.privacy.modes import privacy_for
 from tools.security_probe import message
 
 TINY = {"ngf": 4, "local-steps": 1, "batch-size": 8, "uplink-coding": "raw", "device": "cpu"}
-KEY = {"dataset": "fmnist", "data-dir": "/data", "partition-id": 0, "num-partitions": 2}
+DATA = ExampleSet.of(np.arange(100))  # one client's examples, by content hash
 
 
 def _data(n: int = 16) -> tuple[torch.Tensor, list[int]]:
@@ -90,9 +91,9 @@ def test_secret_is_kept_in_the_client_state_and_never_in_the_reply() -> None:
 
 
 # ------------------------------------------------------------------------------ node ledger
-def _release(ledger: PrivacyLedger, run: str, rnd: int, z: float, hold: float = 0.0) -> bool:
+def _release(ledger: PrivacyLedger, run: str, rnd: int, z: float, hold: float = 0.0, data=DATA) -> bool:
     try:
-        with LedgerSession(ledger, run, rnd).theta_release(z):
+        with LedgerSession(ledger, run, rnd, data).theta_release(z):
             time.sleep(hold)
         return True
     except LedgerError:
@@ -102,41 +103,56 @@ def _release(ledger: PrivacyLedger, run: str, rnd: int, z: float, hold: float = 
 def test_runs_with_other_tags_seeds_or_rounds_cannot_spend_past_the_node_budget(tmp_path: Path) -> None:
     """Three runs (their own tags, run budgets 5, 5 and 9.8 over 3, 2 and 4 rounds): all their
     releases compose against the node's 9.8 and the third run is stopped part-way; the refusal says so."""
-    ledger = PrivacyLedger(tmp_path, KEY, 9.8, 1e-5)
+    ledger = PrivacyLedger(tmp_path, 9.8, 1e-5)
     done = {}
     for run, eps, rounds in (("aaaa0001", 5.0, 3), ("bbbb0002", 5.0, 2), ("cccc0003", 9.8, 4)):
         z = noise_multiplier_for_budget(eps, 1e-5, rounds)
         done[run] = sum(_release(ledger, run, r, z) for r in range(1, rounds + 1))
     assert done["aaaa0001"] == 3 and done["bbbb0002"] == 2 and 0 < done["cccc0003"] < 4, done
     with ledger.locked() as led:
-        assert 5.0 < led.spent() <= 9.8 * (1 + 1e-9)
+        assert 5.0 < led.spent(DATA) <= 9.8 * (1 + 1e-9)
         assert len(led.entries) == sum(done.values())
         with pytest.raises(LedgerError, match="node privacy budget.*dp-budget"):
-            led.check("dddd0004", 1, noise_multiplier_for_budget(9.8, 1e-5, 4))
+            led.check("dddd0004", 1, noise_multiplier_for_budget(9.8, 1e-5, 4), DATA)
     # a fresh ledger object (a new process) sees the same spend: the file is the truth
-    with PrivacyLedger(tmp_path, KEY, 9.8, 1e-5).locked() as again:
-        assert again.spent() == pytest.approx(ledger.spent())
+    with PrivacyLedger(tmp_path, 9.8, 1e-5).locked() as again:
+        assert again.spent(DATA) == pytest.approx(ledger.spent(DATA))
 
 
-def test_the_ledger_is_keyed_by_the_nodes_data_not_by_the_run(tmp_path: Path) -> None:
-    class Msg:
-        def __init__(self, tag: str) -> None:
-            self.content = {"config": {"run-tag": tag}}
-
-    node = NodeConfig.parse({"partition-id": 1, "num-partitions": 2, "state-dir": str(tmp_path)}, environ={})
+def test_one_ledger_per_node_whatever_the_run_seed_or_partition(tmp_path: Path) -> None:
     paths = set()
     for tag, seed, rounds in (("aaaa0001", 1, 3), ("bbbb0002", 2, 50)):
         cfg = RunConfig.parse({"dp": "theta", "seed": seed, "num-server-rounds": rounds})
-        paths.add(client_app.open_ledger(node, cfg, Msg(tag), 1).ledger.path)
-    assert len(paths) == 1 and str(tmp_path) in str(paths.pop())
-    other = NodeConfig.parse({"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path)}, environ={})
-    cfg = RunConfig.parse({"dp": "theta"})
-    assert client_app.open_ledger(other, cfg, Msg("aaaa0001"), 1).ledger.path.parent.name not in ("", None)
+        paths.add(privacy_for(cfg).session(tmp_path, 9.8, 1e-5, tag, 1, _data()[0]).ledger.path)
+    assert paths == {tmp_path / "privacy" / "ledger.jsonl"}
+
+
+def test_overlapping_partitions_compose_per_example_and_stop_at_the_budget(tmp_path: Path) -> None:
+    """Two runs whose partitions (other seeds, other partitioning) share 500 of 1,000 examples: the
+    shared ones carry both releases, and the second release is refused once it would take them past
+    the node's budget; a release from examples nobody touched still goes."""
+    ledger, z = PrivacyLedger(tmp_path, 9.8, 1e-5), noise_multiplier_for_budget(7.5, 1e-5, 1)
+    first, second, fresh = (ExampleSet.of(np.arange(a, a + 1000)) for a in (0, 500, 5000))
+    assert epsilon_of_releases([z, z], 1e-5) > 9.8  # the attack would spend past the budget
+    assert _release(ledger, "aaaa0001", 1, z, data=first)
+    assert not _release(ledger, "bbbb0002", 1, z, data=second)
+    assert _release(ledger, "cccc0003", 1, z, data=fresh)
+    with ledger.locked() as led:
+        assert led.spent(second) == pytest.approx(led.spent(first))  # the shared half carries run 1
+        assert led.spent(ExampleSet.of(np.arange(1000, 1500))) == 0.0
+
+
+def test_example_ids_name_images_by_content() -> None:
+    images, _ = _data(8)
+    again = images.flip(0)  # the same images in another order, as another partitioning hands them
+    assert example_ids(images).digest == example_ids(again).digest
+    assert len(example_ids(images).ids) == 8
+    assert example_ids(images[:4]).digest != example_ids(images).digest
 
 
 def _worker(args) -> bool:
     folder, run, rnd, z = args
-    return _release(PrivacyLedger(folder, KEY, 9.8, 1e-5), run, rnd, z, hold=0.3)
+    return _release(PrivacyLedger(folder, 9.8, 1e-5), run, rnd, z, hold=0.3)
 
 
 def test_concurrent_processes_for_one_partition_are_safe(tmp_path: Path) -> None:
@@ -151,24 +167,24 @@ def test_concurrent_processes_for_one_partition_are_safe(tmp_path: Path) -> None
     fit = max(k for k in range(5) if epsilon_of_releases([z] * k, 1e-5) <= 9.8)
     assert 0 < fit < 4 and sum(runs) == fit
     for folder, count in (("a", 1), ("b", fit)):
-        with PrivacyLedger(tmp_path / folder, KEY, 9.8, 1e-5).locked() as led:
+        with PrivacyLedger(tmp_path / folder, 9.8, 1e-5).locked() as led:
             assert len(led.entries) == count
 
 
 def test_a_damaged_ledger_refuses_and_is_never_rewritten(tmp_path: Path) -> None:
-    ledger = PrivacyLedger(tmp_path, KEY, 9.8, 1e-5)
+    ledger = PrivacyLedger(tmp_path, 9.8, 1e-5)
     assert _release(ledger, "aaaa0001", 1, 10.0)
     ledger.path.write_bytes(ledger.path.read_bytes()[:-4])
     damaged = ledger.path.read_bytes()
     assert not _release(ledger, "aaaa0001", 2, 10.0)
     with pytest.raises(LedgerError, match="damaged"):
-        LedgerSession(ledger, "aaaa0001", 2).precheck("theta", 10.0)
+        LedgerSession(ledger, "aaaa0001", 2, DATA).precheck(10.0)
     assert ledger.path.read_bytes() == damaged
 
 
 def test_statistics_are_kept_in_the_ledger_and_reused_after_a_lost_state(tmp_path: Path) -> None:
     cfg = RunConfig.parse({**TINY, "dp": "statistics", "objective": "feature-matching", "dp-epsilon": 6.0})
-    ledger = PrivacyLedger(tmp_path, KEY, 9.8, 1e-5)
+    ledger = PrivacyLedger(tmp_path, 9.8, 1e-5)
     data, hist = _data()
     first = client_round(
         cfg,
@@ -179,7 +195,7 @@ def test_statistics_are_kept_in_the_ledger_and_reused_after_a_lost_state(tmp_pat
         new_record(cfg),
         partition_id=0,
         server_round=1,
-        ledger=LedgerSession(ledger, "aaaa0001", 1),
+        ledger=LedgerSession(ledger, "aaaa0001", 1, example_ids(data)),
     )
     # state lost (new record), and a new run: the same statistics come back, nothing is spent again
     again = client_round(
@@ -191,13 +207,13 @@ def test_statistics_are_kept_in_the_ledger_and_reused_after_a_lost_state(tmp_pat
         new_record(cfg),
         partition_id=0,
         server_round=1,
-        ledger=LedgerSession(ledger, "bbbb0002", 1),
+        ledger=LedgerSession(ledger, "bbbb0002", 1, example_ids(data)),
     )
     for k in ("mu_real", "var_real"):
         assert torch.equal(first.record.train.objective[k], again.record.train.objective[k])
     with ledger.locked() as led:
         assert [e["kind"] for e in led.entries] == ["statistics"]
-        assert led.spent() == pytest.approx(6.0, rel=1e-4)
+        assert led.spent(example_ids(data)) == pytest.approx(6.0, rel=1e-4)
     assert again.metrics["dp_epsilon"] == pytest.approx(6.0, rel=1e-4)
     # other parameters are a new release, refused once it would pass the node's budget
     cfg9 = RunConfig.parse({**TINY, "dp": "statistics", "objective": "feature-matching", "dp-epsilon": 9.0})
@@ -211,7 +227,7 @@ def test_statistics_are_kept_in_the_ledger_and_reused_after_a_lost_state(tmp_pat
             new_record(cfg9),
             partition_id=0,
             server_round=1,
-            ledger=LedgerSession(ledger, "cccc0003", 1),
+            ledger=LedgerSession(ledger, "cccc0003", 1, example_ids(data)),
         )
 
 
@@ -247,7 +263,7 @@ def test_node_config_parses_environment_defaults_and_one_line_per_bad_key() -> N
 def test_privacy_floor(floor: dict, run: dict, refused: str | None) -> None:
     node = NodeConfig.parse({"partition-id": 0, "num-partitions": 1, **floor}, environ={})
     cfg = RunConfig.parse(run)
-    why = node.refusal(cfg.dp, cfg.dp_epsilon, cfg.dp_delta)
+    why = node.refusal(privacy_for(cfg), cfg.dp_epsilon, cfg.dp_delta)
     assert why is None if refused is None else refused in why
 
 
@@ -257,8 +273,9 @@ def call_train(task_identity, monkeypatch, tmp_path):
     """``client_app.train`` on a real Message, with this node's data replaced by 16 random images."""
     monkeypatch.delenv("PRISM_NODE_CONFIG", raising=False)
 
-    def call(run: dict, node: dict, n_images: int = 16, tag: str = "aaaa0001", rnd: int = 1):
-        monkeypatch.setattr(client_app, "client_data", lambda cfg, pid, num, device: _data(n_images))
+    def call(run: dict, node: dict, n_images: int = 16, tag: str = "aaaa0001", rnd: int = 1, images=None):
+        data = _data(n_images) if images is None else (images, [len(images)] + [0] * 9)
+        monkeypatch.setattr(client_app, "client_data", lambda cfg, pid, num, device: data)
         cfg = RunConfig.parse({**TINY, **run})
         sent = Array(PRISM.downlink(cfg).encode(_global(cfg)))
         content = RecordDict(
@@ -298,13 +315,50 @@ def test_under_dp_an_error_reply_carries_a_fixed_code_not_data(call_train, caplo
     assert any("fewer than 2 images" in (r.exc_text or "") for r in caplog.records)  # kept in the node's log
 
 
+def _payload(reply) -> bytes:
+    return reply.content[PRISM.up_key][PRISM.up_key].numpy().tobytes()
+
+
 def test_the_clientapp_refuses_a_release_past_the_node_budget(call_train, tmp_path: Path) -> None:
     run = {"dp": "theta", "dp-epsilon": 5.0, "num-server-rounds": 1}
-    call_train(run, {}, tag="aaaa0001")
-    with pytest.raises(LedgerError, match="node privacy budget"):
+    first = call_train(run, {}, tag="aaaa0001")
+    with pytest.raises(LedgerError, match="node privacy budget spent.*state-dir"):
         call_train(run, {"dp-budget": 6.0}, tag="bbbb0002")  # a new run tag opens no fresh budget
-    with pytest.raises(LedgerError, match="already released"):
-        call_train(run, {}, tag="aaaa0001")  # the same round of the same run again
-    ledgers = list((tmp_path / "node" / "privacy").glob("*/ledger.jsonl"))
-    assert len(ledgers) == 1 and len(ledgers[0].read_text().splitlines()) == 2  # key line + one release
-    assert json.loads(ledgers[0].read_text().splitlines()[1])["run"] == "aaaa0001"
+    again = call_train(run, {}, tag="aaaa0001")  # the same round of the same run: the same answer
+    assert _payload(again) == _payload(first)
+    lines = (tmp_path / "node" / "privacy" / "ledger.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[1])["run"] == "aaaa0001"  # head line + one release
+
+
+def test_the_clientapp_charges_every_example_a_release_touched(call_train) -> None:
+    """Two runs whose partitions share half their images (the server chose other seeds and another
+    partition id for this node's data): the second release would take the shared images past the
+    node's budget and is refused."""
+    images = _data(24)[0]
+    run = {"dp": "theta", "dp-epsilon": 7.5, "num-server-rounds": 1}
+    call_train(run, {}, tag="aaaa0001", images=images[:16])
+    with pytest.raises(LedgerError, match="node privacy budget spent"):
+        call_train(run, {"partition-id": 1}, tag="bbbb0002", images=images[8:])
+    call_train(run, {}, tag="cccc0003", images=_data(40)[0][24:])  # images no release touched
+
+
+def test_a_round_is_answered_once(call_train) -> None:
+    """The same round again gets the answer already given (never a second draw); an earlier round is
+    refused; under secure aggregation a repeat is refused (two masked sums would give a mask away)."""
+    first = call_train({}, {}, rnd=2)
+    assert _payload(call_train({}, {}, rnd=2)) == _payload(first)
+    with pytest.raises(client_app.Refusal, match="answered round 2 of this run"):
+        call_train({}, {}, rnd=1)
+    try:  # the first secure round may fail later for want of protocol state; its answer is kept
+        call_train({"secure-aggregation": "secagg+"}, {}, tag="bbbb0002")
+    except Exception:  # noqa: BLE001
+        pass
+    with pytest.raises(client_app.Refusal, match="answered it already"):
+        call_train({"secure-aggregation": "secagg+"}, {}, tag="bbbb0002")
+
+
+def test_a_state_kept_under_one_privacy_mode_is_never_used_under_another(call_train) -> None:
+    fm = {"objective": "feature-matching", "num-server-rounds": 2}
+    call_train({**fm, "dp": "theta"}, {}, rnd=1)  # its state holds the raw feature moments
+    with pytest.raises(client_app.PrivacyModeError, match="dp=theta .* now asks for dp=statistics"):
+        call_train({**fm, "dp": "statistics"}, {}, rnd=2)

@@ -30,7 +30,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from prism_flwr.federated.aggregation import aggregate, count_ones
-from prism_flwr.federated.codec import HEADER_BYTES, encode_mask
+from prism_flwr.federated.codec import FORMAT_VERSION, HEADER_BYTES, encode_mask
 from prism_flwr.federated.records import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def _codec_damage(rng: np.random.Generator, blob: bytes) -> bytes:
         b[0:4] = rng.bytes(4)  # magic
         return bytes(b)
     if how == 7:
-        b[4] = int(rng.integers(2, 256))  # version
+        b[4] = int(rng.integers(FORMAT_VERSION + 1, 256))  # a version this build does not read
         return bytes(b)
     return rng.bytes(len(b))  # noise of the right length
 
@@ -656,29 +656,27 @@ def probe_client_state(rng: np.random.Generator) -> str:
 
 
 def probe_ledger(rng: np.random.Generator) -> str:
-    from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
+    from prism_flwr.privacy.ledger import ExampleSet, LedgerError, LedgerSession, PrivacyLedger
 
-    key, run = {"dataset": "fmnist", "partition-id": 0}, "0123abcd"
+    run, data = "0123abcd", ExampleSet.of(np.arange(20))
     with tempfile.TemporaryDirectory() as tmp:
-        ledger = PrivacyLedger(tmp, key, 9.8, 1e-5)
+        ledger = PrivacyLedger(tmp, 9.8, 1e-5)
         for r in (1, 2, 3):
-            with LedgerSession(ledger, run, r).theta_release(20.0):
+            with LedgerSession(ledger, run, r, data).theta_release(20.0):
                 pass
         how = int(rng.integers(0, 6))
 
         def attack() -> None:
             if how == 0:  # a round already released, or an earlier one
                 with ledger.locked() as led:
-                    led.record(run, int(rng.integers(-2, 4)), "theta", 20.0)
-            elif how == 1:  # partition 0's ledger copied into partition 1's folder
-                other = PrivacyLedger(tmp, {**key, "partition-id": 1}, 9.8, 1e-5)
-                other.folder.mkdir(parents=True)
-                other.path.write_bytes(ledger.path.read_bytes())
-                with other.locked():
-                    pass
+                    led.record(run, int(rng.integers(-2, 4)), "theta", 20.0, data)
+            elif how == 1:  # the example set a release names, replaced by a smaller one
+                np.save(ledger.folder / "examples" / f"{data.digest}.npy", np.arange(5, dtype=np.uint64))
+                with ledger.locked() as led:
+                    led.spent(data)
             elif how == 2:  # a release past the node's budget
                 with ledger.locked() as led:
-                    led.record(run, 4, "theta", 0.05)
+                    led.record(run, 4, "theta", 0.05, data)
             else:  # damaged file: truncated mid-line, garbage, rounds out of order
                 path = ledger.path
                 lines = path.read_bytes().split(b"\n")

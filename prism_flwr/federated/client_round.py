@@ -11,7 +11,7 @@ reproducible per ``(seed, round, partition)`` for training (one stream for the B
 training, one for latents and batches); what must stay hidden from the server is not: the
 uploaded mask comes from a stream seeded by the client's own secret (``ClientRecord.secret``, in
 every mode) and DP noise from a fresh CSPRNG seed per release (``privacy.fresh_generator``).
-Under DP each release goes through the node's ledger (``LedgerSession``) when one is given.
+What is released and reported is the privacy mode's (``privacy.modes``), through the node's ledger.
 
 ``client_evaluate`` is the ``@app.evaluate`` side: pixel MMD^2 between samples of the global
 model and the client's images, and nothing derived from data under DP.
@@ -19,7 +19,6 @@ model and the client's images, and nothing derived from data under DP.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,26 +28,16 @@ from torch import nn
 
 from prism_flwr.config import RunConfig
 from prism_flwr.federated.client_state import ClientRecord
-from prism_flwr.federated.methods import Method, dp_theta_release
+from prism_flwr.federated.methods import Method
 from prism_flwr.federated.seeds import derive_seed
 from prism_flwr.model.build import generator_spec
 from prism_flwr.model.features import build_features
 from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator, generate
 from prism_flwr.model.masked import num_masked, set_flat, set_mask_mode
-from prism_flwr.model.objectives import FeatureMatching, mmd2_unbiased
+from prism_flwr.model.objectives import mmd2_unbiased
 from prism_flwr.model.training import train_local
-from prism_flwr.privacy import (
-    ThetaAccountant,
-    fresh_generator,
-    noise_multiplier_for_budget,
-    privatize_statistics,
-    statistics_noise_multiplier,
-)
-from prism_flwr.privacy.ledger import LedgerError, LedgerSession
-
-# Metrics a client may report under dp = "statistics" (training saw only the DP statistics);
-# under dp = "theta" nothing computed from data leaves the client but the mask.
-_DP_STATISTICS_METRICS = ("loss", "theta_density", "theta_entropy_bits", "mask_density")
+from prism_flwr.privacy.ledger import LedgerSession
+from prism_flwr.privacy.modes import PrivacyModeError, privacy_for
 
 
 @dataclass
@@ -92,30 +81,8 @@ def features_for(name: str, weights: str, device: str) -> nn.Module:
 
 def new_record(cfg: RunConfig, secret: int | None = None) -> ClientRecord:
     """A client's state before its first round: a fresh secret from the OS (``secret`` only to
-    reproduce a run, see ``privacy.insecure_test_secret``), a fresh accountant under dp = theta
-    (the ClientApp replaces it by the one the node's ledger rebuilds)."""
-    record = ClientRecord() if secret is None else ClientRecord(secret=int(secret))
-    if cfg.dp == "theta":
-        record.accountant = ThetaAccountant(theta_noise_multiplier(cfg), cfg.dp_delta, cfg.dp_epsilon)
-    return record
-
-
-def theta_noise_multiplier(cfg: RunConfig) -> float:
-    """The noise multiplier that spends exactly the budget over ``num-server-rounds`` releases."""
-    return noise_multiplier_for_budget(cfg.dp_epsilon, cfg.dp_delta, cfg.num_server_rounds)
-
-
-def statistics_params(cfg: RunConfig) -> dict:
-    """What decides a statistics release: the same values reuse the one in the node's ledger."""
-    dump = cfg.model_dump(by_alias=True)
-    return {k: dump[k] for k in ("features", "vgg19-weights", "dp-feature-clip", "dp-epsilon", "dp-delta")}
-
-
-def release_multiplier(cfg: RunConfig) -> float:
-    """The noise multiplier of this run's next release (what the node's ledger checks)."""
-    if cfg.dp == "theta":
-        return theta_noise_multiplier(cfg)
-    return statistics_noise_multiplier(cfg.dp_epsilon, cfg.dp_delta)
+    reproduce a run, see ``privacy.insecure_test_secret``)."""
+    return ClientRecord() if secret is None else ClientRecord(secret=int(secret))
 
 
 def client_round(
@@ -132,64 +99,37 @@ def client_round(
 ) -> ClientRoundResult:
     """Train on ``data`` from the global ``vector`` and build this client's upload.
 
-    ``ledger``: the node's ledger for this round; each DP release is checked and recorded there
-    under its lock (without one, as in the in-process runner, only the run's accountant counts)."""
+    What leaves and how it is accounted is the run's privacy mode's (``privacy.modes``): under DP
+    every release is checked and recorded in the node's ledger ``ledger`` (required then), before
+    any training for the check. A ``record`` kept under another privacy mode is refused."""
+    privacy = privacy_for(cfg)
+    if record.mode and record.mode != privacy.binding():
+        raise PrivacyModeError(
+            f"this run's client state was kept under {record.mode}; the server now asks for "
+            f"{privacy.binding()}: a run's privacy mode and objective cannot change"
+        )
+    if privacy.spends and ledger is None:
+        raise ValueError(f"dp={privacy.name!r}: a client round needs the node's privacy ledger")
     device = data.device
     if len(data) < 2:  # e.g. Dirichlet with a tiny alpha can leave a client (almost) empty
         # (no count in the text: error text reaches the server, and a partition's size is data)
         raise ValueError(f"partition {partition_id} holds fewer than 2 images: nothing to train on")
-    if record.accountant is not None and not record.accountant.can_release():
-        raise LedgerError(
-            f"client {partition_id}: the run's privacy budget epsilon={cfg.dp_epsilon} is spent; not training"
-        )
+    privacy.precheck(ledger)
     model = model_with(cfg, method, vector, device)
     torch.manual_seed(derive_seed(cfg.seed, server_round, partition_id, 0))
     gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, server_round, partition_id, 1))
     features = features_for(cfg.features, cfg.vgg19_weights, str(device))
-    if cfg.dp == "statistics" and not record.train.objective:
-        # Released once with sample-level DP; every later step and round is post-processing.
-        def release() -> tuple[torch.Tensor, torch.Tensor, float]:
-            with torch.no_grad():
-                batches = (features(data[i : i + 256]) for i in range(0, len(data), 256))
-                return privatize_statistics(
-                    batches,
-                    cfg.dp_feature_clip,
-                    cfg.dp_epsilon,
-                    cfg.dp_delta,
-                    generator=fresh_generator(device),
-                )
-
-        mu, var, eps = (
-            release()
-            if ledger is None
-            else ledger.statistics(
-                statistics_params(cfg), statistics_noise_multiplier(cfg.dp_epsilon, cfg.dp_delta), release
-            )
-        )
-        record.train.objective = FeatureMatching(mu.to(device), var.to(device)).full_state()
-        record.statistics_epsilon = eps
-
+    privacy.prepare(record.train, features, data, ledger)
     metrics: dict = train_local(
         model, features, data, method.train_settings(cfg), record.train, generator=gen
     )
     mask_generator = torch.Generator().manual_seed(derive_seed(record.secret, server_round, partition_id, 5))
-    if cfg.dp == "theta":
-        z = record.accountant.noise_multiplier
-        with nullcontext() if ledger is None else ledger.theta_release(z):
-            payload, extra = method.upload(
-                model, cfg, vector, dp_theta_release(cfg, z, fresh_generator()), mask_generator
-            )
-            record.accountant.step()
-    else:
-        payload, extra = method.upload(model, cfg, vector, None, mask_generator)
+    payload, extra = privacy.release(
+        ledger, lambda theta_release: method.upload(model, cfg, vector, theta_release, mask_generator)
+    )
     metrics.update(extra)
-    metrics.update({"num-examples": len(data), "label_histogram": [int(c) for c in hist]})
-    if cfg.dp == "theta":
-        metrics = {"num-examples": 1, "dp_epsilon": record.epsilon_spent}
-    elif cfg.dp == "statistics":  # n and the labels are raw data
-        metrics = {k: metrics[k] for k in _DP_STATISTICS_METRICS if k in metrics}
-        metrics.update({"num-examples": 1, "dp_epsilon": record.epsilon_spent})
-    return ClientRoundResult(payload, metrics, record)
+    record.mode = privacy.binding()
+    return ClientRoundResult(payload, privacy.report(metrics, len(data), hist, ledger), record)
 
 
 def client_evaluate(
@@ -204,8 +144,9 @@ def client_evaluate(
     """Pixel MMD^2 between samples of the global model and this client's images.
 
     Under DP nothing derived from the data is returned (only a constant ``num-examples``)."""
-    if cfg.dp != "off":
-        return {"num-examples": 1}
+    privacy = privacy_for(cfg)
+    if privacy.spends:
+        return privacy.evaluation_report({})
     model = model_with(cfg, method, vector, data.device)
     set_mask_mode(model, method.eval_mask_mode)
     seed = derive_seed(cfg.seed, server_round, partition_id, 2)

@@ -1,7 +1,8 @@
 """What a client carries from one round to the next, kept on the node.
 
-``ClientRecord`` (optimiser and objective state, the run's privacy accountant, and the secret that
-seeds the client's uploaded masks, drawn from the OS's CSPRNG and never sent) is one pickle-free
+``ClientRecord`` (optimiser and objective state, the privacy mode it was kept under, the round's
+answer, and the secret that seeds the client's uploaded masks, drawn from the OS's CSPRNG and never
+sent) is one pickle-free
 blob kept in Flower's ``context.state`` and on disk per round under the node's ``state-dir`` (never
 a server-chosen path), so a resumed server gets clients in their state after that round. The
 privacy ledger is node-wide: ``prism_flwr/privacy/ledger.py``. Details: docs/security.md (Files),
@@ -14,10 +15,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from prism_flwr.model.training import ClientState
-from prism_flwr.privacy.accounting import ThetaAccountant
 from prism_flwr.privacy.randomness import new_secret
 from prism_flwr.storage.blob import BlobError, pack, unpack
 from prism_flwr.storage.files import write_bytes_atomic
@@ -53,23 +54,21 @@ def _check_partition(partition_id: object) -> int:
 
 @dataclass
 class ClientRecord:
-    train: ClientState = field(default_factory=ClientState)
-    accountant: ThetaAccountant | None = None
-    statistics_epsilon: float = 0.0  # dp="statistics": spent once, when the statistics were released
-    secret: int = field(default_factory=new_secret)
+    """One client's state after a round: training state, mask secret, the privacy mode it was kept
+    under (``mode``, never reused under another) and the round's answer as sent (``answer`` and
+    ``answer_metrics``; empty under secure aggregation), replayed if the same round is asked again."""
 
-    @property
-    def epsilon_spent(self) -> float:
-        return self.accountant.epsilon if self.accountant is not None else self.statistics_epsilon
+    train: ClientState = field(default_factory=ClientState)
+    secret: int = field(default_factory=new_secret)
+    mode: str = ""
+    answer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    answer_metrics: dict = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         tensors = {f"score_opt/{k}": v for k, v in self.train.score_opt.items()}
         tensors.update({f"objective/{k}": v for k, v in self.train.objective.items()})
-        meta = {
-            "accountant": self.accountant.state_dict() if self.accountant is not None else None,
-            "statistics_epsilon": float(self.statistics_epsilon),
-            "secret": int(self.secret),
-        }
+        tensors["answer/payload"] = np.asarray(self.answer)
+        meta = {"secret": int(self.secret), "mode": self.mode, "answer_metrics": self.answer_metrics}
         return pack(MAGIC, meta, tensors)
 
     @classmethod
@@ -78,22 +77,22 @@ class ClientRecord:
             meta, tensors = unpack(blob, MAGIC, "client state")
         except BlobError as err:
             raise StateError(str(err)) from None
-        if not isinstance(meta, dict) or set(meta) != {"accountant", "statistics_epsilon", "secret"}:
+        if not isinstance(meta, dict) or set(meta) != {"secret", "mode", "answer_metrics"}:
             raise StateError("client state: unexpected fields")
-        eps, secret = meta["statistics_epsilon"], meta["secret"]
-        if not isinstance(eps, (int, float)) or not 0 <= eps < float("inf") or type(secret) is not int:
-            raise StateError("client state: bad statistics_epsilon or secret")
-        groups: dict[str, dict[str, torch.Tensor]] = {"score_opt": {}, "objective": {}}
+        secret, mode, metrics = meta["secret"], meta["mode"], meta["answer_metrics"]
+        if type(secret) is not int or not isinstance(mode, str) or not isinstance(metrics, dict):
+            raise StateError("client state: bad secret, mode or answer metrics")
+        groups: dict[str, dict[str, torch.Tensor]] = {"score_opt": {}, "objective": {}, "answer": {}}
         for name, tensor in tensors.items():
             group, _, key = name.partition("/")
             if group not in groups or not key:
                 raise StateError(f"client state: unexpected tensor {name!r}")
             groups[group][key] = tensor
-        try:
-            acc = ThetaAccountant.from_state(meta["accountant"]) if meta["accountant"] is not None else None
-        except (KeyError, TypeError, ValueError) as err:
-            raise StateError(f"client state: bad accountant: {err}") from None
-        return cls(ClientState(groups["score_opt"], groups["objective"]), acc, float(eps), secret)
+        payload = groups["answer"].get("payload")
+        if payload is None or payload.dim() != 1:
+            raise StateError("client state: no answer payload")
+        train = ClientState(groups["score_opt"], groups["objective"])
+        return cls(train, secret, mode, payload.numpy(), metrics)
 
 
 def _saved_rounds(state_dir: Path, partition_id: int) -> dict[int, Path]:
@@ -119,3 +118,8 @@ def read_latest_state_file(state_dir: Path, partition_id: int, before_round: int
         return None
     latest = max(earlier)
     return latest, earlier[latest].read_bytes()
+
+
+def answered_rounds(state_dir: Path, partition_id: int) -> dict[int, Path]:
+    """The rounds this client has answered in the run whose folder is ``state_dir`` (kept ones)."""
+    return _saved_rounds(state_dir, partition_id)

@@ -16,6 +16,8 @@ PRISM only (``method = "prism"``); the dense baseline runs through Flower.
 
 from __future__ import annotations
 
+import secrets
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +37,7 @@ from prism_flwr.model.build import generator_spec, pick_device
 from prism_flwr.model.generator import ResnetGenerator
 from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
 from prism_flwr.privacy import insecure_test_secret
+from prism_flwr.privacy.modes import privacy_for
 from prism_flwr.secagg.crypto import packed_size
 
 
@@ -47,6 +50,7 @@ def run(
     deadline: float | None = None,
     samples_dir: Path | None = None,
     insecure_test_mask_seed: int | None = None,
+    ledger_dir: Path | None = None,
 ) -> list[dict]:
     """Train ``cfg.num_server_rounds`` rounds of ``num_clients`` clients; returns the history.
 
@@ -58,9 +62,16 @@ def run(
     record). ``samples_dir``: a grid of 64 evaluation samples per evaluated round
     (``round-XXXX.png``, as the ServerApp writes). Each client's mask secret is fresh from the OS
     unless ``insecure_test_mask_seed`` is given (predictable masks, to compare with a ``flwr run``
-    whose nodes have ``PRISM_INSECURE_TEST_MASK_SEED`` set to the same value). No node ledger here:
-    each client's run accountant alone limits its DP spend.
+    whose nodes have ``PRISM_INSECURE_TEST_MASK_SEED`` set to the same value). Under DP every
+    release goes through a node ledger as in the ClientApp, in ``ledger_dir`` (default: a temporary
+    folder for this run), with the run's budget as the node's.
     """
+    with tempfile.TemporaryDirectory(prefix="prism-ledger-") as tmp:
+        return _run(cfg, num_clients, evaluator, on_record, deadline, samples_dir, insecure_test_mask_seed,
+                    Path(ledger_dir or tmp))  # fmt: skip
+
+
+def _run(cfg, num_clients, evaluator, on_record, deadline, samples_dir, insecure_test_mask_seed, ledger_dir):
     if method_for(cfg) is not PRISM:
         raise ValueError(
             "the in-process runner trains PRISM (method = 'prism'); the dense baseline runs through Flower"
@@ -77,6 +88,7 @@ def run(
         None if test_seed is None else insecure_test_secret(test_seed, pid) for pid in range(num_clients)
     ]
     states = [new_record(cfg, secret) for secret in mask_secrets]
+    privacy, run_tag = privacy_for(cfg), secrets.token_hex(4)
 
     def evaluate(rnd: int, record: dict) -> None:
         if evaluator is not None and (rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds):
@@ -96,8 +108,17 @@ def run(
         sent = downlink.encode(scores)
         received = downlink.decode(sent, n)
         for pid, (data, hist) in enumerate(clients):
+            ledger = privacy.session(ledger_dir, cfg.dp_epsilon, cfg.dp_delta, run_tag, rnd, data)
             res = client_round(
-                cfg, PRISM, received, data, hist, states[pid], partition_id=pid, server_round=rnd
+                cfg,
+                PRISM,
+                received,
+                data,
+                hist,
+                states[pid],
+                partition_id=pid,
+                server_round=rnd,
+                ledger=ledger,
             )
             states[pid] = res.record
             if secure:  # the client's own mask as the 0/1 vector it masks (the ClientApp's step)

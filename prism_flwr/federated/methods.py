@@ -30,7 +30,6 @@ from prism_flwr.model.masked import (
     set_flat,
 )
 from prism_flwr.model.training import TrainSettings
-from prism_flwr.privacy import privatize_theta
 
 
 @dataclass(frozen=True)
@@ -145,8 +144,3 @@ METHODS = {m.name: m for m in (PRISM, DENSE)}
 
 def method_for(cfg: RunConfig) -> Method:
     return METHODS[cfg.method]
-
-
-def dp_theta_release(cfg: RunConfig, noise_multiplier: float, generator: torch.Generator):
-    """The paper's theta mechanism as a function ``thetas -> noisy clamped thetas``."""
-    return lambda thetas: privatize_theta(thetas, cfg.dp_clip, noise_multiplier, generator=generator)

@@ -1,14 +1,11 @@
-"""Differential privacy for PRISM clients: the theta and statistics mechanisms, one RDP
-accountant, the node's ledger and the client's secret randomness (docs/privacy.md)."""
+"""Differential privacy for PRISM clients: the theta and statistics mechanisms, one RDP accountant,
+the node's per-example ledger, one object per ``dp`` mode and the client's secret randomness
+(docs/privacy.md)."""
 
 from __future__ import annotations
 
-from prism_flwr.privacy.accounting import (
-    ThetaAccountant,
-    compute_epsilon,
-    epsilon_of_releases,
-    noise_multiplier_for_budget,
-)
+from prism_flwr.privacy.accounting import compute_epsilon, epsilon_of_releases, noise_multiplier_for_budget
+from prism_flwr.privacy.modes import MODES, privacy_for
 from prism_flwr.privacy.randomness import fresh_generator, insecure_test_secret, new_secret
 from prism_flwr.privacy.statistics import (
     clipped_feature_sums,
@@ -18,13 +15,13 @@ from prism_flwr.privacy.statistics import (
 )
 from prism_flwr.privacy.theta import privatize_theta, theta_sensitivity
 
-DP_MODES = ("off", "theta", "statistics")
+DP_MODES = tuple(MODES)
 OBJECTIVES = ("feature-matching", "mmd")
 
 __all__ = [
     "DP_MODES",
+    "MODES",
     "OBJECTIVES",
-    "ThetaAccountant",
     "check_dp_compatible",
     "clipped_feature_sums",
     "compute_epsilon",
@@ -33,6 +30,7 @@ __all__ = [
     "insecure_test_secret",
     "new_secret",
     "noise_multiplier_for_budget",
+    "privacy_for",
     "privatize_statistics",
     "privatize_theta",
     "statistics_noise_multiplier",

@@ -11,7 +11,6 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 
 # Renyi orders: denser near 1 (large epsilon) and wider (small epsilon) than Opacus' default.
 _RDP_ORDERS = (
@@ -59,95 +58,32 @@ def compute_epsilon(noise_multiplier: float, delta: float, steps: int) -> float:
     return epsilon_of_releases([float(noise_multiplier)] * int(steps), delta)
 
 
+def within(epsilon: float, budget: float) -> bool:
+    """``epsilon <= budget`` up to floating-point noise."""
+    return epsilon <= budget * (1.0 + REL_TOL)
+
+
 def noise_multiplier_for_budget(epsilon: float, delta: float, rounds: int) -> float:
     """Smallest z (to 1e-6 relative, conservative end) with which ``rounds`` releases spend at most
-    ``epsilon`` at ``delta`` (Opacus' ``get_noise_multiplier`` with a relative tolerance)."""
+    ``epsilon`` at ``delta``: bisection on ``compute_epsilon`` in log z."""
     check_eps_delta(epsilon, delta)
     if int(rounds) != rounds or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
 
-    def eps_of(z: float) -> float:
-        return compute_epsilon(z, delta, int(rounds))
+    def over(z: float) -> bool:
+        return compute_epsilon(z, delta, int(rounds)) > epsilon
 
     lo = hi = 1.0
-    if eps_of(hi) > epsilon:
-        while eps_of(hi) > epsilon:
-            lo, hi = hi, hi * 2.0
-            if hi > _MAX_NOISE_MULTIPLIER:
-                raise ValueError(f"budget epsilon={epsilon} too small for {rounds} rounds")
-    else:
-        while eps_of(lo) <= epsilon:
+    while over(hi):
+        lo, hi = hi, hi * 2.0
+        if hi > _MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"budget epsilon={epsilon} too small for {rounds} rounds")
+    if lo == hi:  # z = 1 is within budget: search downwards
+        while not over(lo):
             lo, hi = lo / 2.0, lo
             if lo < 1e-6:
                 return hi
-    while (hi - lo) / hi > 1e-6:  # invariant: eps_of(lo) > epsilon >= eps_of(hi)
+    while (hi - lo) / hi > 1e-6:  # invariant: over(lo) and not over(hi)
         mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if eps_of(mid) > epsilon else (lo, mid)
+        lo, hi = (mid, hi) if over(mid) else (lo, mid)
     return hi
-
-
-class ThetaAccountant:
-    """One run's spend of the theta mechanism: ``steps`` releases with one noise multiplier.
-
-    ``can_release()`` before privatising, ``step()`` after; ``step`` refuses to pass the budget.
-    The state is plain scalars (``state_dict``) so it fits Flower's ``context.state``.
-    """
-
-    def __init__(
-        self, noise_multiplier: float, delta: float, budget_epsilon: float, *, steps: int = 0
-    ) -> None:
-        check_eps_delta(budget_epsilon, delta)
-        if not noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
-        if int(steps) != steps or steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-        self.noise_multiplier, self.delta = float(noise_multiplier), float(delta)
-        self.budget_epsilon, self._steps = float(budget_epsilon), int(steps)
-        self._cache: dict[int, float] = {}
-
-    @property
-    def steps(self) -> int:
-        return self._steps
-
-    def epsilon_after(self, steps: int) -> float:
-        if steps not in self._cache:
-            self._cache[steps] = compute_epsilon(self.noise_multiplier, self.delta, steps)
-        return self._cache[steps]
-
-    @property
-    def epsilon(self) -> float:
-        """Epsilon spent so far at ``self.delta`` (0.0 before any step)."""
-        return self.epsilon_after(self._steps)
-
-    def _within(self, eps: float) -> bool:
-        return eps <= self.budget_epsilon * (1.0 + REL_TOL)
-
-    def can_release(self) -> bool:
-        return self._within(self.epsilon_after(self._steps + 1))
-
-    def step(self) -> None:
-        """Record one more release; ``RuntimeError`` past the budget."""
-        if not self.can_release():
-            raise RuntimeError(
-                f"privacy budget exhausted: one more round would spend epsilon="
-                f"{self.epsilon_after(self._steps + 1):.4f} > budget {self.budget_epsilon} "
-                f"(delta={self.delta})"
-            )
-        self._steps += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "noise_multiplier": self.noise_multiplier,
-            "delta": self.delta,
-            "budget_epsilon": self.budget_epsilon,
-            "steps": self._steps,
-        }
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> ThetaAccountant:
-        return cls(
-            float(state["noise_multiplier"]),
-            float(state["delta"]),
-            float(state["budget_epsilon"]),
-            steps=int(state["steps"]),
-        )
