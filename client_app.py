@@ -108,7 +108,7 @@ def open_ledger(node: NodeConfig, cfg: RunConfig, msg: Message, server_round: in
     }
     ledger = PrivacyLedger(node.resolved("state_dir"), key, node.dp_budget, node.max_dp_delta)
     session = LedgerSession(ledger, str(msg.content["config"]["run-tag"]), server_round)
-    session.precheck(cfg.dp, release_multiplier(cfg), statistics_params(cfg))
+    session.precheck(cfg.dp, release_multiplier(cfg), statistics_params(cfg, node.vgg19_weights))
     return session
 
 
@@ -213,7 +213,16 @@ def _train(msg: Message, context: Context) -> Message:
     ledger = open_ledger(node, cfg, msg, server_round) if cfg.dp != "off" else None
     record = load_client_state(msg, context, cfg, node, server_round, ledger)
     result = client_round(
-        cfg, method, vector, data, hist, record, partition_id=pid, server_round=server_round, ledger=ledger
+        cfg,
+        method,
+        vector,
+        data,
+        hist,
+        record,
+        partition_id=pid,
+        server_round=server_round,
+        ledger=ledger,
+        vgg19_weights=node.vgg19_weights,
     )
     payload = result.payload
     save_client_state(msg, context, node, server_round, result.record)

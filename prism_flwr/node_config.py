@@ -54,6 +54,7 @@ class NodeConfig(BaseModel):
     dp_budget: float = Field(9.8, gt=0)  # epsilon over all runs on this data
     max_dp_epsilon: float | None = Field(None, gt=0)  # per run; None: dp-budget
     max_dp_delta: float = Field(1e-5, gt=0, lt=1)  # largest delta accepted; the ledger's delta
+    vgg19_weights: str = ""  # torchvision's vgg19-dcbb9e9d.pth on this node; empty: the torch hub cache
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> NodeConfig:

@@ -19,6 +19,7 @@ model and the client's images, and nothing derived from data under DP.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -46,6 +47,9 @@ from prism_flwr.privacy import (
 )
 from prism_flwr.privacy.ledger import LedgerError, LedgerSession
 
+log = logging.getLogger("prism.client")
+# What the server is told when the node's VGG19 weights cannot be loaded: nothing about its files.
+VGG19_UNAVAILABLE = "features='vgg19': the node's configured vgg19-weights is missing or unreadable"
 # Metrics a client may report under dp = "statistics" (training saw only the DP statistics);
 # under dp = "theta" nothing computed from data leaves the client but the mask.
 _DP_STATISTICS_METRICS = ("loss", "theta_density", "theta_entropy_bits", "mask_density")
@@ -87,7 +91,17 @@ def masked_count(cfg: RunConfig, method: Method, device: torch.device) -> int:
 
 @lru_cache(maxsize=2)
 def features_for(name: str, weights: str, device: str) -> nn.Module:
-    return build_features(name, weights or None).to(device)
+    """The feature network; ``weights``: the node's own ``vgg19-weights`` (node config, never the run's).
+
+    A VGG19 that cannot be loaded is one line for the server, the same whatever the node's files are
+    (torch's own errors quote the file's bytes); the details go to the node's log."""
+    try:
+        return build_features(name, weights or None).to(device)
+    except Exception:
+        if name != "vgg19":
+            raise
+        log.exception("features='vgg19': loading the weights failed")
+        raise FileNotFoundError(VGG19_UNAVAILABLE) from None
 
 
 def new_record(cfg: RunConfig, secret: int | None = None) -> ClientRecord:
@@ -105,10 +119,13 @@ def theta_noise_multiplier(cfg: RunConfig) -> float:
     return noise_multiplier_for_budget(cfg.dp_epsilon, cfg.dp_delta, cfg.num_server_rounds)
 
 
-def statistics_params(cfg: RunConfig) -> dict:
-    """What decides a statistics release: the same values reuse the one in the node's ledger."""
+def statistics_params(cfg: RunConfig, vgg19_weights: str = "") -> dict:
+    """What decides a statistics release: the same values reuse the one in the node's ledger
+    (``vgg19_weights``: the node's, as in ``features_for``)."""
     dump = cfg.model_dump(by_alias=True)
-    return {k: dump[k] for k in ("features", "vgg19-weights", "dp-feature-clip", "dp-epsilon", "dp-delta")}
+    return {k: dump[k] for k in ("features", "dp-feature-clip", "dp-epsilon", "dp-delta")} | {
+        "vgg19-weights": vgg19_weights
+    }
 
 
 def release_multiplier(cfg: RunConfig) -> float:
@@ -129,11 +146,13 @@ def client_round(
     partition_id: int,
     server_round: int,
     ledger: LedgerSession | None = None,
+    vgg19_weights: str = "",
 ) -> ClientRoundResult:
     """Train on ``data`` from the global ``vector`` and build this client's upload.
 
     ``ledger``: the node's ledger for this round; each DP release is checked and recorded there
-    under its lock (without one, as in the in-process runner, only the run's accountant counts)."""
+    under its lock (without one, as in the in-process runner, only the run's accountant counts).
+    ``vgg19_weights``: the node's weights file (node config); empty: the torch hub cache."""
     device = data.device
     if len(data) < 2:  # e.g. Dirichlet with a tiny alpha can leave a client (almost) empty
         # (no count in the text: error text reaches the server, and a partition's size is data)
@@ -145,7 +164,7 @@ def client_round(
     model = model_with(cfg, method, vector, device)
     torch.manual_seed(derive_seed(cfg.seed, server_round, partition_id, 0))
     gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, server_round, partition_id, 1))
-    features = features_for(cfg.features, cfg.vgg19_weights, str(device))
+    features = features_for(cfg.features, vgg19_weights, str(device))
     if cfg.dp == "statistics" and not record.train.objective:
         # Released once with sample-level DP; every later step and round is post-processing.
         def release() -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -163,7 +182,9 @@ def client_round(
             release()
             if ledger is None
             else ledger.statistics(
-                statistics_params(cfg), statistics_noise_multiplier(cfg.dp_epsilon, cfg.dp_delta), release
+                statistics_params(cfg, vgg19_weights),
+                statistics_noise_multiplier(cfg.dp_epsilon, cfg.dp_delta),
+                release,
             )
         )
         record.train.objective = FeatureMatching(mu.to(device), var.to(device)).full_state()
