@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomllib
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from prism_flwr.deployment.pinning import parse_pins
 
 ENV = "PRISM_NODE_CONFIG"
 # Privacy floors from weakest to strongest: client-level DP (theta) implies sample-level (statistics).
@@ -40,6 +50,12 @@ def _download(value: Any) -> bool | str:
     raise ValueError('Input should be true, false or "auto"')
 
 
+def _trusted_apps(value: str | None) -> str | None:
+    if value is not None:
+        parse_pins(value)  # ValueError naming the first entry that is not a SHA-256
+    return value
+
+
 class NodeConfig(BaseModel):
     model_config = ConfigDict(
         alias_generator=lambda n: n.replace("_", "-"), populate_by_name=True, extra="forbid", frozen=True
@@ -55,6 +71,8 @@ class NodeConfig(BaseModel):
     max_dp_epsilon: float | None = Field(None, gt=0)  # per run; None: dp-budget
     max_dp_delta: float = Field(1e-5, gt=0, lt=1)  # largest delta accepted; the ledger's delta
     vgg19_weights: str = ""  # torchvision's vgg19-dcbb9e9d.pth on this node; empty: the torch hub cache
+    # SHA-256 of the app bundles this node runs, checked by its ClientApp process (deployment/pinning.py)
+    trusted_apps: Annotated[str | None, AfterValidator(_trusted_apps)] = None
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> NodeConfig:
