@@ -8,6 +8,7 @@ prism-flwr last-run [CONNECTION]                       status of the newest `flw
 prism-flwr clientapp-executor --runtime-api-address HOST:PORT --insecure   warm ClientApp process
 prism-flwr supernode [--idle-poll 0.2] -- FLOWER-SUPERNODE-ARGS...   SuperNode, short poll, checked apps
 prism-flwr clientapp FLWR-CLIENTAPP-ARGS...           flwr-clientapp that runs only the node's trusted-apps
+prism-flwr sign-app [APP] --key publisher.pem          sign an app for the nodes' trusted-app-keys
 """
 
 from __future__ import annotations
@@ -167,6 +168,23 @@ def _clientapp(rest: list[str]) -> int:
     return 2  # not reached
 
 
+def _sign_app(args: argparse.Namespace) -> int:
+    """Sign an app folder for the nodes' trusted-app-keys (docs/deployment.md 3.12)."""
+    from pathlib import Path
+
+    from .deployment.pinning import SIGNATURE_FILE
+    from .deployment.publish import sign_app_folder
+
+    try:
+        public, digest = sign_app_folder(Path(args.app), Path(args.key).read_bytes())
+    except (OSError, ValueError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(f"wrote {Path(args.app) / SIGNATURE_FILE}")
+    print(f"nodes: trusted-app-keys='{public}'\nthis bundle: sha256 {digest}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="prism-flwr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_supernode)
     p = sub.add_parser("clientapp", help="flwr-clientapp that runs only the node's trusted-apps")
     p.add_argument("clientapp_args", nargs=argparse.REMAINDER, help="flwr-clientapp's arguments")
+    p = sub.add_parser(
+        "sign-app", help="sign an app folder (app-signature.json) for the nodes' trusted-app-keys"
+    )
+    p.add_argument("app", nargs="?", default=".", help="the app folder (default: .)")
+    p.add_argument(
+        "--key", required=True, help="Ed25519 private key, PEM (openssl genpkey -algorithm ed25519)"
+    )
+    p.set_defaults(fn=_sign_app)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["clientapp"]:  # flwr-clientapp's options are passed on as they are
         return _clientapp(argv[1:])

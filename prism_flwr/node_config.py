@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from prism_flwr.deployment.pinning import parse_pins
+from prism_flwr.deployment.pinning import KEYS_KEY, parse_pins
 
 ENV = "PRISM_NODE_CONFIG"
 # Privacy floors from weakest to strongest: client-level DP (theta) implies sample-level (statistics).
@@ -56,6 +56,12 @@ def _trusted_apps(value: str | None) -> str | None:
     return value
 
 
+def _trusted_app_keys(value: str | None) -> str | None:
+    if value is not None:
+        parse_pins(value, KEYS_KEY)  # ValueError naming the first entry that is not a public key
+    return value
+
+
 class NodeConfig(BaseModel):
     model_config = ConfigDict(
         alias_generator=lambda n: n.replace("_", "-"), populate_by_name=True, extra="forbid", frozen=True
@@ -71,8 +77,10 @@ class NodeConfig(BaseModel):
     max_dp_epsilon: float | None = Field(None, gt=0)  # per run; None: dp-budget
     max_dp_delta: float = Field(1e-5, gt=0, lt=1)  # largest delta accepted; the ledger's delta
     vgg19_weights: str = ""  # torchvision's vgg19-dcbb9e9d.pth on this node; empty: the torch hub cache
-    # SHA-256 of the app bundles this node runs, checked by its ClientApp process (deployment/pinning.py)
+    # the app bundles this node runs (SHA-256s, publishers' Ed25519 keys), checked by its ClientApp
+    # process before the bundle is installed (deployment/pinning.py)
     trusted_apps: Annotated[str | None, AfterValidator(_trusted_apps)] = None
+    trusted_app_keys: Annotated[str | None, AfterValidator(_trusted_app_keys)] = None
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> NodeConfig:
