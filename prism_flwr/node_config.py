@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from prism_flwr.deployment.pinning import KEYS_KEY, parse_pins
+from prism_flwr.deployment.pinning import KEYS_KEY, PIN_KEY, parse_pins
 
 ENV = "PRISM_NODE_CONFIG"
 # Privacy floors from weakest to strongest: client-level DP (theta) implies sample-level (statistics).
@@ -94,8 +94,10 @@ class NodeConfig(BaseModel):
     def parse(cls, node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> NodeConfig:
         environ = os.environ if environ is None else environ
         try:
-            merged = {**parse_pairs(environ.get(ENV, "")), **dict(node_config)}
-            return cls.model_validate(merged)
+            from_env = parse_pairs(environ.get(ENV, ""))
+            if pinned := sorted({PIN_KEY, KEYS_KEY} & set(from_env)):  # the ClientApp process reads them
+                raise NodeConfigError(f"{ENV}: {', '.join(pinned)} only as the SuperNode's --node-config")
+            return cls.model_validate({**from_env, **dict(node_config)})
         except NodeConfigError:
             raise
         except ValidationError as err:

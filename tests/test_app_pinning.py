@@ -83,6 +83,11 @@ def test_trusted_apps_in_node_config() -> None:
     assert node.trusted_apps == digest
     with pytest.raises(NodeConfigError, match="trusted-apps: 'nope' is not a SHA-256 hash"):
         NodeConfig.parse({"partition-id": 0, "num-partitions": 1, PIN_KEY: f"{digest} nope"}, environ={})
+    # the environment's node settings are not where the ClientApp process looks: refused, not ignored
+    with pytest.raises(NodeConfigError, match="trusted-apps only as the SuperNode's --node-config"):
+        NodeConfig.parse(
+            {"partition-id": 0, "num-partitions": 1}, environ={"PRISM_NODE_CONFIG": f"{PIN_KEY}='{digest}'"}
+        )
 
 
 def _key(path: Path) -> Path:
