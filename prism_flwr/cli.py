@@ -177,7 +177,7 @@ def _sign_app(args: argparse.Namespace) -> int:
 
     try:
         public, digest = sign_app_folder(Path(args.app), Path(args.key).read_bytes())
-    except (OSError, ValueError) as err:
+    except (OSError, TypeError, ValueError) as err:  # no file, an encrypted or non-Ed25519 key
         print(err, file=sys.stderr)
         return 2
     print(f"wrote {Path(args.app) / SIGNATURE_FILE}")
