@@ -6,7 +6,9 @@ prism-flwr evaluate MODEL.prism [--dataset fmnist] [--n 10000] [--inception-weig
 prism-flwr feature-net fmnist [--seed 0] [--force]     train (once) the FD feature classifier
 prism-flwr last-run [CONNECTION]                       status of the newest `flwr run`
 prism-flwr clientapp-executor --runtime-api-address HOST:PORT --insecure   warm ClientApp process
-prism-flwr supernode [--idle-poll 0.2] -- FLOWER-SUPERNODE-ARGS...   SuperNode, shorter idle poll
+prism-flwr supernode [--idle-poll 0.2] -- FLOWER-SUPERNODE-ARGS...   SuperNode, short poll, checked apps
+prism-flwr clientapp FLWR-CLIENTAPP-ARGS...           flwr-clientapp that runs only the node's trusted-apps
+prism-flwr sign-app [APP] --key publisher.pem          sign an app for the nodes' trusted-app-keys
 """
 
 from __future__ import annotations
@@ -142,14 +144,44 @@ def _clientapp_executor(args: argparse.Namespace) -> int:
 def _supernode(args: argparse.Namespace) -> int:
     """Flower's SuperNode, asking for its next message every ``--idle-poll`` s instead of 3 s."""
     try:
-        from .deployment import executor
+        from .deployment import supernode
 
-        executor.check_flower_version()
         rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
-        executor.supernode_main(rest, args.idle_poll)
+        supernode.supernode_main(rest, args.idle_poll)
     except (ImportError, RuntimeError) as err:  # UnsupportedFlowerVersion is a RuntimeError
         print(err, file=sys.stderr)
         return 2
+    return 0
+
+
+def _clientapp(rest: list[str]) -> int:
+    """``flwr-clientapp REST`` with the node's trusted-apps check: this process becomes the checked one."""
+    try:
+        from .deployment.supernode import check_flower_version, clientapp_command
+
+        check_flower_version()
+    except (ImportError, RuntimeError) as err:  # UnsupportedFlowerVersion is a RuntimeError
+        print(err, file=sys.stderr)
+        return 2
+    command = [*clientapp_command(), *(rest[1:] if rest[:1] == ["--"] else rest)]
+    os.execv(command[0], command)
+    return 2  # not reached
+
+
+def _sign_app(args: argparse.Namespace) -> int:
+    """Sign an app folder for the nodes' trusted-app-keys (docs/deployment.md 3.12)."""
+    from pathlib import Path
+
+    from .deployment.pinning import SIGNATURE_FILE
+    from .deployment.publish import sign_app_folder
+
+    try:
+        public, digest = sign_app_folder(Path(args.app), Path(args.key).read_bytes())
+    except (OSError, TypeError, ValueError) as err:  # no file, an encrypted or non-Ed25519 key
+        print(err, file=sys.stderr)
+        return 2
+    print(f"wrote {Path(args.app) / SIGNATURE_FILE}")
+    print(f"nodes: trusted-app-keys='{public}'\nthis bundle: sha256 {digest}")
     return 0
 
 
@@ -224,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         "--poll-interval", type=_poll_seconds, default=0.1, help="seconds between AcquireTask polls (0.01-60)"
     )
     p.set_defaults(fn=_clientapp_executor)
-    p = sub.add_parser("supernode", help="flower-supernode with its 3 s idle poll shortened")
+    p = sub.add_parser(
+        "supernode", help="flower-supernode with its 3 s idle poll shortened, ClientApps checked"
+    )
     p.add_argument(
         "--idle-poll",
         type=_poll_seconds,
@@ -233,6 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     p.set_defaults(fn=_supernode)
+    p = sub.add_parser("clientapp", help="flwr-clientapp that runs only the node's trusted-apps")
+    p.add_argument("clientapp_args", nargs=argparse.REMAINDER, help="flwr-clientapp's arguments")
+    p = sub.add_parser(
+        "sign-app", help="sign an app folder (app-signature.json) for the nodes' trusted-app-keys"
+    )
+    p.add_argument("app", nargs="?", default=".", help="the app folder (default: .)")
+    p.add_argument(
+        "--key", required=True, help="Ed25519 private key, PEM (openssl genpkey -algorithm ed25519)"
+    )
+    p.set_defaults(fn=_sign_app)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["clientapp"]:  # flwr-clientapp's options are passed on as they are
+        return _clientapp(argv[1:])
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

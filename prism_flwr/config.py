@@ -84,10 +84,7 @@ class RunConfig(BaseModel):
     features: Literal["pixels", "random-conv", "vgg19"] = Field(
         "pixels",
         description="`pixels`, `random-conv` (a fixed, seeded random conv net: no pretrained weights) or "
-        "`vgg19` (ImageNet weights from disk, see `vgg19-weights`)",
-    )
-    vgg19_weights: str = Field(
-        "", description="path to torchvision's `vgg19-dcbb9e9d.pth`; empty: the torch hub cache is searched"
+        "`vgg19` (ImageNet weights from the node's disk: node-config `vgg19-weights`)",
     )
     estimator: Literal["scaled", "identity"] = Field(
         "scaled", description="Bernoulli gradient: `scaled` (dL/dtheta = theta dL/dm, official) or `identity`"

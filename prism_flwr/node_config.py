@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomllib
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
+from prism_flwr.deployment.pinning import KEYS_KEY, PIN_KEY, parse_pins
 from prism_flwr.privacy.modes import BY_RANK, MODES, NoPrivacy
 from prism_flwr.settings import describe, download_value, kebab
 
@@ -35,6 +44,18 @@ class Refusal(RuntimeError):
     """This node will not take part in a run: the text is about configuration, never about data."""
 
 
+def _trusted_apps(value: str | None) -> str | None:
+    if value is not None:
+        parse_pins(value)  # ValueError naming the first entry that is not a SHA-256
+    return value
+
+
+def _trusted_app_keys(value: str | None) -> str | None:
+    if value is not None:
+        parse_pins(value, KEYS_KEY)  # ValueError naming the first entry that is not a public key
+    return value
+
+
 class NodeConfig(BaseModel):
     model_config = ConfigDict(alias_generator=kebab, populate_by_name=True, extra="forbid", frozen=True)
 
@@ -47,6 +68,11 @@ class NodeConfig(BaseModel):
     dp_budget: float = Field(9.8, gt=0)  # epsilon over all runs on this data
     max_dp_epsilon: float | None = Field(None, gt=0)  # per run; None: dp-budget
     max_dp_delta: float = Field(1e-5, gt=0, lt=1)  # largest delta accepted; the ledger's delta
+    vgg19_weights: str = ""  # torchvision's vgg19-dcbb9e9d.pth on this node; empty: the torch hub cache
+    # the app bundles this node runs (SHA-256s, publishers' Ed25519 keys), checked by its ClientApp
+    # process before the bundle is installed (deployment/pinning.py)
+    trusted_apps: Annotated[str | None, AfterValidator(_trusted_apps)] = None
+    trusted_app_keys: Annotated[str | None, AfterValidator(_trusted_app_keys)] = None
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> NodeConfig:
@@ -60,8 +86,10 @@ class NodeConfig(BaseModel):
     def parse(cls, node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> NodeConfig:
         environ = os.environ if environ is None else environ
         try:
-            merged = {**parse_pairs(environ.get(ENV, "")), **dict(node_config)}
-            return cls.model_validate(merged)
+            from_env = parse_pairs(environ.get(ENV, ""))
+            if pinned := sorted({PIN_KEY, KEYS_KEY} & set(from_env)):  # the ClientApp process reads them
+                raise NodeConfigError(f"{ENV}: {', '.join(pinned)} only as the SuperNode's --node-config")
+            return cls.model_validate({**from_env, **dict(node_config)})
         except NodeConfigError:
             raise
         except ValidationError as err:

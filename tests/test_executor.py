@@ -1,4 +1,4 @@
-"""The warm ClientApp executor (prism_flwr/deployment/executor.py) on loopback.
+"""The warm ClientApp executor (prism_flwr/deployment/: executor.py, worker.py, supernode.py) on loopback.
 
 A SuperLink and SuperNodes started with ``--isolation process``, one ``prism-flwr
 clientapp-executor`` per SuperNode, and the tiny app in tests/apps/warm_app (no torch, no data):
@@ -222,32 +222,35 @@ def test_dead_worker_is_replaced(tmp_path: Path) -> None:
 def test_supernode_waits_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     from flwr.supernode import start_client_internal as loop
 
-    from prism_flwr.deployment import executor
+    from prism_flwr.deployment import supernode
 
     asked: list[float] = []
-    capped = executor.CappedSleep(0.2, sleep=asked.append)
+    capped = supernode.CappedSleep(0.2, sleep=asked.append)
     for seconds in (3, 0.5, 0.1):
         capped.sleep(seconds)
     assert asked == [0.2, 0.2, 0.1]
     assert capped.monotonic is time.monotonic  # the rest of the time module is untouched
     monkeypatch.setattr(loop, "time", loop.time)  # undone after the test
-    executor.shorten_supernode_poll(0.2)  # the 1.42 loop still has its `time.sleep(3)`
-    assert isinstance(loop.time, executor.CappedSleep) and loop.time.cap == 0.2
-    with pytest.raises(executor.UnsupportedFlowerVersion, match="does not sleep as 1.42.0"):
-        executor.shorten_supernode_poll(0.2)  # a loop that is not the one we know is refused
+    supernode.shorten_supernode_poll(0.2)  # the 1.42 loop still has its `time.sleep(3)`
+    assert isinstance(loop.time, supernode.CappedSleep) and loop.time.cap == 0.2
+    with pytest.raises(supernode.UnsupportedFlowerVersion, match="does not sleep as 1.42.0"):
+        supernode.shorten_supernode_poll(0.2)  # a loop that is not the one we know is refused
 
 
 def test_refuses_other_flower_versions(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     from prism_flwr import cli
-    from prism_flwr.deployment import executor
+    from prism_flwr.deployment import runtime_api
 
     for version in ("1.42.0", "1.42.7"):
-        assert executor.check_flower_version(version) == version
+        assert runtime_api.check_flower_version(version) == version
     for version in ("1.43.0", "1.41.2", "2.0.0", "1.4.2"):
-        with pytest.raises(executor.UnsupportedFlowerVersion, match=f"installed Flower is {version}"):
-            executor.check_flower_version(version)
-    monkeypatch.setattr(executor, "installed_flower_version", lambda: "1.43.0")
+        with pytest.raises(runtime_api.UnsupportedFlowerVersion, match=f"installed Flower is {version}"):
+            runtime_api.check_flower_version(version)
+    monkeypatch.setattr(runtime_api, "installed_flower_version", lambda: "1.43.0")
     assert cli.main(["clientapp-executor", "--insecure", "--runtime-api-address", "127.0.0.1:9"]) == 2
     assert "tested with Flower 1.42.x only" in capsys.readouterr().err
+    for command in (["supernode", "--", "--insecure"], ["clientapp", "--insecure", "--token", "t"]):
+        assert cli.main(command) == 2  # the SuperNode wrapper and the checked clientapp refuse it too
+        assert "tested with Flower 1.42.x only" in capsys.readouterr().err

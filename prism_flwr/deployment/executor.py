@@ -2,287 +2,37 @@
 
 Flower starts a fresh ``flwr-clientapp`` per message. With ``flower-supernode --isolation process``
 the SuperNode waits for an external executor instead: here a supervisor (``serve``) acquires its
-ClientApp tasks and hands each task's token to one worker process (this file run as a script),
-which keeps the FAB installed, the app imported and its module state between messages, and per
-task does what ``flwr.supernode.runtime.run_clientapp`` does (with that module's pull/push
-functions). ``supernode_main`` runs Flower's SuperNode with its 3 s idle wait capped. The only
-module of the package that imports Flower internals (pinned: 1.42.x); see docs/deployment.md 3.11.
+ClientApp tasks and hands each task's token to one worker process (``worker.py``), which keeps the
+FAB installed, the app imported and its module state between messages, and checks each task's FAB
+against the node's ``trusted-apps`` before running it. Flower internals: pinned to 1.42.x
+(``runtime_api``); see docs/deployment.md 3.11.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import logging
 import os
 import select
-import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-SUPPORTED_FLOWER = "1.42."  # Flower's internal Runtime API changes between minor versions
-
-
-class UnsupportedFlowerVersion(RuntimeError):
-    """The installed Flower is not the version this executor was written and tested against."""
-
-
-def installed_flower_version() -> str:
-    return importlib.metadata.version("flwr")
-
-
-def check_flower_version(version: str | None = None) -> str:
-    """Return ``version`` (default: the installed Flower's) or refuse it with a clear reason."""
-    version = installed_flower_version() if version is None else version
-    if not version.startswith(SUPPORTED_FLOWER):
-        raise UnsupportedFlowerVersion(
-            f"the warm ClientApp executor relies on Flower internals and was tested with Flower "
-            f"{SUPPORTED_FLOWER}x only; the installed Flower is {version}. Run the SuperNode without "
-            f"`--isolation process` (Flower's own executor) or install flwr=={SUPPORTED_FLOWER}*"
-        )
-    return version
-
+from prism_flwr.deployment.runtime_api import check_flower_version
 
 check_flower_version()  # before the internals below: a clear refusal instead of an ImportError
 
 import httpx  # noqa: E402
-from flwr.app import Message  # noqa: E402
-from flwr.app.error import Error  # noqa: E402
-from flwr.cli.install import install_from_fab  # noqa: E402
-from flwr.clientapp.client_app import ClientApp, LoadClientAppError  # noqa: E402
-from flwr.clientapp.utils import get_load_client_app_fn  # noqa: E402
-from flwr.common.constant import ErrorCode, SubStatus  # noqa: E402
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # noqa: E402
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: E402
 from flwr.proto.task_pb2 import Task  # noqa: E402
 from flwr.supercore.constant import TaskType  # noqa: E402
-from flwr.supercore.heartbeat import HeartbeatSender  # noqa: E402
-from flwr.supercore.interceptors import (  # noqa: E402
-    RuntimeTokenHttpInterceptor,
-    RuntimeVersionHttpInterceptor,
-    SuperExecAuthHttpInterceptor,
-)
 from flwr.supercore.runtime import RuntimeHttpClient  # noqa: E402
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output  # noqa: E402
 
-log = logging.getLogger("flwr")  # Flower's logger: same console format as the SuperNode's
-RETRY_STATUS = (502, 503, 504)
-RETRY_SECONDS = 60.0  # a worker's call gives up after this long without an answer (the task then fails)
+from prism_flwr.deployment.runtime_api import Endpoint, installed_flower_version, log, runtime_client  # noqa: E402
+from prism_flwr.deployment.worker import exit_on_sigterm  # noqa: E402
 
-
-# ------------------------------------------------------------------------------ Runtime API client
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the SuperNode's Runtime API is and how to reach it (what ``flower-superexec`` takes)."""
-
-    address: str
-    insecure: bool = False
-    root_certificates: str | None = None  # a PEM file; None with TLS: the system's CAs
-    auth_secret_file: str | None = None  # SuperExec auth (HMAC on AcquireTask), supervisor only
-
-
-class _Retry:
-    """Retry transport errors and 502/503/504 with backoff for a bounded time.
-
-    Flower's own invoker retries forever and, on a 401, sends SIGINT to its process: right for a
-    process per task, wrong for a process that must outlive a task's expired token."""
-
-    def __init__(self, max_seconds: float = RETRY_SECONDS) -> None:
-        self.max_seconds = max_seconds
-
-    def invoke(self, send):
-        start, delay = time.monotonic(), 0.1
-        while True:
-            try:
-                return send()
-            except (httpx.TransportError, httpx.HTTPStatusError) as err:
-                status = err.response.status_code if isinstance(err, httpx.HTTPStatusError) else None
-                retryable = status is None or status in RETRY_STATUS
-                if not retryable or time.monotonic() - start + delay > self.max_seconds:
-                    raise
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
-
-
-def runtime_client(
-    endpoint: Endpoint,
-    token: str | None = None,
-    component: str = "flwr-clientapp",
-    max_seconds: float = RETRY_SECONDS,
-) -> RuntimeHttpClient:
-    """A Runtime API client as ``run_clientapp`` builds one (with ``token``) or SuperExec (without)."""
-    interceptors: list = [RuntimeVersionHttpInterceptor(component_name=component)]
-    if token is not None:
-        interceptors.append(RuntimeTokenHttpInterceptor(token))
-    if endpoint.auth_secret_file:
-        secret = Path(endpoint.auth_secret_file).read_bytes()
-        protected = {"/flwr.proto.Runtime/AcquireTask"}  # what flower-superexec signs
-        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=protected))
-    return RuntimeHttpClient.from_server_address(
-        server_address=endpoint.address,
-        insecure=endpoint.insecure,
-        root_certificates=None if endpoint.insecure else endpoint.root_certificates,
-        interceptors=interceptors,
-        retry_invoker=_Retry(max_seconds),
-    )
-
-
-def heartbeat_fn(client: RuntimeHttpClient):
-    """Flower's task heartbeat, except that a refused beat is logged instead of ending the process."""
-    request = SendTaskHeartbeatRequest()
-    refused = threading.Event()
-
-    def beat() -> bool:
-        try:
-            ok = client.SendTaskHeartbeat(request).success
-        except httpx.TransportError:
-            return False  # retried by HeartbeatSender
-        except httpx.HTTPStatusError as err:
-            ok = False
-            log.warning("task heartbeat failed: HTTP %s", err.response.status_code)
-        if not ok and not refused.is_set():
-            refused.set()
-            log.warning("the SuperNode no longer accepts this task's heartbeat (task expired or stopped)")
-        return True
-
-    return beat
-
-
-# ------------------------------------------------------------------------------ worker: one task
-@dataclass
-class TaskResult:
-    """What a worker tells the supervisor after a task."""
-
-    task_id: int
-    sub_status: str
-    details: str
-    pid: int
-    seconds: float
-    phases: dict[str, float]  # seconds of pull (inputs), load (FAB, app), app (handler), push (reply, status)
-    reply_pushed: bool
-    fresh_process_next: bool  # loading the app failed: the next task gets a new process (no half-imports)
-
-
-class LoadedApp:
-    """The one ClientApp this worker serves: its FAB installed and its module imported once."""
-
-    def __init__(self) -> None:
-        self.fab_hash: str | None = None
-        self.app: ClientApp | None = None
-
-    def get(self, run, fab) -> ClientApp:
-        if self.app is not None:
-            if fab.hash_str != self.fab_hash:
-                raise LoadClientAppError(
-                    f"this process serves FAB {self.fab_hash[:12]}, not {fab.hash_str[:12]}"
-                )
-            return self.app
-        install_from_fab(fab.content, skip_prompt=True)  # no-op when $FLWR_HOME/apps already has it
-        load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-        self.app = load(run.fab_id, run.fab_version, fab.hash_str)
-        self.fab_hash = fab.hash_str
-        log.info(
-            "[warm executor] ClientApp of %s (FAB %s) loaded in process %d",
-            run.fab_id,
-            fab.hash_str[:12],
-            os.getpid(),
-        )
-        return self.app
-
-
-def error_reply_fields(ex: BaseException) -> tuple[int, str]:
-    """Error code and reason exactly as ``run_clientapp`` writes them."""
-    if isinstance(ex, LoadClientAppError):
-        reason = "An exception was raised when attempting to load `ClientApp`"
-        return ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason
-    return ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(type(ex)) + ":<'" + str(ex) + "'>"
-
-
-STAGES = ("start", "pull", "load", "app")
-
-
-def serve_task(endpoint: Endpoint, token: str, task_id: int, loaded: LoadedApp) -> TaskResult:
-    """Run one task with the loaded app; never raises for a failure of the app itself."""
-    t0 = time.monotonic()
-    marks = [("start", t0)]
-    client = runtime_client(endpoint, token)
-    heartbeat = HeartbeatSender(heartbeat_fn(client))
-    message = context = reply = app = None
-    sub_status, details, fresh = SubStatus.FAILED, "ClientApp task failed due to unknown reason", False
-    pushed = False
-    try:
-        heartbeat.start()
-        message, context, run, fab = pull_task_input(client)
-        marks.append(("pull", time.monotonic()))
-        app = loaded.get(run, fab)
-        marks.append(("load", time.monotonic()))
-        reply = app(message=message, context=context)
-        marks.append(("app", time.monotonic()))
-        sub_status, details = SubStatus.COMPLETED, ""
-    except Exception as ex:  # noqa: BLE001 - any failure of the app becomes an error reply
-        code, details = error_reply_fields(ex)
-        log.error("ClientApp raised an exception", exc_info=ex)
-        fresh = message is not None and app is None  # the app failed to load: retry in a new process
-        if message is not None:
-            reply = Message(Error(code=code, reason=details), reply_to=message)
-    finally:
-        if len(marks) < len(STAGES):  # the stage that failed ends here
-            marks.append((STAGES[len(marks)], time.monotonic()))
-        if reply is not None and context is not None:
-            try:
-                push_message(client, reply, context)
-                pushed = True
-            except Exception as ex:  # noqa: BLE001
-                log.error("Failed to push reply message", exc_info=ex)
-        if heartbeat.is_running:  # before the token is revoked: no beat is refused afterwards
-            heartbeat.stop()
-        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
-        client.close()
-        marks.append(("push", time.monotonic()))
-    phases = {name: round(t - prev, 3) for (_, prev), (name, t) in zip(marks, marks[1:])}
-    return TaskResult(task_id, sub_status, details, os.getpid(), marks[-1][1] - t0, phases, pushed, fresh)
-
-
-# ------------------------------------------------------------------------------ worker process
-def exit_on_sigterm() -> None:
-    """The first SIGTERM unwinds (``finally`` blocks push a running task's status); a second one,
-    as a process group's stop sends, ends the process at once instead of interrupting the unwinding."""
-
-    def stop(*_: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """End this worker when its supervisor is gone (SIGKILL leaves no chance to tell it)."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def worker_main(settings: dict) -> int:
-    """Read one JSON job per line on stdin, run it, write one JSON result per line to ``result_fd``."""
-    endpoint = Endpoint(**settings["endpoint"])
-    results = os.fdopen(settings["result_fd"], "w", buffering=1)
-    _exit_with_parent(settings["parent_pid"])
-    exit_on_sigterm()
-    loaded = LoadedApp()
-    for line in sys.stdin:
-        job = json.loads(line)
-        result = serve_task(endpoint, job["token"], job["task_id"], loaded)
-        results.write(json.dumps(asdict(result)) + "\n")
-        if result.fresh_process_next:
-            return 0
-    return 0
+WORKER = Path(__file__).resolve().with_name("worker.py")
 
 
 # ------------------------------------------------------------------------------ supervisor
@@ -296,10 +46,9 @@ class Worker:
             "result_fd": write_fd,
             "parent_pid": os.getpid(),
         }
-        # Run by path with -P: the worker imports nothing of this package, so the app's own modules
-        # (including its copy of prism_flwr) come from the FAB, as in Flower's flwr-clientapp.
-        flags = ["-P"] if sys.version_info >= (3, 11) else []
-        command = [sys.executable, *flags, str(Path(__file__).resolve()), json.dumps(settings)]
+        # By path with -P (worker.py): nothing of this package is imported there, so the app's own
+        # modules (including its copy of prism_flwr) come from the FAB, as in Flower's flwr-clientapp.
+        command = [sys.executable, "-P", str(WORKER), "warm", json.dumps(settings)]
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, pass_fds=(write_fd,), text=True)
         os.close(write_fd)
         self.results_fd, self._pending = read_fd, b""
@@ -430,54 +179,3 @@ def serve(endpoint: Endpoint, poll_interval: float = 0.1) -> int:
         worker.stop()
         client.close()
     return 0
-
-
-# ------------------------------------------------------------------------------ SuperNode idle poll
-IDLE_POLL_SOURCE = "time.sleep(3)"  # what start_client_internal does when the SuperLink has no message
-
-
-class CappedSleep:
-    """Stands in for the ``time`` module inside Flower's SuperNode loop: every sleep is capped.
-
-    That loop sleeps 3 s after asking the SuperLink for a message and finding none, and 0.5 s
-    between looks for its ClientApp's reply; each round's next message is therefore found up to
-    3 s late. Capping both costs one small request to the SuperLink per ``cap`` seconds per node."""
-
-    def __init__(self, cap: float, sleep=time.sleep) -> None:
-        self.cap, self._sleep = cap, sleep
-
-    def sleep(self, seconds: float) -> None:
-        self._sleep(min(seconds, self.cap))
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
-
-
-def shorten_supernode_poll(cap: float) -> None:
-    """Cap the hard-coded waits of Flower 1.42's SuperNode loop at ``cap`` seconds (this process)."""
-    import inspect
-
-    from flwr.supernode import start_client_internal as loop
-
-    if IDLE_POLL_SOURCE not in inspect.getsource(loop.start_client_internal) or loop.time is not time:
-        raise UnsupportedFlowerVersion(
-            "the SuperNode loop of this Flower does not sleep as 1.42.0's does "
-            "(or is patched already): run flower-supernode itself"
-        )
-    loop.time = CappedSleep(cap)
-
-
-def supernode_main(argv: list[str], idle_poll: float) -> None:
-    """``flower-supernode`` with ``argv``, its idle poll capped at ``idle_poll`` seconds."""
-    from flwr.supernode.cli import flower_supernode
-
-    shorten_supernode_poll(idle_poll)
-    log.info(
-        "[prism-flwr supernode] SuperNode waits capped at %.2f s (Flower's: 3 s idle, 0.5 s reply)", idle_poll
-    )
-    sys.argv = ["flower-supernode", *argv]
-    flower_supernode()
-
-
-if __name__ == "__main__":  # the worker process (started by Worker, never by hand)
-    sys.exit(worker_main(json.loads(sys.argv[1])))

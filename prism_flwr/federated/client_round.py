@@ -19,6 +19,7 @@ model and the client's images, and nothing derived from data under DP.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -38,6 +39,10 @@ from prism_flwr.model.objectives import mmd2_unbiased
 from prism_flwr.model.training import train_local
 from prism_flwr.privacy.ledger import LedgerSession
 from prism_flwr.privacy.modes import PrivacyModeError, privacy_for
+
+log = logging.getLogger("prism.client")
+# What the server hears when the node's VGG19 cannot be loaded: nothing about the node's files.
+VGG19_UNAVAILABLE = "features='vgg19': the node's configured vgg19-weights is missing or unreadable"
 
 
 @dataclass
@@ -76,7 +81,17 @@ def masked_count(cfg: RunConfig, method: Method, device: torch.device) -> int:
 
 @lru_cache(maxsize=2)
 def features_for(name: str, weights: str, device: str) -> nn.Module:
-    return build_features(name, weights or None).to(device)
+    """The feature network; ``weights``: the node's own ``vgg19-weights`` (node config, never the run's).
+
+    A VGG19 that cannot be loaded is one line for the server, the same whatever the node's files are
+    (torch's own errors quote the file's bytes); the details go to the node's log."""
+    try:
+        return build_features(name, weights or None).to(device)
+    except Exception:
+        if name != "vgg19":
+            raise
+        log.exception("features='vgg19': loading the weights failed")
+        raise FileNotFoundError(VGG19_UNAVAILABLE) from None
 
 
 def new_record(cfg: RunConfig, secret: int | None = None) -> ClientRecord:
@@ -96,13 +111,15 @@ def client_round(
     partition_id: int,
     server_round: int,
     ledger: LedgerSession | None = None,
+    vgg19_weights: str = "",
 ) -> ClientRoundResult:
     """Train on ``data`` from the global ``vector`` and build this client's upload.
 
     What leaves and how it is accounted is the run's privacy mode's (``privacy.modes``): under DP
     every release is checked and recorded in the node's ledger ``ledger`` (required then), before
-    any training for the check. A ``record`` kept under another privacy mode is refused."""
-    privacy = privacy_for(cfg)
+    any training for the check. A ``record`` kept under another privacy mode is refused.
+    ``vgg19_weights``: the node's weights file (node config); empty: the torch hub cache."""
+    privacy = privacy_for(cfg, vgg19_weights)
     if record.mode and record.mode != privacy.binding():
         raise PrivacyModeError(
             f"this run's client state was kept under {record.mode}; the server now asks for "
@@ -118,7 +135,7 @@ def client_round(
     model = model_with(cfg, method, vector, device)
     torch.manual_seed(derive_seed(cfg.seed, server_round, partition_id, 0))
     gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, server_round, partition_id, 1))
-    features = features_for(cfg.features, cfg.vgg19_weights, str(device))
+    features = features_for(cfg.features, vgg19_weights, str(device))
     privacy.prepare(record.train, features, data, ledger)
     metrics: dict = train_local(
         model, features, data, method.train_settings(cfg), record.train, generator=gen

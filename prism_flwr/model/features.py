@@ -105,6 +105,6 @@ def build_features(name: str, weights_path: str | None = None) -> nn.Module:
     looked = ", ".join(str(p) for p in places)
     raise FileNotFoundError(
         f"features='vgg19' needs torchvision's ImageNet VGG19 weights ({VGG19_FILE}); looked in: {looked}. "
-        f"Nothing is downloaded at run time: copy the file to one of those places or set run-config "
+        f"Nothing is downloaded at run time: copy the file to one of those places or set node-config "
         f"key vgg19-weights to its path (or use features='pixels')."
     )

@@ -38,8 +38,8 @@ class NoPrivacy:
 
     name, rank = "off", 0  # rank: node floors order the modes off < statistics < theta
 
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, vgg19_weights: str = "") -> None:
+        self.cfg, self.vgg19_weights = cfg, vgg19_weights  # the node's weights file, if features = vgg19
 
     @property
     def spends(self) -> bool:
@@ -171,8 +171,9 @@ MODES = {m.name: m for m in (NoPrivacy, ThetaPrivacy, StatisticsPrivacy)}
 BY_RANK = tuple(sorted(MODES, key=lambda name: MODES[name].rank))  # weakest first
 
 
-def privacy_for(cfg: RunConfig) -> NoPrivacy:
-    return MODES[cfg.dp](cfg)
+def privacy_for(cfg: RunConfig, vgg19_weights: str = "") -> NoPrivacy:
+    """The run's privacy mode (``vgg19_weights``: the node's file, part of a statistics release's name)."""
+    return MODES[cfg.dp](cfg, vgg19_weights)
 
 
 def hides_errors(dp: object) -> bool:
