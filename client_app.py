@@ -208,6 +208,7 @@ def _train(msg: Message, context: Context) -> Message:
             partition_id=pid,
             server_round=server_round,
             ledger=ledger,
+            vgg19_weights=node.vgg19_weights,
         )
         payload, metrics = result.payload, result.metrics
         if not secure:

@@ -122,9 +122,8 @@ class StatisticsPrivacy(ThetaPrivacy):
     def params(self) -> dict:
         """What decides a release: the same values reuse the one in the node's ledger."""
         dump = self.cfg.model_dump(by_alias=True)
-        return {
-            k: dump[k] for k in ("features", "vgg19-weights", "dp-feature-clip", "dp-epsilon", "dp-delta")
-        }
+        keys = ("features", "dp-feature-clip", "dp-epsilon", "dp-delta")
+        return {**{k: dump[k] for k in keys}, "vgg19-weights": self.vgg19_weights}
 
     def precheck(self, session: LedgerSession) -> None:
         session.precheck(self.multiplier(), params=self.params())
