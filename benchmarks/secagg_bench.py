@@ -20,7 +20,7 @@ import os
 import platform
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -184,7 +184,7 @@ def main() -> None:
             f"{s['finish'] * 1e3:>7.1f} | {b['up'] / 1e3:,.1f} / {b['down'] / 1e3:,.1f} "
             f"({r['masked_vector_bytes'] / 1e3:,.1f}; 1-bit plain {r['plain_mask_bytes'] / 1e3:,.1f})"
         )
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    date = datetime.now(UTC).isoformat(timespec="seconds")
     print(
         json.dumps(
             {

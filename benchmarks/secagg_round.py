@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
         print(
             f"{head} Flower SecAgg+ (size only) | - | {flower / 1e3:,.1f} | - | {8 * flower / r['n']:.0f} |"
         )
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    date = datetime.now(UTC).isoformat(timespec="seconds")
     out = {
         "bench": "secagg_round",
         "date": date,

@@ -1,9 +1,9 @@
 """Run config: pyproject defaults are valid; every bad key is named with what is allowed."""
 
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from prism_flwr.config import ConfigError, RunConfig
 

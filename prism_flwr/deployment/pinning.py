@@ -16,11 +16,10 @@ import hashlib
 import io
 import json
 import re
+import tomllib
 import zipfile
 from collections.abc import Mapping
 from typing import Any
-
-import tomllib
 
 PIN_KEY = "trusted-apps"
 KEYS_KEY = "trusted-app-keys"
