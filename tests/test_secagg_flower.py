@@ -20,8 +20,9 @@ from prism_flwr.config import ConfigError, RunConfig
 from prism_flwr.federated.aggregation import aggregate, count_ones
 from prism_flwr.federated.records import SCORES_KEY
 from prism_flwr.federated.secure_sum import secagg_parameters
+from prism_flwr.secagg.records import MASKED_KEY, SECAGG_KEY, SHARE, UNMASK
 from prism_flwr.secagg.round import check_params, new_round
-from strategies.secagg import MASKED_KEY, SECAGG_KEY, SHARE, UNMASK, SecAggMADA
+from strategies.secagg import SecAggMADA
 from tools import procs
 from tools.secagg_loopback import LoopbackClient, LoopbackGrid, forged
 

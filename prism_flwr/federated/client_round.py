@@ -56,6 +56,7 @@ class ClientRoundResult:
     payload: np.ndarray  # PRISM: uint8 codec bytes; dense: float32 weights
     metrics: dict[str, float | list[int]]
     record: ClientRecord  # the state to keep for the next round
+    mask: np.ndarray | None = None  # under secure aggregation: the 0/1 mask drawn (uint8), masked as is
 
 
 @lru_cache(maxsize=4)
@@ -189,6 +190,8 @@ def client_round(
     elif cfg.dp == "statistics":  # n and the labels are raw data
         metrics = {k: metrics[k] for k in _DP_STATISTICS_METRICS if k in metrics}
         metrics.update({"num-examples": 1, "dp_epsilon": record.epsilon_spent})
+    if cfg.secure_aggregation != "off":
+        return ClientRoundResult(np.zeros(0, np.uint8), metrics, record, mask=payload)
     return ClientRoundResult(payload, metrics, record)
 
 
