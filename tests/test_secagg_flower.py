@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from prism_flwr.config import ConfigError, RunConfig
 from prism_flwr.federated.aggregation import aggregate, count_ones
+from prism_flwr.federated.broadcast import DOWNLINK_KEY, DOWNLINKS, digest
 from prism_flwr.federated.records import SCORES_KEY
 from prism_flwr.federated.secure_sum import secagg_parameters
 from prism_flwr.secagg.records import MASKED_KEY, SECAGG_KEY, SHARE, UNMASK
@@ -96,6 +97,35 @@ def test_counts_through_flower_messages_equal_the_clear_masks() -> None:
     assert sec["uplink_wire_bytes"] > 4 * (64 + 3 * 92) and sec["downlink_wire_bytes"] > 4 * 3 * (64 + 92)
     assert rec["wire_bytes_per_client"]["up"] == pytest.approx(rec["uplink_wire_bytes"] / 4)
     assert rec["uplink_wire_bytes"] > sec["uplink_wire_bytes"] + rec["uplink_bytes"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_secagg_with_a_delta_downlink_applies_every_round() -> None:
+    """``downlink = "delta"``: the masked reply names the global its node rebuilt, so every
+    round applies (it used to skip: the reply lacked the record) and each node holds the global."""
+    delta = DOWNLINKS["delta"]
+    nodes = (11, 12, 13, 14)
+    clients = {
+        u: LoopbackClient(u, lambda msg, u=u: (_mask(u, 1), {"num-examples": 10, "loss": 0.5})) for u in nodes
+    }
+    grid = LoopbackGrid(clients)
+    s = SecAggMADA(num_weights=N, layout=LAYOUT, rule="mada", seed=SEED, phase_timeout=60.0, downlink=delta)
+    scores = delta.settle(SCORES)
+    for rnd in (1, 2):
+        messages = list(
+            s.configure_train(rnd, ArrayRecord({SCORES_KEY: Array(scores)}), ConfigRecord(), grid)
+        )
+        sent = {m.content[DOWNLINK_KEY]["digest"] for m in messages}
+        out, _ = s.aggregate_train(rnd, grid.send_and_receive(messages))
+        rec = s.round_records[rnd]
+        assert out is not None and not rec["skipped"] and rec["secagg_contributors"] == 4, rec
+        assert rec["dropped"] == [] and {digest(c.held) for c in clients.values()} == sent
+        if rnd == 1:
+            counts, k = count_ones((np.packbits(_mask(u, 1), bitorder="little") for u in nodes), N)
+            clear = aggregate(scores, counts, k, method="mada", rng=np.random.default_rng([SEED, 1]))
+            expected = delta.settle(clear.scores, np.random.default_rng([SEED, 1, 8]))
+            np.testing.assert_array_equal(out[SCORES_KEY].numpy(), expected)
+        scores = out[SCORES_KEY].numpy()
 
 
 def _fail(kind: str, node: int):

@@ -18,6 +18,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 
 import client_app
+from prism_flwr.federated.broadcast import DOWNLINK_KEY, DOWNLINKS, digest, receive
+from prism_flwr.federated.records import SCORES_KEY
 from prism_flwr.secagg.records import ADVERTISE, CONFIRM, SECAGG_KEY, SHARE, UNMASK
 
 HANDLERS = {
@@ -65,7 +67,16 @@ class LoopbackClient:
         if kind in HANDLERS:
             return HANDLERS[kind](msg, self.context).content
         x, metrics = self.train(msg)
-        return client_app.secagg_train_reply(msg, self.context, x, metrics, {})
+        return client_app.secagg_train_reply(msg, self.context, x, metrics, self._held(msg, len(x)))
+
+    def _held(self, msg: Message, count: int) -> dict:
+        """Under a delta downlink, rebuild the global as the ClientApp does and name it."""
+        info = msg.content.config_records.get(DOWNLINK_KEY)
+        if info is None:
+            return {}
+        array = msg.content[SCORES_KEY][SCORES_KEY].numpy()
+        self.held = receive(DOWNLINKS["delta"], array, count, info, getattr(self, "held", None))
+        return {DOWNLINK_KEY: ConfigRecord({"held": digest(self.held)})}
 
 
 class LoopbackGrid:
