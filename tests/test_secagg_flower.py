@@ -63,9 +63,11 @@ def _expected(nodes, rnd: int) -> np.ndarray:
     return aggregate(SCORES, counts, k, method="mada", rng=np.random.default_rng([SEED, rnd])).scores
 
 
-def _round(nodes=(11, 12, 13, 14), rnd=1, tamper=None, min_train_nodes=2, strategy=None):
+def _round(nodes=(11, 12, 13, 14), rnd=1, tamper=None, min_train_nodes=2, strategy=None, configs=None):
     clients = {
-        u: LoopbackClient(u, lambda msg, u=u: (_mask(u, rnd), {"num-examples": 10, "loss": 0.5}))
+        u: LoopbackClient(
+            u, lambda msg, u=u: (_mask(u, rnd), {"num-examples": 10, "loss": 0.5}), (configs or {}).get(u)
+        )
         for u in nodes
     }
     grid = LoopbackGrid(clients, tamper)
@@ -97,6 +99,32 @@ def test_counts_through_flower_messages_equal_the_clear_masks() -> None:
     assert sec["uplink_wire_bytes"] > 4 * (64 + 3 * 92) and sec["downlink_wire_bytes"] > 4 * 3 * (64 + 92)
     assert rec["wire_bytes_per_client"]["up"] == pytest.approx(rec["uplink_wire_bytes"] / 4)
     assert rec["uplink_wire_bytes"] > sec["uplink_wire_bytes"] + rec["uplink_bytes"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_signed_round_with_floors_gives_the_same_counts(tmp_path: Path, monkeypatch) -> None:
+    """Nodes with signing keys, the roster and floors: signed adverts, a consistency round
+    (``query.secagg_confirm``) before unmasking, and the scores of the masks in the clear."""
+    from prism_flwr.secagg.identity import write_federation
+
+    monkeypatch.delenv("PRISM_NODE_CONFIG", raising=False)
+    nodes = (11, 12, 13, 14, 15)
+    _, roster = write_federation(tmp_path, len(nodes))
+    configs = {
+        u: {
+            "partition-id": i,
+            "num-partitions": len(nodes),
+            "secagg-key": str(tmp_path / "node-{partition-id}.key"),
+            "secagg-roster": str(roster),
+            "require-secure-aggregation": True,
+            "min-secure-aggregation-clients": 3,
+        }
+        for i, u in enumerate(nodes)
+    }
+    _, out, rec, _ = _round(nodes, tamper=_fail("query.secagg_confirm", 13), configs=configs)
+    np.testing.assert_array_equal(out[SCORES_KEY].numpy(), _expected(nodes, 1))  # 13 masked, then went silent
+    assert rec["secagg"]["signed"] and rec["secagg_contributors"] == 5, rec
+    assert rec["secagg"]["dropped"] == ["confirm: node 13: no reply"], rec
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -45,6 +45,8 @@ class Identity:
 
     def check(self, signer: bytes, signature: bytes, message: bytes, what: str) -> None:
         """Refuse unless ``signer`` is a roster member and ``signature`` is its signature of ``message``."""
+        if not signer:
+            raise SecAggError(f"{what} is not signed, and this node accepts only signed messages")
         if signer not in self.roster:
             raise SecAggError(f"{what} is signed by a key that is not in this node's roster")
         verify(signer, signature, message, what)
