@@ -252,18 +252,23 @@ def _flower_config(out: Path, data_dir: Path, **extra) -> tuple[dict, str]:
     return keys, " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
 
 
-def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
-    from prism_flwr.federated import inprocess
-    from tests.test_inprocess import _history
-    from tests.test_simulation import Simulation
+def _signed_nodes(tmp_path: Path, count: int) -> str:
+    """Node config for ``count`` nodes: signing keys and roster (``prism-flwr secagg-keys``), one
+    key file per partition through the template, and the floors."""
+    from prism_flwr.cli import main
 
-    out = tmp_path / "out"
-    keys, config = _flower_config(out, data_dir)
-    with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps, data_dir=data_dir, test_mask_seed=5)
-        assert sim.run(config, nodes=3)["status"] == "finished:completed", sim.logs_tail()
-    procs.assert_gone(ps.pids)
-    flower = [r for r in _history(out) if r["round"] >= 1]
+    assert main(["secagg-keys", "--nodes", str(count), "--out", str(tmp_path / "keys")]) == 0
+    return (
+        f"secagg-key='{tmp_path / 'keys' / 'node-{partition-id}.key'}' "
+        f"secagg-roster='{tmp_path / 'keys' / 'roster.json'}' "
+        "require-secure-aggregation=true min-secure-aggregation-clients=2"
+    )
+
+
+def _same_as_inprocess(flower: list[dict], keys: dict, data_dir: Path, tmp_path: Path, nodes: int) -> None:
+    """Every round of a Flower run is applied, signed, and equals the in-process runner's."""
+    from prism_flwr.federated import inprocess
+
     cfg = RunConfig.parse(
         {
             **{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
@@ -271,13 +276,32 @@ def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_p
             "output-dir": str(tmp_path / "unused"),
         }
     )
-    local = inprocess.run(cfg, 3, insecure_test_mask_seed=5)[1:]
-    assert len(flower) == len(local) == 2
+    local = inprocess.run(cfg, nodes, insecure_test_mask_seed=5)[1:]
+    assert len(flower) == len(local) == cfg.num_server_rounds
     for f, loc in zip(flower, local):
-        assert f["secagg_contributors"] == 3 and f["secagg"]["bits"] == 2 and not f["skipped"], f
+        assert f["secagg_contributors"] == nodes and not f["skipped"] and f["secagg"]["signed"], f
         for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):
             assert f[key] == pytest.approx(loc[key], rel=1e-6, abs=1e-9), (key, f, loc)
-        assert f["wire_bytes_per_client"]["up"] > f["uplink_bytes"] / 3
+        assert f["wire_bytes_per_client"]["up"] > f["uplink_bytes"] / nodes
+
+
+def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
+    """Simulation, 3 signed nodes with floors (one PRISM_NODE_CONFIG, the key file per partition),
+    delta downlink: both rounds apply and equal the in-process runner's."""
+    from tests.test_inprocess import _history
+    from tests.test_simulation import Simulation
+
+    out = tmp_path / "out"
+    keys, config = _flower_config(out, data_dir, downlink="'delta'")
+    with procs.Processes() as ps:
+        sim = Simulation(
+            tmp_path, ps, data_dir=data_dir, test_mask_seed=5, node_config=_signed_nodes(tmp_path, 3)
+        )
+        assert sim.run(config, nodes=3)["status"] == "finished:completed", sim.logs_tail()
+    procs.assert_gone(ps.pids)
+    flower = [r for r in _history(out) if r["round"] >= 1]
+    assert all(f["secagg"]["bits"] == 2 for f in flower), flower
+    _same_as_inprocess(flower, keys, data_dir, tmp_path, 3)
 
 
 def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Path, tmp_path: Path) -> None:
@@ -302,3 +326,60 @@ def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Pat
     assert not rec["skipped"] and rec["secagg_contributors"] == 3 and rec["clients"] == 3, rec
     assert rec["asked"] == 4 and rec["dropped"] == [], rec
     assert any(d.startswith("share: node") and "fails on purpose" in d for d in rec["secagg"]["dropped"]), rec
+
+
+def test_deployment_with_signed_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
+    """The deployment engine on loopback: a SuperLink and 3 SuperNodes, each with its own key
+    file, the roster and the floors in ``--node-config``; one round equals the in-process runner's."""
+    from tests.test_inprocess import _history
+    from tools.flowerkit import (
+        REPO,
+        exe,
+        flower_env,
+        newest_run,
+        online_nodes,
+        start_superlink,
+        write_connection,
+    )
+
+    home, out, logs = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
+    logs.mkdir()
+    env = {**flower_env(home), "PRISM_INSECURE_TEST_MASK_SEED": "5"}
+    env.pop("PRISM_NODE_CONFIG", None)
+    link_port, node_ports = procs.free_port(), procs.free_ports(3)
+    write_connection(home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
+    keys, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})
+    signed = _signed_nodes(tmp_path, 3)
+    with procs.Processes() as ps:
+        link = start_superlink(ps, link_port, env, logs / "superlink.log")
+        nodes = [
+            ps.start(
+                [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}"]
+                + ["--host", "127.0.0.1", "--port", str(port), "--node-config"]
+                + [
+                    f"partition-id={i} num-partitions=3 data-dir='{data_dir}' state-dir='{tmp_path / 'state'}' "
+                    + signed.replace("{partition-id}", str(i))
+                ],
+                env=env,
+                log_path=logs / f"supernode-{i}.log",
+            )
+            for i, port in enumerate(node_ports)
+        ]
+        procs.wait_for(
+            lambda: len(online_nodes(env, "loopback")) == 3,
+            timeout=90,
+            desc="3 SuperNodes",
+            procs=[link, *nodes],
+        )
+        run = ps.start(
+            [exe("flwr"), "run", str(REPO)] + ["loopback", "--stream", "--run-config", config],
+            env=env,
+            log_path=logs / "flwr-run.log",
+            cwd=home,
+        )
+        run.wait(timeout=400)
+        status = newest_run(env, "loopback")["status"]
+        tails = "\n".join(procs.tail(p, 20) for p in sorted(logs.iterdir()))
+        assert status == "finished:completed", f"{status}\n{tails}"
+    procs.assert_gone(ps.pids)
+    _same_as_inprocess([r for r in _history(out) if r["round"] >= 1], keys, data_dir, tmp_path, 3)
