@@ -27,6 +27,7 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from benchmarks.secagg_bench import git_commit
@@ -38,7 +39,7 @@ from prism_flwr.federated.methods import PRISM
 from prism_flwr.federated.records import MASK_KEY, METRICS_KEY, SCORES_KEY
 from prism_flwr.model.build import generator_spec, pick_device
 from prism_flwr.model.generator import ResnetGenerator
-from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
+from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked, sample_mask, set_flat
 from prism_flwr.secagg.identity import write_federation
 from strategies.mada import MADA
 from strategies.secagg import SecAggMADA
@@ -48,9 +49,10 @@ from tools.security_probe import set_task_identity
 FLOWER_SECAGG_BYTES_PER_ELEMENT = 8  # int64 per quantised value in Flower's secaggplus_mod
 
 
-def _train(cfg: RunConfig, count: int):
+def _train(cfg: RunConfig, count: int, train: bool = True):
     """Every client's round-1 mask from the initial scores, drawn once and sent either coded in
-    the clear (as the ClientApp without secure aggregation) or masked; (scores, uploads, seconds)."""
+    the clear (as the ClientApp without secure aggregation) or masked; (scores, uploads, seconds).
+    ``train=False``: each mask drawn from the received scores without local training."""
     device = pick_device(cfg.device)
     model = ResnetGenerator(generator_spec(cfg))
     downlink = PRISM.downlink(cfg)
@@ -59,14 +61,20 @@ def _train(cfg: RunConfig, count: int):
     uploads, seconds, layout = {}, 0.0, layout_fingerprint(model)
     cfg = cfg.model_copy(update={"secure_aggregation": "secagg+"})
     for pid in range(count):
-        data, hist = client_data(cfg, pid, count, device)
         t0 = time.perf_counter()
-        res = client_round(
-            cfg, PRISM, received, data, hist, new_record(cfg), partition_id=pid, server_round=1
-        )
+        if train:
+            data, hist = client_data(cfg, pid, count, device)
+            res = client_round(
+                cfg, PRISM, received, data, hist, new_record(cfg), partition_id=pid, server_round=1
+            )
+            mask, metrics = res.mask, res.metrics
+        else:
+            set_flat(model, torch.from_numpy(received), PRISM.vector_attr)
+            drawn = sample_mask(model, generator=torch.Generator().manual_seed(pid))
+            mask, metrics = drawn.numpy().astype(np.uint8), {"num-examples": 1}
         seconds += time.perf_counter() - t0
-        coded = np.frombuffer(encode_mask(res.mask, layout, mask_model(received)), np.uint8).copy()
-        uploads[pid + 1] = (coded, res.mask, res.metrics)
+        coded = np.frombuffer(encode_mask(mask, layout, mask_model(received)), np.uint8).copy()
+        uploads[pid + 1] = (coded, mask, metrics)
     return scores, received, layout, uploads, seconds
 
 
@@ -80,9 +88,10 @@ def _round(strategy, grid, scores: np.ndarray, cfg: RunConfig) -> tuple[dict, fl
     return strategy.round_records[1], time.perf_counter() - t0
 
 
-def run_case(ngf: int, count: int, cfg: RunConfig) -> dict:
+def run_case(ngf: int, count: int, cfg: RunConfig, train: bool = True, repeats: int = 1) -> dict:
+    """One case: every mode's fastest of ``repeats`` rounds on the same masks."""
     cfg = cfg.model_copy(update={"ngf": ngf})
-    scores, received, layout, uploads, train_s = _train(cfg, count)
+    scores, received, layout, uploads, train_s = _train(cfg, count, train)
     n = len(scores)
     common = dict(
         layout=layout,
@@ -112,19 +121,23 @@ def run_case(ngf: int, count: int, cfg: RunConfig) -> dict:
                 )
             return replies
 
-    clear, clear_s = _round(
-        MADA.from_config(cfg, **common), ClearGrid({u: None for u in uploads}), scores, cfg
-    )
-    grids, rows = {}, {}
+    rows, by_message = {}, {}
     with tempfile.TemporaryDirectory() as keys:
         _, roster = write_federation(keys, count)
-        for name, node_config in (
-            ("secagg", lambda u: {}),
-            ("signed", lambda u: {"secagg-key": f"{keys}/node-{u - 1}.key", "secagg-roster": str(roster)}),
-        ):
-            clients = {u: LoopbackClient(u, lambda msg, u=u: uploads[u][1:], node_config(u)) for u in uploads}
-            grids[name] = LoopbackGrid(clients)
-            rows[name] = _round(SecAggMADA.from_config(cfg, **common), grids[name], scores, cfg)
+        configs = {
+            "secagg": lambda u: {},
+            "signed": lambda u: {"secagg-key": f"{keys}/node-{u - 1}.key", "secagg-roster": str(roster)},
+        }
+        for _ in range(repeats):  # the modes interleaved, so a change of load hits them alike
+            runs = {"clear": (MADA.from_config(cfg, **common), ClearGrid({u: None for u in uploads}))}
+            for name, config in configs.items():
+                clients = {u: LoopbackClient(u, lambda msg, u=u: uploads[u][1:], config(u)) for u in uploads}
+                runs[name] = (SecAggMADA.from_config(cfg, **common), LoopbackGrid(clients))
+            for name, (strategy, grid) in runs.items():
+                rec, seconds = _round(strategy, grid, scores, cfg)
+                if name not in rows or seconds < rows[name][1]:
+                    rows[name] = (rec, seconds)
+                    by_message[name] = {k: v / count for k, v in grid.seconds.items()}
     secure = rows["secagg"][0]
     assert rows["signed"][0]["secagg"]["signed"] and not secure["secagg"]["signed"]
     row = {
@@ -135,7 +148,7 @@ def run_case(ngf: int, count: int, cfg: RunConfig) -> dict:
         "local_steps": cfg.local_steps,
         "train_s": train_s,
     }
-    for name, (rec, seconds) in {"clear": (clear, clear_s), **rows}.items():
+    for name, (rec, seconds) in rows.items():
         row[name] = {
             "after_train_s": seconds,
             "round_s": train_s + seconds,
@@ -143,8 +156,8 @@ def run_case(ngf: int, count: int, cfg: RunConfig) -> dict:
             "down_bytes_per_client": rec["downlink_wire_bytes"] / count,
             "upload_bits_per_weight": rec["uplink_bits_per_weight"],
         }
-    for name, grid in grids.items():
-        row[name]["client_s_by_message"] = {k: v / count for k, v in grid.seconds.items()}
+    for name, seconds in by_message.items():
+        row[name]["client_s_by_message"] = seconds
     row["flower_secaggplus_up_bytes_per_client"] = FLOWER_SECAGG_BYTES_PER_ELEMENT * n
     return row
 
@@ -154,16 +167,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--case", action="append", default=None, help="NGF:K (default: 16:4 and 64:10)")
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--data-dir", default=RunConfig().data_dir)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds per mode; the fastest is kept")
+    parser.add_argument(
+        "--no-training",
+        action="store_true",
+        help="masks drawn from the initial scores (the protocol's cost is the same)",
+    )
     args = parser.parse_args(argv)
     set_task_identity()  # Flower messages outside a running ServerApp
     cfg = RunConfig(local_steps=args.local_steps, data_dir=args.data_dir, device="cpu", download=False)
     cases = [tuple(map(int, c.split(":"))) for c in args.case or ["16:4", "64:10"]]
-    rows = [run_case(ngf, k, cfg) for ngf, k in cases]
+    rows = [run_case(ngf, k, cfg, not args.no_training, args.repeats) for ngf, k in cases]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     load = os.getloadavg()[0]
     print(
         f"# secagg_round at {git_commit()} on {machine} (1-min load {load:.2f}), "
-        f"local-steps {args.local_steps}"
+        f"{'no training' if args.no_training else f'local-steps {args.local_steps}'}"
     )
     print(
         "| ngf | n | K | b | mode | round s (train + rest) | up kB / client | down kB / client | up bit/w |"
@@ -190,7 +209,8 @@ def main(argv=None) -> dict:
         "commit": git_commit(),
         "machine": machine,
         "load_1min": load,
-        "local_steps": args.local_steps,
+        "local_steps": 0 if args.no_training else args.local_steps,
+        "repeats": args.repeats,
         "rows": rows,
     }
     print(json.dumps(out))
