@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 import client_app
 from prism_flwr.config import RunConfig
@@ -22,6 +22,9 @@ from prism_flwr.federated.codec import decode_mask, unpack_mask
 from prism_flwr.federated.methods import PRISM
 from prism_flwr.federated.records import MASK_KEY
 from prism_flwr.federated.secure_sum import secagg_parameters
+from prism_flwr.model.build import generator_spec
+from prism_flwr.model.generator import ResnetGenerator
+from prism_flwr.model.masked import layout_fingerprint, num_masked
 from prism_flwr.node_config import Refusal
 from prism_flwr.secagg import client as secagg_client
 from prism_flwr.secagg.client import share_ad, share_key
@@ -65,6 +68,7 @@ from prism_flwr.secagg.round import (
     self_mask,
 )
 from tools.secagg_loopback import LoopbackClient, LoopbackGrid
+from tools.security_probe import message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -356,15 +360,13 @@ TINY = {"ngf": 4, "local-steps": 1, "batch-size": 8, "uplink-coding": "raw", "de
 
 
 def _train_in_the_clear(monkeypatch, tmp_path, floors: dict):
-    """``client_app.train`` asked by a run with secure aggregation off (data: 16 random images)."""
+    """``client_app.train`` asked by a run with secure aggregation off (data: 16 random images);
+    the reply and the run's network."""
     images = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     monkeypatch.setattr(client_app, "client_data", lambda cfg, pid, num, device: (images, [16] + [0] * 9))
     cfg = RunConfig.parse(TINY)
-    sent = PRISM.downlink(cfg).encode(PRISM.downlink(cfg).settle(np.zeros(_weights(cfg), np.float32)))
-    from flwr.app import Array, ArrayRecord
-
-    from tools.security_probe import message
-
+    model = ResnetGenerator(generator_spec(cfg))
+    sent = PRISM.downlink(cfg).encode(PRISM.downlink(cfg).settle(np.zeros(num_masked(model), np.float32)))
     content = RecordDict(
         {
             "config": ConfigRecord({"server-round": 1, "run-tag": "aaaa0001"}),
@@ -373,15 +375,7 @@ def _train_in_the_clear(monkeypatch, tmp_path, floors: dict):
     )
     node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node"), **floors}
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=dict(TINY))
-    return client_app.train(message(0, content), context), cfg
-
-
-def _weights(cfg: RunConfig) -> int:
-    from prism_flwr.model.build import generator_spec
-    from prism_flwr.model.generator import ResnetGenerator
-    from prism_flwr.model.masked import num_masked
-
-    return num_masked(ResnetGenerator(generator_spec(cfg)))
+    return client_app.train(message(0, content), context), model
 
 
 def test_a_node_that_requires_secure_aggregation_refuses_a_run_without_it(monkeypatch, tmp_path) -> None:
@@ -390,15 +384,6 @@ def test_a_node_that_requires_secure_aggregation_refuses_a_run_without_it(monkey
 
 
 def test_without_the_floor_the_mask_goes_out_in_the_clear(monkeypatch, tmp_path) -> None:
-    reply, cfg = _train_in_the_clear(monkeypatch, tmp_path, {})
-    n = _weights(cfg)
-    mask = unpack_mask(decode_mask(reply.content[MASK_KEY][MASK_KEY].numpy().tobytes(), n, _layout(cfg)), n)
-    assert mask.shape == (n,)  # the server reads this node's mask
-
-
-def _layout(cfg: RunConfig) -> bytes:
-    from prism_flwr.model.build import generator_spec
-    from prism_flwr.model.generator import ResnetGenerator
-    from prism_flwr.model.masked import layout_fingerprint
-
-    return layout_fingerprint(ResnetGenerator(generator_spec(cfg)))
+    reply, model = _train_in_the_clear(monkeypatch, tmp_path, {})
+    n, payload = num_masked(model), reply.content[MASK_KEY][MASK_KEY].numpy().tobytes()
+    assert unpack_mask(decode_mask(payload, n, layout_fingerprint(model)), n).shape == (n,)  # in the clear
