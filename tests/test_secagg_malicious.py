@@ -219,7 +219,7 @@ def _without_padding_check(monkeypatch) -> None:
 
 
 # ---------------------------------------------------------------- (a) different stories to different nodes
-CASES = [(4, False), (6, False), (10, False), (5, True), (10, True)]
+CASES = [(4, False), (6, False), (10, False), (5, True), (10, True), (16, True)]  # 16: the sparse graph
 
 
 @pytest.mark.parametrize("count,pad", CASES)

@@ -1,4 +1,5 @@
-"""The protocol's messages as Flower records, both ways (the only module here that knows Flower).
+"""The protocol's messages as Flower records, both ways (with ``node.py``, the only modules of
+this package that know Flower).
 
 Every message is one ``ConfigRecord`` under ``SECAGG_KEY``: node ids as 8-byte big-endian strings
 (Flower node ids are unsigned 64-bit), a list as one field of concatenated fixed-size pieces, a
