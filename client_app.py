@@ -58,6 +58,7 @@ from prism_flwr.privacy import insecure_test_secret
 from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
 from prism_flwr.secagg import SecAggError, Trust
 from prism_flwr.secagg import node as secagg_node
+from prism_flwr.secagg.crypto import FloorRefusal
 from prism_flwr.secagg.identity import load_identity
 from prism_flwr.secagg.records import STATE_KEY as SECAGG_STATE_KEY
 
@@ -273,7 +274,10 @@ def _kept(context: Context) -> ConfigRecord:
 
 @app.query("secagg_advertise")
 def secagg_advertise(msg: Message, context: Context) -> Message:
-    kept, reply = secagg_node.advertise(msg.content, msg.metadata.dst_node_id, node_trust(context))
+    try:
+        kept, reply = secagg_node.advertise(msg.content, msg.metadata.dst_node_id, node_trust(context))
+    except FloorRefusal as err:  # below the node's floor: said as is, like a privacy floor
+        raise Refusal(str(err)) from None
     context.state[SECAGG_STATE_KEY] = kept
     return Message(content=reply, reply_to=msg)
 

@@ -23,6 +23,7 @@ from prism_flwr.secagg.crypto import (
     NONCE_BYTES,
     SHARE_BYTES,
     TAG_BYTES,
+    FloorRefusal,
     SecAggError,
     derive_key,
     hkdf,
@@ -119,7 +120,7 @@ def check_floor(p: RoundParams, min_clients: int) -> None:
     """A node's floor: every sum its input enters covers at least ``min_clients`` clients, so
     it refuses a round of fewer clients or a threshold below it."""
     if len(p.clients) < min_clients or p.threshold < min_clients:
-        raise SecAggError(
+        raise FloorRefusal(
             f"node refuses the round: {len(p.clients)} clients, threshold {p.threshold}, "
             f"below this node's min-secure-aggregation-clients={min_clients}"
         )
