@@ -38,7 +38,6 @@ from prism_flwr.federated.client_round import (
     client_evaluate,
     client_round,
     masked_count,
-    model_with,
     new_record,
     received_vector,
 )
@@ -51,15 +50,16 @@ from prism_flwr.federated.client_state import (
 )
 from prism_flwr.federated.methods import method_for
 from prism_flwr.federated.records import METRICS_KEY
-from prism_flwr.federated.secure_sum import own_mask
 from prism_flwr.model.build import pick_device
-from prism_flwr.model.masked import layout_fingerprint
 from prism_flwr.node_config import NodeConfig, NodeConfigError, Refusal
 from prism_flwr.privacy import insecure_test_secret
 from prism_flwr.privacy.ledger import LedgerError
 from prism_flwr.privacy.modes import PrivacyModeError, hides_errors, privacy_for
-from strategies.secagg import STATE_KEY as SECAGG_STATE_KEY
-from strategies.secagg import client_advertise, client_mask, client_share, client_unmask
+from prism_flwr.secagg import SecAggError, Trust
+from prism_flwr.secagg import node as secagg_node
+from prism_flwr.secagg.crypto import FloorRefusal
+from prism_flwr.secagg.identity import load_identity
+from prism_flwr.secagg.records import STATE_KEY as SECAGG_STATE_KEY
 
 app = ClientApp()
 log = logging.getLogger("prism.client")
@@ -91,7 +91,10 @@ def node_for_run(context: Context, cfg: RunConfig) -> NodeConfig:
         node = NodeConfig.parse(context.node_config)
     except NodeConfigError as err:
         raise Refusal(str(err)) from None
-    if (why := node.refusal(privacy_for(cfg), cfg.dp_epsilon, cfg.dp_delta)) is not None:
+    why = node.refusal(privacy_for(cfg), cfg.dp_epsilon, cfg.dp_delta) or node.secagg_refusal(
+        cfg.secure_aggregation
+    )
+    if why is not None:
         raise Refusal(why)
     return node
 
@@ -223,7 +226,7 @@ def _train(msg: Message, context: Context) -> Message:
         }
     )
     if secure:  # the mask itself never leaves: its masked sum does
-        content = secagg_train_reply(msg, context, cfg, vector, payload, metrics)
+        content = secagg_train_reply(msg, context, result.mask, metrics, _held_record(cfg, method, vector))
     return Message(content=content, reply_to=msg)
 
 
@@ -244,9 +247,21 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 # ------------------------------------------------------------------ secure aggregation (secagg+)
-# The protocol's steps (strategies/secagg.py): keys, shares, the masked vector (end of train),
-# unmasking. The secrets between steps stay in context.state; a step that cannot go on raises,
+# The protocol's steps (prism_flwr/secagg/node.py): keys, shares, the masked vector (end of
+# train), the consistency round, unmasking, under the node's Trust (its signing key and roster,
+# its floor). The secrets between steps stay in context.state; a step that cannot go on raises,
 # which makes this node a dropout of the round for the server.
+def node_trust(context: Context) -> Trust:
+    """What this node requires of a round, from its own config (``Refusal`` if that is broken)."""
+    try:
+        node = NodeConfig.parse(context.node_config)
+        files = node.secagg_files()
+        identity = None if files is None else load_identity(*files)
+    except (NodeConfigError, SecAggError) as err:
+        raise Refusal(str(err)) from None
+    return Trust(identity, node.min_secure_aggregation_clients)
+
+
 def _kept(context: Context) -> ConfigRecord:
     kept = context.state.config_records.get(SECAGG_STATE_KEY)
     if kept is None:
@@ -256,31 +271,40 @@ def _kept(context: Context) -> ConfigRecord:
 
 @app.query("secagg_advertise")
 def secagg_advertise(msg: Message, context: Context) -> Message:
-    kept, reply = client_advertise(msg.content, msg.metadata.dst_node_id)
+    try:
+        kept, reply = secagg_node.advertise(msg.content, msg.metadata.dst_node_id, node_trust(context))
+    except FloorRefusal as err:  # below the node's floor: said as is, like a privacy floor
+        raise Refusal(str(err)) from None
     context.state[SECAGG_STATE_KEY] = kept
     return Message(content=reply, reply_to=msg)
 
 
 @app.query("secagg_share")
 def secagg_share(msg: Message, context: Context) -> Message:
-    kept, reply = client_share(msg.content, _kept(context))
+    kept, reply = secagg_node.share(msg.content, _kept(context), node_trust(context))
     context.state[SECAGG_STATE_KEY] = kept
     return Message(content=reply, reply_to=msg)
 
 
 def secagg_train_reply(
-    msg: Message, context: Context, cfg: RunConfig, vector, payload, metrics
+    msg: Message, context: Context, mask: np.ndarray, metrics: dict, held: dict
 ) -> RecordDict:
-    """The train reply under secure aggregation: this client's mask, masked, at b bits per weight."""
-    model = model_with(cfg, method_for(cfg), vector, pick_device(cfg.device))
-    x = own_mask(payload, vector, layout_fingerprint(model))
-    kept, records = client_mask(msg.content, _kept(context), x)
+    """The train reply under secure aggregation: the mask this client drew, masked, at b bits per
+    weight (``held``: the downlink record a delta broadcast needs)."""
+    kept, records = secagg_node.mask(msg.content, _kept(context), mask)
     context.state[SECAGG_STATE_KEY] = kept
-    return RecordDict({**records, METRICS_KEY: MetricRecord(metrics)})
+    return RecordDict({**records, METRICS_KEY: MetricRecord(metrics), **held})
+
+
+@app.query("secagg_confirm")
+def secagg_confirm(msg: Message, context: Context) -> Message:
+    kept, reply = secagg_node.confirm(msg.content, _kept(context), node_trust(context))
+    context.state[SECAGG_STATE_KEY] = kept
+    return Message(content=reply, reply_to=msg)
 
 
 @app.query("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    reply = client_unmask(msg.content, _kept(context))
-    del context.state[SECAGG_STATE_KEY]  # spent: a second request finds nothing
-    return Message(content=reply, reply_to=msg)
+    kept = _kept(context)
+    del context.state[SECAGG_STATE_KEY]  # spent, whatever the answer: a second request finds nothing
+    return Message(content=secagg_node.unmask(msg.content, kept, node_trust(context)), reply_to=msg)

@@ -5,8 +5,10 @@
 For each case (generator width, K clients) every client trains once (``client_round``, real
 Fashion-MNIST, ``--local-steps`` steps: the protocol's cost does not depend on them), then the
 same uploads go through two rounds of the apps' strategies over Flower ``Message`` objects
-(``tools.secagg_loopback``, every node in this process, no Ray): MADA with coded masks in the
-clear, and ``SecAggMADA`` (SecAgg+, masked vectors at b = ceil(log2(K + 1)) bits per weight).
+(``tools.secagg_loopback``: the ClientApp's handlers, every node in this process, no Ray): MADA
+with coded masks in the clear, ``SecAggMADA`` (SecAgg+, masked vectors at b = ceil(log2(K + 1))
+bits per weight) with unauthenticated nodes, and the same with every node holding a signing key
+and the roster (signed adverts, consistency round: the malicious-server variant).
 Bytes are the strategies' wire counter (strategies/wire.py: every message as Flower serialises
 it, both ways, all phases) divided by K. Flower's own SecAgg+ is given by its size alone
 (about 8 bytes per element up, ``secaggplus_mod``): it cannot carry a packed mask. Round time =
@@ -20,22 +22,25 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from datetime import UTC, datetime
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from benchmarks.secagg_bench import git_commit
 from prism_flwr.config import RunConfig
 from prism_flwr.data.client_cache import client_data
 from prism_flwr.federated.client_round import client_round, new_record
+from prism_flwr.federated.codec import encode_mask, mask_model
 from prism_flwr.federated.methods import PRISM
 from prism_flwr.federated.records import MASK_KEY, METRICS_KEY, SCORES_KEY
-from prism_flwr.federated.secure_sum import own_mask
 from prism_flwr.model.build import generator_spec, pick_device
 from prism_flwr.model.generator import ResnetGenerator
-from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
+from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked, sample_mask, set_flat
+from prism_flwr.secagg.identity import write_federation
 from strategies.mada import MADA
 from strategies.secagg import SecAggMADA
 from tools.secagg_loopback import LoopbackClient, LoopbackGrid, reply_to
@@ -44,23 +49,33 @@ from tools.security_probe import set_task_identity
 FLOWER_SECAGG_BYTES_PER_ELEMENT = 8  # int64 per quantised value in Flower's secaggplus_mod
 
 
-def _train(cfg: RunConfig, count: int):
-    """Every client's round-1 upload from the initial scores; (scores, uploads, seconds)."""
+def _train(cfg: RunConfig, count: int, train: bool = True):
+    """Every client's round-1 mask from the initial scores, drawn once and sent either coded in
+    the clear (as the ClientApp without secure aggregation) or masked; (scores, uploads, seconds).
+    ``train=False``: each mask drawn from the received scores without local training."""
     device = pick_device(cfg.device)
     model = ResnetGenerator(generator_spec(cfg))
     downlink = PRISM.downlink(cfg)
     scores = downlink.settle(get_scores(model).numpy())
     received = downlink.decode(downlink.encode(scores), num_masked(model))
-    uploads, seconds = {}, 0.0
+    uploads, seconds, layout = {}, 0.0, layout_fingerprint(model)
+    cfg = cfg.model_copy(update={"secure_aggregation": "secagg+"})
     for pid in range(count):
-        data, hist = client_data(cfg, pid, count, device)
         t0 = time.perf_counter()
-        res = client_round(
-            cfg, PRISM, received, data, hist, new_record(cfg), partition_id=pid, server_round=1
-        )
+        if train:
+            data, hist = client_data(cfg, pid, count, device)
+            res = client_round(
+                cfg, PRISM, received, data, hist, new_record(cfg), partition_id=pid, server_round=1
+            )
+            mask, metrics = res.mask, res.metrics
+        else:
+            set_flat(model, torch.from_numpy(received), PRISM.vector_attr)
+            drawn = sample_mask(model, generator=torch.Generator().manual_seed(pid))
+            mask, metrics = drawn.numpy().astype(np.uint8), {"num-examples": 1}
         seconds += time.perf_counter() - t0
-        uploads[pid + 1] = (res.payload, res.metrics)
-    return scores, received, layout_fingerprint(model), uploads, seconds
+        coded = np.frombuffer(encode_mask(mask, layout, mask_model(received)), np.uint8).copy()
+        uploads[pid + 1] = (coded, mask, metrics)
+    return scores, received, layout, uploads, seconds
 
 
 def _round(strategy, grid, scores: np.ndarray, cfg: RunConfig) -> tuple[dict, float]:
@@ -73,9 +88,10 @@ def _round(strategy, grid, scores: np.ndarray, cfg: RunConfig) -> tuple[dict, fl
     return strategy.round_records[1], time.perf_counter() - t0
 
 
-def run_case(ngf: int, count: int, cfg: RunConfig) -> dict:
+def run_case(ngf: int, count: int, cfg: RunConfig, train: bool = True, repeats: int = 1) -> dict:
+    """One case: every mode's fastest of ``repeats`` rounds on the same masks."""
     cfg = cfg.model_copy(update={"ngf": ngf})
-    scores, received, layout, uploads, train_s = _train(cfg, count)
+    scores, received, layout, uploads, train_s = _train(cfg, count, train)
     n = len(scores)
     common = dict(
         layout=layout,
@@ -91,7 +107,7 @@ def run_case(ngf: int, count: int, cfg: RunConfig) -> dict:
         def send_and_receive(self, messages, *, timeout=None):
             replies = []
             for m in messages:  # each node's coded mask, as the ClientApp replies without secagg
-                payload, metrics = uploads[m.metadata.dst_node_id]
+                payload, _, metrics = uploads[m.metadata.dst_node_id]
                 replies.append(
                     reply_to(
                         m,
@@ -105,15 +121,25 @@ def run_case(ngf: int, count: int, cfg: RunConfig) -> dict:
                 )
             return replies
 
-    clear, clear_s = _round(
-        MADA.from_config(cfg, **common), ClearGrid({u: None for u in uploads}), scores, cfg
-    )
-    clients = {
-        u: LoopbackClient(u, lambda msg, u=u: (own_mask(uploads[u][0], received, layout), uploads[u][1]))
-        for u in uploads
-    }
-    grid = LoopbackGrid(clients)
-    secure, secure_s = _round(SecAggMADA.from_config(cfg, **common), grid, scores, cfg)
+    rows, by_message = {}, {}
+    with tempfile.TemporaryDirectory() as keys:
+        _, roster = write_federation(keys, count)
+        configs = {
+            "secagg": lambda u: {},
+            "signed": lambda u: {"secagg-key": f"{keys}/node-{u - 1}.key", "secagg-roster": str(roster)},
+        }
+        for _ in range(repeats):  # the modes interleaved, so a change of load hits them alike
+            runs = {"clear": (MADA.from_config(cfg, **common), ClearGrid({u: None for u in uploads}))}
+            for name, config in configs.items():
+                clients = {u: LoopbackClient(u, lambda msg, u=u: uploads[u][1:], config(u)) for u in uploads}
+                runs[name] = (SecAggMADA.from_config(cfg, **common), LoopbackGrid(clients))
+            for name, (strategy, grid) in runs.items():
+                rec, seconds = _round(strategy, grid, scores, cfg)
+                if name not in rows or seconds < rows[name][1]:
+                    rows[name] = (rec, seconds)
+                    by_message[name] = {k: v / count for k, v in grid.seconds.items()}
+    secure = rows["secagg"][0]
+    assert rows["signed"][0]["secagg"]["signed"] and not secure["secagg"]["signed"]
     row = {
         "ngf": ngf,
         "n": n,
@@ -122,7 +148,7 @@ def run_case(ngf: int, count: int, cfg: RunConfig) -> dict:
         "local_steps": cfg.local_steps,
         "train_s": train_s,
     }
-    for name, rec, seconds in (("clear", clear, clear_s), ("secagg", secure, secure_s)):
+    for name, (rec, seconds) in rows.items():
         row[name] = {
             "after_train_s": seconds,
             "round_s": train_s + seconds,
@@ -130,7 +156,8 @@ def run_case(ngf: int, count: int, cfg: RunConfig) -> dict:
             "down_bytes_per_client": rec["downlink_wire_bytes"] / count,
             "upload_bits_per_weight": rec["uplink_bits_per_weight"],
         }
-    row["secagg"]["client_s_by_message"] = {k: v / count for k, v in grid.seconds.items()}
+    for name, seconds in by_message.items():
+        row[name]["client_s_by_message"] = seconds
     row["flower_secaggplus_up_bytes_per_client"] = FLOWER_SECAGG_BYTES_PER_ELEMENT * n
     return row
 
@@ -140,16 +167,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--case", action="append", default=None, help="NGF:K (default: 16:4 and 64:10)")
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--data-dir", default=RunConfig().data_dir)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds per mode; the fastest is kept")
+    parser.add_argument(
+        "--no-training",
+        action="store_true",
+        help="masks drawn from the initial scores (the protocol's cost is the same)",
+    )
     args = parser.parse_args(argv)
     set_task_identity()  # Flower messages outside a running ServerApp
     cfg = RunConfig(local_steps=args.local_steps, data_dir=args.data_dir, device="cpu", download=False)
     cases = [tuple(map(int, c.split(":"))) for c in args.case or ["16:4", "64:10"]]
-    rows = [run_case(ngf, k, cfg) for ngf, k in cases]
+    rows = [run_case(ngf, k, cfg, not args.no_training, args.repeats) for ngf, k in cases]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     load = os.getloadavg()[0]
     print(
         f"# secagg_round at {git_commit()} on {machine} (1-min load {load:.2f}), "
-        f"local-steps {args.local_steps}"
+        f"{'no training' if args.no_training else f'local-steps {args.local_steps}'}"
     )
     print(
         "| ngf | n | K | b | mode | round s (train + rest) | up kB / client | down kB / client | up bit/w |"
@@ -157,7 +190,8 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         head = f"| {r['ngf']} | {r['n']:,} | {r['clients']} | {r['bits']} |"
-        for name, label in (("clear", "coded mask, clear"), ("secagg", "secagg+ (this)")):
+        modes = (("clear", "coded mask, clear"), ("secagg", "secagg+"), ("signed", "secagg+ signed"))
+        for name, label in modes:
             m = r[name]
             print(
                 f"{head} {label} | {m['round_s']:.2f} ({r['train_s']:.2f} + {m['after_train_s']:.2f}) | "
@@ -175,7 +209,8 @@ def main(argv=None) -> dict:
         "commit": git_commit(),
         "machine": machine,
         "load_1min": load,
-        "local_steps": args.local_steps,
+        "local_steps": 0 if args.no_training else args.local_steps,
+        "repeats": args.repeats,
         "rows": rows,
     }
     print(json.dumps(out))

@@ -9,6 +9,8 @@ prism-flwr clientapp-executor --runtime-api-address HOST:PORT --insecure   warm 
 prism-flwr supernode [--idle-poll 0.2] -- FLOWER-SUPERNODE-ARGS...   SuperNode, short poll, checked apps
 prism-flwr clientapp FLWR-CLIENTAPP-ARGS...           flwr-clientapp that runs only the node's trusted-apps
 prism-flwr sign-app [APP] --key publisher.pem          sign an app for the nodes' trusted-app-keys
+prism-flwr supernode [--idle-poll 0.2] -- FLOWER-SUPERNODE-ARGS...   SuperNode, shorter idle poll
+prism-flwr secagg-keys --nodes N --out DIR             signing keys + roster for secure aggregation
 """
 
 from __future__ import annotations
@@ -185,6 +187,23 @@ def _sign_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secagg_keys(args: argparse.Namespace) -> int:
+    """One Ed25519 signing key per node and the federation's roster (docs/secure-aggregation.md)."""
+    from prism_flwr.secagg.crypto import SecAggError
+    from prism_flwr.secagg.identity import write_federation
+
+    try:
+        keys, roster = write_federation(args.out, args.nodes)
+    except SecAggError as err:
+        print(err, file=sys.stderr)
+        return 2
+    template = str(keys[0].parent / "node-{partition-id}.key")
+    print(f"{len(keys)} signing keys and {roster} written; give node i its own key file only.")
+    print(f"node config: secagg-key='{keys[0]}' secagg-roster='{roster}' (node 0)")
+    print(f"simulation (PRISM_NODE_CONFIG): secagg-key='{template}' secagg-roster='{roster}'")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="prism-flwr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -267,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     p.set_defaults(fn=_supernode)
+    p = sub.add_parser("secagg-keys", help="signing keys and roster of a federation for secure aggregation")
+    p.add_argument("--nodes", type=int, required=True, help="nodes in the federation (node-0 .. node-N-1)")
+    p.add_argument("--out", required=True, help="folder for node-<i>.key (0600) and roster.json")
+    p.set_defaults(fn=_secagg_keys)
     p = sub.add_parser("clientapp", help="flwr-clientapp that runs only the node's trusted-apps")
     p.add_argument("clientapp_args", nargs=argparse.REMAINDER, help="flwr-clientapp's arguments")
     p = sub.add_parser(

@@ -73,6 +73,11 @@ class NodeConfig(BaseModel):
     # process before the bundle is installed (deployment/pinning.py)
     trusted_apps: Annotated[str | None, AfterValidator(_trusted_apps)] = None
     trusted_app_keys: Annotated[str | None, AfterValidator(_trusted_app_keys)] = None
+    # secure aggregation (docs/secure-aggregation.md); "{partition-id}" in a path is this node's id
+    secagg_key: str = ""  # this node's Ed25519 signing key (PEM); with secagg-roster: signed rounds
+    secagg_roster: str = ""  # the federation's public keys (JSON), distributed out of band
+    require_secure_aggregation: bool = False  # refuse a run with secure-aggregation = "off"
+    min_secure_aggregation_clients: int = Field(0, ge=0)  # refuse a round of fewer clients or a lower t
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> NodeConfig:
@@ -81,6 +86,32 @@ class NodeConfig(BaseModel):
                 f"partition-id {self.partition_id} must be below num-partitions {self.num_partitions}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _key_with_roster(self) -> NodeConfig:
+        if bool(self.secagg_key) != bool(self.secagg_roster):
+            raise ValueError(
+                "secagg-key and secagg-roster go together (a signing key is checked against a roster)"
+            )
+        return self
+
+    def secagg_files(self) -> tuple[Path, Path] | None:
+        """(signing key, roster) with this node's partition id filled in; None: unauthenticated."""
+        if not self.secagg_key:
+            return None
+        return tuple(
+            Path(p.replace("{partition-id}", str(self.partition_id))).expanduser()
+            for p in (self.secagg_key, self.secagg_roster)
+        )
+
+    def secagg_refusal(self, secure_aggregation: str) -> str | None:
+        """Why this node refuses a run with this ``secure-aggregation`` mode; None if it takes part."""
+        if self.require_secure_aggregation and secure_aggregation == "off":
+            return (
+                "node refuses the run: secure-aggregation='off', "
+                "this node has require-secure-aggregation=true"
+            )
+        return None
 
     @classmethod
     def parse(cls, node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> NodeConfig:

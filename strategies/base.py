@@ -16,7 +16,8 @@
   other exception in aggregation is a bug and ends the run;
 - one record per round for ``history.json`` (``round_records``): clients, drops, wire bytes; client
   metrics averaged by (bounded) ``num-examples`` under ``client_metrics`` (and ``loss``), per-client
-  values kept per node, so no client-chosen name can overwrite a field of the record.
+  values kept per node, so no client-chosen name can overwrite a field of the record;
+- the hooks of a round wrapped in exchanges of its own, e.g. a secure sum (``phases.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from prism_flwr.federated.broadcast import DIGEST_CHARS, DOWNLINK_KEY, DOWNLINKS
 from prism_flwr.federated.methods import Method
 from prism_flwr.federated.records import METRICS_KEY
 
+from .phases import PhasedRound, with_records
+from .phases import wire_bytes as _wire_bytes
 from .replies import (
     EVALUATE_METRICS,
     MAX_EXAMPLES,
@@ -50,19 +53,8 @@ from .replies import (
     screen,
     upload_array,
 )
-from .wire import message_wire_bytes
 
 PER_CLIENT = {"dp_epsilon": "dp_epsilon_per_client", "label_histogram": "label_histograms"}
-
-
-def _wire_bytes(messages: list[Message]) -> int | None:
-    """Serialised bytes of ``messages`` as Flower sends them; None (and a log line) if a message
-    cannot be counted: a byte count never ends a round."""
-    try:
-        return sum(message_wire_bytes(m) for m in messages)
-    except Exception as err:  # noqa: BLE001
-        log(WARNING, "wire bytes not counted: %s", reason(err))
-        return None
 
 
 def held_digest(content: RecordDict) -> str:
@@ -76,7 +68,7 @@ def held_digest(content: RecordDict) -> str:
     return held
 
 
-class RecordingFedAvg(FedAvg):
+class RecordingFedAvg(PhasedRound, FedAvg):
     """FedAvg with validated replies, skipped rounds and a history record per round.
 
     Subclasses set ``payload_key`` (the global vector sent down) and ``upload_key`` (what clients
@@ -179,7 +171,10 @@ class RecordingFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._global = arrays[self.payload_key].numpy()
         rnd = server_round + self.round_offset
-        messages = self._broadcast(super().configure_train(rnd, arrays, config, grid))
+        sampled = list(super().configure_train(rnd, arrays, config, grid))
+        extras = self.start_phases(rnd, grid, [m.metadata.dst_node_id for m in sampled])
+        messages = self._broadcast([m for m in sampled if m.metadata.dst_node_id in extras])
+        messages = with_records(messages, extras)
         self._sent = [int(m.content[self.payload_key][self.payload_key].numpy().nbytes) for m in messages]
         self._asked_nodes = {m.metadata.dst_node_id for m in messages}
         self._down_wire = _wire_bytes(messages)
@@ -277,7 +272,7 @@ class RecordingFedAvg(FedAvg):
         array = upload_array(content, self.upload_key)
         metrics = self.check_metrics(content[METRICS_KEY], self.train_metrics)
         array, nbytes = self.check_array(array)
-        return self.decode(array), metrics, nbytes
+        return self.read_reply(msg, array), metrics, nbytes
 
     def _check_evaluate(self, msg: Message) -> dict:
         check_records(msg.content, [METRICS_KEY, *self._check_downlink(msg)])
@@ -288,7 +283,16 @@ class RecordingFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
-        replies = list(replies)  # every reply crossed the wire, the dropped ones too
+        try:
+            return self._aggregate_train(rnd, list(replies))
+        finally:
+            if (record := self.round_records.get(rnd)) is not None:
+                self.close_record(record)
+            self._grid, self._sampled = None, 0  # nothing of this round's transport is kept
+
+    def _aggregate_train(
+        self, rnd: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:  # every reply crossed the wire, the dropped ones too
         screened = screen(replies, self._check_train, self._asked_nodes, f"round {rnd}")
         self._settle_copies(screened)
         nodes = [node for node, _, _ in screened.accepted]
@@ -299,7 +303,7 @@ class RecordingFedAvg(FedAvg):
         )
         asked = len(self._sent)
         record = {
-            **self.empty_record(rnd, asked, int(sum(self._sent))),
+            **self.empty_record(rnd, max(self._sampled, asked), int(sum(self._sent))),
             "clients": len(payloads),
             "dropped": screened.dropped,
             "uplink_bytes": int(sum(sizes)),
@@ -316,6 +320,8 @@ class RecordingFedAvg(FedAvg):
             record["downlink_wire_bytes"] = self._down_wire
             record["wire_bits_per_weight_down"] = 8 * self._down_wire / asked / self.num_weights
         self.round_records[rnd] = record
+        if self._setup_skip is not None:
+            return self._skip(record, self._setup_skip)
         if len(payloads) < self.min_train_nodes:
             # what the nodes said, once each (a node's spent privacy budget, a refusal, ...)
             said = dict.fromkeys(why.split(": ", 1)[-1] for why in screened.dropped)
@@ -327,7 +333,7 @@ class RecordingFedAvg(FedAvg):
         weights = np.array([m["num-examples"] for m in metrics], dtype=np.float64)
         self.round_nodes = nodes  # the senders of ``payloads``, in order
         try:
-            new, extra = self.combine(rnd, payloads, weights)
+            new, extra = self.combine(rnd, self.finish_train(rnd, payloads), weights)
             new = self.check_aggregate(np.asarray(new))
         except AggregationError as err:  # caused by this round's input: keep the global state
             log(ERROR, "round %d: aggregation failed: %s", rnd, reason(err))

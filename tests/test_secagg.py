@@ -10,9 +10,12 @@ from scipy import stats
 from prism_flwr.secagg import (
     RoundSkipped,
     SecAggError,
+    Trust,
     advertise_keys,
     collect_adverts,
+    collect_confirmations,
     collect_masked,
+    confirm,
     finish,
     mask_input,
     neighbour_graph,
@@ -21,6 +24,7 @@ from prism_flwr.secagg import (
     route_shares,
     run_protocol,
     share_keys,
+    skip_confirmation,
     start_round,
     unmask,
     unpack,
@@ -48,13 +52,14 @@ def assert_exact(result, inputs, contributors):
 class Round:
     """One round driven stage by stage, so a test can tamper with the messages in between."""
 
-    STAGES = ("advertise", "forward", "share", "route", "mask", "collect", "unmask")
+    STAGES = ("advertise", "forward", "share", "route", "mask", "collect", "confirm", "unmask")
 
-    def __init__(self, inputs, threshold, degree, round_id=None):
+    def __init__(self, inputs, threshold, degree, round_id=None, trusts=None):
         self.inputs = inputs
         length = len(next(iter(inputs.values())))
         self.params = new_round(inputs, threshold, degree, length, round_id=round_id)
         self.server, self.states, self.client_refused, self.done = start_round(self.params), {}, {}, 0
+        self.trust = {u: (trusts or {}).get(u, Trust()) for u in self.params.clients}
 
     def _clients(self, nodes, step):
         replies = []
@@ -68,13 +73,17 @@ class Round:
         return replies
 
     def advertise(self):
-        self.adverts = self._clients(self.params.clients, lambda u: advertise_keys(self.params, u))
+        self.adverts = self._clients(
+            self.params.clients, lambda u: advertise_keys(self.params, u, self.trust[u])
+        )
 
     def forward(self):
         self.server, self.forwarded = collect_adverts(self.server, self.adverts)
 
     def share(self):
-        self.packages = self._clients(self.forwarded, lambda u: share_keys(self.states[u], self.forwarded[u]))
+        self.packages = self._clients(
+            self.forwarded, lambda u: share_keys(self.states[u], self.forwarded[u], self.trust[u])
+        )
 
     def route(self):
         self.server, self.inbox = route_shares(self.server, self.packages)
@@ -85,10 +94,27 @@ class Round:
         )
 
     def collect(self):
-        self.server, self.request = collect_masked(self.server, self.masked)
+        self.server, self.survivor_set = collect_masked(self.server, self.masked)
+        if not self.server.signed:
+            self.server, self.requests = skip_confirmation(self.server)
+
+    def confirm(self):
+        if self.server.signed:
+            self.confirmations = self._clients(
+                self.survivor_set.survivors,
+                lambda u: confirm(self.states[u], self.survivor_set, self.trust[u]),
+            )
+            self.server, self.requests = collect_confirmations(self.server, self.confirmations)
+
+    @property
+    def request(self):
+        """The unmask request of the first helper (all alike on a complete graph)."""
+        return self.requests[min(self.requests)]
 
     def unmask(self):
-        self.replies = self._clients(self.request.survivors, lambda u: unmask(self.states[u], self.request))
+        self.replies = self._clients(
+            self.requests, lambda u: unmask(self.states[u], self.requests[u], self.trust[u])
+        )
 
     def through(self, stage):
         """Run the stages not run yet, up to and including `stage`."""

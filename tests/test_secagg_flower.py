@@ -18,10 +18,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from prism_flwr.config import ConfigError, RunConfig
 from prism_flwr.federated.aggregation import aggregate, count_ones
+from prism_flwr.federated.broadcast import DOWNLINK_KEY, DOWNLINKS, digest
 from prism_flwr.federated.records import SCORES_KEY
 from prism_flwr.federated.secure_sum import secagg_parameters
+from prism_flwr.secagg.records import MASKED_KEY, SECAGG_KEY, SHARE, UNMASK
 from prism_flwr.secagg.round import check_params, new_round
-from strategies.secagg import MASKED_KEY, SECAGG_KEY, SHARE, UNMASK, SecAggMADA
+from strategies.secagg import SecAggMADA
 from tools import procs
 from tools.secagg_loopback import LoopbackClient, LoopbackGrid, forged
 
@@ -61,9 +63,11 @@ def _expected(nodes, rnd: int) -> np.ndarray:
     return aggregate(SCORES, counts, k, method="mada", rng=np.random.default_rng([SEED, rnd])).scores
 
 
-def _round(nodes=(11, 12, 13, 14), rnd=1, tamper=None, min_train_nodes=2, strategy=None):
+def _round(nodes=(11, 12, 13, 14), rnd=1, tamper=None, min_train_nodes=2, strategy=None, configs=None):
     clients = {
-        u: LoopbackClient(u, lambda msg, u=u: (_mask(u, rnd), {"num-examples": 10, "loss": 0.5}))
+        u: LoopbackClient(
+            u, lambda msg, u=u: (_mask(u, rnd), {"num-examples": 10, "loss": 0.5}), (configs or {}).get(u)
+        )
         for u in nodes
     }
     grid = LoopbackGrid(clients, tamper)
@@ -95,6 +99,61 @@ def test_counts_through_flower_messages_equal_the_clear_masks() -> None:
     assert sec["uplink_wire_bytes"] > 4 * (64 + 3 * 92) and sec["downlink_wire_bytes"] > 4 * 3 * (64 + 92)
     assert rec["wire_bytes_per_client"]["up"] == pytest.approx(rec["uplink_wire_bytes"] / 4)
     assert rec["uplink_wire_bytes"] > sec["uplink_wire_bytes"] + rec["uplink_bytes"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_signed_round_with_floors_gives_the_same_counts(tmp_path: Path, monkeypatch) -> None:
+    """Nodes with signing keys, the roster and floors: signed adverts, a consistency round
+    (``query.secagg_confirm``) before unmasking, and the scores of the masks in the clear."""
+    from prism_flwr.secagg.identity import write_federation
+
+    monkeypatch.delenv("PRISM_NODE_CONFIG", raising=False)
+    nodes = (11, 12, 13, 14, 15)
+    _, roster = write_federation(tmp_path, len(nodes))
+    configs = {
+        u: {
+            "partition-id": i,
+            "num-partitions": len(nodes),
+            "secagg-key": str(tmp_path / "node-{partition-id}.key"),
+            "secagg-roster": str(roster),
+            "require-secure-aggregation": True,
+            "min-secure-aggregation-clients": 3,
+        }
+        for i, u in enumerate(nodes)
+    }
+    _, out, rec, _ = _round(nodes, tamper=_fail("query.secagg_confirm", 13), configs=configs)
+    np.testing.assert_array_equal(out[SCORES_KEY].numpy(), _expected(nodes, 1))  # 13 masked, then went silent
+    assert rec["secagg"]["signed"] and rec["secagg_contributors"] == 5, rec
+    assert rec["secagg"]["dropped"] == ["confirm: node 13: no reply"], rec
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_secagg_with_a_delta_downlink_applies_every_round() -> None:
+    """``downlink = "delta"``: the masked reply names the global its node rebuilt, so every
+    round applies (it used to skip: the reply lacked the record) and each node holds the global."""
+    delta = DOWNLINKS["delta"]
+    nodes = (11, 12, 13, 14)
+    clients = {
+        u: LoopbackClient(u, lambda msg, u=u: (_mask(u, 1), {"num-examples": 10, "loss": 0.5})) for u in nodes
+    }
+    grid = LoopbackGrid(clients)
+    s = SecAggMADA(num_weights=N, layout=LAYOUT, rule="mada", seed=SEED, phase_timeout=60.0, downlink=delta)
+    scores = delta.settle(SCORES)
+    for rnd in (1, 2):
+        messages = list(
+            s.configure_train(rnd, ArrayRecord({SCORES_KEY: Array(scores)}), ConfigRecord(), grid)
+        )
+        sent = {m.content[DOWNLINK_KEY]["digest"] for m in messages}
+        out, _ = s.aggregate_train(rnd, grid.send_and_receive(messages))
+        rec = s.round_records[rnd]
+        assert out is not None and not rec["skipped"] and rec["secagg_contributors"] == 4, rec
+        assert rec["dropped"] == [] and {digest(c.held) for c in clients.values()} == sent
+        if rnd == 1:
+            counts, k = count_ones((np.packbits(_mask(u, 1), bitorder="little") for u in nodes), N)
+            clear = aggregate(scores, counts, k, method="mada", rng=np.random.default_rng([SEED, 1]))
+            expected = delta.settle(clear.scores, np.random.default_rng([SEED, 1, 8]))
+            np.testing.assert_array_equal(out[SCORES_KEY].numpy(), expected)
+        scores = out[SCORES_KEY].numpy()
 
 
 def _fail(kind: str, node: int):
@@ -193,18 +252,23 @@ def _flower_config(out: Path, data_dir: Path, **extra) -> tuple[dict, str]:
     return keys, " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
 
 
-def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
-    from prism_flwr.federated import inprocess
-    from tests.test_inprocess import _history
-    from tests.test_simulation import Simulation
+def _signed_nodes(tmp_path: Path, count: int) -> str:
+    """Node config for ``count`` nodes: signing keys and roster (``prism-flwr secagg-keys``), one
+    key file per partition through the template, and the floors."""
+    from prism_flwr.cli import main
 
-    out = tmp_path / "out"
-    keys, config = _flower_config(out, data_dir)
-    with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps, data_dir=data_dir, test_mask_seed=5)
-        assert sim.run(config, nodes=3)["status"] == "finished:completed", sim.logs_tail()
-    procs.assert_gone(ps.pids)
-    flower = [r for r in _history(out) if r["round"] >= 1]
+    assert main(["secagg-keys", "--nodes", str(count), "--out", str(tmp_path / "keys")]) == 0
+    return (
+        f"secagg-key='{tmp_path / 'keys' / 'node-{partition-id}.key'}' "
+        f"secagg-roster='{tmp_path / 'keys' / 'roster.json'}' "
+        "require-secure-aggregation=true min-secure-aggregation-clients=2"
+    )
+
+
+def _same_as_inprocess(flower: list[dict], keys: dict, data_dir: Path, tmp_path: Path, nodes: int) -> None:
+    """Every round of a Flower run is applied, signed, and equals the in-process runner's."""
+    from prism_flwr.federated import inprocess
+
     cfg = RunConfig.parse(
         {
             **{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
@@ -212,13 +276,32 @@ def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_p
             "output-dir": str(tmp_path / "unused"),
         }
     )
-    local = inprocess.run(cfg, 3, insecure_test_mask_seed=5)[1:]
-    assert len(flower) == len(local) == 2
+    local = inprocess.run(cfg, nodes, insecure_test_mask_seed=5)[1:]
+    assert len(flower) == len(local) == cfg.num_server_rounds
     for f, loc in zip(flower, local):
-        assert f["secagg_contributors"] == 3 and f["secagg"]["bits"] == 2 and not f["skipped"], f
+        assert f["secagg_contributors"] == nodes and not f["skipped"] and f["secagg"]["signed"], f
         for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):
             assert f[key] == pytest.approx(loc[key], rel=1e-6, abs=1e-9), (key, f, loc)
-        assert f["wire_bytes_per_client"]["up"] > f["uplink_bytes"] / 3
+        assert f["wire_bytes_per_client"]["up"] > f["uplink_bytes"] / nodes
+
+
+def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
+    """Simulation, 3 signed nodes with floors (one PRISM_NODE_CONFIG, the key file per partition),
+    delta downlink: both rounds apply and equal the in-process runner's."""
+    from tests.test_inprocess import _history
+    from tests.test_simulation import Simulation
+
+    out = tmp_path / "out"
+    keys, config = _flower_config(out, data_dir, downlink="'delta'")
+    with procs.Processes() as ps:
+        sim = Simulation(
+            tmp_path, ps, data_dir=data_dir, test_mask_seed=5, node_config=_signed_nodes(tmp_path, 3)
+        )
+        assert sim.run(config, nodes=3)["status"] == "finished:completed", sim.logs_tail()
+    procs.assert_gone(ps.pids)
+    flower = [r for r in _history(out) if r["round"] >= 1]
+    assert all(f["secagg"]["bits"] == 2 for f in flower), flower
+    _same_as_inprocess(flower, keys, data_dir, tmp_path, 3)
 
 
 def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Path, tmp_path: Path) -> None:
@@ -243,3 +326,60 @@ def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Pat
     assert not rec["skipped"] and rec["secagg_contributors"] == 3 and rec["clients"] == 3, rec
     assert rec["asked"] == 4 and rec["dropped"] == [], rec
     assert any(d.startswith("share: node") and "fails on purpose" in d for d in rec["secagg"]["dropped"]), rec
+
+
+def test_deployment_with_signed_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
+    """The deployment engine on loopback: a SuperLink and 3 SuperNodes, each with its own key
+    file, the roster and the floors in ``--node-config``; one round equals the in-process runner's."""
+    from tests.test_inprocess import _history
+    from tools.flowerkit import (
+        REPO,
+        exe,
+        flower_env,
+        newest_run,
+        online_nodes,
+        start_superlink,
+        write_connection,
+    )
+
+    home, out, logs = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
+    logs.mkdir()
+    env = {**flower_env(home), "PRISM_INSECURE_TEST_MASK_SEED": "5"}
+    env.pop("PRISM_NODE_CONFIG", None)
+    link_port, node_ports = procs.free_port(), procs.free_ports(3)
+    write_connection(home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
+    keys, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})
+    signed = _signed_nodes(tmp_path, 3)
+    with procs.Processes() as ps:
+        link = start_superlink(ps, link_port, env, logs / "superlink.log")
+        nodes = [
+            ps.start(
+                [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}"]
+                + ["--host", "127.0.0.1", "--port", str(port), "--node-config"]
+                + [
+                    f"partition-id={i} num-partitions=3 data-dir='{data_dir}' state-dir='{tmp_path / 'state'}' "
+                    + signed.replace("{partition-id}", str(i))
+                ],
+                env=env,
+                log_path=logs / f"supernode-{i}.log",
+            )
+            for i, port in enumerate(node_ports)
+        ]
+        procs.wait_for(
+            lambda: len(online_nodes(env, "loopback")) == 3,
+            timeout=90,
+            desc="3 SuperNodes",
+            procs=[link, *nodes],
+        )
+        run = ps.start(
+            [exe("flwr"), "run", str(REPO)] + ["loopback", "--stream", "--run-config", config],
+            env=env,
+            log_path=logs / "flwr-run.log",
+            cwd=home,
+        )
+        run.wait(timeout=400)
+        status = newest_run(env, "loopback")["status"]
+        tails = "\n".join(procs.tail(p, 20) for p in sorted(logs.iterdir()))
+        assert status == "finished:completed", f"{status}\n{tails}"
+    procs.assert_gone(ps.pids)
+    _same_as_inprocess([r for r in _history(out) if r["round"] >= 1], keys, data_dir, tmp_path, 3)

@@ -1,10 +1,11 @@
-"""A Grid that delivers messages to in-process clients running the ClientApp's secagg steps.
+"""A Grid that delivers messages to in-process nodes running the ClientApp's secagg handlers.
 
 The SecAgg+ strategy (strategies/secagg.py) talks to ``LoopbackGrid`` exactly as to Flower's Grid
 (``send_and_receive`` of real ``Message`` objects, so the wire counter sees real messages); each
-node is a ``LoopbackClient`` holding its secrets between steps as the ClientApp's context.state
-does. Tests use it for dropouts and forged replies, the secagg benchmark for timings without
-Ray. A step that raises gives an error reply, as Flower does for a failing ClientApp.
+node is a ``LoopbackClient``: the ClientApp's own handlers (``client_app.secagg_*``) on a
+``Context`` of its own (node config, ``context.state``), training replaced by a function that
+gives the 0/1 mask. Tests use it for dropouts, forged replies and a deviating server, the secagg
+benchmark for timings without Ray. A handler that raises gives an error reply, as Flower does.
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 
-from prism_flwr.federated.records import METRICS_KEY
-from strategies.secagg import (
-    ADVERTISE,
-    SHARE,
-    UNMASK,
-    client_advertise,
-    client_mask,
-    client_share,
-    client_unmask,
-)
+import client_app
+from prism_flwr.federated.broadcast import DOWNLINK_KEY, DOWNLINKS, digest, receive
+from prism_flwr.federated.records import SCORES_KEY
+from prism_flwr.secagg.records import ADVERTISE, CONFIRM, SECAGG_KEY, SHARE, UNMASK
+
+HANDLERS = {
+    ADVERTISE: client_app.secagg_advertise,
+    SHARE: client_app.secagg_share,
+    CONFIRM: client_app.secagg_confirm,
+    UNMASK: client_app.secagg_unmask,
+}
 
 _ids = itertools.count(1)
 
@@ -52,24 +54,29 @@ def reply_to(
 
 class LoopbackClient:
     """One node: ``train(msg) -> (0/1 mask, metrics)`` is its training; the rest is the
-    ClientApp's secagg steps with the state kept here."""
+    ClientApp's secagg handlers on this node's ``context`` (``node_config``: its own config,
+    e.g. signing key, roster and floors)."""
 
-    def __init__(self, node: int, train: Callable[[Message], tuple[np.ndarray, dict]]) -> None:
-        self.node, self.train, self.kept = node, train, None
+    def __init__(self, node: int, train: Callable[[Message], tuple[np.ndarray, dict]], node_config=None):
+        self.node, self.train = node, train
+        config = {"partition-id": 0, "num-partitions": 1, **(node_config or {})}
+        self.context = Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
 
     def handle(self, msg: Message) -> RecordDict:
         kind = msg.metadata.message_type
-        if kind == ADVERTISE:
-            self.kept, reply = client_advertise(msg.content, self.node)
-        elif kind == SHARE:
-            self.kept, reply = client_share(msg.content, self.kept)
-        elif kind == UNMASK:
-            reply, self.kept = client_unmask(msg.content, self.kept), None
-        else:
-            x, metrics = self.train(msg)
-            self.kept, records = client_mask(msg.content, self.kept, x)
-            reply = RecordDict({**records, METRICS_KEY: MetricRecord(metrics)})
-        return reply
+        if kind in HANDLERS:
+            return HANDLERS[kind](msg, self.context).content
+        x, metrics = self.train(msg)
+        return client_app.secagg_train_reply(msg, self.context, x, metrics, self._held(msg, len(x)))
+
+    def _held(self, msg: Message, count: int) -> dict:
+        """Under a delta downlink, rebuild the global as the ClientApp does and name it."""
+        info = msg.content.config_records.get(DOWNLINK_KEY)
+        if info is None:
+            return {}
+        array = msg.content[SCORES_KEY][SCORES_KEY].numpy()
+        self.held = receive(DOWNLINKS["delta"], array, count, info, getattr(self, "held", None))
+        return {DOWNLINK_KEY: ConfigRecord({"held": digest(self.held)})}
 
 
 class LoopbackGrid:
@@ -100,8 +107,6 @@ class LoopbackGrid:
 
 def forged(reply: Message, **fields) -> Message:
     """``reply`` with fields of its secagg record replaced (bytes or ints as the record holds)."""
-    from strategies.secagg import SECAGG_KEY
-
     content = RecordDict(dict(reply.content.items()))
     content[SECAGG_KEY] = ConfigRecord({**dict(reply.content[SECAGG_KEY].items()), **fields})
     return Message(metadata=reply.metadata, content=content)

@@ -50,6 +50,7 @@ class ClientRoundResult:
     payload: np.ndarray  # PRISM: uint8 codec bytes; dense: float32 weights
     metrics: dict[str, float | list[int]]
     record: ClientRecord  # the state to keep for the next round
+    mask: np.ndarray | None = None  # under secure aggregation: the 0/1 mask drawn (uint8), masked as is
 
 
 @lru_cache(maxsize=4)
@@ -146,7 +147,10 @@ def client_round(
     )
     metrics.update(extra)
     record.mode = privacy.binding()
-    return ClientRoundResult(payload, privacy.report(metrics, len(data), hist, ledger), record)
+    metrics = privacy.report(metrics, len(data), hist, ledger)
+    if cfg.secure_aggregation != "off":
+        return ClientRoundResult(np.zeros(0, np.uint8), metrics, record, mask=payload)
+    return ClientRoundResult(payload, metrics, record)
 
 
 def client_evaluate(

@@ -32,7 +32,7 @@ from prism_flwr.federated.aggregation import Aggregator, combine_masks
 from prism_flwr.federated.client_round import client_round, model_with, new_record
 from prism_flwr.federated.codec import decode_mask, mask_model
 from prism_flwr.federated.methods import PRISM, method_for
-from prism_flwr.federated.secure_sum import own_mask, secure_counts
+from prism_flwr.federated.secure_sum import secure_counts
 from prism_flwr.model.build import generator_spec, pick_device
 from prism_flwr.model.generator import ResnetGenerator
 from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
@@ -121,8 +121,8 @@ def _run(cfg, num_clients, evaluator, on_record, deadline, samples_dir, insecure
                 ledger=ledger,
             )
             states[pid] = res.record
-            if secure:  # the client's own mask as the 0/1 vector it masks (the ClientApp's step)
-                packed.append(own_mask(res.payload, received, layout))
+            if secure:  # the 0/1 mask the client drew, masked as is (the ClientApp's step)
+                packed.append(res.mask)
             else:
                 packed.append(decode_mask(res.payload.tobytes(), n, layout, coding, grouped=True))
             losses.append(res.metrics.get("loss", float("nan")))

@@ -92,11 +92,13 @@ class Prism(Method):
         """One mask ``m ~ Bernoulli(theta)`` (theta after ``theta_release``, the DP mechanism, if
         given). ``uplink-coding = "coded"``: entropy-coded against the global scores received
         this round (``codec.mask_model``, what the server derives from the scores it sent);
-        ``"raw"``: bit-packed, 1 bit per weight."""
+        ``"raw"``: bit-packed, 1 bit per weight; under secure aggregation the 0/1 mask itself."""
         thetas = [t.cpu() for t in iter_thetas(model)]
         if theta_release is not None:
             thetas = theta_release(thetas)
         mask = sample_mask(model, thetas, generator=mask_generator)
+        if cfg.secure_aggregation != "off":  # masked as drawn (secure_sum), never coded or sent
+            return mask.numpy().astype(np.uint8), {"mask_density": float(mask.float().mean())}
         coding = mask_model(received) if cfg.uplink_coding == "coded" else None
         blob = encode_mask(mask.numpy(), layout_fingerprint(model), coding)
         return np.frombuffer(blob, dtype=np.uint8).copy(), {"mask_density": float(mask.float().mean())}

@@ -1,5 +1,6 @@
-"""Secure aggregation as the apps use it: protocol parameters from the number of clients, a
-client's own mask as the 0/1 vector it masks, and one in-process round that gives the counts.
+"""Secure aggregation as the apps use it: protocol parameters from the number of clients, and
+one in-process round that gives the counts (each client masks the 0/1 mask it drew,
+``ClientRoundResult.mask``).
 
 The ClientApp, the SecAgg+ strategy and the in-process runner all go through these functions,
 so ``flwr run`` and the in-process runner sum the same vectors with the same parameters.
@@ -13,7 +14,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from prism_flwr.federated.codec import decode_mask, mask_model, unpack_mask
 from prism_flwr.secagg import Aggregate, run_protocol
 
 COMPLETE_GRAPH_UP_TO = 10  # clients; above, a sparse graph of about 2 log2(K) neighbours
@@ -33,15 +33,9 @@ def secagg_parameters(clients: int) -> tuple[int, int]:
     return degree // 2 + 1, degree
 
 
-def own_mask(payload: np.ndarray, scores: np.ndarray, layout: bytes) -> np.ndarray:
-    """The 0/1 vector (uint8, weight order) of this client's own upload, coded or raw, as the
-    server would decode it: what the client feeds into the masking instead of sending it."""
-    packed = decode_mask(np.asarray(payload, np.uint8).tobytes(), len(scores), layout, mask_model(scores))
-    return unpack_mask(packed, len(scores)).astype(np.uint8)
-
-
-def secure_counts(inputs: Mapping[int, np.ndarray], dropouts=None) -> Aggregate:
+def secure_counts(inputs: Mapping[int, np.ndarray], dropouts=None, trusts=None) -> Aggregate:
     """One whole protocol round in this process with the apps' parameters: the per-weight counts
-    of ones over the contributing clients (``RoundSkipped`` when too few remain)."""
+    of ones over the contributing clients (``RoundSkipped`` when too few remain); ``trusts``: each
+    node's ``Trust`` (a signed round with a consistency round when they hold identities)."""
     threshold, degree = secagg_parameters(len(inputs))
-    return run_protocol(inputs, threshold, degree, dropouts=dropouts)
+    return run_protocol(inputs, threshold, degree, dropouts=dropouts, trusts=trusts)

@@ -32,6 +32,10 @@ class SecAggError(ValueError):
     """A message, parameter or request that the protocol refuses (the reason is the message)."""
 
 
+class FloorRefusal(SecAggError):
+    """A round below this node's floor: the node will not take part (about configuration only)."""
+
+
 class RoundSkipped(SecAggError):
     """Too few clients remain to finish the round safely: no aggregate, never a wrong one."""
 

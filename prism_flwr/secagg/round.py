@@ -2,8 +2,10 @@
 messages of each phase, and the two masks both sides compute.
 
 Messages are frozen dataclasses of ints, bytes and tuples, so a Flower strategy can carry them
-in records. The phases are in `secagg_client.py` and `secagg_server.py`; the derivation in
-docs/secure-aggregation.md.
+in records. The phases are in `client.py` and `server.py`; the derivation in
+docs/secure-aggregation.md. What a node signs is built here (`advert_message`,
+`survivors_message`), over the digest of the whole round's parameters, so two nodes accept each
+other's signatures only when the server gave both the same round.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from prism_flwr.secagg.crypto import (
     NONCE_BYTES,
     SHARE_BYTES,
     TAG_BYTES,
+    FloorRefusal,
     SecAggError,
     derive_key,
     hkdf,
@@ -44,6 +47,14 @@ class RoundParams:
 
     def __post_init__(self):
         check_params(self)
+
+    @cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of every parameter: what signatures bind a message to."""
+        fields = (len(self.round_id), self.threshold, self.degree, self.bits, self.length, len(self.clients))
+        head = b"".join(int(f).to_bytes(8, "big") for f in fields)
+        body = self.round_id + b"".join(node_bytes(c) for c in self.clients)
+        return hashlib.sha256(DOMAIN + b"params" + head + body).digest()
 
     @cached_property
     def graph(self) -> dict[int, tuple[int, ...]]:
@@ -105,14 +116,41 @@ def neighbour_graph(round_id: bytes, clients: tuple[int, ...], degree: int) -> d
     return {order[i]: tuple(sorted(order[(i + o) % count] for o in offsets)) for i in range(count)}
 
 
+def check_floor(p: RoundParams, min_clients: int) -> None:
+    """A node's floor: every sum its input enters covers at least ``min_clients`` clients, so
+    it refuses a round of fewer clients or a threshold below it."""
+    if len(p.clients) < min_clients or p.threshold < min_clients:
+        raise FloorRefusal(
+            f"node refuses the round: {len(p.clients)} clients, threshold {p.threshold}, "
+            f"below this node's min-secure-aggregation-clients={min_clients}"
+        )
+
+
+def _ids(nodes: Iterable[int]) -> bytes:
+    return b"".join(node_bytes(n) for n in nodes)
+
+
+def advert_message(p: RoundParams, node: int, enc_key: bytes, mask_key: bytes) -> bytes:
+    """What a node signs in its advert: its id and both public keys, in this round."""
+    return DOMAIN + b"advert" + p.digest + node_bytes(node) + bytes(enc_key) + bytes(mask_key)
+
+
+def survivors_message(p: RoundParams, survivors: Iterable[int]) -> bytes:
+    """What a node signs in the consistency round: the survivor set it was shown, in this round."""
+    return DOMAIN + b"survivors" + p.digest + _ids(sorted(survivors))
+
+
 @dataclass(frozen=True)
 class KeyAdvert:
-    """Phase 1, client -> server -> neighbours: the two public keys of one client."""
+    """Phase 1, client -> server -> neighbours: the two public keys of one client, signed by its
+    long-term key when it has one (``signer`` = b"": an unauthenticated node)."""
 
     round_id: bytes
     node: int
     enc_key: bytes  # X25519 public key c_u (encrypts shares)
     mask_key: bytes  # X25519 public key s_u (derives pairwise masks)
+    signer: bytes = b""  # Ed25519 public key in the roster
+    signature: bytes = b""  # over advert_message
 
 
 @dataclass(frozen=True)
@@ -145,12 +183,32 @@ class MaskedInput:
 
 
 @dataclass(frozen=True)
+class SurvivorSet:
+    """Consistency round, server -> survivors: who sent a masked vector."""
+
+    round_id: bytes
+    survivors: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """Consistency round, client -> server: the survivor set it was shown, signed."""
+
+    round_id: bytes
+    node: int
+    signer: bytes
+    signature: bytes  # over survivors_message
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
-    """Phase 4, server -> survivors: who sent a masked vector and who dropped after sharing."""
+    """Phase 4, server -> one survivor: who survived (with at least t signatures over that set
+    when the round is authenticated) and which of its neighbours dropped after sharing."""
 
     round_id: bytes
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
+    signatures: tuple[tuple[bytes, bytes], ...] = ()  # (signer, signature over survivors_message)
 
 
 @dataclass(frozen=True)

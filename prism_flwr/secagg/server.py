@@ -1,7 +1,8 @@
-"""The server's side of secure aggregation: four phases, each a pure function
+"""The server's side of secure aggregation: one pure function per phase
 (state, the clients' replies) -> (new state, what to send next). Each reply is screened on its
 own: a bad one is refused and recorded, and its sender counts as dropped; too few clients left
-raises `RoundSkipped`.
+raises `RoundSkipped`. When the adverts are signed the round has a consistency round
+(`collect_confirmations`) between the masked inputs and the unmasking; else `skip_confirmation`.
 """
 
 from __future__ import annotations
@@ -22,20 +23,25 @@ from prism_flwr.secagg.crypto import (
     public_key_of,
     unpack,
 )
+from prism_flwr.secagg.identity import verify
 from prism_flwr.secagg.round import (
     SEALED_BYTES,
     Aggregate,
+    Confirmation,
     EncryptedShare,
     KeyAdvert,
     MaskedInput,
     RoundParams,
     SharePackage,
+    SurvivorSet,
     UnmaskReply,
     UnmaskRequest,
+    advert_message,
     check_message,
     check_params,
     pair_mask,
     self_mask,
+    survivors_message,
 )
 
 MAX_RECOVERY_ATTEMPTS = 256  # subsets of shares tried when one share is inconsistent
@@ -50,7 +56,13 @@ class ServerState:
     commitments: Mapping[int, bytes] = field(default_factory=dict)  # U2
     total: np.ndarray | None = None  # sum of the survivors' masked vectors mod 2^bits
     survivors: tuple[int, ...] = ()  # U3
+    helpers: tuple[int, ...] = ()  # asked to unmask: U3, or those of U3 that confirmed it
     refused: tuple[tuple[str, object, str], ...] = ()
+
+    @property
+    def signed(self) -> bool:
+        """Whether the round is authenticated (its adverts are signed): then it needs a consistency round."""
+        return any(a.signer for a in self.adverts.values())
 
 
 def start_round(params: RoundParams) -> ServerState:
@@ -91,6 +103,9 @@ def collect_adverts(
         check_message(advert, KeyAdvert, p, p.clients)
         if not all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in (advert.enc_key, advert.mask_key)):
             raise SecAggError("public keys must be 32 bytes")
+        if advert.signer or advert.signature:  # who may sign is the clients' roster check
+            message = advert_message(p, advert.node, advert.enc_key, advert.mask_key)
+            verify(advert.signer, advert.signature, message, f"advert of node {advert.node}")
         return advert
 
     accepted, refused = _screen("advertise", adverts, check)
@@ -136,8 +151,8 @@ def route_shares(
     return replace(state, commitments=commitments, refused=state.refused + tuple(refused)), inbox
 
 
-def collect_masked(state: ServerState, inputs: Iterable[MaskedInput]) -> tuple[ServerState, UnmaskRequest]:
-    """Phase 3: sum the well-formed masked vectors mod 2^bits; ask survivors to help unmask."""
+def collect_masked(state: ServerState, inputs: Iterable[MaskedInput]) -> tuple[ServerState, SurvivorSet]:
+    """Phase 3: sum the well-formed masked vectors mod 2^bits; the survivor set to confirm."""
     p = state.params
 
     def check(masked):
@@ -152,9 +167,52 @@ def collect_masked(state: ServerState, inputs: Iterable[MaskedInput]) -> tuple[S
     for vector in accepted.values():
         total += vector  # wraps mod 2^16; reduced mod 2^bits in `finish`
     survivors = tuple(sorted(accepted))
-    dropped = tuple(u for u in sorted(state.commitments) if u not in accepted)
     new = replace(state, total=total, survivors=survivors, refused=state.refused + tuple(refused))
-    return new, UnmaskRequest(p.round_id, survivors, dropped)
+    return new, SurvivorSet(p.round_id, survivors)
+
+
+def _requests(state: ServerState, helpers, signatures) -> tuple[ServerState, dict[int, UnmaskRequest]]:
+    """One unmask request per helper: the survivors, its own dropped neighbours, the signatures."""
+    p = state.params
+    dropped = [u for u in sorted(state.commitments) if u not in state.survivors]
+    requests = {
+        u: UnmaskRequest(
+            p.round_id, state.survivors, tuple(v for v in dropped if v in p.graph[u]), signatures
+        )
+        for u in helpers
+    }
+    return replace(state, helpers=tuple(sorted(helpers))), requests
+
+
+def collect_confirmations(
+    state: ServerState, confirmations: Iterable[Confirmation]
+) -> tuple[ServerState, dict[int, UnmaskRequest]]:
+    """Consistency round: keep the survivors' signatures over the survivor set (each checked
+    against its signer's advert key); at least t are needed before anyone is asked to unmask."""
+    p = state.params
+    message = survivors_message(p, state.survivors)
+
+    def check(c):
+        check_message(c, Confirmation, p, state.survivors)
+        advert = state.adverts[c.node]
+        if advert.signer:
+            if c.signer != advert.signer:
+                raise SecAggError("confirmation signed by another key than the node's advert")
+            verify(c.signer, c.signature, message, f"confirmation of node {c.node}")
+        return c
+
+    accepted, refused = _screen("confirm", confirmations, check)
+    _require(len(accepted), p, "confirmed the survivor set")
+    signatures = tuple((c.signer, c.signature) for _, c in sorted(accepted.items()) if c.signer)
+    state = replace(state, refused=state.refused + tuple(refused))
+    return _requests(state, accepted, signatures)
+
+
+def skip_confirmation(state: ServerState) -> tuple[ServerState, dict[int, UnmaskRequest]]:
+    """An unauthenticated round (no advert signed): every survivor is asked to unmask at once."""
+    if state.signed:
+        raise SecAggError("an authenticated round needs its consistency round")
+    return _requests(state, state.survivors, ())
 
 
 def _recover(p: RoundParams, owner: int, shares: dict[int, bytes], valid: Callable, what: str):
@@ -180,7 +238,7 @@ def finish(state: ServerState, replies: Iterable[UnmaskReply]) -> Aggregate:
     dropped = [u for u in sorted(state.commitments) if u not in survivors]
 
     def check(reply):
-        check_message(reply, UnmaskReply, p, survivors)
+        check_message(reply, UnmaskReply, p, state.helpers)
         held = [v for v in p.graph[reply.node] if v in state.commitments]
         for name, shares, wanted in (
             ("seed", reply.seed_shares, survivors),
