@@ -80,7 +80,7 @@ def toml_value(value: object) -> str:
     return repr(value)
 
 
-def _choices(annotation: object) -> list[object] | None:
+def choices(annotation: object) -> list[object] | None:
     """The values a Literal (or a union of Literals and bool) allows; None for other types."""
     while typing.get_origin(annotation) is typing.Annotated:
         annotation = typing.get_args(annotation)[0]
@@ -88,7 +88,7 @@ def _choices(annotation: object) -> list[object] | None:
     if origin is typing.Literal:
         return list(typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
-        parts = [_choices(arg) for arg in typing.get_args(annotation)]
+        parts = [choices(arg) for arg in typing.get_args(annotation)]
         if all(p is not None for p in parts):
             return [v for p in parts for v in p]
     if annotation is bool:
@@ -98,9 +98,9 @@ def _choices(annotation: object) -> list[object] | None:
 
 def allowed(field) -> str:
     """What a key accepts, read from its type and constraints."""
-    choices = _choices(field.annotation)
-    if choices is not None:
-        return ", ".join(f"`{toml_value(v)}`" for v in choices)
+    values = choices(field.annotation)
+    if values is not None:
+        return ", ".join(f"`{toml_value(v)}`" for v in values)
     kind = {int: "integer", float: "number", str: "string"}.get(field.annotation, str(field.annotation))
     bounds = [
         f"{sign} {getattr(m, attr)}"
