@@ -5,7 +5,8 @@ Every run writes into its own folder ``output-dir/<start time>-run<Flower run id
 run's lifetime so two runs never share files (``prism_flwr/storage/checkpoint.py``):
 ``checkpoint-<round>.ckpt`` (every round, atomic, pickle-free, the last 3 kept), ``history.json``
 (one record per round), ``samples/round-XXXX.png`` (every evaluation), ``model.prism`` (final
-sparse model), ``samples.png`` (final grid) and ``summary.json``. ``resume=true`` continues the
+sparse model), ``samples.png`` (final grid) and ``summary.json``. A run in which every round was
+skipped exports nothing and fails with the last skip's reason. ``resume=true`` continues the
 run folder ``resume-run`` (default: ``latest``) from its newest readable checkpoint, and refuses
 one trained under a run config that differs in anything that changes the model or its privacy.
 """
@@ -188,8 +189,25 @@ def _run(grid: Grid, cfg: RunConfig, out, run_dir) -> None:
         train_config=ConfigRecord({"run-tag": run_tag}),
         evaluate_fn=evaluate_and_record,
     )
+    check_learned(strategy.round_records)  # a run in which no round applied ends failed
     final = result.arrays[key].numpy() if key in result.arrays else vector
     _export(cfg, method, run_dir, model, final, history, time.time() - t0, evaluator.feature_info)
+
+
+class NothingLearned(RuntimeError):
+    """Every round of the run was skipped: the global state is the one it started from."""
+
+
+def check_learned(round_records: dict[int, dict]) -> None:
+    """``NothingLearned`` when rounds ran and every one was skipped, naming the last skip's reason
+    in one line (Flower then marks the run ``finished:failed``; ``prism-flwr last-run`` shows it)."""
+    if round_records and all(r["skipped"] for r in round_records.values()):
+        last = round_records[max(round_records)]
+        why = " ".join(str(last.get("skip_reason") or "reason not recorded").split())
+        raise NothingLearned(
+            f"no round applied: all {len(round_records)} rounds were skipped; "
+            f"the last (round {last['round']}): {why}"
+        )
 
 
 def _strategy(

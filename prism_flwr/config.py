@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from prism_flwr.privacy import check_dp_compatible
+from prism_flwr import options
 from prism_flwr.settings import describe, download_value, kebab
 
 
@@ -175,28 +175,9 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _compatible(self) -> RunConfig:
-        check_dp_compatible(self.dp, self.objective)
-        if self.method == "dense" and self.dp != "off":
-            raise ValueError("method='dense' is the non-private baseline: use dp='off'")
-        if self.partitioning == "attribute" and self.dataset != "celeba":
-            raise ValueError(
-                "partitioning='attribute' splits CelebA by its Male attribute: use dataset='celeba'"
-            )
-        if self.method == "dense" and self.robust_aggregation != "off":
-            raise ValueError(
-                "robust-aggregation applies to PRISM's masks; the dense baseline always clips "
-                "update norms: use robust-aggregation='off' with method='dense'"
-            )
-        if self.secure_aggregation != "off" and self.robust_aggregation != "off":
-            raise ValueError(
-                f"secure-aggregation='{self.secure_aggregation}' hides each client's mask, which "
-                "robust-aggregation must see: use robust-aggregation='off'"
-            )
-        if self.secure_aggregation != "off" and self.method == "dense":
-            raise ValueError(
-                f"secure-aggregation='{self.secure_aggregation}' sums PRISM's binary masks: "
-                "use method='prism' or secure-aggregation='off'"
-            )
+        """Refuses a combination of keys that ``prism_flwr/options.py``'s table does not support."""
+        if (why := options.refusal(self.model_dump(by_alias=True))) is not None:
+            raise ValueError(why)
         return self
 
     @classmethod

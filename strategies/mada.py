@@ -7,15 +7,14 @@ Sampling, message construction, reply validation and the round record come from
   unknown version, coded against another model -> dropped). Coded masks are decoded against the
   coding model of the scores sent this round (``codec.mask_model``, set in ``configure_train``),
   into its grouped layout, where they are counted;
-- ``combine``: per-weight counts of ones on the packed bits, then the aggregation rule (``rule``,
-  a ``prism_flwr.federated.aggregation.Aggregator``):
-  MADA ``s_{t+1} = lambda logit(theta_agg) + (1 - lambda) s_t``
-  with lambda the Hamming distance of global-mask samples, the plain mean, or a rule beyond the
-  paper (``mada-change``, ``adam``, ``beta``); lambda's no-change expectation and the change
-  term go into the round's record. The server's
-  Bernoulli samples use ``default_rng([seed, round])``, so a round's result depends only on its
-  inputs (what makes a resumed run bit-identical). The new scores are settled by the run's
-  downlink (snapped to the 8-bit grid under ``grid8``/``delta``, seeded per round);
+- ``combine``: per-weight counts of ones on the packed bits (robust counting when asked), then
+  PRISM's server step (``prism_flwr/federated/server_step.py``, shared with the in-process
+  runner): the aggregation rule (``rule``, a ``prism_flwr.federated.aggregation.Aggregator``),
+  MADA ``s_{t+1} = lambda logit(theta_agg) + (1 - lambda) s_t`` with lambda the Hamming distance
+  of global-mask samples, the plain mean, or a rule beyond the paper (``mada-change``, ``adam``,
+  ``beta``), on the server's seeded stream, then settled by the run's downlink (snapped to the
+  8-bit grid under ``grid8``/``delta``); lambda's no-change expectation and the change term go
+  into the round's record;
 - the round record's ``mada_lambda`` (None when the rule has no blend step).
 """
 
@@ -27,11 +26,11 @@ import numpy as np
 from flwr.app import Array
 from flwr.common import log
 
-from prism_flwr.federated.aggregation import Aggregator, combine_masks
+from prism_flwr.federated.aggregation import Aggregator
 from prism_flwr.federated.codec import MaskFormatError, decode_mask, mask_model
 from prism_flwr.federated.methods import PRISM
 from prism_flwr.federated.records import MASK_KEY, SCORES_KEY
-from prism_flwr.federated.robust import robust_counts
+from prism_flwr.federated.server_step import mask_counts, robust_settings, server_step
 
 from .base import RecordingFedAvg
 
@@ -75,16 +74,11 @@ class MADA(RecordingFedAvg):
 
     @classmethod
     def from_config(cls, cfg, *, layout, state, **kwargs):
-        robust = (
-            dict(trim=cfg.robust_trim, outlier_mads=cfg.robust_outlier_mads)
-            if cfg.robust_aggregation == "on"
-            else None
-        )
         return cls(
             layout=layout,
             rule=cfg.aggregation,
             space=cfg.mada_space,
-            robust=robust,
+            robust=robust_settings(cfg),
             aggregator_state=state,
             **kwargs,
         )
@@ -125,15 +119,9 @@ class MADA(RecordingFedAvg):
             raise ValueError(str(err)) from None
 
     def combine(self, rnd: int, payloads: list[np.ndarray], weights: np.ndarray) -> tuple[np.ndarray, dict]:
+        counts, k, info = mask_counts(payloads, self.num_weights, self._coding, self.robust)
         extra = {}
-        if self.robust is not None:  # duplicates and Hamming outliers dropped, votes trimmed per weight
-            counts, k, info = robust_counts(payloads, self._coding.grouped_bits, **self.robust)
-            res = self.aggregator.propose(
-                self._global,
-                self._coding.ungroup_counts(counts),
-                k,
-                rng=np.random.default_rng([self.seed, rnd]),
-            )
+        if info is not None:  # duplicates and Hamming outliers dropped, votes trimmed per weight
             extra = {
                 "robust_dropped_duplicates": len(info.duplicates),
                 "robust_dropped_outliers": len(info.outliers),
@@ -141,27 +129,12 @@ class MADA(RecordingFedAvg):
             }
             # which masks, by sender and reason (a list: kept out of the MetricRecord)
             self.round_records[rnd]["robust_dropped"] = info.dropped(self.round_nodes)
-        else:
-            res = combine_masks(
-                self.aggregator,
-                self._global,
-                payloads,
-                self.num_weights,
-                self.seed,
-                rnd,
-                self._coding,
-                commit=False,
-            )
-        return self._settle(rnd, res, extra)
+        return self.step_counts(rnd, counts, k, extra)
 
-    def step_counts(self, rnd: int, counts: np.ndarray, k: int) -> tuple[np.ndarray, dict]:
-        """The round's rule on per-weight counts of ones over ``k`` masks (secure aggregation's
-        result), with the same server randomness as ``combine``."""
-        res = self.aggregator.propose(self._global, counts, k, rng=np.random.default_rng([self.seed, rnd]))
-        return self._settle(rnd, res, {})
-
-    def _settle(self, rnd: int, res, extra: dict) -> tuple[np.ndarray, dict]:
+    def step_counts(self, rnd: int, counts: np.ndarray, k: int, extra: dict | None = None):
+        """The round's server step on per-weight counts of ones over ``k`` masks (``combine``'s, or
+        secure aggregation's result): (new global state, record fields)."""
+        res = server_step(self.aggregator, self._global, counts, k, self.downlink, self.seed, rnd)
         self._proposed = res  # its rule state is kept once the round applies (round_applied)
         lam = None if np.isnan(res.mada_lambda) else res.mada_lambda
-        scores = self.downlink.settle(res.scores, np.random.default_rng([self.seed, rnd, 8]))
-        return scores, {"mada_lambda": lam, **res.diagnostics, **extra}
+        return res.scores, {"mada_lambda": lam, **res.diagnostics, **(extra or {})}

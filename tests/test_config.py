@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from prism_flwr import options
 from prism_flwr.config import ConfigError, RunConfig
+from tools.gen_config_docs import choices
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -83,3 +85,42 @@ def test_unknown_key_and_cross_key_checks():
     with pytest.raises(ConfigError, match="robust-aggregation applies to PRISM's masks"):
         RunConfig.parse({"method": "dense", "robust-aggregation": "on"})
     assert RunConfig.parse({"method": "dense"}).robust_aggregation == "off"
+
+
+# ------------------------------------------------------------------------------ the options table
+def _values(key: str) -> list:
+    """The values run-config key ``key`` allows (a Literal field)."""
+    name = key.replace("-", "_")
+    assert name in RunConfig.model_fields, f"options table names unknown key {key!r}"
+    allowed = choices(RunConfig.model_fields[name].annotation)
+    assert allowed is not None, f"options table names {key!r}, which is not a choice"
+    return allowed
+
+
+def test_the_table_names_real_keys_and_values():
+    for rule in options.RULES:
+        for key, values in (*rule.when.items(), (rule.key, rule.allowed)):
+            assert set(values) <= set(_values(key)), (rule, key)
+        assert set(_values(rule.key)) - set(rule.allowed), f"{rule} refuses nothing"
+    for unused in options.UNUSED:
+        for key, values in unused.when.items():
+            assert set(values) <= set(_values(key))
+        for key in unused.keys:
+            _values(key)
+    for key in options.MATRIX_KEYS:
+        _values(key)
+
+
+@pytest.mark.parametrize("rule", options.RULES, ids=lambda r: f"{r.key}-when-{'-'.join(r.when)}")
+def test_every_rule_refuses_its_combinations_in_one_line(rule):
+    base = {**defaults(), **{k: v[0] for k, v in rule.when.items()}}
+    for value in _values(rule.key):
+        run = {**base, rule.key: value}
+        if value in rule.allowed:
+            RunConfig.parse(run)  # the rule alone refuses nothing else: no other rule bites here
+            continue
+        with pytest.raises(ConfigError) as err:
+            RunConfig.parse(run)
+        message = str(err.value)
+        assert "\n" not in message and rule.why in message
+        assert f"{rule.key}={value!r}" in message and message.startswith("invalid run config: ")

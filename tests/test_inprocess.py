@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prism_flwr.config import RunConfig
@@ -99,3 +100,36 @@ def test_aggregation_study_tiny_writes_its_report(tmp_path: Path) -> None:
     assert "| shards | adam | 1 |" in res["table"] and res["metric"] == "mmd_pixels"
     assert (tmp_path / "quality_vs_rounds.png").stat().st_size > 0
     assert len(list((tmp_path / "runs").glob("*.json"))) == 3
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("rule", ["mada", "adam"])
+def test_the_strategy_takes_the_shared_server_step_on_the_documented_streams(rule: str) -> None:
+    """MADA's round equals ``server_step`` (what the runner calls) on the same counts, and both
+    equal the step written out: the rule on ``default_rng([seed, round])``, then the grid's
+    settling on ``default_rng([seed, round, 8])``."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from prism_flwr.federated.aggregation import Aggregator, count_ones
+    from prism_flwr.federated.broadcast import DOWNLINKS
+    from prism_flwr.federated.codec import encode_mask
+    from prism_flwr.federated.downlink import snap_to_grid
+    from prism_flwr.federated.records import SCORES_KEY
+    from prism_flwr.federated.server_step import server_step
+    from strategies.mada import MADA
+    from tests.test_strategy import LAYOUT, SCORES, FakeGrid, N, mask, reply
+
+    seed, rnd, masks = 5, 3, [mask(i) for i in range(4)]
+    strategy = MADA(num_weights=N, layout=LAYOUT, rule=rule, seed=seed, downlink=DOWNLINKS["grid8"])
+    strategy.configure_train(
+        rnd, ArrayRecord({SCORES_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid([1, 2, 3, 4])
+    )
+    arrays, _ = strategy.aggregate_train(
+        rnd, [reply(i + 1, encode_mask(m, LAYOUT)) for i, m in enumerate(masks)]
+    )
+    counts, k = count_ones((np.packbits(m, bitorder="little") for m in masks), N)
+    proposed = Aggregator(rule).propose(SCORES, counts, k, rng=np.random.default_rng([seed, rnd]))
+    by_hand = snap_to_grid(proposed.scores, np.random.default_rng([seed, rnd, 8]))
+    shared = server_step(Aggregator(rule), SCORES, counts, k, DOWNLINKS["grid8"], seed, rnd).scores
+    np.testing.assert_array_equal(arrays[SCORES_KEY].numpy(), by_hand)
+    np.testing.assert_array_equal(shared, by_hand)

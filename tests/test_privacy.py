@@ -265,21 +265,6 @@ def test_statistics_accurate_for_large_n_and_small_noise():
     assert torch.allclose(var, std**2, atol=1e-2)
 
 
-def test_check_dp_compatible():
-    for dp in P.DP_MODES:
-        P.check_dp_compatible(dp, "feature-matching")
-    P.check_dp_compatible("off", "mmd")
-    P.check_dp_compatible("theta", "mmd")
-    with pytest.raises(ValueError) as err:
-        P.check_dp_compatible("statistics", "mmd")
-    assert "statistics" in str(err.value) and "mmd" in str(err.value)
-    with pytest.raises(ValueError):
-        P.check_dp_compatible("sample", "feature-matching")
-    with pytest.raises(ValueError):
-        P.check_dp_compatible("theta", "gan")
-    assert P.DP_MODES == ("off", "theta", "statistics")
-
-
 def test_statistics_from_batches_equal_the_whole_matrix():
     """Clipping is per sample, so feeding the partition in batches releases the same thing."""
     feats = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) * 3

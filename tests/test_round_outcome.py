@@ -3,9 +3,10 @@ counting dropped, and that a rule's state (server Adam, Beta counts) moves only 
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from prism_flwr.federated.codec import encode_mask
+from prism_flwr.federated.records import SCORES_KEY
 from prism_flwr.federated.robust import robust_counts
 from strategies.wire import message_wire_bytes
 from tests.test_strategy import LAYOUT, SCORES, FakeGrid, N, make_strategy, mask, reply
@@ -116,3 +117,26 @@ def test_robust_record_names_the_dropped_masks():
     assert set(dropped) == {16, 17}
     assert "same mask as node 16" in dropped[17] and "Hamming distance" in dropped[16]
     assert metrics["robust_dropped_duplicates"] == 1 and metrics["robust_dropped_outliers"] == 1
+
+
+def test_a_run_whose_every_round_skips_fails_with_the_last_reason():
+    from server_app import NothingLearned, check_learned
+
+    s = make_strategy(min_train_nodes=3)
+    s.aggregate_train(1, replies((1, 2)))
+    s.configure_train(2, ArrayRecord({SCORES_KEY: Array(SCORES)}), ConfigRecord(), FakeGrid([1, 2, 3, 4]))
+    s.aggregate_train(2, [reply(1, error="ClientApp raised LedgerError")])
+    with pytest.raises(NothingLearned) as err:
+        check_learned(s.round_records)
+    assert str(err.value) == (
+        "no round applied: all 2 rounds were skipped; the last (round 2): "
+        "0 valid replies, min-train-nodes is 3; nodes said: "
+        "LOAD_CLIENT_APP_EXCEPTION (1): ClientApp raised LedgerError"
+    )
+    check_learned({})  # no round ran (a resumed run that had finished): nothing to judge
+
+    one = make_strategy()
+    arrays, _ = one.aggregate_train(1, replies())
+    one.configure_train(2, arrays, ConfigRecord(), FakeGrid([1, 2, 3, 4]))
+    assert one.aggregate_train(2, []) == (None, None)
+    check_learned(one.round_records)  # one applied round is a run that learned

@@ -1,7 +1,8 @@
 """Write docs/configuration.md from the run-config model and the defaults in pyproject.toml.
 
-Each key is described once, in ``RunConfig`` (its ``Field`` description); this script only renders
-it, so the page cannot drift from the code. ``python -m tools.gen_config_docs`` rewrites the page,
+Each key is described once, in ``RunConfig`` (its ``Field`` description), and which combinations
+of keys are supported once, in ``prism_flwr/options.py``; this script only renders them, so the
+page cannot drift from the code. ``python -m tools.gen_config_docs`` rewrites the page,
 ``--check`` exits 1 when the committed page is stale (``tests/test_docs.py`` does the same).
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import annotated_types
 
-from prism_flwr import config
+from prism_flwr import config, options
 from prism_flwr.config import RunConfig
 
 try:
@@ -80,7 +81,7 @@ def toml_value(value: object) -> str:
     return repr(value)
 
 
-def _choices(annotation: object) -> list[object] | None:
+def choices(annotation: object) -> list[object] | None:
     """The values a Literal (or a union of Literals and bool) allows; None for other types."""
     while typing.get_origin(annotation) is typing.Annotated:
         annotation = typing.get_args(annotation)[0]
@@ -88,7 +89,7 @@ def _choices(annotation: object) -> list[object] | None:
     if origin is typing.Literal:
         return list(typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
-        parts = [_choices(arg) for arg in typing.get_args(annotation)]
+        parts = [choices(arg) for arg in typing.get_args(annotation)]
         if all(p is not None for p in parts):
             return [v for p in parts for v in p]
     if annotation is bool:
@@ -98,9 +99,9 @@ def _choices(annotation: object) -> list[object] | None:
 
 def allowed(field) -> str:
     """What a key accepts, read from its type and constraints."""
-    choices = _choices(field.annotation)
-    if choices is not None:
-        return ", ".join(f"`{toml_value(v)}`" for v in choices)
+    values = choices(field.annotation)
+    if values is not None:
+        return ", ".join(f"`{toml_value(v)}`" for v in values)
     kind = {int: "integer", float: "number", str: "string"}.get(field.annotation, str(field.annotation))
     bounds = [
         f"{sign} {getattr(m, attr)}"
@@ -152,7 +153,35 @@ def render(defaults: dict | None = None) -> str:
             default = f"`{toml_value(field.default)}` (not in pyproject.toml)"
         cells = [f"`{key}`", default, allowed(field), field.description]
         parts.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n")
-    return "".join(parts)
+    return "".join(parts) + combinations_section()
+
+
+def _condition(when: dict) -> str:
+    return " and ".join(f"`{k}` = {' or '.join(f'`{toml_value(v)}`' for v in vs)}" for k, vs in when.items())
+
+
+def combinations_section() -> str:
+    """The options table: the rules a run config must keep and the keys some combinations ignore."""
+    fields = {f.alias or n: f for n, f in RunConfig.model_fields.items()}
+    choices_of = {k: choices(fields[k].annotation) for k in options.MATRIX_KEYS}
+    count = len(options.supported(choices_of, RunConfig().model_dump(by_alias=True)))
+    keys = ", ".join(f"`{k}`" for k in options.MATRIX_KEYS)
+    rows = [
+        "\n## Supported combinations\n\n"
+        "From the table in `prism_flwr/options.py`. A run config that breaks a rule below is refused "
+        "before any training, with one line naming the keys and the reason. Every other combination "
+        f"of {keys} is supported: {count} of them once the keys a combination ignores are set aside, "
+        "and `tests/test_matrix.py` trains each through the ClientApp and the strategy.\n\n"
+        "| when | then | why |\n|---|---|---|\n"
+    ]
+    for rule in options.RULES:
+        then = _condition({rule.key: rule.allowed})
+        rows.append(f"| {_condition(rule.when)} | {then} | {rule.why} |\n")
+    rows.append("\nKeys accepted but not read:\n\n| when | ignored | why |\n|---|---|---|\n")
+    for unused in options.UNUSED:
+        ignored = ", ".join(f"`{k}`" for k in unused.keys)
+        rows.append(f"| {_condition(unused.when)} | {ignored} | {unused.why} |\n")
+    return "".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

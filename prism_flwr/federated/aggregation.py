@@ -198,32 +198,6 @@ class Aggregator:
         self.state = {k: np.asarray(v, dtype=np.float32).copy() for k, v in state.items()}
 
 
-def combine_masks(
-    aggregator: Aggregator,
-    scores: np.ndarray,
-    packed_masks: Iterable[np.ndarray],
-    count: int,
-    seed: int,
-    rnd: int,
-    coding=None,
-    *,
-    commit: bool = True,
-) -> AggregateResult:
-    """A round on the server: count the valid masks' ones and apply the rule. The server's
-    Bernoulli samples use ``default_rng([seed, rnd])``, so a round's result depends only on its
-    inputs (a resumed run is bit-identical). ``coding``: the round's ``codec.MaskModel`` when the
-    masks were decoded into its grouped layout (counted there, moved back to weight order once).
-    ``commit=False``: the rule's state is left for ``aggregator.commit`` once the round applies.
-    Called by the MADA strategy and the in-process runner."""
-    if coding is not None:
-        counts, k = count_ones(packed_masks, coding.grouped_bits)
-        counts = coding.ungroup_counts(counts)
-    else:
-        counts, k = count_ones(packed_masks, count)
-    rng = np.random.default_rng([seed, rnd])
-    return aggregator.step(scores, counts, k, rng) if commit else aggregator.propose(scores, counts, k, rng)
-
-
 def mada_blend(scores: np.ndarray, theta_agg: np.ndarray, lam: float, space: str = "score") -> np.ndarray:
     """Move the global scores toward the aggregate by ``lam`` (score space or probability space)."""
     if space == "score":

@@ -2,14 +2,15 @@
 
 Each round every client runs ``client_round.client_round`` (what ``@app.train`` runs), its upload
 goes through the real codec (``encode`` in the client round, ``decode_mask`` here, as the MADA
-strategy does), and the server applies ``aggregation.combine_masks`` with the run's rule (what
-``MADA.combine`` calls). Only the transport, Flower's sampling of nodes and the reply checks are
-missing, so an in-process run of a config gives the same rounds as ``flwr run`` of that config
-with every client taking part (``tests/test_inprocess.py`` checks one point against
-``flwr run``). With ``secure-aggregation = "secagg+"`` the masks go through the whole SecAgg+
-protocol (``secure_sum.secure_counts``) and only the counts reach the rule, as in the ServerApp.
-Clients train one after another on one device, which is what the aggregation study
-and the GPU benchmark use: no run pays Flower's start-up.
+strategy does), and the server takes the strategy's own step (``server_step.py``: counting,
+robust when asked, the run's rule and the downlink's settling; what ``MADA.combine`` calls). Only
+the transport, Flower's sampling of nodes and the reply checks are missing, so an in-process run
+of a config gives the same rounds as ``flwr run`` of that config with every client taking part
+(``tests/test_inprocess.py`` checks one point against ``flwr run``). With
+``secure-aggregation = "secagg+"`` the masks go through the whole SecAgg+ protocol
+(``secure_sum.secure_counts``) and only the counts reach the rule, as in the ServerApp. Clients
+train one after another on one device, which is what the aggregation study and the GPU benchmark
+use: no run pays Flower's start-up.
 
 PRISM only (``method = "prism"``); the dense baseline runs through Flower.
 """
@@ -28,11 +29,12 @@ import torch
 from prism_flwr.config import RunConfig
 from prism_flwr.data.client_cache import client_data
 from prism_flwr.evaluation.evaluator import Evaluator, save_grid
-from prism_flwr.federated.aggregation import Aggregator, combine_masks
+from prism_flwr.federated.aggregation import Aggregator
 from prism_flwr.federated.client_round import client_round, model_with, new_record
 from prism_flwr.federated.codec import decode_mask, mask_model
 from prism_flwr.federated.methods import PRISM, method_for
 from prism_flwr.federated.secure_sum import secure_counts
+from prism_flwr.federated.server_step import mask_counts, robust_settings, server_step
 from prism_flwr.model.build import generator_spec, pick_device
 from prism_flwr.model.generator import ResnetGenerator
 from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
@@ -99,6 +101,7 @@ def _run(cfg, num_clients, evaluator, on_record, deadline, samples_dir, insecure
                 save_grid(fake[:64], Path(samples_dir) / f"round-{rnd:04d}.png")
 
     secure = cfg.secure_aggregation != "off"
+    robust = robust_settings(cfg)
     history = [{"round": 0, "clients": 0, "uplink_bytes": 0}]
     evaluate(0, history[0])
     for rnd in range(1, cfg.num_server_rounds + 1):
@@ -131,12 +134,12 @@ def _run(cfg, num_clients, evaluator, on_record, deadline, samples_dir, insecure
         if secure:  # the same protocol as the ServerApp's, all parties here: only counts come out
             summed = secure_counts(dict(enumerate(packed)))
             sizes = [packed_size(n, num_clients.bit_length())] * num_clients  # b = ceil(log2(K + 1))
-            agg = aggregator.step(
-                scores, summed.counts, len(summed.contributors), rng=np.random.default_rng([cfg.seed, rnd])
-            )
+            counts, k = summed.counts, len(summed.contributors)
         else:
-            agg = combine_masks(aggregator, scores, packed, n, cfg.seed, rnd, coding)
-        scores = downlink.settle(agg.scores, np.random.default_rng([cfg.seed, rnd, 8]))
+            counts, k, _ = mask_counts(packed, n, coding, robust)
+        agg = server_step(aggregator, scores, counts, k, downlink, cfg.seed, rnd)
+        aggregator.commit(agg)  # every round here applies
+        scores = agg.scores
         t2 = time.perf_counter()
         record = {
             "round": rnd,

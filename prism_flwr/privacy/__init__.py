@@ -15,14 +15,8 @@ from prism_flwr.privacy.statistics import (
 )
 from prism_flwr.privacy.theta import privatize_theta, theta_sensitivity
 
-DP_MODES = tuple(MODES)
-OBJECTIVES = ("feature-matching", "mmd")
-
 __all__ = [
-    "DP_MODES",
     "MODES",
-    "OBJECTIVES",
-    "check_dp_compatible",
     "clipped_feature_sums",
     "compute_epsilon",
     "epsilon_of_releases",
@@ -37,19 +31,3 @@ __all__ = [
     "statistics_sensitivity",
     "theta_sensitivity",
 ]
-
-
-def check_dp_compatible(dp: str, objective: str) -> None:
-    """``ValueError`` for unknown names and for ``dp="statistics"`` without the feature-matching
-    objective (the kernel MMD reads raw batches at every step: a one-off release cannot cover it)."""
-    if dp not in DP_MODES:
-        raise ValueError(f"dp must be one of {DP_MODES}, got {dp!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if dp == "statistics" and objective != "feature-matching":
-        raise ValueError(
-            f"dp='statistics' is incompatible with objective={objective!r}: the kernel MMD "
-            "objective uses raw data batches at every local step, so a one-off release of the "
-            "feature mean and variance cannot protect them. Use objective='feature-matching' "
-            "with dp='statistics', or dp='theta' with 'mmd'."
-        )
