@@ -323,12 +323,9 @@ class RecordingFedAvg(PhasedRound, FedAvg):
         if self._setup_skip is not None:
             return self._skip(record, self._setup_skip)
         if len(payloads) < self.min_train_nodes:
-            # what the nodes said, once each (a node's spent privacy budget, a refusal, ...)
-            said = dict.fromkeys(why.split(": ", 1)[-1] for why in screened.dropped)
-            heard = f"; nodes said: {' | '.join(said)}" if said else ""
-            return self._skip(
-                record, f"{len(payloads)} valid replies, min-train-nodes is {self.min_train_nodes}{heard}"
-            )
+            said = " | ".join(dict.fromkeys(d.split(": ", 1)[-1] for d in screened.dropped))  # once each
+            why = f"{len(payloads)} valid replies, min-train-nodes is {self.min_train_nodes}"
+            return self._skip(record, f"{why}; nodes said: {said}" if said else why)
 
         weights = np.array([m["num-examples"] for m in metrics], dtype=np.float64)
         self.round_nodes = nodes  # the senders of ``payloads``, in order
