@@ -57,9 +57,10 @@ class ExampleSet:
         return cls(ids, hashlib.sha256(ids.astype("<u8").tobytes()).hexdigest())
 
 
-def example_ids(images: torch.Tensor) -> ExampleSet:
-    """The content hashes of ``images`` (float in [-1, 1] as the client trains on them, or uint8):
-    each image back to its uint8 bytes, hashed (blake2b, 8 bytes)."""
+def example_ids(images) -> ExampleSet:
+    """The content hashes of ``images`` (float in [-1, 1] as the client trains on them, uint8, or
+    anything holding uint8 ``pixels``): each image's uint8 bytes, hashed (blake2b, 8 bytes)."""
+    images = getattr(images, "pixels", images)
     if images.dtype != torch.uint8:
         images = ((images.detach().cpu().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     rows = images.reshape(len(images), -1).cpu().numpy()
