@@ -11,7 +11,6 @@ module of the package that imports Flower internals (pinned: 1.42.x); see docs/d
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -24,27 +23,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SUPPORTED_FLOWER = "1.42."  # Flower's internal Runtime API changes between minor versions
-
-
-class UnsupportedFlowerVersion(RuntimeError):
-    """The installed Flower is not the version this executor was written and tested against."""
-
-
-def installed_flower_version() -> str:
-    return importlib.metadata.version("flwr")
+from prism_flwr.deployment.flower_pin import (
+    UnsupportedFlowerVersion,
+    installed_flower_version,
+    require_flower,
+)
 
 
 def check_flower_version(version: str | None = None) -> str:
     """Return ``version`` (default: the installed Flower's) or refuse it with a clear reason."""
     version = installed_flower_version() if version is None else version
-    if not version.startswith(SUPPORTED_FLOWER):
-        raise UnsupportedFlowerVersion(
-            f"the warm ClientApp executor relies on Flower internals and was tested with Flower "
-            f"{SUPPORTED_FLOWER}x only; the installed Flower is {version}. Run the SuperNode without "
-            f"`--isolation process` (Flower's own executor) or install flwr=={SUPPORTED_FLOWER}*"
-        )
-    return version
+    instead = "Run the SuperNode without `--isolation process` (Flower's own executor)"
+    return require_flower("the warm ClientApp executor", instead, version)
 
 
 check_flower_version()  # before the internals below: a clear refusal instead of an ImportError
