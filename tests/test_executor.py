@@ -27,14 +27,24 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tools import procs
-from tools.flowerkit import REPO, exe, flower_env, newest_run, online_nodes, start_superlink, write_connection
+from tools.flowerkit import (
+    REPO,
+    exe,
+    executor_command,
+    flower_env,
+    newest_run,
+    online_nodes,
+    start_executor,
+    start_superlink,
+    start_supernode,
+    write_connection,
+)
 
 APP = Path(__file__).resolve().parent / "apps" / "warm_app"
 RUN_TIMEOUT = 120  # seconds for `flwr run` of 3 rounds (about 15 s on 2 busy cores)
@@ -59,19 +69,6 @@ def _run_warm(
         link = start_superlink(ps, link_port, env, logs / "superlink.log")
         started = [link]
         for i, port in enumerate(node_ports):
-            supernode = (
-                [exe("flower-supernode")]
-                if idle_poll is None
-                else [
-                    sys.executable,
-                    "-m",
-                    "prism_flwr.cli",
-                    "supernode",
-                    "--idle-poll",
-                    str(idle_poll),
-                    "--",
-                ]
-            )
             node_tls, executor_tls = [], ["--insecure"]  # the SuperNode's --insecure is for the SuperLink
             if secured is not None:
                 certs, secret = secured
@@ -91,38 +88,24 @@ def _run_warm(
                     "--superexec-auth-secret-file",
                     secret,
                 ]
-            link_args = ["--insecure", "--superlink", f"127.0.0.1:{link_port}"]
             started.append(
-                ps.start(
-                    [
-                        *supernode,
-                        *link_args,
-                        *node_tls,
-                        "--isolation",
-                        "process",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                    ],
-                    env=env,
-                    log_path=logs / f"supernode-{i}.log",
+                start_supernode(
+                    ps,
+                    f"127.0.0.1:{link_port}",
+                    port,
+                    env,
+                    logs / f"supernode-{i}.log",
+                    isolation="process",
+                    idle_poll=idle_poll,
+                    extra=node_tls,
                 )
             )
             procs.wait_for_port("127.0.0.1", port, timeout=60, procs=started)
-            executor = [
-                sys.executable,
-                "-m",
-                "prism_flwr.cli",
-                "clientapp-executor",
-                "--runtime-api-address",
-                f"127.0.0.1:{port}",
-            ]
             if secured is not None:  # a wrong secret is refused at once, with the reason
                 wrong = tmp_path / "wrong.secret"
                 wrong.write_bytes(b"not the secret")
                 refused = subprocess.run(
-                    [*executor, *executor_tls[:-1], wrong],
+                    executor_command(port, [*executor_tls[:-1], wrong]),
                     env=env,
                     capture_output=True,
                     text=True,
@@ -130,7 +113,7 @@ def _run_warm(
                 )
                 assert refused.returncode == 2, refused.stderr[-2000:]
                 assert "refused AcquireTask" in refused.stderr, refused.stderr[-2000:]
-            started.append(ps.start([*executor, *executor_tls], env=env, log_path=logs / f"executor-{i}.log"))
+            started.append(start_executor(ps, port, env, logs / f"executor-{i}.log", executor_tls))
         procs.wait_for(
             lambda: len(online_nodes(env, "loopback")) == nodes,
             timeout=60,
