@@ -37,6 +37,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # as docker/compose.yaml: tasks start within 0.1 s
             # SuperLink and SuperNode start `flower-superexec` by name: the venv's must come first.
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            # This checkout's code, also for processes started as scripts (the warm executor's
+            # workers) where the venv's editable install belongs to another checkout.
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
             "PYTHONUNBUFFERED": "1",
             "NO_COLOR": "1",
         }
