@@ -33,3 +33,16 @@ def task_identity():
     saved = security_probe.set_task_identity()
     yield
     security_probe.restore_task_identity(saved)
+
+
+@pytest.fixture(scope="session")
+def seeded_simulation(data_dir: Path, tmp_path_factory):
+    """One simulation SuperLink for the session's runs compared with the in-process runner: the
+    nodes' masks from test seed 5 (``inprocess.run(..., insecure_test_mask_seed=5)`` draws the same),
+    their state in one session folder. Every process it started is gone after the session."""
+    from tests.support.simulation import Simulation
+    from tools import procs
+
+    with procs.Processes() as ps:
+        yield Simulation(tmp_path_factory.mktemp("seeded-sim"), ps, data_dir=data_dir, test_mask_seed=5)
+    procs.assert_gone(ps.pids)

@@ -177,7 +177,7 @@ def test_forged_and_replayed_masked_replies_are_refused_not_fatal() -> None:
 
 # ------------------------------------------------------------------------------ flwr run
 def _flower_config(out: Path, data_dir: Path, **extra) -> tuple[dict, str]:
-    from tests.test_simulation import TINY
+    from tests.support.simulation import TINY
 
     keys = dict(item.split("=") for item in TINY.split())
     keys.update(
@@ -193,17 +193,16 @@ def _flower_config(out: Path, data_dir: Path, **extra) -> tuple[dict, str]:
     return keys, " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
 
 
-def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
+def test_flwr_run_with_secagg_matches_the_inprocess_runner(
+    seeded_simulation, data_dir: Path, tmp_path: Path
+) -> None:
     from prism_flwr.federated import inprocess
     from tests.test_inprocess import _history
-    from tests.test_simulation import Simulation
 
     out = tmp_path / "out"
     keys, config = _flower_config(out, data_dir)
-    with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps, data_dir=data_dir, test_mask_seed=5)
-        assert sim.run(config, nodes=3)["status"] == "finished:completed", sim.logs_tail()
-    procs.assert_gone(ps.pids)
+    sim = seeded_simulation  # the session's SuperLink with the nodes' masks from test seed 5
+    assert sim.run(config, nodes=3)["status"] == "finished:completed", sim.logs_tail()
     flower = [r for r in _history(out) if r["round"] >= 1]
     cfg = RunConfig.parse(
         {
@@ -225,7 +224,7 @@ def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Pat
     """Four clients (t = 2), one raising in the share step: the round sums the other three (the
     strategy tests above check the sum is exact) and the run completes."""
     from tests.support.fault_client_app import fault_app_dir
-    from tests.test_simulation import Simulation
+    from tests.support.simulation import Simulation
 
     out = tmp_path / "out"
     _, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})
