@@ -74,8 +74,10 @@ def test_fd_is_near_zero_real_vs_real_and_large_real_vs_noise(classifier, data_d
 
 
 def test_metric_ranks_a_trained_generator_above_its_untrained_masked_network(classifier, data_dir):
-    evaluator = Evaluator("fmnist", data_dir, n=1000, seed=0)
-    model = ResnetGenerator(GeneratorSpec(ngf=16, nc=1, seed=3))
+    """60 steps of a width-8 generator, 500 samples: the classifier's Frechet distance, recall and
+    coverage all say the trained generator is better than its untrained masked network."""
+    evaluator = Evaluator("fmnist", data_dir, n=500, seed=0)
+    model = ResnetGenerator(GeneratorSpec(ngf=8, nc=1, seed=3))
     before, _ = evaluator.evaluate(model)
 
     torch.manual_seed(0)
@@ -84,7 +86,7 @@ def test_metric_ranks_a_trained_generator_above_its_untrained_masked_network(cla
         model,
         build_features("pixels"),
         train,
-        TrainSettings(steps=150, objective="mmd"),
+        TrainSettings(steps=60, objective="mmd"),
         ClientState(),
         torch.Generator().manual_seed(0),
     )
@@ -92,9 +94,9 @@ def test_metric_ranks_a_trained_generator_above_its_untrained_masked_network(cla
 
     name = "FD-FMNIST-CNN"
     assert set(after) == {name, "precision", "recall", "density", "coverage", "mmd_pixels"}  # never "FID"
-    assert after[name] < 0.75 * before[name], (before, after)  # measured 269 -> 160
+    assert after[name] < 0.8 * before[name], (before, after)  # measured 276 -> 178 (0.645)
     assert after["coverage"] > before["coverage"] and after["recall"] > before["recall"], (before, after)
-    assert fake.shape == (1000, 1, 32, 32)
+    assert fake.shape == (500, 1, 32, 32)
 
 
 def test_sample_and_evaluate_commands_work_on_the_exported_model_alone(classifier, data_dir, tmp_path):
