@@ -29,13 +29,20 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from tools import procs
-from tools.flowerkit import exe, flower_env, online_nodes, start_superlink, write_connection
+from tools.flowerkit import (
+    exe,
+    flower_env,
+    online_nodes,
+    start_executor,
+    start_superlink,
+    start_supernode,
+    write_connection,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("deployment", "warm", "warm-poll", "simulation")
@@ -79,51 +86,24 @@ def through_flower(
             ]
         else:
             warm = engine in ("warm", "warm-poll")
-            isolation = ["--isolation", "process"] if warm else []
-            prism = [sys.executable, "-m", "prism_flwr.cli"]
-            supernode = (
-                [*prism, "supernode", "--idle-poll", str(idle_poll), "--"]
-                if engine == "warm-poll"
-                else [exe("flower-supernode")]
-            )
             started = [
-                ps.start(
-                    [
-                        *supernode,
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{link_port}",
-                        *isolation,
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        "--node-config",
-                        f"partition-id={i} num-partitions={nodes}",
-                    ],
-                    env=env,
-                    log_path=logs / f"supernode-{i}.log",
+                start_supernode(
+                    ps,
+                    f"127.0.0.1:{link_port}",
+                    port,
+                    env,
+                    logs / f"supernode-{i}.log",
                     cwd=ROOT,
+                    node_config=f"partition-id={i} num-partitions={nodes}",
+                    isolation="process" if warm else None,
+                    idle_poll=idle_poll if engine == "warm-poll" else None,
                 )
                 for i, port in enumerate(node_ports)
             ]
             if warm:  # one warm ClientApp process per SuperNode, serving every round
                 for i, port in enumerate(node_ports):
                     procs.wait_for_port("127.0.0.1", port, timeout=60, procs=started)
-                    started.append(
-                        ps.start(
-                            [
-                                *prism,
-                                "clientapp-executor",
-                                "--insecure",
-                                "--runtime-api-address",
-                                f"127.0.0.1:{port}",
-                            ],
-                            env=env,
-                            log_path=logs / f"executor-{i}.log",
-                            cwd=ROOT,
-                        )
-                    )
+                    started.append(start_executor(ps, port, env, logs / f"executor-{i}.log", cwd=ROOT))
             procs.wait_for(
                 lambda: len(online_nodes(env, "loopback")) == nodes,
                 timeout=90,

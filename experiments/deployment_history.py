@@ -30,7 +30,15 @@ import time
 from pathlib import Path
 
 from tools import procs
-from tools.flowerkit import REPO, exe, flower_env, online_nodes, start_superlink, write_connection
+from tools.flowerkit import (
+    REPO,
+    exe,
+    flower_env,
+    online_nodes,
+    start_superlink,
+    start_supernode,
+    write_connection,
+)
 
 IGNORED = {"time"}  # wall-clock
 PER_NODE = {"dp_epsilon_per_client", "label_histograms"}  # keyed by random node ids: values compared
@@ -55,21 +63,13 @@ def run(run_config: str, nodes: int, work: Path, timeout: float) -> dict:
     with procs.Processes() as ps:
         link = start_superlink(ps, link_port, env, logs / "superlink.log")
         started = [
-            ps.start(
-                [
-                    exe("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link_port}",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--node-config",
-                    f"partition-id={i} num-partitions={nodes}",
-                ],
-                env=env,
-                log_path=logs / f"supernode-{i}.log",
+            start_supernode(
+                ps,
+                f"127.0.0.1:{link_port}",
+                port,
+                env,
+                logs / f"supernode-{i}.log",
+                node_config=f"partition-id={i} num-partitions={nodes}",
             )
             for i, port in enumerate(node_ports)
         ]

@@ -6,13 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FMNIST=/usr/share/datasets/fashion-mnist
-# nginx-light: the Fleet-API-only reverse proxy of the deployment (tested on loopback; without it
-# those checks are skipped).
-if { [ ! -d "$FMNIST" ] || ! command -v nginx >/dev/null 2>&1; } && command -v apt-get >/dev/null 2>&1 \
-        && [ "$(id -u)" = 0 ]; then
-    echo "[setup] installing Debian's dataset-fashion-mnist and nginx-light"
-    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist nginx-light >/dev/null) \
-        || echo "[setup] apt-get could not install them; Fashion-MNIST will come from torchvision's download"
+# Debian packages the tests use, installed where apt-get works as root: the dataset; nginx-light,
+# the Fleet-API-only reverse proxy of the deployment (tested on loopback); shellcheck, which checks
+# scripts/check-images.sh. Without root the tests that need them are skipped (pytest -rs says which).
+missing=()
+[ -d "$FMNIST" ] || missing+=(dataset-fashion-mnist)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+if [ "${#missing[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing Debian's ${missing[*]}"
+    (apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null) \
+        || echo "[setup] apt-get could not install ${missing[*]}: the tests that need them are skipped"
 fi
 if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv"

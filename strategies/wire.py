@@ -16,14 +16,23 @@ receives or sends for it. Not counted: gRPC/HTTP framing and the per-RPC ids (ob
 run, session; about 100 bytes per object). ``content_bytes`` is what Flower's own
 ``message_size_mod`` logs (``sum(record.count_bytes())``: array data + key names only), kept for
 comparison. One global vector sent to 10 nodes is 10 downlinks: each node pulls every object.
+
+Flower internals used (checked against the pin in prism_flwr/deployment/flower_pin.py before they
+are imported): ``flwr.app.message.message.remove_content_from_message``,
+``flwr.common.serde.message_to_proto``, and from ``flwr.supercore.inflatable.inflatable_object``
+``InflatableObject``, ``get_all_nested_objects``, ``get_object_tree``.
 """
 
 from __future__ import annotations
 
-from flwr.app import Message
-from flwr.app.message.message import remove_content_from_message
-from flwr.common.serde import message_to_proto
-from flwr.supercore.inflatable.inflatable_object import (
+from prism_flwr.deployment.flower_pin import require_flower
+
+require_flower("the wire-byte counter (strategies/wire.py)")
+
+from flwr.app import Message  # noqa: E402
+from flwr.app.message.message import remove_content_from_message  # noqa: E402
+from flwr.common.serde import message_to_proto  # noqa: E402
+from flwr.supercore.inflatable.inflatable_object import (  # noqa: E402
     InflatableObject,
     get_all_nested_objects,
     get_object_tree,

@@ -43,6 +43,7 @@ from tools.flowerkit import (
     nginx,
     online_nodes,
     start_superlink,
+    start_supernode,
     write_connection,
 )
 
@@ -77,21 +78,13 @@ def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
             procs.wait_for_port("127.0.0.1", proxy_port, timeout=30, procs=[proxy])
             fleet = proxy_port
         nodes = [
-            ps.start(
-                [
-                    exe("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{fleet}",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--node-config",
-                    f"partition-id={i} num-partitions=2 {node_dirs}",
-                ],
-                env=env,
-                log_path=logs / f"supernode-{i}.log",
+            start_supernode(
+                ps,
+                f"127.0.0.1:{fleet}",
+                port,
+                env,
+                logs / f"supernode-{i}.log",
+                node_config=f"partition-id={i} num-partitions=2 {node_dirs}",
             )
             for i, port in enumerate(node_ports)
         ]
@@ -215,22 +208,22 @@ def test_tls_and_supernode_auth(tmp_path: Path) -> None:
     )
     fleet = proxy_port if nginx() else link_port  # TLS proxy: terminates TLS, re-encrypts to the SuperLink
 
-    def supernode(key: str, port: int, pid: int) -> list[str]:
-        return [
-            exe("flower-supernode"),
-            "--superlink",
+    def supernode(key: str, port: int, pid: int):
+        return start_supernode(
+            ps,
             f"127.0.0.1:{fleet}",
-            "--root-certificates",
-            str(certs / "ca.crt"),
-            "--auth-supernode-private-key",
-            str(tmp_path / key),
-            "--port",
-            str(port),
-            "--max-retries",
-            "3",
-            "--node-config",
-            f"partition-id={pid} num-partitions=2",
-        ]
+            port,
+            env,
+            logs / f"{key}.log",
+            node_config=f"partition-id={pid} num-partitions=2",
+            link_security=[
+                "--root-certificates",
+                certs / "ca.crt",
+                "--auth-supernode-private-key",
+                tmp_path / key,
+            ],
+            extra=["--max-retries", "3"],
+        )
 
     with procs.Processes() as ps:
         link = ps.start(
@@ -259,8 +252,8 @@ def test_tls_and_supernode_auth(tmp_path: Path) -> None:
             procs.wait_for_port("127.0.0.1", proxy_port, timeout=30, procs=[proxy])
         reply = flwr_json(["supernode", "register", str(tmp_path / "registered.pub"), "tls"], env)
         assert reply.get("success"), reply
-        good = ps.start(supernode("registered", port_a, 0), env=env, log_path=logs / "registered.log")
-        bad = ps.start(supernode("stranger", port_b, 1), env=env, log_path=logs / "stranger.log")
+        good = supernode("registered", port_a, 0)
+        bad = supernode("stranger", port_b, 1)
         online = procs.wait_for(
             lambda: online_nodes(env, "tls"),
             timeout=60,

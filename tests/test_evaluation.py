@@ -13,7 +13,12 @@ from PIL import Image
 from prism_flwr import cli
 from prism_flwr.data.datasets import load_dataset
 from prism_flwr.evaluation.evaluator import Evaluator, extract_features, reference_features
-from prism_flwr.evaluation.feature_net import InceptionFeatures, build_feature_net, classifier_path
+from prism_flwr.evaluation.feature_net import (
+    InceptionFeatures,
+    build_feature_net,
+    classifier_path,
+    load_or_train_classifier,
+)
 from prism_flwr.evaluation.metrics import frechet_distance, prdc_metrics
 from prism_flwr.evaluation.plots import plot_history
 from prism_flwr.federated.export import save_sparse_model
@@ -22,12 +27,18 @@ from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.model.masked import sample_mask
 from prism_flwr.model.training import ClientState, TrainSettings, train_local
 
-ACCURACY_FLOOR = 0.88  # measured 0.9067 (seed 0, 2 epochs); a weak classifier makes the metric meaningless
+# The tests' classifier: 10 000 training images, 2 epochs, a sixth of the whole split's training steps
+# (9 CPU-seconds on one thread). Its test accuracy was measured 0.863 (seed 0; the whole split: 0.907);
+# a weak classifier would make the metric meaningless, so the floor stays a few points under that.
+TEST_TRAINING = {"train_images": 10_000, "epochs": 2}
+ACCURACY_FLOOR = 0.84
 
 
 @pytest.fixture(scope="session")
 def classifier(data_dir):
-    """The FMNIST feature classifier, trained once per session and cached under ``data_dir``."""
+    """The FMNIST feature classifier at the tests' size, trained once per session and cached under
+    ``data_dir``: the Evaluator and the ``evaluate`` command then find it there."""
+    load_or_train_classifier("fmnist", data_dir, **TEST_TRAINING)
     return build_feature_net("fmnist", data_dir)
 
 
@@ -36,7 +47,12 @@ def test_classifier_reaches_the_accuracy_floor_and_is_cached(classifier, data_di
     assert net.metric_name == "FD-FMNIST-CNN"
     assert info["test_accuracy"] >= ACCURACY_FLOOR, info
     path = classifier_path(data_dir, "fmnist", 0)
-    assert json.loads(path.with_suffix(".json").read_text())["test_accuracy"] == info["test_accuracy"]
+    cached = json.loads(path.with_suffix(".json").read_text())
+    assert cached["test_accuracy"] == info["test_accuracy"]
+    assert (cached["train_images"], cached["epochs"]) == (
+        TEST_TRAINING["train_images"],
+        TEST_TRAINING["epochs"],
+    )
     again, _ = build_feature_net("fmnist", data_dir)  # from the cache: same weights, same cache ident
     assert again.ident == net.ident
     x = load_dataset("fmnist", data_dir, train=False).to_float(torch.arange(8))
@@ -58,8 +74,10 @@ def test_fd_is_near_zero_real_vs_real_and_large_real_vs_noise(classifier, data_d
 
 
 def test_metric_ranks_a_trained_generator_above_its_untrained_masked_network(classifier, data_dir):
-    evaluator = Evaluator("fmnist", data_dir, n=1000, seed=0)
-    model = ResnetGenerator(GeneratorSpec(ngf=16, nc=1, seed=3))
+    """60 steps of a width-8 generator, 500 samples: the classifier's Frechet distance, recall and
+    coverage all say the trained generator is better than its untrained masked network."""
+    evaluator = Evaluator("fmnist", data_dir, n=500, seed=0)
+    model = ResnetGenerator(GeneratorSpec(ngf=8, nc=1, seed=3))
     before, _ = evaluator.evaluate(model)
 
     torch.manual_seed(0)
@@ -68,7 +86,7 @@ def test_metric_ranks_a_trained_generator_above_its_untrained_masked_network(cla
         model,
         build_features("pixels"),
         train,
-        TrainSettings(steps=150, objective="mmd"),
+        TrainSettings(steps=60, objective="mmd"),
         ClientState(),
         torch.Generator().manual_seed(0),
     )
@@ -76,9 +94,9 @@ def test_metric_ranks_a_trained_generator_above_its_untrained_masked_network(cla
 
     name = "FD-FMNIST-CNN"
     assert set(after) == {name, "precision", "recall", "density", "coverage", "mmd_pixels"}  # never "FID"
-    assert after[name] < 0.75 * before[name], (before, after)  # measured 269 -> 160
+    assert after[name] < 0.8 * before[name], (before, after)  # measured 276 -> 178 (0.645)
     assert after["coverage"] > before["coverage"] and after["recall"] > before["recall"], (before, after)
-    assert fake.shape == (1000, 1, 32, 32)
+    assert fake.shape == (500, 1, 32, 32)
 
 
 def test_sample_and_evaluate_commands_work_on_the_exported_model_alone(classifier, data_dir, tmp_path):

@@ -1,6 +1,6 @@
 """The warm ClientApp executor (prism_flwr/deployment/: executor.py, worker.py, supernode.py) on loopback.
 
-A SuperLink and SuperNodes started with ``--isolation process``, one ``prism-flwr
+One SuperLink for the module; per test, SuperNodes started with ``--isolation process``, one ``prism-flwr
 clientapp-executor`` per SuperNode, and the tiny app in tests/apps/warm_app (no torch, no data):
 each reply carries the PID of the process that ran the handler and how many messages that
 process has handled, so the tests see whether one process served every message.
@@ -27,51 +27,60 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tools import procs
-from tools.flowerkit import REPO, exe, flower_env, newest_run, online_nodes, start_superlink, write_connection
+from tools.flowerkit import (
+    REPO,
+    exe,
+    executor_command,
+    flower_env,
+    newest_run,
+    online_nodes,
+    start_executor,
+    start_superlink,
+    start_supernode,
+    write_connection,
+)
 
 APP = Path(__file__).resolve().parent / "apps" / "warm_app"
 RUN_TIMEOUT = 120  # seconds for `flwr run` of 3 rounds (about 15 s on 2 busy cores)
 
 
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory: pytest.TempPathFactory):
+    """One insecure SuperLink for this module's runs: (its port, the Flower environment whose
+    FLWR_HOME names it "loopback"). Each test starts and stops its own SuperNodes and executors."""
+    home = tmp_path_factory.mktemp("superlink")
+    env, port = flower_env(home / "flwr-home"), procs.free_port()
+    write_connection(home / "flwr-home", "loopback", f"127.0.0.1:{port}", insecure=True)
+    with procs.Processes() as ps:
+        start_superlink(ps, port, env, home / "superlink.log")
+        yield port, env
+    procs.assert_gone(ps.pids)
+
+
 def _run_warm(
+    superlink: tuple[int, dict],
     tmp_path: Path,
     nodes: int,
     run_config: str,
     idle_poll: float | None = None,
     secured: tuple[Path, Path] | None = None,
 ) -> tuple[list[dict], procs.Processes]:
-    """SuperLink + ``nodes`` SuperNodes (process isolation) + one warm executor each; run the app.
+    """``nodes`` SuperNodes (process isolation) of ``superlink`` + one warm executor each; run the app.
     With ``idle_poll`` the SuperNodes run through ``prism-flwr supernode --idle-poll``; with
     ``secured`` (certificate folder, SuperExec secret file) their Runtime API is TLS with the secret."""
-    flwr_home, logs, out = tmp_path / "flwr-home", tmp_path / "logs", tmp_path / "rounds.json"
+    (link_port, env), logs, out = superlink, tmp_path / "logs", tmp_path / "rounds.json"
+    flwr_home = Path(env["FLWR_HOME"])
     logs.mkdir()
-    env = flower_env(flwr_home)
-    link_port, node_ports = procs.free_port(), procs.free_ports(nodes)
-    write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
+    node_ports = procs.free_ports(nodes)
     with procs.Processes() as ps:
-        link = start_superlink(ps, link_port, env, logs / "superlink.log")
-        started = [link]
+        started = []
         for i, port in enumerate(node_ports):
-            supernode = (
-                [exe("flower-supernode")]
-                if idle_poll is None
-                else [
-                    sys.executable,
-                    "-m",
-                    "prism_flwr.cli",
-                    "supernode",
-                    "--idle-poll",
-                    str(idle_poll),
-                    "--",
-                ]
-            )
             node_tls, executor_tls = [], ["--insecure"]  # the SuperNode's --insecure is for the SuperLink
             if secured is not None:
                 certs, secret = secured
@@ -91,38 +100,24 @@ def _run_warm(
                     "--superexec-auth-secret-file",
                     secret,
                 ]
-            link_args = ["--insecure", "--superlink", f"127.0.0.1:{link_port}"]
             started.append(
-                ps.start(
-                    [
-                        *supernode,
-                        *link_args,
-                        *node_tls,
-                        "--isolation",
-                        "process",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                    ],
-                    env=env,
-                    log_path=logs / f"supernode-{i}.log",
+                start_supernode(
+                    ps,
+                    f"127.0.0.1:{link_port}",
+                    port,
+                    env,
+                    logs / f"supernode-{i}.log",
+                    isolation="process",
+                    idle_poll=idle_poll,
+                    extra=node_tls,
                 )
             )
             procs.wait_for_port("127.0.0.1", port, timeout=60, procs=started)
-            executor = [
-                sys.executable,
-                "-m",
-                "prism_flwr.cli",
-                "clientapp-executor",
-                "--runtime-api-address",
-                f"127.0.0.1:{port}",
-            ]
             if secured is not None:  # a wrong secret is refused at once, with the reason
                 wrong = tmp_path / "wrong.secret"
                 wrong.write_bytes(b"not the secret")
                 refused = subprocess.run(
-                    [*executor, *executor_tls[:-1], wrong],
+                    executor_command(port, [*executor_tls[:-1], wrong]),
                     env=env,
                     capture_output=True,
                     text=True,
@@ -130,7 +125,7 @@ def _run_warm(
                 )
                 assert refused.returncode == 2, refused.stderr[-2000:]
                 assert "refused AcquireTask" in refused.stderr, refused.stderr[-2000:]
-            started.append(ps.start([*executor, *executor_tls], env=env, log_path=logs / f"executor-{i}.log"))
+            started.append(start_executor(ps, port, env, logs / f"executor-{i}.log", executor_tls))
         procs.wait_for(
             lambda: len(online_nodes(env, "loopback")) == nodes,
             timeout=60,
@@ -174,8 +169,8 @@ def _by_process(rounds: list[dict]) -> dict[int, list[dict]]:
     return served
 
 
-def test_one_process_serves_every_round(tmp_path: Path) -> None:
-    rounds, ps = _run_warm(tmp_path, nodes=2, run_config="num-rounds=3", idle_poll=0.2)
+def test_one_process_serves_every_round(superlink, tmp_path: Path) -> None:
+    rounds, ps = _run_warm(superlink, tmp_path, nodes=2, run_config="num-rounds=3", idle_poll=0.2)
     assert [len(r["replies"]) for r in rounds] == [2, 2, 2]
     served = _by_process(rounds)
     assert len(served) == 2, served  # one process per SuperNode, the same in every round
@@ -186,8 +181,8 @@ def test_one_process_serves_every_round(tmp_path: Path) -> None:
         assert pid in ps.pids and pid not in {p.pid for p in ps.started}  # a worker below an executor
 
 
-def test_raising_handler_gives_error_reply_and_goes_on(tmp_path: Path) -> None:
-    rounds, _ = _run_warm(tmp_path, nodes=1, run_config="num-rounds=3 raise-round=2")
+def test_raising_handler_gives_error_reply_and_goes_on(superlink, tmp_path: Path) -> None:
+    rounds, _ = _run_warm(superlink, tmp_path, nodes=1, run_config="num-rounds=3 raise-round=2")
     first, failed, last = (r["replies"] for r in rounds)
     assert len(failed) == 1 and "error" in failed[0], failed
     assert failed[0]["code"] == 2 and "injected failure in round 2" in failed[0]["error"]  # CLIENT_APP_RAISED
@@ -197,7 +192,7 @@ def test_raising_handler_gives_error_reply_and_goes_on(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
-def test_tls_runtime_api_and_superexec_secret(tmp_path: Path) -> None:
+def test_tls_runtime_api_and_superexec_secret(superlink, tmp_path: Path) -> None:
     certs, secret = tmp_path / "certs", tmp_path / "superexec.secret"
     subprocess.run(
         ["bash", str(REPO / "docker" / "certs" / "generate.sh"), "-o", str(certs)],
@@ -206,12 +201,12 @@ def test_tls_runtime_api_and_superexec_secret(tmp_path: Path) -> None:
         timeout=120,
     )
     secret.write_bytes(os.urandom(32))
-    rounds, _ = _run_warm(tmp_path, nodes=1, run_config="num-rounds=2", secured=(certs, secret))
+    rounds, _ = _run_warm(superlink, tmp_path, nodes=1, run_config="num-rounds=2", secured=(certs, secret))
     assert [r["replies"][0]["handled"] for r in rounds] == [1, 2]
 
 
-def test_dead_worker_is_replaced(tmp_path: Path) -> None:
-    rounds, _ = _run_warm(tmp_path, nodes=1, run_config="num-rounds=3 crash-round=1 pause=2.0")
+def test_dead_worker_is_replaced(superlink, tmp_path: Path) -> None:
+    rounds, _ = _run_warm(superlink, tmp_path, nodes=1, run_config="num-rounds=3 crash-round=1 pause=2.0")
     first, second, third = (r["replies"][0] for r in rounds)
     assert "pid" in second and "pid" in third, rounds  # it died between messages: no task was lost
     assert second["pid"] != first["pid"] and third["pid"] == second["pid"]

@@ -1,15 +1,15 @@
 """Fault injection lives in the tests only: the production apps never read its variable, and the
 test-only ClientApp's mod raises or corrupts exactly the partitions it is told to."""
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from prism_flwr.federated.records import MASK_KEY, METRICS_KEY
 from tests.support.fault_client_app import FAULT_ENV, fault_app_dir, fault_mod
+from tests.support.messages import reply_message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 REPO = Path(__file__).resolve().parents[1]
@@ -28,18 +28,7 @@ def test_production_code_does_not_read_the_fault_variable():
 
 
 def _message(message_type="train"):
-    meta = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=3,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=message_type,
-    )
-    return Message(metadata=meta, content=RecordDict())
+    return reply_message(0, dst=3, message_id="m", reply_to="", message_type=message_type)
 
 
 def _context(pid):

@@ -18,8 +18,7 @@ import pytest
 
 from prism_flwr.config import RunConfig
 from prism_flwr.federated import inprocess
-from tests.test_simulation import TINY, Simulation
-from tools import procs
+from tests.support.simulation import TINY, Simulation
 
 
 def _history(out: Path) -> list[dict]:
@@ -30,7 +29,9 @@ def _history(out: Path) -> list[dict]:
 RULES = ("mada", "mada-change")  # mada: the server's Bernoulli sampling stream; mada-change: none
 
 
-def test_inprocess_run_matches_flwr_run(data_dir: Path, tmp_path: Path) -> None:
+def test_inprocess_run_matches_flwr_run(
+    seeded_simulation: Simulation, data_dir: Path, tmp_path: Path
+) -> None:
     configs = {}
     for rule in RULES:
         keys = dict(item.split("=") for item in TINY.split())
@@ -43,15 +44,11 @@ def test_inprocess_run_matches_flwr_run(data_dir: Path, tmp_path: Path) -> None:
             }
         )
         configs[rule] = keys
-    with procs.Processes() as ps:
-        sim = Simulation(tmp_path, ps, data_dir=data_dir, test_mask_seed=5)  # one SuperLink, one run per rule
-        for rule, keys in configs.items():
-            out = tmp_path / f"out-{rule}"
-            config = (
-                " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
-            )
-            assert sim.run(config, nodes=2)["status"] == "finished:completed", sim.logs_tail()
-    procs.assert_gone(ps.pids)
+    sim = seeded_simulation  # one SuperLink for the session's seeded runs, one run per rule
+    for rule, keys in configs.items():
+        out = tmp_path / f"out-{rule}"
+        config = " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
+        assert sim.run(config, nodes=2)["status"] == "finished:completed", sim.logs_tail()
 
     for rule, keys in configs.items():
         flower = [r for r in _history(tmp_path / f"out-{rule}") if r["round"] >= 1]

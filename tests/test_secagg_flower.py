@@ -236,7 +236,7 @@ def test_forged_and_replayed_masked_replies_are_refused_not_fatal() -> None:
 
 # ------------------------------------------------------------------------------ flwr run
 def _flower_config(out: Path, data_dir: Path, **extra) -> tuple[dict, str]:
-    from tests.test_simulation import TINY
+    from tests.support.simulation import TINY
 
     keys = dict(item.split("=") for item in TINY.split())
     keys.update(
@@ -308,7 +308,7 @@ def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Pat
     """Four clients (t = 2), one raising in the share step: the round sums the other three (the
     strategy tests above check the sum is exact) and the run completes."""
     from tests.support.fault_client_app import fault_app_dir
-    from tests.test_simulation import Simulation
+    from tests.support.simulation import Simulation
 
     out = tmp_path / "out"
     _, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})

@@ -1,12 +1,11 @@
 """MADA strategy: valid masks aggregate exactly; every bad reply is dropped, never averaged in."""
 
 import logging
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +15,7 @@ from prism_flwr.federated.codec import encode_mask
 from prism_flwr.federated.records import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY
 from strategies.dense import DenseFedAvg
 from strategies.mada import MADA
+from tests.support.messages import reply_message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -47,24 +47,13 @@ def make_strategy(nodes=(1, 2, 3, 4), rule="mada", min_train_nodes=2):
 
 
 def reply(node, blob=None, metrics=None, error=None, code=1):
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
     if error:
-        return Message(metadata=meta, error=Error(code=code, reason=error))
+        return reply_message(node, error=error, code=code)
     content = RecordDict()
     if blob is not None:
         content[MASK_KEY] = ArrayRecord({MASK_KEY: Array(np.frombuffer(blob, np.uint8).copy())})
     content[METRICS_KEY] = MetricRecord(metrics if metrics is not None else {"num-examples": 10, "loss": 0.5})
-    return Message(metadata=meta, content=content)
+    return reply_message(node, content)
 
 
 def mask(seed):

@@ -1,31 +1,20 @@
 """Wire bytes: the count equals what Flower's own push machinery serialises for a message."""
 
 import io
-import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents, push_objects
 
 from strategies.wire import bits_per_weight, content_bytes, envelope_bytes, message_wire_bytes, object_bytes
+from tests.support.messages import reply_message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _message(payload: np.ndarray) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=7,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
     content = RecordDict(
         {
             "mask": ArrayRecord({"mask": Array(payload)}),
@@ -33,7 +22,7 @@ def _message(payload: np.ndarray) -> Message:
             "config": ConfigRecord({"round": 3}),
         }
     )
-    return Message(metadata=meta, content=content)
+    return reply_message(7, content, message_id="")
 
 
 def _push(msg: Message) -> dict[str, bytes]:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # as docker/compose.yaml: tasks start within 0.1 s
             # SuperLink and SuperNode start `flower-superexec` by name: the venv's must come first.
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            # This checkout's code, also for processes started as scripts (the warm executor's
+            # workers) where the venv's editable install belongs to another checkout.
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
             "PYTHONUNBUFFERED": "1",
             "NO_COLOR": "1",
         }
@@ -78,6 +82,64 @@ def start_superlink(ps, port: int, env: dict[str, str], log_path: Path, extra: t
     )
     procs.wait_for_port("127.0.0.1", port, timeout=60, procs=[link])
     return link
+
+
+def supernode_command(
+    superlink: str,
+    port: int,
+    *,
+    node_config: str | None = None,
+    link_security: Sequence[str | Path] = ("--insecure",),
+    isolation: str | None = None,
+    idle_poll: float | None = None,
+    extra: Sequence[str | Path] = (),
+) -> list[str | Path]:
+    """The one ``flower-supernode`` command line of the tests, benchmarks and experiments: a node of
+    ``superlink`` (host:port) with its Runtime API on 127.0.0.1:``port``. ``link_security``: how it
+    reaches the SuperLink (``--insecure``, or ``--root-certificates CA`` and auth-key flags);
+    ``isolation="process"``: an external executor serves its ClientApps; ``idle_poll``: run through
+    ``prism-flwr supernode --idle-poll`` (its 3 s idle wait capped); ``extra``: more flags."""
+    program = (
+        [exe("flower-supernode")]
+        if idle_poll is None
+        else [sys.executable, "-m", "prism_flwr.cli", "supernode", "--idle-poll", str(idle_poll), "--"]
+    )
+    return [
+        *program,
+        "--superlink",
+        superlink,
+        *link_security,
+        *(["--isolation", isolation] if isolation else []),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *(["--node-config", node_config] if node_config is not None else []),
+        *extra,
+    ]
+
+
+def start_supernode(ps, superlink: str, port: int, env: dict[str, str], log_path: Path, cwd=None, **options):
+    """Start ``supernode_command(superlink, port, **options)`` under ``ps`` (not waited for)."""
+    return ps.start(supernode_command(superlink, port, **options), env=env, log_path=log_path, cwd=cwd)
+
+
+def start_executor(
+    ps,
+    port: int,
+    env: dict[str, str],
+    log_path: Path,
+    security: Sequence[str | Path] = ("--insecure",),
+    cwd=None,
+):
+    """One warm ``prism-flwr clientapp-executor`` for the SuperNode whose Runtime API is on
+    127.0.0.1:``port`` (``security``: ``--insecure``, or ``--root-certificates CA`` and a secret)."""
+    return ps.start(executor_command(port, security), env=env, log_path=log_path, cwd=cwd)
+
+
+def executor_command(port: int, security: Sequence[str | Path] = ("--insecure",)) -> list[str | Path]:
+    prism = [sys.executable, "-m", "prism_flwr.cli", "clientapp-executor"]
+    return [*prism, "--runtime-api-address", f"127.0.0.1:{port}", *security]
 
 
 def write_connection(flwr_home: Path, name: str, address: str, **options: str | bool) -> None:

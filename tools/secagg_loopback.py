@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 import client_app
 from prism_flwr.federated.broadcast import DOWNLINK_KEY, DOWNLINKS, digest, receive
 from prism_flwr.federated.records import SCORES_KEY
 from prism_flwr.secagg.records import ADVERTISE, CONFIRM, SECAGG_KEY, SHARE, UNMASK
+from tests.support.messages import reply_message
 
 HANDLERS = {
     ADVERTISE: client_app.secagg_advertise,
@@ -36,20 +37,15 @@ def reply_to(
     msg: Message, content: RecordDict | None = None, error: str | None = None, src: int | None = None
 ) -> Message:
     """The reply a node would send to ``msg`` (``src``: a sender other than the addressee)."""
-    meta = Metadata(
-        run_id=1,
+    return reply_message(
+        msg.metadata.dst_node_id if src is None else src,
+        content,
+        error=error,
         message_id=f"r{next(_ids)}",
-        dst_node_id=0,
-        src_node_id=msg.metadata.dst_node_id if src is None else src,
-        reply_to_message_id=msg.metadata.message_id or f"m{next(_ids)}",
+        reply_to=msg.metadata.message_id or f"m{next(_ids)}",
         group_id="",
-        created_at=time.time(),
-        ttl=60.0,
         message_type=msg.metadata.message_type,
     )
-    if error is not None:
-        return Message(metadata=meta, error=Error(code=1, reason=error))
-    return Message(metadata=meta, content=content)
 
 
 class LoopbackClient:

@@ -27,11 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from prism_flwr.federated.aggregation import aggregate, count_ones
 from prism_flwr.federated.codec import FORMAT_VERSION, HEADER_BYTES, encode_mask
 from prism_flwr.federated.records import MASK_KEY, METRICS_KEY, SCORES_KEY, WEIGHTS_KEY
+from tests.support.messages import reply_message
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,20 +70,7 @@ def restore_task_identity(saved: tuple) -> None:
 def message(
     node: int, content: RecordDict | None = None, error: str | None = None, kind: str = "train"
 ) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=kind,
-    )
-    if error is not None:
-        return Message(metadata=meta, error=Error(code=1, reason=error))
-    return Message(metadata=meta, content=content if content is not None else RecordDict())
+    return reply_message(node, content, error=error, message_type=kind)
 
 
 def valid_metrics(rng: np.random.Generator) -> dict:

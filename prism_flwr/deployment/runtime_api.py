@@ -9,34 +9,33 @@ that uses Flower internals imports this one first; see docs/deployment.md 3.11.
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib.util
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_FLOWER = "1.42."  # Flower's internal Runtime API changes between minor versions
-
-
-class UnsupportedFlowerVersion(RuntimeError):
-    """The installed Flower is not the version this package's ClientApp processes were tested with."""
+if __package__:  # the pin (flower_pin.py) owns the version; run by path (the worker), its sibling file
+    from prism_flwr.deployment import flower_pin
+else:
+    _spec = importlib.util.spec_from_file_location(
+        "_prism_flower_pin", Path(__file__).with_name("flower_pin.py")
+    )
+    flower_pin = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(flower_pin)
+SUPPORTED_FLOWER, UnsupportedFlowerVersion = flower_pin.SUPPORTED_FLOWER, flower_pin.UnsupportedFlowerVersion
 
 
 def installed_flower_version() -> str:
-    return importlib.metadata.version("flwr")
+    return flower_pin.installed_flower_version()
 
 
 def check_flower_version(version: str | None = None) -> str:
     """Return ``version`` (default: the installed Flower's) or refuse it with a clear reason."""
     version = installed_flower_version() if version is None else version
-    if not version.startswith(SUPPORTED_FLOWER):
-        raise UnsupportedFlowerVersion(
-            f"prism-flwr's ClientApp processes (clientapp-executor, clientapp) rely on Flower internals "
-            f"and were tested with Flower {SUPPORTED_FLOWER}x only; the installed Flower is {version}. "
-            f"Run Flower's own flower-supernode and flwr-clientapp or install flwr=={SUPPORTED_FLOWER}*"
-        )
-    return version
+    user = "prism-flwr's ClientApp processes (clientapp-executor, clientapp)"
+    return flower_pin.require_flower(user, "Run Flower's own flower-supernode and flwr-clientapp", version)
 
 
 check_flower_version()  # before the internals below: a clear refusal instead of an ImportError

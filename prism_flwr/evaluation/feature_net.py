@@ -155,15 +155,21 @@ def train_classifier(
     lr: float = 2e-3,
     device: torch.device | str = "cpu",
     download: bool = False,
+    train_images: int | None = None,
 ) -> tuple[SmallCNN, dict]:
     """Train ``SmallCNN`` on the real training split; returns it and its info (test accuracy, seconds).
 
     Adam with a one-cycle learning-rate schedule (peak ``lr``), cross-entropy, no augmentation.
-    Images are the dataset's preprocessed uint8 pixels mapped to [-1, 1].
+    Images are the dataset's preprocessed uint8 pixels mapped to [-1, 1]. ``train_images``: train
+    on that many images of the split (the first of a permutation seeded by ``seed``), else all.
     """
     device = torch.device(device)
     train, test = (load_dataset(dataset, data_dir, train=t, download=download) for t in (True, False))
-    x_train, y_train = train.to_float(), torch.from_numpy(train.labels)
+    subset = None
+    if train_images is not None:
+        subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_images]
+    x_train = train.to_float(subset)
+    y_train = torch.from_numpy(train.labels)[subset if subset is not None else slice(None)]
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -213,15 +219,24 @@ def load_or_train_classifier(
     device: torch.device | str = "cpu",
     download: bool = False,
     force: bool = False,
+    *,
+    epochs: int = 2,
+    train_images: int | None = None,
 ) -> tuple[SmallCNN, dict, Path]:
-    """The cached classifier for (dataset, seed), trained and saved first when missing (or ``force``)."""
+    """The cached classifier for (dataset, seed), trained and saved first when missing (or ``force``).
+
+    ``epochs`` and ``train_images`` (see ``train_classifier``) apply to that training only: a cached
+    classifier is used as it is, and its info records the size it was trained at.
+    """
     path = classifier_path(data_dir, dataset, seed)
     if path.is_file() and not force:
         cnn = SmallCNN(NUM_CHANNELS[dataset], NUM_CLASSES[dataset])
         cnn.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return cnn.eval(), json.loads(path.with_suffix(".json").read_text()), path
     print(f"training the {dataset} feature classifier (seed {seed}; once, cached at {path}) ...", flush=True)
-    cnn, info = train_classifier(dataset, data_dir, seed, device=device, download=download)
+    cnn, info = train_classifier(
+        dataset, data_dir, seed, epochs, device=device, download=download, train_images=train_images
+    )
     atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
     atomic_write(path, lambda tmp: torch.save(cnn.state_dict(), tmp))
     print(
