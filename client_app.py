@@ -59,6 +59,7 @@ from prism_flwr.model.masked import layout_fingerprint
 from prism_flwr.node_config import NodeConfig, NodeConfigError, Refusal
 from prism_flwr.privacy import insecure_test_secret
 from prism_flwr.privacy.ledger import LedgerError, LedgerSession, PrivacyLedger
+from prism_flwr.threads import configure_threads
 from strategies.secagg import STATE_KEY as SECAGG_STATE_KEY
 from strategies.secagg import client_advertise, client_mask, client_share, client_unmask
 
@@ -157,6 +158,7 @@ def _unpack(msg: Message, context: Context):
     cfg = cfg.model_copy(update={"data_dir": str(node.resolved("data_dir")), "download": node.download})
     method = method_for(cfg)
     device = pick_device(cfg.device)
+    configure_threads()  # the CPUs this process was given: 1 in a Ray actor with num-cpus = 1
     vector = _received_global(msg, context, cfg, method, device)
     data, hist = client_data(cfg, node.partition_id, node.num_partitions, device)
     return cfg, node, method, vector, data, hist

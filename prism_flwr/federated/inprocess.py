@@ -36,6 +36,7 @@ from prism_flwr.model.generator import ResnetGenerator
 from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
 from prism_flwr.privacy import insecure_test_secret
 from prism_flwr.secagg.crypto import packed_size
+from prism_flwr.threads import configure_threads
 
 
 def run(
@@ -66,6 +67,7 @@ def run(
             "the in-process runner trains PRISM (method = 'prism'); the dense baseline runs through Flower"
         )
     device = pick_device(cfg.device)
+    configure_threads()  # an earlier explicit choice, else OMP_NUM_THREADS or this process's CPUs
     template = ResnetGenerator(generator_spec(cfg))
     n, layout = num_masked(template), layout_fingerprint(template)
     downlink = PRISM.downlink(cfg)
