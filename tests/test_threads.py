@@ -44,6 +44,14 @@ def test_an_explicit_choice_survives_a_default_call(monkeypatch, restore_threads
         threads.configure_threads(0)
 
 
+def test_the_fallback_yields_to_omp_num_threads(monkeypatch, restore_threads):
+    threads._chosen = None
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.configure_threads(fallback=1) == 1  # the in-process runner: as a 1-CPU actor
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.configure_threads(fallback=1) == 2
+
+
 def _policy_after_import(env: dict) -> str:
     code = "import prism_flwr, os, sys; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
     out = subprocess.run(

@@ -67,7 +67,7 @@ def run(
             "the in-process runner trains PRISM (method = 'prism'); the dense baseline runs through Flower"
         )
     device = pick_device(cfg.device)
-    configure_threads()  # an earlier explicit choice, else OMP_NUM_THREADS or this process's CPUs
+    configure_threads(fallback=1)  # as a ClientApp in a 1-CPU Ray actor: the same rounds as flwr run
     template = ResnetGenerator(generator_spec(cfg))
     n, layout = num_masked(template), layout_fingerprint(template)
     downlink = PRISM.downlink(cfg)
