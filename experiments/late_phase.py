@@ -176,7 +176,7 @@ def report(out: Path) -> dict:
         f"# MADA's late phase: ngf {cfg['ngf']}, {rows[0]['clients']} clients, {cfg['local-steps']} local "
         f"steps, batch {cfg['batch-size']}, lr {cfg['lr']}, {cfg['objective']} on {cfg['features']}, "
         f"FD-FMNIST-CNN on {rows[0]['eval_samples']} samples; {sum(r['seconds'] for r in rows) / 60:.0f} min of "
-        "rounds on one thread of the busy 2-core CPU",
+        "round time in all, one process of one thread per seed, on the busy 2-core CPU",
         "",
         "The plain mean runs to the end (the trunk); at each branch round the state (global scores, every "
         "client's record) is copied and `mada` continues from it. Same seed: same network, partition and "
