@@ -60,6 +60,7 @@ from prism_flwr.secagg import node as secagg_node
 from prism_flwr.secagg.crypto import FloorRefusal
 from prism_flwr.secagg.identity import load_identity
 from prism_flwr.secagg.records import STATE_KEY as SECAGG_STATE_KEY
+from prism_flwr.threads import configure_threads
 
 app = ClientApp()
 log = logging.getLogger("prism.client")
@@ -137,6 +138,7 @@ def _unpack(msg: Message, context: Context):
     cfg = cfg.model_copy(update={"data_dir": str(node.resolved("data_dir")), "download": node.download})
     method = method_for(cfg)
     device = pick_device(cfg.device)
+    configure_threads()  # the CPUs this process was given: 1 in a Ray actor with num-cpus = 1
     vector = _received_global(msg, context, cfg, method, device)
     data, hist = client_data(cfg, node.partition_id, node.num_partitions, device)
     return cfg, node, method, vector, data, hist

@@ -129,6 +129,11 @@ class RunConfig(BaseModel):
         "", description="torchvision Inception-V3 weights file: the quality metric becomes FID"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when visible")
+    precision: Literal["auto", "float32", "bf16"] = Field(
+        "auto",
+        description="the generator's compute precision; `auto`: bf16 autocast on a CPU with AVX512-BF16 or "
+        "AMX, else float32 (masks, scores, optimiser state and loss stay float32; docs/benchmarks.md)",
+    )
     output_dir: str = Field(
         "~/prism-flwr/outputs",
         description="the server's run folders (one per run, `latest` points at the newest that has written "

@@ -41,6 +41,7 @@ from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
 from prism_flwr.privacy import insecure_test_secret
 from prism_flwr.privacy.modes import privacy_for
 from prism_flwr.secagg.crypto import packed_size
+from prism_flwr.threads import configure_threads
 
 
 def run(
@@ -79,6 +80,7 @@ def _run(cfg, num_clients, evaluator, on_record, deadline, samples_dir, insecure
             "the in-process runner trains PRISM (method = 'prism'); the dense baseline runs through Flower"
         )
     device = pick_device(cfg.device)
+    configure_threads(fallback=1)  # as a ClientApp in a 1-CPU Ray actor: the same rounds as flwr run
     template = ResnetGenerator(generator_spec(cfg))
     n, layout = num_masked(template), layout_fingerprint(template)
     downlink = PRISM.downlink(cfg)

@@ -79,6 +79,7 @@ class Prism(Method):
             objective=cfg.objective,
             estimator=cfg.estimator,
             trainable="scores",
+            precision=cfg.precision,
         )
 
     def downlink(self, cfg):
@@ -122,6 +123,7 @@ class Dense(Method):
             objective=cfg.objective,
             estimator=cfg.estimator,
             trainable="weights",
+            precision=cfg.precision,
         )
 
     def describe(self, cfg):

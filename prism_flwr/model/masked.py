@@ -29,7 +29,9 @@ class _BernoulliSample(torch.autograd.Function):
         ctx.scaled = scaled
         if scaled:
             ctx.save_for_backward(theta)
-        return torch.bernoulli(theta)
+        # u < theta with u ~ U[0, 1): the same law as torch.bernoulli, from a vectorised uniform
+        # draw (bernoulli's CPU kernel draws element by element: 5x slower at ngf 16).
+        return (torch.rand_like(theta) < theta).to(theta.dtype)
 
     @staticmethod
     def backward(ctx, grad_m: torch.Tensor):  # type: ignore[override]

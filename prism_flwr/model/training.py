@@ -14,7 +14,8 @@ per-kernel launch cost that bounds a batch-64 step; latents, batches and masks t
 default generator of the data's device (not of the current device), seeded from ``generator``. A
 round of at most ``WARMUP_STEPS`` steps runs them all eagerly, nothing captured. The same seed on
 the same device gives the same result (cuDNN is asked for deterministic algorithms inside the
-loop).
+loop). The generator's forward runs in ``settings.precision`` (bf16 autocast where the CPU has
+native bf16, ``model/precision.py``); features, loss, scores and Adam state stay float32.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from prism_flwr.model.masked import make_dense, masked_layers, set_mask_mode
 from prism_flwr.model.objectives import OBJECTIVES, FeatureMatching, mmd2_unbiased
+from prism_flwr.model.precision import PRECISIONS, generator_autocast
 from prism_flwr.storage.optim_state import load_optimizer_tensors, optimizer_tensors
 
 
@@ -42,12 +44,15 @@ class TrainSettings:
     objective: str = "feature-matching"
     estimator: str = "scaled"
     trainable: str = "scores"  # or "weights": the dense baseline
+    precision: str = "float32"  # the generator's compute precision (model/precision.py)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.trainable not in ("scores", "weights"):
             raise ValueError(f"trainable must be 'scores' or 'weights', got {self.trainable!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass
@@ -134,7 +139,9 @@ def train_local(
 
     def step(gen: torch.Generator | None) -> torch.Tensor:
         z = torch.randn(settings.batch_size, model.spec.nz, generator=gen, device=device)
-        fake_feats = features(model(z))
+        with generator_autocast(settings.precision, device):
+            fake = model(z)
+        fake_feats = features(fake.float())  # features and loss in float32
         if fm is not None:
             loss = fm(fake_feats)
         else:
