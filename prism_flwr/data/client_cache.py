@@ -27,10 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prism_flwr.storage.files import write_bytes_atomic
 from prism_flwr.config import RunConfig
-from prism_flwr.data.datasets import IMAGE_SIZE, NUM_CHANNELS, NUM_CLASSES, expected_files, load_dataset, to_float
+from prism_flwr.data.datasets import (
+    IMAGE_SIZE,
+    NUM_CHANNELS,
+    NUM_CLASSES,
+    expected_files,
+    load_dataset,
+    to_float,
+)
 from prism_flwr.data.partition import label_histogram, partition_indices
+from prism_flwr.storage.files import write_bytes_atomic
 
 log = logging.getLogger("prism.data")
 CACHE_FOLDER = ".client-cache"
@@ -43,11 +50,23 @@ def _key(cfg: RunConfig, partition_id: int, num_partitions: int) -> str | None:
     files = expected_files(cfg.dataset, root)
     if not all(path.exists() for path in files):
         return None
-    stats = [[str(path.relative_to(root)), st.st_size, st.st_mtime_ns] for path in files for st in [path.stat()]]
-    return json.dumps({"format": FORMAT, "dataset": cfg.dataset, "partitioning": cfg.partitioning,
-                       "num-partitions": num_partitions, "partition-id": partition_id, "seed": cfg.seed,
-                       "dirichlet-alpha": cfg.dirichlet_alpha, "shards": cfg.shards_per_partition,
-                       "files": stats}, sort_keys=True)
+    stats = [
+        [str(path.relative_to(root)), st.st_size, st.st_mtime_ns] for path in files for st in [path.stat()]
+    ]
+    return json.dumps(
+        {
+            "format": FORMAT,
+            "dataset": cfg.dataset,
+            "partitioning": cfg.partitioning,
+            "num-partitions": num_partitions,
+            "partition-id": partition_id,
+            "seed": cfg.seed,
+            "dirichlet-alpha": cfg.dirichlet_alpha,
+            "shards": cfg.shards_per_partition,
+            "files": stats,
+        },
+        sort_keys=True,
+    )
 
 
 def cache_path(cfg: RunConfig, key: str) -> Path:
@@ -69,31 +88,59 @@ def _read(path: Path, key: str, dataset: str) -> tuple[torch.Tensor, list[int]]:
     images, hist = arrays["images"], arrays["hist"]
     shape = (NUM_CHANNELS[dataset], IMAGE_SIZE, IMAGE_SIZE)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != shape or len(images) == 0:
-        raise ValueError(f"images are {images.dtype} {images.shape}, not uint8 (N>0, {', '.join(map(str, shape))})")
-    if hist.dtype != np.int64 or hist.shape != (NUM_CLASSES[dataset],) or (hist < 0).any() \
-            or int(hist.sum()) != len(images):
+        raise ValueError(
+            f"images are {images.dtype} {images.shape}, not uint8 (N>0, {', '.join(map(str, shape))})"
+        )
+    if (
+        hist.dtype != np.int64
+        or hist.shape != (NUM_CLASSES[dataset],)
+        or (hist < 0).any()
+        or int(hist.sum()) != len(images)
+    ):
         raise ValueError(f"label histogram {hist.tolist()} does not count the {len(images)} images")
     return torch.from_numpy(images), [int(n) for n in hist]
 
 
 @lru_cache(maxsize=4)  # a process hosting several clients (in-process runner, Ray) partitions once
-def _partitions(dataset: str, data_dir: str, download: bool | str, num_partitions: int, method: str,
-                seed: int, alpha: float, shards: int) -> list[np.ndarray]:
+def _partitions(
+    dataset: str,
+    data_dir: str,
+    download: bool | str,
+    num_partitions: int,
+    method: str,
+    seed: int,
+    alpha: float,
+    shards: int,
+) -> list[np.ndarray]:
     labels = load_dataset(dataset, data_dir, train=True, download=download).labels
     return partition_indices(labels, num_partitions, method, seed, alpha=alpha, shards_per_partition=shards)
 
 
 def _build(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[torch.Tensor, list[int]]:
     data = load_dataset(cfg.dataset, cfg.resolved_data_dir(), train=True, download=cfg.download)
-    idx = _partitions(cfg.dataset, str(cfg.resolved_data_dir()), cfg.download, num_partitions, cfg.partitioning,
-                      cfg.seed, cfg.dirichlet_alpha, cfg.shards_per_partition)[partition_id]
-    return data.images[torch.as_tensor(idx, dtype=torch.long)], label_histogram(data.labels, idx, data.num_classes)
+    idx = _partitions(
+        cfg.dataset,
+        str(cfg.resolved_data_dir()),
+        cfg.download,
+        num_partitions,
+        cfg.partitioning,
+        cfg.seed,
+        cfg.dirichlet_alpha,
+        cfg.shards_per_partition,
+    )[partition_id]
+    return data.images[torch.as_tensor(idx, dtype=torch.long)], label_histogram(
+        data.labels, idx, data.num_classes
+    )
 
 
 def _write(path: Path, key: str, images: torch.Tensor, hist: list[int]) -> None:
     buf = io.BytesIO()
-    np.savez(buf, key=np.frombuffer(key.encode(), dtype=np.uint8), images=images.numpy(),
-             hist=np.asarray(hist, dtype=np.int64))
+    np.savez(
+        buf,
+        key=np.frombuffer(key.encode(), dtype=np.uint8),
+        images=images.numpy(),
+        hist=np.asarray(hist, dtype=np.int64),
+    )
     try:
         write_bytes_atomic(path, buf.getvalue())
     except OSError as err:  # e.g. a read-only data directory: slower start-ups, nothing else
@@ -118,7 +165,9 @@ def client_images(cfg: RunConfig, partition_id: int, num_partitions: int) -> tup
     return images, hist
 
 
-def client_data(cfg: RunConfig, partition_id: int, num_partitions: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+def client_data(
+    cfg: RunConfig, partition_id: int, num_partitions: int, device: torch.device
+) -> tuple[torch.Tensor, list[int]]:
     """This client's images (float, [-1, 1], on ``device``) and its label histogram, via the cache."""
     images, hist = client_images(cfg, partition_id, num_partitions)
     return to_float(images).to(device), hist

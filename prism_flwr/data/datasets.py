@@ -24,7 +24,7 @@ import urllib.error
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +67,7 @@ def download_mode(download: bool | str) -> bool | str:
     value = str(download).strip().lower()
     if value in ("auto", "true", "false"):
         return {"true": True, "false": False}.get(value, "auto")
-    raise ValueError(f"download must be true, false or \"auto\", got {download!r}")
+    raise ValueError(f'download must be true, false or "auto", got {download!r}')
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: compare and hash by identity, never element-wise
@@ -82,11 +82,15 @@ class ImageData:
     def __post_init__(self) -> None:
         shape = (NUM_CHANNELS[self.name], IMAGE_SIZE, IMAGE_SIZE)
         if self.images.dtype != torch.uint8 or self.images.shape[1:] != shape:
-            raise ValueError(f"{self.name}: expected uint8 images (N, {NUM_CHANNELS[self.name]}, 32, 32), "
-                             f"got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"{self.name}: expected uint8 images (N, {NUM_CHANNELS[self.name]}, 32, 32), "
+                f"got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.dtype != np.int64 or self.labels.shape != (len(self.images),):
-            raise ValueError(f"{self.name}: expected int64 labels ({len(self.images)},), "
-                             f"got {self.labels.dtype} {self.labels.shape}")
+            raise ValueError(
+                f"{self.name}: expected int64 labels ({len(self.images)},), "
+                f"got {self.labels.dtype} {self.labels.shape}"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -116,7 +120,7 @@ def _tvd():
     return datasets
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cifar10_class() -> type:
     tvd = _tvd()
 
@@ -124,14 +128,16 @@ def _cifar10_class() -> type:
         train_list = [[file, None] for file, _ in tvd.CIFAR10.train_list]
         test_list = [[file, None] for file, _ in tvd.CIFAR10.test_list]
         meta = {**tvd.CIFAR10.meta, "md5": None}
+
     return _CIFAR10
 
 
-@lru_cache(maxsize=None)
+@cache
 def _celeba_class() -> type:
     class _CelebA(_tvd().CelebA):
         def _check_integrity(self) -> bool:
             return all(path.exists() for path in expected_files("celeba", Path(self.root)))
+
     return _CelebA
 
 
@@ -154,37 +160,58 @@ def _layout(name: str, root: Path) -> str:
     if name in _IDX_FOLDER:
         return f"{root / _IDX_FOLDER[name] / 'raw'}/{', '.join(_IDX_FILES)}  (uncompressed idx files)"
     if name == "cifar10":
-        return (f"{root / 'cifar-10-batches-py'}/data_batch_1..5, test_batch, batches.meta"
-                "  (the 'CIFAR-10 python version' archive, extracted)")
-    return (f"{root / 'celeba'}/img_align_celeba/*.jpg, list_attr_celeba.txt, list_eval_partition.txt, "
-            "identity_CelebA.txt, list_bbox_celeba.txt, list_landmarks_align_celeba.txt"
-            "  (the aligned-and-cropped JPEGs and the five annotation files)")
+        return (
+            f"{root / 'cifar-10-batches-py'}/data_batch_1..5, test_batch, batches.meta"
+            "  (the 'CIFAR-10 python version' archive, extracted)"
+        )
+    return (
+        f"{root / 'celeba'}/img_align_celeba/*.jpg, list_attr_celeba.txt, list_eval_partition.txt, "
+        "identity_CelebA.txt, list_bbox_celeba.txt, list_landmarks_align_celeba.txt"
+        "  (the aligned-and-cropped JPEGs and the five annotation files)"
+    )
 
 
 def _missing_message(name: str, root: Path, missing: list[Path], why: str = "download is off") -> str:
     looked = [str(path) for path in missing]
     if name == "fmnist":
-        looked += [str(FMNIST_SYSTEM_DIR / f"{file}.gz") for file in _IDX_FILES
-                   if not (FMNIST_SYSTEM_DIR / f"{file}.gz").is_file()]
+        looked += [
+            str(FMNIST_SYSTEM_DIR / f"{file}.gz")
+            for file in _IDX_FILES
+            if not (FMNIST_SYSTEM_DIR / f"{file}.gz").is_file()
+        ]
     if why == "download is off":
-        ways = [f"set run-config key `download` to \"auto\" (the default) on a machine with internet "
-                f"(flwr run . --run-config 'download=\"auto\"'); torchvision downloads it once into {root}"]
+        ways = [
+            f'set run-config key `download` to "auto" (the default) on a machine with internet '
+            f"(flwr run . --run-config 'download=\"auto\"'); torchvision downloads it once into {root}"
+        ]
     else:
         ways = [f"run again where {_host(name)} is reachable: the download goes into {root}"]
     if name == "celeba":
-        ways[0] += (" (from Google Drive: needs the `gdown` package, pip install gdown; Google Drive often "
-                    "refuses it for a day once its quota is spent)")
-        ways.append(f"download by hand from {CELEBA_PAGE} (Google Drive or Baidu links): "
-                    "'Align&Cropped Images' img_align_celeba.zip (unzip it) and the files of 'Anno' and 'Eval'")
-    ways.append(f"put the files there yourself, in this layout:\n      {_layout(name, root)}\n"
-                "    or set run-config key `data-dir` to a directory with this layout")
+        ways[0] += (
+            " (from Google Drive: needs the `gdown` package, pip install gdown; Google Drive often "
+            "refuses it for a day once its quota is spent)"
+        )
+        ways.append(
+            f"download by hand from {CELEBA_PAGE} (Google Drive or Baidu links): "
+            "'Align&Cropped Images' img_align_celeba.zip (unzip it) and the files of 'Anno' and 'Eval'"
+        )
+    ways.append(
+        f"put the files there yourself, in this layout:\n      {_layout(name, root)}\n"
+        "    or set run-config key `data-dir` to a directory with this layout"
+    )
     if name == "fmnist":
-        ways.append(f"apt-get install dataset-fashion-mnist (Debian/Ubuntu); its files in {FMNIST_SYSTEM_DIR} "
-                    "are then used automatically")
-    return "\n".join([f"Dataset '{name}' not found ({why}). Looked for these files, missing:",
-                      *(f"  {path}" for path in looked),
-                      "Get it in one of these ways:",
-                      *(f"  - {way}" for way in ways)])
+        ways.append(
+            f"apt-get install dataset-fashion-mnist (Debian/Ubuntu); its files in {FMNIST_SYSTEM_DIR} "
+            "are then used automatically"
+        )
+    return "\n".join(
+        [
+            f"Dataset '{name}' not found ({why}). Looked for these files, missing:",
+            *(f"  {path}" for path in looked),
+            "Get it in one of these ways:",
+            *(f"  - {way}" for way in ways),
+        ]
+    )
 
 
 def _urls(name: str) -> list[str]:
@@ -228,7 +255,9 @@ def _no_network(err: BaseException) -> bool:
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, socket.gaierror)):
+        if isinstance(
+            err, (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, socket.gaierror)
+        ):
             return True
         if isinstance(err, RuntimeError) and ("urlopen error" in str(err) or "timed out" in str(err)):
             return True  # MNIST's loop over mirrors re-raises their URLErrors as one RuntimeError
@@ -257,21 +286,32 @@ def fetch(name: str, root: Path) -> None:
         missing = [path for path in expected_files(name, root) if not path.exists()]
         if not missing:  # another process fetched it while we waited for the lock
             return
-        print(f"Dataset '{name}' is not in {root}: downloading it once (about {DOWNLOAD_SIZES[name]}) "
-              f"from {_host(name)} ...", file=sys.stderr, flush=True)
+        print(
+            f"Dataset '{name}' is not in {root}: downloading it once (about {DOWNLOAD_SIZES[name]}) "
+            f"from {_host(name)} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             with _socket_timeout(DOWNLOAD_TIMEOUT):
                 _torchvision_download(name, root)
         except Exception as err:  # noqa: BLE001  every failure becomes one clear message
             lines = str(err).splitlines() or [err.__class__.__name__]
-            detail = next((line for line in lines if "urlopen error" in line or "timed out" in line), lines[0])
-            why = (f"no network: could not reach {_host(name)}: {detail}" if _no_network(err)
-                   else f"the download failed: {detail}")
+            detail = next(
+                (line for line in lines if "urlopen error" in line or "timed out" in line), lines[0]
+            )
+            why = (
+                f"no network: could not reach {_host(name)}: {detail}"
+                if _no_network(err)
+                else f"the download failed: {detail}"
+            )
             missing = [path for path in expected_files(name, root) if not path.exists()]
             raise DatasetMissingError(_missing_message(name, root, missing, why)) from err
         missing = [path for path in expected_files(name, root) if not path.exists()]
         if missing:
-            raise DatasetMissingError(_missing_message(name, root, missing, "the download left files missing"))
+            raise DatasetMissingError(
+                _missing_message(name, root, missing, "the download left files missing")
+            )
         print(f"Dataset '{name}' downloaded into {root}", file=sys.stderr, flush=True)
 
 
@@ -308,10 +348,11 @@ def _resize_idx_images(images: torch.Tensor) -> torch.Tensor:
     """
     out = torch.empty((len(images), 1, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
     for start in range(0, len(images), _RESIZE_CHUNK):
-        chunk = images[start:start + _RESIZE_CHUNK, None].float()
-        resized = F.interpolate(chunk, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
-                                align_corners=False)
-        out[start:start + _RESIZE_CHUNK] = resized.round_().clamp_(0, 255).to(torch.uint8)
+        chunk = images[start : start + _RESIZE_CHUNK, None].float()
+        resized = F.interpolate(
+            chunk, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False
+        )
+        out[start : start + _RESIZE_CHUNK] = resized.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
@@ -320,8 +361,12 @@ def _load_celeba(root: Path, train: bool) -> tuple[torch.Tensor, np.ndarray]:
     from torchvision import transforms as T
 
     transform = T.Compose([T.CenterCrop(CELEBA_CROP), T.Resize(IMAGE_SIZE), T.PILToTensor()])
-    dataset = _celeba_class()(root, split="train" if train else "test", target_type="attr", transform=transform)
-    progress = Progress(f"celeba {'train' if train else 'test'} split: centre-crop and resize", len(dataset), "images")
+    dataset = _celeba_class()(
+        root, split="train" if train else "test", target_type="attr", transform=transform
+    )
+    progress = Progress(
+        f"celeba {'train' if train else 'test'} split: centre-crop and resize", len(dataset), "images"
+    )
     images = []
     for i in range(len(dataset)):
         progress.update(i)
@@ -356,8 +401,9 @@ def _load(name: str, root: Path, train: bool, download: bool | str) -> ImageData
 _CACHE: dict[tuple[str, Path, bool], ImageData] = {}
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike = "data", train: bool = True,
-                 download: bool | str = False) -> ImageData:
+def load_dataset(
+    name: str, data_dir: str | os.PathLike = "data", train: bool = True, download: bool | str = False
+) -> ImageData:
     """Load one split of ``name`` from ``data_dir``, once per process.
 
     Cached by (name, resolved data_dir, train): every simulated client a process hosts shares the
