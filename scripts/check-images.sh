@@ -13,7 +13,8 @@
 #            run config (peak memory, seconds per round, start-up); then one held to
 #            --memory 300m (OOM_MEMORY): its error must be logged and the run must go on
 #   cuda     (--cuda) docker/clientapp-cuda.Dockerfile, built only
-#   arm64    (--arm64) a --platform linux/arm64 build of the Python stage (needs qemu binfmt)
+#   arm64    (--arm64) the edge image for linux/arm64 (docker/edge-site.Dockerfile), its packages
+#            fetched natively for aarch64, built and smoke-run under qemu-user-static
 # Prints the wall time of every stage; removes its containers, networks and volumes at the end
 # (images stay: a second call reuses them). Runs with Docker when `docker info` answers, else
 # with Podman (installed and configured here when run as root on Debian: runc, cgroupfs).
@@ -525,29 +526,52 @@ if [ "$CUDA" = 1 ]; then
         "import torch; print('torch', torch.__version__, 'CUDA build', torch.version.cuda, 'GPU visible', torch.cuda.is_available())"
 fi
 if [ "$ARM64" = 1 ]; then
-    # Flower's stand-in (Python, flwr) for linux/arm64, built under qemu user emulation: the
-    # kernel must run aarch64 binaries through binfmt_misc (Debian: qemu-user-static, binfmt-support).
+    # The edge image for linux/arm64 (docker/edge-site.Dockerfile): its packages fetched and unpacked
+    # natively by this host's pip for aarch64, emulation (qemu-user-static through binfmt_misc)
+    # only for the image's few RUN steps and for running it.
     stage arm64
     [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] \
         || die "no binfmt_misc entry for aarch64: apt-get install qemu-user-static binfmt-support (and mount binfmt_misc)"
-    arm_base=docker.io/library/debian:bookworm-slim
+    arm_base=docker.io/library/python:3.11-slim
     if [ "$BASE" = debian ]; then
-        arm_base=localhost/prism-flwr/debian:bookworm-arm64
+        arm_base=localhost/prism-flwr/python:3.11-bookworm-arm64
         if ! image_exists "$arm_base"; then
             rootfs="$WORK/rootfs-arm64"
             rm -rf "$rootfs"
-            log "debootstrap --arch=arm64 --variant=minbase bookworm $rootfs (second stage emulated)"
-            debootstrap --arch=arm64 --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian \
-                > "$WORK/debootstrap-arm64.log" 2>&1 || die "debootstrap failed, see $WORK/debootstrap-arm64.log"
+            log "debootstrap --arch=arm64 --variant=minbase bookworm $rootfs, with python3 (second stage emulated)"
+            debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+                bookworm "$rootfs" http://deb.debian.org/debian > "$WORK/debootstrap-arm64.log" 2>&1 \
+                || die "debootstrap failed, see $WORK/debootstrap-arm64.log"
             rm -f "$rootfs"/var/cache/apt/archives/*.deb
             tar -C "$rootfs" -c . | E import --arch arm64 --change 'CMD ["/bin/bash"]' - "$arm_base" >/dev/null
             rm -rf "$rootfs"
         fi
     fi
-    pip_settings /opt/pip-build                       # the same build installs ca-certificates
-    build debian.Dockerfile "localhost/prism-flwr/superexec:$FLWR_VERSION-arm64" --platform linux/arm64 \
-        --target superexec --build-arg "DEBIAN_IMAGE=$arm_base"
-    E run --rm --platform linux/arm64 --network none --entrypoint python "localhost/prism-flwr/superexec:$FLWR_VERSION-arm64" \
-        -c "import platform, flwr; print('arm64 image:', platform.machine(), 'flwr', flwr.__version__)"
+    site="$WORK/site-arm64"
+    if [ ! -f "$site/.complete" ]; then
+        rm -rf "$site"
+        plat=(--platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 --python-version 3.11
+              --implementation cp --abi cp311 --only-binary=:all: --no-cache-dir)
+        # torch's nvidia requirements are marked for x86_64, which pip evaluates for this host: --no-deps,
+        # and its own requirements named; PyPI's aarch64 torch is CPU-only up to 2.9.1.
+        log "pip install --platform manylinux_2_28_aarch64 --target $site torch==${ARM64_TORCH:-2.9.1} + docker/client-requirements.txt"
+        python3 -m pip install -q "${plat[@]}" --target "$site" --no-deps "torch==${ARM64_TORCH:-2.9.1}" \
+            > "$WORK/pip-arm64.log" 2>&1 || die "pip (torch for aarch64) failed, see $WORK/pip-arm64.log"
+        # markers are evaluated for this host too: opacus (requires torch) goes in with --no-deps, and
+        # constriction has no aarch64 wheel (an arm64 node runs uplink-coding = "raw")
+        grep -vE '^(constriction|opacus)' "$REPO/docker/client-requirements.txt" > "$WORK/client-requirements-arm64.txt"
+        python3 -m pip install -q "${plat[@]}" --target "$site.deps" -r "$WORK/client-requirements-arm64.txt" \
+            filelock typing-extensions sympy networkx jinja2 fsspec scipy opt_einsum >> "$WORK/pip-arm64.log" 2>&1 \
+            || die "pip (client requirements for aarch64) failed, see $WORK/pip-arm64.log"
+        python3 -m pip install -q "${plat[@]}" --target "$site.deps" --no-deps opacus >> "$WORK/pip-arm64.log" 2>&1 \
+            || die "pip (opacus for aarch64) failed, see $WORK/pip-arm64.log"
+        cp -an "$site.deps/." "$site/" && rm -rf "$site.deps" && touch "$site/.complete"
+    fi
+    rm -rf "$REPO/.edge-site/site" && mkdir -p "$REPO/.edge-site"
+    cp -al "$site" "$REPO/.edge-site/site" 2>/dev/null || cp -a "$site" "$REPO/.edge-site/site"
+    build edge-site.Dockerfile localhost/prism-flwr/edge:arm64 --platform linux/arm64 --build-arg "PYTHON_IMAGE=$arm_base"
+    rm -rf "$REPO/.edge-site"
+    E run --rm --platform linux/arm64 --network none --entrypoint python localhost/prism-flwr/edge:arm64 \
+        -c "import platform, torch, flwr, client_app; print('arm64 edge image:', platform.machine(), 'torch', torch.__version__, 'flwr', flwr.__version__)"
 fi
 stage_end
