@@ -216,3 +216,20 @@ def test_startup_benchmark_prints_its_table(mnist_root: Path) -> None:
     )
     assert out["images"] > 0 and len(out["cold_s"]) == len(out["warm_s"]) == len(clientapp_startup.PHASES)
     assert all(t >= 0 for t in out["cold_s"] + out["warm_s"])
+
+
+def test_memory_benchmark_prints_its_table(mnist_root: Path, tmp_path: Path) -> None:
+    from benchmarks import client_memory
+
+    tiny = '{"ngf": 4, "local-steps": 1, "batch-size": 8, "eval-samples": 16, "seed": 3}'
+    out = client_memory.main(
+        ["--dataset", "mnist", "--data-dir", str(mnist_root), "--partitions", "4", "--run-config", tiny,
+         "--state-dir", str(tmp_path / "state")]
+    )  # fmt: skip
+    assert out["images"] > 0 and set(out["summary"]) == {"train", "evaluate"}
+    for kind, summary in out["summary"].items():
+        rows = out["rows"][kind]
+        assert [r[0] for r in rows][:3] == ["python", "import torch", "import Flower"]
+        assert all(peak >= rss > 0 for _, rss, peak, *_ in rows)  # the peak never below the current RSS
+        assert summary["peak_mib"] == rows[-1][2] >= summary["torch_flower_mib"] > 0
+        assert "torchvision" not in summary["imported"]
