@@ -17,7 +17,7 @@
 #   docker buildx build --platform linux/arm64 -f docker/edge.Dockerfile -t REGISTRY/prism-flwr/edge --push .
 # On the device (TLS + SuperNode authentication; the state volume keeps the node's privacy
 # ledger and client state when the container is recreated):
-#   docker run -d --restart unless-stopped --name prism-supernode --memory 768m \
+#   docker run -d --restart unless-stopped --name prism-supernode --memory 1g \
 #       -v prism-data:/app/.cache/prism-flwr/data -v prism-state:/app/.local/state/prism-flwr \
 #       -v "$PWD/ca.crt:/app/certificates/ca.crt:ro" -v "$PWD/node.key:/app/keys/node.key:ro" \
 #       REGISTRY/prism-flwr/edge --superlink SUPERLINK_HOST:9092 --root-certificates certificates/ca.crt \
