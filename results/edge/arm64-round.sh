@@ -15,12 +15,14 @@ sleep 8
 setsid $V/flower-supernode --insecure --superlink "127.0.0.1:$LINK" --host 127.0.0.1 --port "$N0" \
     --node-config "partition-id=0 num-partitions=2 data-dir='/var/tmp/edge-data' state-dir='$W/state-0'" > "$W/supernode-x86.log" 2>&1 & NP=$!
 podman rm -f prism-edge-arm64 >/dev/null 2>&1; podman volume rm -f prism-edge-arm64-state >/dev/null 2>&1
+# QEMU_CPU=cortex-a72 (a Raspberry Pi 4's core): qemu 7.2's default "max" CPU advertises
+# features whose emulation oneDNN's aarch64 JIT trips over (SIGILL at the first convolution).
 # Under emulation a fresh flwr-clientapp cannot send its first heartbeat within Flower's 30 s on
 # this busy host: process isolation and the warm executor (heartbeat first, then the imports).
 podman run -d --name prism-edge-arm64 --platform linux/arm64 --network host --cpus 1 ${ARM_MEMORY:+--memory $ARM_MEMORY --memory-swap $ARM_MEMORY} \
     -e FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 \
     -v /usr/share/datasets/fashion-mnist:/usr/share/datasets/fashion-mnist:ro \
-    -v /var/tmp/prism-edge/fake-cpu-sysfs:/sys/devices/system/cpu:ro \
+    -e QEMU_CPU=cortex-a72 \
     -v prism-edge-arm64-state:/app/.local/state/prism-flwr --entrypoint sh localhost/prism-flwr/edge:arm64 -c \
     "flower-supernode --insecure --superlink 127.0.0.1:$LINK --host 127.0.0.1 --port $N1 --isolation process \
      --node-config 'partition-id=1 num-partitions=2' & exec python -m prism_flwr.cli clientapp-executor --insecure --runtime-api-address 127.0.0.1:$N1" > /dev/null
