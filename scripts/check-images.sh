@@ -9,17 +9,18 @@
 #            fleet-proxy (nginx, Fleet API only) on both: SuperNodes reach the SuperLink only
 #            through it; `flwr` runs in an operator container on `control`
 #   run      `flwr run` of this repository (RUN_CONFIG), checked: finished:completed, model.prism
-#   edge     (--edge) one edge.Dockerfile SuperNode held to --cpus 1 --memory 1g for the default
+#   edge     (--edge) one edge.Dockerfile SuperNode held to --cpus 1 --memory 768m for the default
 #            run config (peak memory, seconds per round, start-up); then one held to
 #            --memory 300m (OOM_MEMORY): its error must be logged and the run must go on
 #   cuda     (--cuda) docker/clientapp-cuda.Dockerfile, built only
-#   arm64    (--arm64) a --platform linux/arm64 build of the Python stage (needs qemu binfmt)
+#   arm64    (--arm64) the edge image for linux/arm64 (docker/edge-site.Dockerfile), its packages
+#            fetched natively for aarch64, built and smoke-run under qemu-user-static
 # Prints the wall time of every stage; removes its containers, networks and volumes at the end
 # (images stay: a second call reuses them). Runs with Docker when `docker info` answers, else
 # with Podman (installed and configured here when run as root on Debian: runc, cgroupfs).
 #
 #   scripts/check-images.sh [--edge] [--cuda] [--arm64] [--keep] [--hub|--debian]
-# Environment: ENGINE (docker|podman), RUN_CONFIG, EDGE_CONFIG, OOM_MEMORY, TORCH_INDEX_URL,
+# Environment: ENGINE (docker|podman), RUN_CONFIG, EDGE_CONFIG, EDGE_MEMORY, OOM_MEMORY, TORCH_INDEX_URL,
 # WORK (scratch directory, default /var/tmp/prism-check-images), FMNIST (Fashion-MNIST idx files),
 # CPU_SHARES (Podman on a busy cgroup-v1 host: the containers' CPU weight, see stage up).
 set -euo pipefail
@@ -35,6 +36,7 @@ RUN_CONFIG=${RUN_CONFIG:-num-server-rounds=2 local-steps=5 eval-samples=200 eval
 # The default run (3 rounds x 100 local steps, ngf 16) otherwise.
 EDGE_CONFIG=${EDGE_CONFIG:-eval-feature-metrics=false download=false}
 OOM_MEMORY=${OOM_MEMORY:-300m}
+EDGE_MEMORY=${EDGE_MEMORY:-768m}
 OOM_CONFIG=${OOM_CONFIG:-num-server-rounds=2 local-steps=5 eval-samples=200 eval-feature-metrics=false \
 min-train-nodes=1 download=false}
 # Flower's defaults, plus a SuperExec that looks for new tasks every 0.1 s (docker/gen-compose.py).
@@ -110,19 +112,22 @@ done
 
 image_exists() { E image inspect "$1" >/dev/null 2>&1; }
 
+remove_ours() {  # every container, network and volume named $P-* (a previous --keep run's too)
+    local ids=()
+    mapfile -t ids < <(E ps -aq --filter "name=^$P-" 2>/dev/null)
+    local fast=(); [ "$ENGINE" = podman ] && fast=(-t 2)
+    [ "${#ids[@]}" = 0 ] || E rm -f "${fast[@]}" "${ids[@]}" >/dev/null 2>&1 || true
+    for net in control fleet; do E network rm "$P-$net" >/dev/null 2>&1 || true; done
+    mapfile -t ids < <(E volume ls -q --filter "name=^$P-" 2>/dev/null)
+    [ "${#ids[@]}" = 0 ] || E volume rm -f "${ids[@]}" >/dev/null 2>&1 || true
+}
 cleanup() {
     local rc=$?
     if [ "$KEEP" = 1 ]; then
-        log "--keep: containers, networks and volumes $P-* left running"
+        log "--keep: containers, networks and volumes $P-* left running (the next run removes them first)"
     else
         log "cleaning up containers, networks and volumes $P-*"
-        local ids=()
-        mapfile -t ids < <(E ps -aq --filter "name=^$P-" 2>/dev/null)
-        local fast=(); [ "$ENGINE" = podman ] && fast=(-t 2)
-        [ "${#ids[@]}" = 0 ] || E rm -f "${fast[@]}" "${ids[@]}" >/dev/null 2>&1 || true
-        for net in control fleet; do E network rm "$P-$net" >/dev/null 2>&1 || true; done
-        mapfile -t ids < <(E volume ls -q --filter "name=^$P-" 2>/dev/null)
-        [ "${#ids[@]}" = 0 ] || E volume rm -f "${ids[@]}" >/dev/null 2>&1 || true
+        remove_ours
     fi
     if [ -n "${OLD_SHARES:-}" ]; then echo "$OLD_SHARES" > "$SHARES_FILE" || true; fi
     report
@@ -131,6 +136,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+remove_ours  # a rerun after --keep starts from nothing, not from its volumes
 
 # ------------------------------------------------------------------------------ pip settings
 # A build's pip must reach the package index the way this host's pip does. Local directories in
@@ -398,9 +404,10 @@ fi
 log "SuperNodes cannot resolve or reach the SuperLink directly"
 
 # ----------------------------------------------------------------------------------- stage: run
-submit() {  # submit RUN_CONFIG: flwr run, then the run's final status
-    flwr run /src containers --stream --run-config "$1" > "$WORK/flwr-run.log" 2>&1 || true
-    tail -3 "$WORK/flwr-run.log" >&2
+submit() {  # submit RUN_CONFIG: flwr run (log: flwr-run-STAGE.log), then the run's final status
+    local out="$WORK/flwr-run-${stage_name:-run}.log"
+    flwr run /src containers --stream --run-config "$1" > "$out" 2>&1 || true
+    tail -3 "$out" >&2
     flwr ls containers --format json | json_get 'max(d["runs"], key=lambda r: r["pending-at"])["status"]'
 }
 latest() { E exec "$P-serverapp" sh -c "cd $OUTPUTS/latest && $1"; }
@@ -412,7 +419,7 @@ stage run
 log "flwr run /src containers --run-config \"$RUN_CONFIG\""
 status=$(submit "$RUN_CONFIG")
 log "run status: $status"
-[ "$status" = finished:completed ] || die "run ended $status (see $WORK/flwr-run.log; $ENGINE logs $P-serverapp)"
+[ "$status" = finished:completed ] || die "run ended $status (see $WORK/flwr-run-run.log; $ENGINE logs $P-serverapp)"
 latest "test -s model.prism && ls -l model.prism history.json"
 history_rounds
 E logs "$P-serverapp" > "$WORK/serverapp.log" 2>&1 || true
@@ -452,8 +459,10 @@ rss_sampler() {  # rss_sampler CONTAINER OUT: resident memory (rss, no page cach
     done
 }
 start_edge() {  # start_edge NAME KEY PARTITION MEMORY: one edge.Dockerfile container (subprocess isolation)
+    # state-dir (client state, privacy ledger) in a volume of its own, as on a device (docs/edge.md)
     E run -d --name "$P-$1" --network "$P-fleet" "${FLWR_ENV[@]}" "${DATA_MOUNT[@]}" \
-        --cpus 1 --memory "$4" --memory-swap "$4" -v "$P-$2-key:/app/keys:ro" "$EDGE_IMAGE" \
+        --cpus 1 --memory "$4" --memory-swap "$4" -v "$P-$2-key:/app/keys:ro" \
+        -v "$P-$1-state:/app/.local/state/prism-flwr" "$EDGE_IMAGE" \
         --superlink fleet-proxy:9092 --root-certificates /app/keys/ca.crt \
         --auth-supernode-private-key "/app/keys/$2.key" --node-config "partition-id=$3 num-partitions=2" >/dev/null
 }
@@ -465,12 +474,12 @@ if [ "$EDGE" = 1 ]; then
     E rm -f "$P-supernode-0" "$P-clientapp-0" >/dev/null
     wait_online 1 120
     t_start=$(date +%s.%N)
-    start_edge edge supernode-edge 0 1g
+    start_edge edge supernode-edge 0 "$EDGE_MEMORY"
     wait_online 2 180
     online_at=$(flwr supernode ls containers --format json \
         | json_get "[n['online-at'] for n in d['nodes'] if n['node-id'] == '${NODE_ID[supernode-edge]}'][0]")
     startup=$(echo "$(date -u -d "${online_at%Z}" +%s) - $t_start" | bc)
-    log "edge node (--cpus 1 --memory 1g) online ${startup} s after its container was started" \
+    log "edge node (--cpus 1 --memory $EDGE_MEMORY) online ${startup} s after its container was started" \
         "(the SuperLink's online-at, whole seconds: $online_at)"
     : > "$WORK/edge-stats.txt"; : > "$WORK/edge-rss.txt"
     mem_sampler "$P-edge" "$WORK/edge-stats.txt" & sampler=$!
@@ -517,29 +526,52 @@ if [ "$CUDA" = 1 ]; then
         "import torch; print('torch', torch.__version__, 'CUDA build', torch.version.cuda, 'GPU visible', torch.cuda.is_available())"
 fi
 if [ "$ARM64" = 1 ]; then
-    # Flower's stand-in (Python, flwr) for linux/arm64, built under qemu user emulation: the
-    # kernel must run aarch64 binaries through binfmt_misc (Debian: qemu-user-static, binfmt-support).
+    # The edge image for linux/arm64 (docker/edge-site.Dockerfile): its packages fetched and unpacked
+    # natively by this host's pip for aarch64, emulation (qemu-user-static through binfmt_misc)
+    # only for the image's few RUN steps and for running it.
     stage arm64
     [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] \
         || die "no binfmt_misc entry for aarch64: apt-get install qemu-user-static binfmt-support (and mount binfmt_misc)"
-    arm_base=docker.io/library/debian:bookworm-slim
+    arm_base=docker.io/library/python:3.11-slim
     if [ "$BASE" = debian ]; then
-        arm_base=localhost/prism-flwr/debian:bookworm-arm64
+        arm_base=localhost/prism-flwr/python:3.11-bookworm-arm64
         if ! image_exists "$arm_base"; then
             rootfs="$WORK/rootfs-arm64"
             rm -rf "$rootfs"
-            log "debootstrap --arch=arm64 --variant=minbase bookworm $rootfs (second stage emulated)"
-            debootstrap --arch=arm64 --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian \
-                > "$WORK/debootstrap-arm64.log" 2>&1 || die "debootstrap failed, see $WORK/debootstrap-arm64.log"
+            log "debootstrap --arch=arm64 --variant=minbase bookworm $rootfs, with python3 (second stage emulated)"
+            debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+                bookworm "$rootfs" http://deb.debian.org/debian > "$WORK/debootstrap-arm64.log" 2>&1 \
+                || die "debootstrap failed, see $WORK/debootstrap-arm64.log"
             rm -f "$rootfs"/var/cache/apt/archives/*.deb
             tar -C "$rootfs" -c . | E import --arch arm64 --change 'CMD ["/bin/bash"]' - "$arm_base" >/dev/null
             rm -rf "$rootfs"
         fi
     fi
-    pip_settings /opt/pip-build                       # the same build installs ca-certificates
-    build debian.Dockerfile "localhost/prism-flwr/superexec:$FLWR_VERSION-arm64" --platform linux/arm64 \
-        --target superexec --build-arg "DEBIAN_IMAGE=$arm_base"
-    E run --rm --platform linux/arm64 --network none --entrypoint python "localhost/prism-flwr/superexec:$FLWR_VERSION-arm64" \
-        -c "import platform, flwr; print('arm64 image:', platform.machine(), 'flwr', flwr.__version__)"
+    site="$WORK/site-arm64"
+    if [ ! -f "$site/.complete" ]; then
+        rm -rf "$site"
+        plat=(--platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 --python-version 3.11
+              --implementation cp --abi cp311 --only-binary=:all: --no-cache-dir)
+        # torch's nvidia requirements are marked for x86_64, which pip evaluates for this host: --no-deps,
+        # and its own requirements named; PyPI's aarch64 torch is CPU-only up to 2.9.1.
+        log "pip install --platform manylinux_2_28_aarch64 --target $site torch==${ARM64_TORCH:-2.9.1} + docker/client-requirements.txt"
+        python3 -m pip install -q "${plat[@]}" --target "$site" --no-deps "torch==${ARM64_TORCH:-2.9.1}" \
+            > "$WORK/pip-arm64.log" 2>&1 || die "pip (torch for aarch64) failed, see $WORK/pip-arm64.log"
+        # markers are evaluated for this host too: opacus (requires torch) goes in with --no-deps, and
+        # constriction has no aarch64 wheel (an arm64 node runs uplink-coding = "raw")
+        grep -vE '^(constriction|opacus)' "$REPO/docker/client-requirements.txt" > "$WORK/client-requirements-arm64.txt"
+        python3 -m pip install -q "${plat[@]}" --target "$site.deps" -r "$WORK/client-requirements-arm64.txt" \
+            filelock typing-extensions sympy networkx jinja2 fsspec scipy opt_einsum >> "$WORK/pip-arm64.log" 2>&1 \
+            || die "pip (client requirements for aarch64) failed, see $WORK/pip-arm64.log"
+        python3 -m pip install -q "${plat[@]}" --target "$site.deps" --no-deps opacus >> "$WORK/pip-arm64.log" 2>&1 \
+            || die "pip (opacus for aarch64) failed, see $WORK/pip-arm64.log"
+        cp -an "$site.deps/." "$site/" && rm -rf "$site.deps" && touch "$site/.complete"
+    fi
+    rm -rf "$REPO/.edge-site/site" && mkdir -p "$REPO/.edge-site"
+    cp -al "$site" "$REPO/.edge-site/site" 2>/dev/null || cp -a "$site" "$REPO/.edge-site/site"
+    build edge-site.Dockerfile localhost/prism-flwr/edge:arm64 --platform linux/arm64 --build-arg "PYTHON_IMAGE=$arm_base"
+    rm -rf "$REPO/.edge-site"
+    E run --rm --platform linux/arm64 --network none --entrypoint python localhost/prism-flwr/edge:arm64 \
+        -c "import platform, torch, flwr, client_app; print('arm64 edge image:', platform.machine(), 'torch', torch.__version__, 'flwr', flwr.__version__)"
 fi
 stage_end

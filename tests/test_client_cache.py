@@ -1,6 +1,7 @@
 """prism_flwr.data.client_cache: a ClientApp process reads its own images from one file, built once,
 refused and rebuilt when it does not match, and never needs torchvision or flwr-datasets then."""
 
+import json
 import logging
 import os
 import subprocess
@@ -42,7 +43,8 @@ def _forbid_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the dataset was read although the cache holds this client")
 
-    monkeypatch.setattr(client_cache, "load_dataset", refuse)
+    monkeypatch.setattr(client_cache, "load_labels", refuse)
+    monkeypatch.setattr(client_cache, "load_rows", refuse)
 
 
 def test_built_once_then_read_alone(mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,12 +54,37 @@ def test_built_once_then_read_alone(mnist_root: Path, monkeypatch: pytest.Monkey
     idx = partition_indices(full.labels, 4, "shards", 3, shards_per_partition=4)[1]
     assert torch.equal(images, full.images[torch.as_tensor(idx)])
     assert hist == label_histogram(full.labels, idx, 10) and sum(hist) == len(images) > 0
-    assert len(list((mnist_root / client_cache.CACHE_FOLDER).glob("mnist-*.npz"))) == 1
+    assert len(list((mnist_root / client_cache.CACHE_FOLDER).glob("mnist-*.u8"))) == 1
 
     _fresh_process_state()
     _forbid_dataset(monkeypatch)
     again, hist_again = client_cache.client_images(cfg, 1, 4)
     assert torch.equal(again, images) and hist_again == hist
+    assert _mapped_file(again.data_ptr()) == str(client_cache.cache_path(cfg, client_cache._key(cfg, 1, 4)))
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file mapped at ``address`` in this process (/proc/self/maps), None for anonymous memory."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= address < hi:
+            return rest[4] if len(rest) == 5 else None
+    return None
+
+
+def test_client_data_is_uint8_read_as_float_a_batch_at_a_time(mnist_root: Path) -> None:
+    cfg = _cfg(mnist_root)
+    images, hist = client_cache.client_images(cfg, 1, 4)
+    data, hist_again = client_cache.client_data(cfg, 1, 4, torch.device("cpu"))
+    assert data.pixels.dtype == torch.uint8 and hist_again == hist and len(data) == len(images)
+    full = images.float() / 127.5 - 1
+    idx = torch.tensor([3, 0, 3, len(images) - 1])
+    for key in (idx, slice(2, 9), 5):
+        got = data[key]
+        assert got.dtype == torch.float32 and torch.allclose(got, full[key], atol=1e-6)
+    assert data.device == torch.device("cpu") and data.shape == images.shape
+    assert float(data[0].min()) >= -1 and float(data[0].max()) <= 1
 
 
 @pytest.mark.parametrize("change", ["partition", "seed", "partitioning", "source file"])
@@ -84,21 +111,29 @@ def test_no_key_while_the_dataset_is_missing(tmp_path: Path) -> None:
     assert not (tmp_path / client_cache.CACHE_FOLDER).exists()
 
 
-def _rewrite(path: Path, **arrays) -> None:
-    with np.load(path) as f:
-        content = {k: f[k] for k in f.files}
-    content.update(arrays)
-    np.savez(path, **{k: v for k, v in content.items() if v is not None})
+def _rewrite(path: Path, pixels: bytes | None = None, **header) -> None:
+    """The file with header fields replaced (None: removed) and, when given, other pixel bytes."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[len(client_cache.MAGIC) : len(client_cache.MAGIC) + 4], "little")
+    old = json.loads(raw[len(client_cache.MAGIC) + 4 : len(client_cache.MAGIC) + 4 + size])
+    offset = -(-(len(client_cache.MAGIC) + 4 + size) // client_cache.ALIGN) * client_cache.ALIGN
+    new = {k: v for k, v in {**old, **header}.items() if v is not None}
+    body = json.dumps(new).encode()
+    head = client_cache.MAGIC + len(body).to_bytes(4, "little") + body
+    start = -(-len(head) // client_cache.ALIGN) * client_cache.ALIGN
+    path.write_bytes(head + b" " * (start - len(head)) + (raw[offset:] if pixels is None else pixels))
 
 
 @pytest.mark.parametrize(
     "damage, reason",
     [
-        ("truncated", "unreadable"),
+        ("truncated", "bytes, not the"),
+        ("not a cache file", "not a client cache file"),
         ("other key", "written for other data"),
-        ("float images", "not uint8"),
+        ("float images", "bytes, not the"),
+        ("other shape", "not (N>0, 1, 32, 32)"),
         ("histogram", "does not count"),
-        ("missing array", "not key, images and hist"),
+        ("missing field", "not key, shape and hist"),
     ],
 )
 def test_a_file_that_does_not_match_is_refused_and_rebuilt(
@@ -108,13 +143,17 @@ def test_a_file_that_does_not_match_is_refused_and_rebuilt(
     images, hist = client_cache.client_images(cfg, 0, 4)
     path = client_cache.cache_path(cfg, client_cache._key(cfg, 0, 4))
     if damage == "truncated":
-        path.write_bytes(path.read_bytes()[:200])
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "not a cache file":
+        np.savez(path.open("wb"), images=images.numpy())
     elif damage == "other key":
-        _rewrite(path, key=np.frombuffer(b'{"format": 1}', dtype=np.uint8))
+        _rewrite(path, key='{"format": 1}')
     elif damage == "float images":
-        _rewrite(path, images=images.numpy().astype(np.float32))
+        _rewrite(path, pixels=images.numpy().astype(np.float32).tobytes())
+    elif damage == "other shape":
+        _rewrite(path, shape=[len(images), 3, 32, 32])
     elif damage == "histogram":
-        _rewrite(path, hist=np.asarray(hist, dtype=np.int64) + 1)
+        _rewrite(path, hist=[n + 1 for n in hist])
     else:
         _rewrite(path, hist=None)
     _fresh_process_state()
@@ -177,3 +216,20 @@ def test_startup_benchmark_prints_its_table(mnist_root: Path) -> None:
     )
     assert out["images"] > 0 and len(out["cold_s"]) == len(out["warm_s"]) == len(clientapp_startup.PHASES)
     assert all(t >= 0 for t in out["cold_s"] + out["warm_s"])
+
+
+def test_memory_benchmark_prints_its_table(mnist_root: Path, tmp_path: Path) -> None:
+    from benchmarks import client_memory
+
+    tiny = '{"ngf": 4, "local-steps": 1, "batch-size": 8, "eval-samples": 16, "seed": 3}'
+    out = client_memory.main(
+        ["--dataset", "mnist", "--data-dir", str(mnist_root), "--partitions", "4", "--run-config", tiny,
+         "--state-dir", str(tmp_path / "state")]
+    )  # fmt: skip
+    assert out["images"] > 0 and set(out["summary"]) == {"train", "evaluate"}
+    for kind, summary in out["summary"].items():
+        rows = out["rows"][kind]
+        assert [r[0] for r in rows][:3] == ["python", "import torch", "import Flower"]
+        assert all(peak >= rss > 0 for _, rss, peak, *_ in rows)  # the peak never below the current RSS
+        assert summary["peak_mib"] == rows[-1][2] >= summary["torch_flower_mib"] > 0
+        assert "torchvision" not in summary["imported"]

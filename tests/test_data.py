@@ -17,6 +17,7 @@ from torchvision import transforms as T
 
 from prism_flwr.data import datasets as data
 from prism_flwr.data.datasets import DatasetMissingError, load_dataset
+from prism_flwr.data.idx import read_idx
 from tests.support.fixtures_data import (
     fake_urlopen,
     gzip_file,
@@ -81,6 +82,31 @@ def test_mnist_fixture_resized_like_pil(tmp_path: Path) -> None:
     assert (train.images.int() - pil.int()).abs().max().item() <= 1
     test = load_dataset("mnist", tmp_path, train=False)
     assert len(test) == 20 and test is not train
+
+
+def test_idx_files_read_as_torchvision_reads_them(tmp_path: Path) -> None:
+    written = write_mnist(tmp_path, "MNIST", n_train=30, n_test=5)
+    raw = tmp_path / "MNIST" / "raw"
+    theirs = tvd.MNIST(tmp_path, train=True)
+    assert np.array_equal(read_idx(raw / "train-images-idx3-ubyte"), theirs.data.numpy())
+    assert np.array_equal(read_idx(raw / "train-labels-idx1-ubyte"), theirs.targets.numpy())
+    assert np.array_equal(read_idx(raw / "train-images-idx3-ubyte"), written["train_images"])
+    bad = tmp_path / "bad"
+    bad.write_bytes((raw / "train-images-idx3-ubyte").read_bytes()[:-1])
+    with pytest.raises(ValueError, match="bytes of data for dimensions"):
+        read_idx(bad)
+    bad.write_bytes(b"\x00\x00\x0d\x01" + bytes(8))  # float32 idx: not what MNIST holds
+    with pytest.raises(ValueError, match="not a uint8 idx file"):
+        read_idx(bad)
+
+
+def test_file_lists_are_torchvisions(tmp_path: Path) -> None:
+    """expected_files names what torchvision's loaders read, without importing torchvision."""
+    cifar = [f for f, _ in tvd.CIFAR10.train_list + tvd.CIFAR10.test_list] + [tvd.CIFAR10.meta["filename"]]
+    assert data.expected_files("cifar10", tmp_path) == [tmp_path / tvd.CIFAR10.base_folder / f for f in cifar]
+    base = tmp_path / tvd.CelebA.base_folder
+    texts = [base / f for _, _, f in tvd.CelebA.file_list if not f.endswith(".zip")]
+    assert data.expected_files("celeba", tmp_path) == [base / "img_align_celeba", *texts]
 
 
 def test_cifar10_fixture(tmp_path: Path) -> None:

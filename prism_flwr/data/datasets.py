@@ -1,4 +1,5 @@
-"""The paper's image datasets, read by torchvision's own classes from a local directory.
+"""The paper's image datasets, read from a local directory: MNIST and Fashion-MNIST's idx files
+directly (``idx.py``), CIFAR-10 and CelebA by torchvision's own classes.
 
 Every dataset comes back as one ``ImageData``: uint8 images of shape (N, C, 32, 32), already
 preprocessed as in the paper (MNIST/Fashion-MNIST resized 28 -> 32, CelebA centre-cropped to 160
@@ -13,24 +14,25 @@ we looked and how to put the files in place by hand. Files already present are n
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import urllib.error
 import urllib.parse
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from prism_flwr.data.fetching import download_lock as _download_lock
+from prism_flwr.data.fetching import no_network as _no_network
+from prism_flwr.data.fetching import socket_timeout as _socket_timeout
+from prism_flwr.data.idx import idx_images, idx_labels
+from prism_flwr.data.images import to_float
 from prism_flwr.progress import Progress
 
 DATASETS = ("mnist", "fmnist", "cifar10", "celeba")
@@ -49,7 +51,13 @@ _IDX_FILES = (
 )
 # torchvision looks under <root>/<class name>/raw/.
 _IDX_FOLDER = {"mnist": "MNIST", "fmnist": "FashionMNIST"}
-_RESIZE_CHUNK = 8192  # images per vectorised resize: bounds the float32 working memory
+# The files torchvision's CIFAR10 and CelebA loaders read, written out so that naming them (the
+# client cache's key) imports no torchvision; tests/test_data.py checks them against torchvision.
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+CELEBA_FOLDER = "celeba"
+CELEBA_FILES = ("list_attr_celeba.txt", "identity_CelebA.txt", "list_bbox_celeba.txt",
+                "list_landmarks_align_celeba.txt", "list_eval_partition.txt")  # fmt: skip
 DOWNLOAD_TIMEOUT = 60.0  # seconds without an answer before a download counts as "no network"
 # Approximate download sizes, for the message printed before fetching.
 DOWNLOAD_SIZES = {"mnist": "12 MB", "fmnist": "30 MB", "cifar10": "170 MB", "celeba": "1.4 GB"}
@@ -67,7 +75,7 @@ def download_mode(download: bool | str) -> bool | str:
     value = str(download).strip().lower()
     if value in ("auto", "true", "false"):
         return {"true": True, "false": False}.get(value, "auto")
-    raise ValueError(f"download must be true, false or \"auto\", got {download!r}")
+    raise ValueError(f'download must be true, false or "auto", got {download!r}')
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: compare and hash by identity, never element-wise
@@ -82,11 +90,15 @@ class ImageData:
     def __post_init__(self) -> None:
         shape = (NUM_CHANNELS[self.name], IMAGE_SIZE, IMAGE_SIZE)
         if self.images.dtype != torch.uint8 or self.images.shape[1:] != shape:
-            raise ValueError(f"{self.name}: expected uint8 images (N, {NUM_CHANNELS[self.name]}, 32, 32), "
-                             f"got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"{self.name}: expected uint8 images (N, {NUM_CHANNELS[self.name]}, 32, 32), "
+                f"got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.dtype != np.int64 or self.labels.shape != (len(self.images),):
-            raise ValueError(f"{self.name}: expected int64 labels ({len(self.images)},), "
-                             f"got {self.labels.dtype} {self.labels.shape}")
+            raise ValueError(
+                f"{self.name}: expected int64 labels ({len(self.images)},), "
+                f"got {self.labels.dtype} {self.labels.shape}"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -96,27 +108,22 @@ class ImageData:
         return to_float(self.images if idx is None else self.images[torch.as_tensor(idx, dtype=torch.long)])
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 in [-1, 1] (x / 127.5 - 1)."""
-    return images.float().div_(127.5).sub_(1.0)
-
-
 # torchvision checks the md5 of every CIFAR-10 and CelebA file before loading. Re-packaged copies
 # (batches re-pickled, text files re-saved) and our test fixtures hold the same data in the same
 # formats with other bytes, so offline we only check that the files exist. A download
 # (download=True) still verifies the md5 of what torchvision fetches: these classes keep the md5s
 # of the archives (CIFAR-10's tgz_md5) and of the downloaded files (CelebA's file_list).
 #
-# torchvision is imported on first use (``_tvd``): it costs about 1 s, and a ClientApp process of
-# Flower's deployment engine (one per message) that finds its images in the client cache
-# (client_cache.py) never needs it.
+# torchvision is imported on first use (``_tvd``): it costs about 1 s and 160 MB, a ClientApp
+# process of Flower's deployment engine (one per message) that finds its images in the client
+# cache (client_cache.py) never needs it, and an MNIST/Fashion-MNIST node never does.
 def _tvd():
     from torchvision import datasets
 
     return datasets
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cifar10_class() -> type:
     tvd = _tvd()
 
@@ -124,14 +131,16 @@ def _cifar10_class() -> type:
         train_list = [[file, None] for file, _ in tvd.CIFAR10.train_list]
         test_list = [[file, None] for file, _ in tvd.CIFAR10.test_list]
         meta = {**tvd.CIFAR10.meta, "md5": None}
+
     return _CIFAR10
 
 
-@lru_cache(maxsize=None)
+@cache
 def _celeba_class() -> type:
     class _CelebA(_tvd().CelebA):
         def _check_integrity(self) -> bool:
             return all(path.exists() for path in expected_files("celeba", Path(self.root)))
+
     return _CelebA
 
 
@@ -140,13 +149,9 @@ def expected_files(name: str, root: Path) -> list[Path]:
     if name in _IDX_FOLDER:
         return [root / _IDX_FOLDER[name] / "raw" / file for file in _IDX_FILES]
     if name == "cifar10":
-        cifar = _cifar10_class()
-        files = [file for file, _ in cifar.train_list + cifar.test_list] + [cifar.meta["filename"]]
-        return [root / cifar.base_folder / file for file in files]
-    celeba = _tvd().CelebA
-    base = root / celeba.base_folder
-    texts = [base / file for _, _, file in celeba.file_list if not file.endswith(".zip")]
-    return [base / "img_align_celeba", *texts]
+        return [root / CIFAR10_FOLDER / file for file in CIFAR10_FILES]
+    base = root / CELEBA_FOLDER
+    return [base / "img_align_celeba", *(base / file for file in CELEBA_FILES)]
 
 
 def _layout(name: str, root: Path) -> str:
@@ -154,37 +159,58 @@ def _layout(name: str, root: Path) -> str:
     if name in _IDX_FOLDER:
         return f"{root / _IDX_FOLDER[name] / 'raw'}/{', '.join(_IDX_FILES)}  (uncompressed idx files)"
     if name == "cifar10":
-        return (f"{root / 'cifar-10-batches-py'}/data_batch_1..5, test_batch, batches.meta"
-                "  (the 'CIFAR-10 python version' archive, extracted)")
-    return (f"{root / 'celeba'}/img_align_celeba/*.jpg, list_attr_celeba.txt, list_eval_partition.txt, "
-            "identity_CelebA.txt, list_bbox_celeba.txt, list_landmarks_align_celeba.txt"
-            "  (the aligned-and-cropped JPEGs and the five annotation files)")
+        return (
+            f"{root / 'cifar-10-batches-py'}/data_batch_1..5, test_batch, batches.meta"
+            "  (the 'CIFAR-10 python version' archive, extracted)"
+        )
+    return (
+        f"{root / 'celeba'}/img_align_celeba/*.jpg, list_attr_celeba.txt, list_eval_partition.txt, "
+        "identity_CelebA.txt, list_bbox_celeba.txt, list_landmarks_align_celeba.txt"
+        "  (the aligned-and-cropped JPEGs and the five annotation files)"
+    )
 
 
 def _missing_message(name: str, root: Path, missing: list[Path], why: str = "download is off") -> str:
     looked = [str(path) for path in missing]
     if name == "fmnist":
-        looked += [str(FMNIST_SYSTEM_DIR / f"{file}.gz") for file in _IDX_FILES
-                   if not (FMNIST_SYSTEM_DIR / f"{file}.gz").is_file()]
+        looked += [
+            str(FMNIST_SYSTEM_DIR / f"{file}.gz")
+            for file in _IDX_FILES
+            if not (FMNIST_SYSTEM_DIR / f"{file}.gz").is_file()
+        ]
     if why == "download is off":
-        ways = [f"set run-config key `download` to \"auto\" (the default) on a machine with internet "
-                f"(flwr run . --run-config 'download=\"auto\"'); torchvision downloads it once into {root}"]
+        ways = [
+            f'set run-config key `download` to "auto" (the default) on a machine with internet '
+            f"(flwr run . --run-config 'download=\"auto\"'); torchvision downloads it once into {root}"
+        ]
     else:
         ways = [f"run again where {_host(name)} is reachable: the download goes into {root}"]
     if name == "celeba":
-        ways[0] += (" (from Google Drive: needs the `gdown` package, pip install gdown; Google Drive often "
-                    "refuses it for a day once its quota is spent)")
-        ways.append(f"download by hand from {CELEBA_PAGE} (Google Drive or Baidu links): "
-                    "'Align&Cropped Images' img_align_celeba.zip (unzip it) and the files of 'Anno' and 'Eval'")
-    ways.append(f"put the files there yourself, in this layout:\n      {_layout(name, root)}\n"
-                "    or set run-config key `data-dir` to a directory with this layout")
+        ways[0] += (
+            " (from Google Drive: needs the `gdown` package, pip install gdown; Google Drive often "
+            "refuses it for a day once its quota is spent)"
+        )
+        ways.append(
+            f"download by hand from {CELEBA_PAGE} (Google Drive or Baidu links): "
+            "'Align&Cropped Images' img_align_celeba.zip (unzip it) and the files of 'Anno' and 'Eval'"
+        )
+    ways.append(
+        f"put the files there yourself, in this layout:\n      {_layout(name, root)}\n"
+        "    or set run-config key `data-dir` to a directory with this layout"
+    )
     if name == "fmnist":
-        ways.append(f"apt-get install dataset-fashion-mnist (Debian/Ubuntu); its files in {FMNIST_SYSTEM_DIR} "
-                    "are then used automatically")
-    return "\n".join([f"Dataset '{name}' not found ({why}). Looked for these files, missing:",
-                      *(f"  {path}" for path in looked),
-                      "Get it in one of these ways:",
-                      *(f"  - {way}" for way in ways)])
+        ways.append(
+            f"apt-get install dataset-fashion-mnist (Debian/Ubuntu); its files in {FMNIST_SYSTEM_DIR} "
+            "are then used automatically"
+        )
+    return "\n".join(
+        [
+            f"Dataset '{name}' not found ({why}). Looked for these files, missing:",
+            *(f"  {path}" for path in looked),
+            "Get it in one of these ways:",
+            *(f"  - {way}" for way in ways),
+        ]
+    )
 
 
 def _urls(name: str) -> list[str]:
@@ -199,41 +225,6 @@ def _urls(name: str) -> list[str]:
 
 def _host(name: str) -> str:
     return " or ".join(dict.fromkeys(urllib.parse.urlsplit(url).netloc for url in _urls(name)))
-
-
-@contextmanager
-def _download_lock(root: Path, name: str):
-    """One downloader per (data directory, dataset) across processes (simulated clients, server)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{name}.download.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _socket_timeout(seconds: float):
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(old)
-
-
-def _no_network(err: BaseException) -> bool:
-    """Whether ``err`` (or what it wraps) is a failure to reach the server, not a bad file."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, socket.gaierror)):
-            return True
-        if isinstance(err, RuntimeError) and ("urlopen error" in str(err) or "timed out" in str(err)):
-            return True  # MNIST's loop over mirrors re-raises their URLErrors as one RuntimeError
-        err = err.__cause__ or err.__context__
-    return False
 
 
 def _torchvision_download(name: str, root: Path) -> None:
@@ -257,21 +248,32 @@ def fetch(name: str, root: Path) -> None:
         missing = [path for path in expected_files(name, root) if not path.exists()]
         if not missing:  # another process fetched it while we waited for the lock
             return
-        print(f"Dataset '{name}' is not in {root}: downloading it once (about {DOWNLOAD_SIZES[name]}) "
-              f"from {_host(name)} ...", file=sys.stderr, flush=True)
+        print(
+            f"Dataset '{name}' is not in {root}: downloading it once (about {DOWNLOAD_SIZES[name]}) "
+            f"from {_host(name)} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             with _socket_timeout(DOWNLOAD_TIMEOUT):
                 _torchvision_download(name, root)
         except Exception as err:  # noqa: BLE001  every failure becomes one clear message
             lines = str(err).splitlines() or [err.__class__.__name__]
-            detail = next((line for line in lines if "urlopen error" in line or "timed out" in line), lines[0])
-            why = (f"no network: could not reach {_host(name)}: {detail}" if _no_network(err)
-                   else f"the download failed: {detail}")
+            detail = next(
+                (line for line in lines if "urlopen error" in line or "timed out" in line), lines[0]
+            )
+            why = (
+                f"no network: could not reach {_host(name)}: {detail}"
+                if _no_network(err)
+                else f"the download failed: {detail}"
+            )
             missing = [path for path in expected_files(name, root) if not path.exists()]
             raise DatasetMissingError(_missing_message(name, root, missing, why)) from err
         missing = [path for path in expected_files(name, root) if not path.exists()]
         if missing:
-            raise DatasetMissingError(_missing_message(name, root, missing, "the download left files missing"))
+            raise DatasetMissingError(
+                _missing_message(name, root, missing, "the download left files missing")
+            )
         print(f"Dataset '{name}' downloaded into {root}", file=sys.stderr, flush=True)
 
 
@@ -299,29 +301,17 @@ def _prepare_fmnist(root: Path) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def _resize_idx_images(images: torch.Tensor) -> torch.Tensor:
-    """(N, 28, 28) uint8 -> (N, 1, 32, 32) uint8 by bilinear interpolation, vectorised.
-
-    The paper resizes each image with torchvision's Resize(32) on PIL images. Torch's bilinear
-    filter with antialias=True is the same filter; PIL computes it in fixed point, so results
-    differ only by rounding, at most 1 grey level (checked in tests), at a fraction of the time.
-    """
-    out = torch.empty((len(images), 1, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
-    for start in range(0, len(images), _RESIZE_CHUNK):
-        chunk = images[start:start + _RESIZE_CHUNK, None].float()
-        resized = F.interpolate(chunk, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
-                                align_corners=False)
-        out[start:start + _RESIZE_CHUNK] = resized.round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
 def _load_celeba(root: Path, train: bool) -> tuple[torch.Tensor, np.ndarray]:
     """Centre-crop 160 then resize to 32, image by image through PIL, as in the paper."""
     from torchvision import transforms as T
 
     transform = T.Compose([T.CenterCrop(CELEBA_CROP), T.Resize(IMAGE_SIZE), T.PILToTensor()])
-    dataset = _celeba_class()(root, split="train" if train else "test", target_type="attr", transform=transform)
-    progress = Progress(f"celeba {'train' if train else 'test'} split: centre-crop and resize", len(dataset), "images")
+    dataset = _celeba_class()(
+        root, split="train" if train else "test", target_type="attr", transform=transform
+    )
+    progress = Progress(
+        f"celeba {'train' if train else 'test'} split: centre-crop and resize", len(dataset), "images"
+    )
     images = []
     for i in range(len(dataset)):
         progress.update(i)
@@ -332,7 +322,8 @@ def _load_celeba(root: Path, train: bool) -> tuple[torch.Tensor, np.ndarray]:
     return images, labels
 
 
-def _load(name: str, root: Path, train: bool, download: bool | str) -> ImageData:
+def _ensure(name: str, root: Path, download: bool | str) -> None:
+    """The dataset's files in ``root``: prepared from Debian's package, or fetched when allowed."""
     if name == "fmnist":
         _prepare_fmnist(root)
     missing = [path for path in expected_files(name, root) if not path.exists()]
@@ -340,6 +331,10 @@ def _load(name: str, root: Path, train: bool, download: bool | str) -> ImageData
         if download_mode(download) is False:
             raise DatasetMissingError(_missing_message(name, root, missing))
         fetch(name, root)
+
+
+def _load(name: str, root: Path, train: bool, download: bool | str) -> ImageData:
+    _ensure(name, root, download)
     if name == "cifar10":
         cifar = _cifar10_class()(root, train=train)
         images = torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
@@ -347,17 +342,17 @@ def _load(name: str, root: Path, train: bool, download: bool | str) -> ImageData
     elif name == "celeba":
         images, labels = _load_celeba(root, train)
     else:
-        loader = _tvd().MNIST if name == "mnist" else _tvd().FashionMNIST
-        idx = loader(root, train=train)
-        images, labels = _resize_idx_images(idx.data), idx.targets.numpy()
+        raw = root / _IDX_FOLDER[name] / "raw"
+        images, labels = idx_images(raw, train), idx_labels(raw, train)
     return ImageData(name, images, labels.astype(np.int64), NUM_CLASSES[name])
 
 
 _CACHE: dict[tuple[str, Path, bool], ImageData] = {}
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike = "data", train: bool = True,
-                 download: bool | str = False) -> ImageData:
+def load_dataset(
+    name: str, data_dir: str | os.PathLike = "data", train: bool = True, download: bool | str = False
+) -> ImageData:
     """Load one split of ``name`` from ``data_dir``, once per process.
 
     Cached by (name, resolved data_dir, train): every simulated client a process hosts shares the
@@ -371,3 +366,26 @@ def load_dataset(name: str, data_dir: str | os.PathLike = "data", train: bool = 
     if key not in _CACHE:
         _CACHE[key] = _load(name, root, train, download)
     return _CACHE[key]
+
+
+def load_labels(name: str, data_dir: str | os.PathLike, download: bool | str = False) -> np.ndarray:
+    """The training split's labels: MNIST/Fashion-MNIST's label file alone (60 kB), unless the
+    whole split is loaded in this process already; other datasets through ``load_dataset``."""
+    root = Path(data_dir).expanduser().resolve()
+    if name not in _IDX_FOLDER or (name, root, True) in _CACHE:
+        return load_dataset(name, root, True, download).labels
+    _ensure(name, root, download)
+    return idx_labels(root / _IDX_FOLDER[name] / "raw", True)
+
+
+def load_rows(
+    name: str, data_dir: str | os.PathLike, rows: np.ndarray, download: bool | str = False
+) -> torch.Tensor:
+    """The training split's uint8 images at ``rows`` (N, C, 32, 32): for MNIST/Fashion-MNIST read
+    and resized for those rows alone (the same pixels as from the whole split), unless the whole
+    split is loaded in this process already; other datasets through ``load_dataset``."""
+    root = Path(data_dir).expanduser().resolve()
+    if name not in _IDX_FOLDER or (name, root, True) in _CACHE:
+        return load_dataset(name, root, True, download).images[torch.as_tensor(rows, dtype=torch.long)]
+    _ensure(name, root, download)
+    return idx_images(root / _IDX_FOLDER[name] / "raw", True, rows)

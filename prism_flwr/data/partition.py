@@ -62,17 +62,25 @@ def _dirichlet(labels: np.ndarray, num_partitions: int, alpha: float, seed: int)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # flwr warns at each redraw; we warn once below
-            partitioner = DirichletPartitioner(num_partitions, "label", alpha,
-                                               min_partition_size=DIRICHLET_MIN_PARTITION_SIZE, seed=seed)
+            partitioner = DirichletPartitioner(
+                num_partitions, "label", alpha, min_partition_size=DIRICHLET_MIN_PARTITION_SIZE, seed=seed
+            )
             return _run(partitioner, table, num_partitions)
     except ValueError as err:
         if "attempts" not in str(err):
             raise
-    parts = _run(DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=0, seed=seed),
-                 table, num_partitions)
-    warnings.warn(f"Dirichlet(alpha={alpha}): no draw gave all {num_partitions} partitions "
-                  f">= {DIRICHLET_MIN_PARTITION_SIZE} samples; using one without that floor, "
-                  f"partition sizes {[len(p) for p in parts]}", UserWarning, stacklevel=3)
+    parts = _run(
+        DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=0, seed=seed),
+        table,
+        num_partitions,
+    )
+    warnings.warn(
+        f"Dirichlet(alpha={alpha}): no draw gave all {num_partitions} partitions "
+        f">= {DIRICHLET_MIN_PARTITION_SIZE} samples; using one without that floor, "
+        f"partition sizes {[len(p) for p in parts]}",
+        UserWarning,
+        stacklevel=3,
+    )
     return parts
 
 
@@ -80,24 +88,36 @@ def _attribute(labels: np.ndarray, num_partitions: int, seed: int) -> list[np.nd
     """First half of the partitions: label 1 only (CelebA: male); second half: label 0; IID within."""
     values = set(np.unique(labels).tolist())
     if not values <= {0, 1}:
-        raise ValueError(f"partitioning 'attribute' needs binary 0/1 labels (CelebA's Male attribute), "
-                         f"got label values {sorted(values)[:10]}")
+        raise ValueError(
+            f"partitioning 'attribute' needs binary 0/1 labels (CelebA's Male attribute), "
+            f"got label values {sorted(values)[:10]}"
+        )
     if num_partitions % 2:
-        raise ValueError(f"partitioning 'attribute' needs an even number of partitions (half get label 1, "
-                         f"half label 0), got {num_partitions}")
+        raise ValueError(
+            f"partitioning 'attribute' needs an even number of partitions (half get label 1, "
+            f"half label 0), got {num_partitions}"
+        )
     half = num_partitions // 2
     parts = []
     for value in (1, 0):
         group = np.flatnonzero(labels == value)
         if len(group) < half:
-            raise ValueError(f"partitioning 'attribute': {len(group)} samples with label {value}, "
-                             f"fewer than the {half} partitions that should share them")
+            raise ValueError(
+                f"partitioning 'attribute': {len(group)} samples with label {value}, "
+                f"fewer than the {half} partitions that should share them"
+            )
         parts += _iid(group, half, seed)
     return parts
 
 
-def partition_indices(labels: np.ndarray, num_partitions: int, method: str, seed: int, alpha: float = 0.1,
-                      shards_per_partition: int = 4) -> list[np.ndarray]:
+def partition_indices(
+    labels: np.ndarray,
+    num_partitions: int,
+    method: str,
+    seed: int,
+    alpha: float = 0.1,
+    shards_per_partition: int = 4,
+) -> list[np.ndarray]:
     """Indices of every partition's samples: sorted int64 arrays, disjoint, deterministic from seed.
 
     - "iid": a seeded shuffle cut into equal blocks; covers all samples.
@@ -115,8 +135,10 @@ def partition_indices(labels: np.ndarray, num_partitions: int, method: str, seed
     if method not in PARTITIONINGS:
         raise ValueError(f"unknown partitioning {method!r}; choose one of {', '.join(PARTITIONINGS)}")
     if not 1 <= num_partitions <= len(labels):
-        raise ValueError(f"num_partitions must be between 1 and the number of samples ({len(labels)}), "
-                         f"got {num_partitions}")
+        raise ValueError(
+            f"num_partitions must be between 1 and the number of samples ({len(labels)}), "
+            f"got {num_partitions}"
+        )
     if method == "iid":
         return _iid(np.arange(len(labels)), num_partitions, seed)
     if method == "attribute":
@@ -126,12 +148,15 @@ def partition_indices(labels: np.ndarray, num_partitions: int, method: str, seed
             raise ValueError(f"alpha must be > 0, got {alpha}")
         return _dirichlet(labels, num_partitions, alpha, seed)
     if not 1 <= shards_per_partition <= len(labels) // num_partitions:
-        raise ValueError(f"shards_per_partition must be between 1 and len(labels) // num_partitions "
-                         f"({len(labels) // num_partitions}), got {shards_per_partition}")
+        raise ValueError(
+            f"shards_per_partition must be between 1 and len(labels) // num_partitions "
+            f"({len(labels) // num_partitions}), got {shards_per_partition}"
+        )
     from flwr_datasets.partitioner import ShardPartitioner
 
-    partitioner = ShardPartitioner(num_partitions, "label", num_shards_per_partition=shards_per_partition,
-                                   seed=seed)
+    partitioner = ShardPartitioner(
+        num_partitions, "label", num_shards_per_partition=shards_per_partition, seed=seed
+    )
     return _run(partitioner, _table(label=labels, idx=np.arange(len(labels))), num_partitions)
 
 
@@ -151,9 +176,11 @@ def label_skew(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) ->
     """
     labels = np.asarray(labels)
     overall = np.asarray(label_histogram(labels, np.arange(len(labels)), num_classes)) / len(labels)
-    distances = [0.5 * np.abs(hist / hist.sum() - overall).sum()
-                 for hist in (np.asarray(label_histogram(labels, part, num_classes)) for part in parts)
-                 if hist.sum() > 0]
+    distances = [
+        0.5 * np.abs(hist / hist.sum() - overall).sum()
+        for hist in (np.asarray(label_histogram(labels, part, num_classes)) for part in parts)
+        if hist.sum() > 0
+    ]
     if not distances:
         raise ValueError("label_skew needs at least one non-empty partition")
     return float(np.mean(distances))

@@ -1,0 +1,1 @@
+"""Datasets: loading and preprocessing, partitioning among clients, and the per-node client cache."""
