@@ -23,12 +23,7 @@ HEX = re.compile(r"(?<![0-9A-Za-z_])[0-9a-f]{7,40}(?![0-9A-Za-z_])")
 AFTER_COMMIT = re.compile(r"\bcommits?\s+([0-9a-f]{7,40})\b", re.IGNORECASE)
 
 # pages still carrying dates and commits, cleaned separately; remove a page once it passes
-BEING_CLEANED = {
-    "README.md": "its results table still gives date and commit columns",
-    "docs/deployment.md": "measured figures still name date, commit and machine inline",
-    "docs/benchmarks.md": "measured figures still name date, commit and machine inline",
-    "docs/aggregation.md": "measured figures still name date, commit and machine inline",
-}
+BEING_CLEANED: dict[str, str] = {}  # page -> why it may still name dates or commits (none now)
 
 
 def known_commits(tokens: set[str]) -> set[str]:
