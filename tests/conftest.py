@@ -44,7 +44,7 @@ def task_identity():
 
 @pytest.fixture(scope="session")
 def seeded_simulation(data_dir: Path, tmp_path_factory):
-    """One simulation SuperLink for the session's runs compared with the in-process runner: the
+    """One simulation SuperLink for this test run's runs compared with the in-process runner: the
     nodes' masks from test seed 5 (``inprocess.run(..., insecure_test_mask_seed=5)`` draws the same),
     their state in one session folder. Every process it started is gone after the session."""
     from tests.support.simulation import Simulation

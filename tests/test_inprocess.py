@@ -44,7 +44,7 @@ def test_inprocess_run_matches_flwr_run(
             }
         )
         configs[rule] = keys
-    sim = seeded_simulation  # one SuperLink for the session's seeded runs, one run per rule
+    sim = seeded_simulation  # one SuperLink for this test run's seeded runs, one run per rule
     for rule, keys in configs.items():
         out = tmp_path / f"out-{rule}"
         config = " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"

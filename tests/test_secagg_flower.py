@@ -344,7 +344,9 @@ def test_deployment_with_signed_secagg_matches_the_inprocess_runner(data_dir: Pa
 
     home, out, logs = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
     logs.mkdir()
-    env = {**flower_env(home), "PRISM_INSECURE_TEST_MASK_SEED": "5"}
+    # one torch thread per node, as the in-process runner trains: the bf16 and NHWC kernels sum in
+    # another order with another thread count
+    env = {**flower_env(home), "PRISM_INSECURE_TEST_MASK_SEED": "5", "OMP_NUM_THREADS": "1"}
     env.pop("PRISM_NODE_CONFIG", None)
     link_port, node_ports = procs.free_port(), procs.free_ports(3)
     write_connection(home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
