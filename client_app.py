@@ -105,7 +105,8 @@ def load_client_state(msg: Message, context: Context, cfg: RunConfig, node: Node
     or None): memory first, then disk. ``Refusal`` when it has answered a later round of this run."""
     folder = _state_dir(node, msg)
     rec = context.state.config_records.get(STATE_KEY)
-    newest = max([*answered_rounds(folder, node.partition_id), rec["round"] if rec is not None else 0])
+    answered = answered_rounds(folder, node.partition_id)  # round -> its state file, listed once
+    newest = max([*answered, rec["round"] if rec is not None else 0])
     if newest > server_round:
         raise Refusal(
             f"node refuses round {server_round}: it has answered round {newest} of this run "
@@ -113,7 +114,7 @@ def load_client_state(msg: Message, context: Context, cfg: RunConfig, node: Node
         )
     if newest == server_round:  # asked again: the answer it gave, never a second draw
         blob = rec["blob"] if rec is not None and rec["round"] == server_round else None
-        blob = blob or answered_rounds(folder, node.partition_id)[server_round].read_bytes()
+        blob = blob or answered[server_round].read_bytes()
         return None, ClientRecord.from_bytes(blob)
     if rec is not None and rec["round"] < server_round:
         return ClientRecord.from_bytes(rec["blob"]), None
