@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure in docs/gpu.md comes from one run of this script on the device machine (one H100 or
 # H200, 16 cores, no network). It expects, beside the repository (ignored by git, carried):
-#   .whl/     wheels of what the machine lacks (flwr and its deps, pydantic, prdc, flwr-datasets, constriction ...)
+#   .whl/     wheels of what the machine lacks (flwr and its deps, pydantic, flwr-datasets, constriction ...)
 #   .devdata/ Debian's Fashion-MNIST .gz files and feature-nets/ (the FD classifier trained here)
 # and writes its results to $OUT (a folder). Each stage has its own time limit and a failing stage
 # does not stop the next; the stages that time GPU work run alone on the GPU.

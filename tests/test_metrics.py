@@ -33,6 +33,21 @@ def test_prdc_reproduces_the_packages_readme_example():
     assert out["coverage"] == pytest.approx(0.9735, abs=0.03)
 
 
+@pytest.mark.parametrize(
+    ("n", "m", "d", "k", "shift"), [(300, 200, 16, 5, 0.0), (200, 300, 64, 3, 0.5), (1100, 1050, 8, 5, 1.0)]
+)
+def test_prdc_equals_the_prdc_package(n, m, d, k, shift):
+    # the package's own computation (scikit-learn's pairwise distances) on the same features; 1100
+    # rows cross the block size, so the blocked loop is covered
+    prdc = pytest.importorskip("prdc")
+    rng = np.random.default_rng(n + d)
+    real = rng.standard_normal((n, d)).astype(np.float32)
+    fake = (rng.standard_normal((m, d)) * 1.2 + shift).astype(np.float32)
+    expected = prdc.compute_prdc(real, fake, nearest_k=k)
+    out = prdc_metrics(torch.from_numpy(real), torch.from_numpy(fake), nearest_k=k)
+    assert out == pytest.approx({name: float(v) for name, v in expected.items()}, abs=1e-12)
+
+
 def test_frechet_distance_matches_the_gaussian_closed_form():
     # N(0, I) vs N(m, 4 I) in 4-D: ||m||^2 + sum_i (1 + 4 - 2 * sqrt(1 * 4)) = ||m||^2 + 4.
     g = torch.Generator().manual_seed(0)

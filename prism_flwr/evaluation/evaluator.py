@@ -6,8 +6,8 @@
 - the Fréchet distance on a feature network's features, named for the network: "FID" on
   Inception-V3 (``inception_weights`` given), else e.g. "FD-FMNIST-CNN" on the dataset's own
   classifier (``feature_net``);
-- ``precision``, ``recall``, ``density``, ``coverage`` (``prdc``, k = 5) on the same features
-  (these two items are skipped with ``feature_metrics=False``);
+- ``precision``, ``recall``, ``density``, ``coverage`` (k = 5, as the ``prdc`` package defines
+  them) on the same features (these two items are skipped with ``feature_metrics=False``);
 - ``mmd_pixels``: unbiased pixel-space MMD^2 (Gaussian kernels of the fixed widths
   ``PIXEL_METRIC_BANDWIDTHS`` times ``sqrt(d / 1024)``, so values compare across runs whatever the
   training objective's widths) between the two image sets in [-1, 1]. Lower is better; ~0 for two

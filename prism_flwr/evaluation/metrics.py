@@ -1,4 +1,4 @@
-"""Sample-quality metrics on feature vectors, computed by well-kept libraries.
+"""Sample-quality metrics on feature vectors.
 
 - Fréchet distance (torchmetrics' ``FrechetInceptionDistance``, fed precomputed features): fit a
   Gaussian to each feature set (mean, unbiased covariance, float64) and return
@@ -6,23 +6,22 @@
   square root as the sum of square roots of the eigenvalues of ``S_r S_f``. Lower is better,
   ~0 (plus a small-sample bias) for two samples of one distribution. It is "FID" only on
   Inception-V3 features; ``feature_net`` names it.
-- Precision, recall, density, coverage (Naeem et al. 2020, the ``prdc`` package): k-nearest-
-  neighbour balls around real (resp. fake) features; precision and density measure how much of
-  the fake set lies in the real manifold (density counts ball memberships / k, ~1 for matching
-  distributions), recall and coverage how much of the real set is reached by fakes.
+- Precision, recall, density, coverage (Naeem et al. 2020; the ``prdc`` package's definitions,
+  computed here in torch, ``tests/test_metrics.py`` checks equality with the package): with
+  ``r_k(x)`` the distance from ``x`` to its k-th nearest neighbour in its own set,
+  precision = mean over fakes of [some real r has |f - r| < r_k(r)], density = mean over fakes of
+  #{r : |f - r| < r_k(r)} / k (~1 for matching distributions), recall = mean over reals of [some
+  fake f has |r - f| < r_k(f)], coverage = mean over reals of [min_f |r - f| < r_k(r)].
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import torch
-from prdc import compute_prdc
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 NEAREST_K = 5
+_CHUNK = 1024  # rows of a pairwise-distance block: bounds memory at N = M = 10k
 
 
 class _Precomputed(nn.Identity):
@@ -59,22 +58,41 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     return FrechetDistance(real)(fake)
 
 
-def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int = NEAREST_K) -> dict[str, float]:
-    """``prdc.compute_prdc`` on (N, D) and (M, D) features, as plain floats.
+def _distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(x, y, compute_mode="use_mm_for_euclid_dist")
 
-    Each set needs more than ``nearest_k + 1`` points (prdc's k-th neighbour counts the point
-    itself). float32 halves the memory of prdc's three pairwise-distance matrices (3 x 400 MB at
-    N = M = 10k).
+
+def _kth_neighbour_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each row of ``x`` to its k-th nearest other row (the k + 1-th, counting itself)."""
+    return torch.cat(
+        [_distances(x[i : i + _CHUNK], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), _CHUNK)]
+    )
+
+
+def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int = NEAREST_K) -> dict[str, float]:
+    """Precision, recall, density and coverage of (M, D) ``fake`` against (N, D) ``real`` features.
+
+    Each set needs more than ``nearest_k + 1`` points (the k-th neighbour counts the point itself).
+    Distances in float64, in blocks of rows; no thread pool of its own (torch's threads only).
     """
     if min(len(real), len(fake)) <= nearest_k + 1:
         raise ValueError(
             f"precision/recall/density/coverage with k = {nearest_k} need more than {nearest_k + 1} "
             f"samples per set, got {len(real)} real and {len(fake)} fake"
         )
-    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the sample counts on every call
-        out = compute_prdc(
-            real_features=real.detach().cpu().float().numpy(),
-            fake_features=fake.detach().cpu().float().numpy(),
-            nearest_k=nearest_k,
-        )
-    return {name: float(value) for name, value in out.items()}
+    real, fake = real.detach().cpu().double(), fake.detach().cpu().double()
+    real_radii, fake_radii = _kth_neighbour_radii(real, nearest_k), _kth_neighbour_radii(fake, nearest_k)
+    in_real_balls = torch.zeros(len(fake), dtype=torch.float64)  # per fake: how many real balls hold it
+    recalled, covered = [], []
+    for i in range(0, len(real), _CHUNK):
+        d = _distances(real[i : i + _CHUNK], fake)  # (chunk of reals, fakes)
+        radii = real_radii[i : i + _CHUNK, None]
+        in_real_balls += (d < radii).sum(dim=0)
+        recalled.append((d < fake_radii[None, :]).any(dim=1))
+        covered.append(d.min(dim=1).values < radii[:, 0])
+    return {
+        "precision": float((in_real_balls > 0).double().mean()),
+        "recall": float(torch.cat(recalled).double().mean()),
+        "density": float(in_real_balls.mean() / nearest_k),
+        "coverage": float(torch.cat(covered).double().mean()),
+    }
