@@ -6,8 +6,8 @@
 For each width and objective it times ``--steps`` local steps (batch 64) three ways, side by side
 in one process on the same device:
 
-- ``landed``: the step as the core had it before this benchmark existed: one Bernoulli draw per
-  layer, ``loss.item()`` and a finiteness check (host synchronisations) every step;
+- ``landed``: the plain reference step: one Bernoulli draw per layer, ``loss.item()`` and a
+  finiteness check (host synchronisations) every step;
 - ``eager``: ``training.train_local`` without a CUDA graph (fused mask sampling, no host sync
   inside the loop);
 - ``graph``: ``training.train_local`` as clients run it on a GPU (the step captured in a CUDA
