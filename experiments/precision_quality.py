@@ -7,8 +7,9 @@ aggregation in one process) trains the default run's shape (4 clients, the run-c
 ``--rounds`` x ``--steps``) twice, ``precision = "bf16"`` then ``"float32"``, one thread; the
 server's ``Evaluator`` scores the global model after the last round (FD-FMNIST-CNN, precision,
 recall, density, coverage on ``--eval-samples`` samples). Both runs of a seed share network,
-partition and random streams, so the pair differs only in the generator's arithmetic. Writes
-``<out>/precision-quality.json`` and ``.md``.
+partition and random streams, the clients' mask secrets included (``insecure_test_mask_seed`` =
+the seed), so the pair differs only in the generator's arithmetic. Writes
+``<out>/precision-quality-<rounds>x<steps>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def one(seed: int, prec: str, args, evaluator: Evaluator) -> dict:
         }
     )
     t0 = time.perf_counter()
-    history = inprocess.run(cfg, CLIENTS, evaluator=evaluator)
+    history = inprocess.run(cfg, CLIENTS, evaluator=evaluator, insecure_test_mask_seed=seed)
     return {
         "seed": seed,
         "precision": prec,
@@ -61,7 +62,7 @@ def report(rows: list[dict], args, metric: str) -> str:
         f"{CLIENTS} clients, the run-config defaults otherwise (ngf 16, batch 64, pixel MMD, plain mean), "
         f"{args.eval_samples} evaluation samples, one thread on the busy 2-core CPU "
         f"({time.strftime('%Y-%m-%d')}, commit {commit.strip()}). Same seed: same network, partition and "
-        "random streams.",
+        "random streams (the mask secrets included).",
         "",
         f"| seed | {metric} bf16 | {metric} float32 | bf16 - float32 | recall bf16 / float32 | "
         "client time bf16 / float32 |",
@@ -101,18 +102,16 @@ def main() -> None:
     configure_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, name = [], f"precision-quality-{args.rounds}x{args.steps}"
     defaults = RunConfig.parse({})
     for seed in args.seeds:
         evaluator = Evaluator(defaults.dataset, defaults.resolved_data_dir(), args.eval_samples, seed, "cpu")
         for prec in PRECISIONS:
             rows.append(one(seed, prec, args, evaluator))
             print(json.dumps(rows[-1]), flush=True)
-            (out / "precision-quality.json").write_text(
-                json.dumps({"args": vars(args), "runs": rows}, indent=1)
-            )
-        (out / "precision-quality.md").write_text(report(rows, args, evaluator.metric_name))
-    print((out / "precision-quality.md").read_text())
+            (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "runs": rows}, indent=1))
+        (out / f"{name}.md").write_text(report(rows, args, evaluator.metric_name))
+    print((out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":
