@@ -42,23 +42,27 @@ from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.model.masked import masked_layers, masked_weights
 from prism_flwr.model.objectives import mmd2_unbiased
 from prism_flwr.model.precision import BF16_FLAGS, cpu_has_bf16, cpuinfo_flags
+from prism_flwr.model.upconv import up2_conv3x3
 from prism_flwr.threads import configure_threads
 
 BATCH = 64
 CLOCK = time.thread_time  # CPU time of this thread: what a step costs, not how long it waited for a core
 PHASES = ("mask", "forward", "loss", "backward", "optimizer")
-# name -> (channels_last, bf16, uniform masks, skip first, the generator's own forward)
+# name -> (channels_last, bf16, uniform masks, skip first, phase up-conv, the generator's own forward)
 VARIANTS = {
-    "before": (False, False, False, False, False),
-    "channels_last": (True, False, False, False, False),
-    "bf16": (False, True, False, False, False),
-    "uniform": (False, False, True, False, False),
-    "skip-first": (False, False, False, True, False),
-    "bf16+channels_last": (True, True, False, False, False),
-    "now-float32": (True, False, True, True, True),
-    "now-bf16": (True, True, True, True, True),
+    "before": (False, False, False, False, False, False),
+    "channels_last": (True, False, False, False, False, False),
+    "bf16": (False, True, False, False, False, False),
+    "uniform": (False, False, True, False, False, False),
+    "skip-first": (False, False, False, True, False, False),
+    "phase": (False, False, False, False, True, False),
+    "bf16+channels_last": (True, True, False, False, False, False),
+    "prev-float32": (True, False, True, True, False, False),
+    "prev-bf16": (True, True, True, True, False, False),
+    "now-float32": (True, False, True, True, True, True),
+    "now-bf16": (True, True, True, True, True, True),
 }
-WIDE_VARIANTS = ("before", "now-float32", "now-bf16")  # at ngf > 16
+WIDE_VARIANTS = ("before", "prev-float32", "prev-bf16", "now-float32", "now-bf16")  # at ngf > 16
 
 
 class _Bernoulli(torch.autograd.Function):
@@ -82,13 +86,15 @@ def bernoulli_weights(layers) -> list[torch.Tensor]:
     return [m.weight * p.view_as(m.weight) for m, p in zip(layers, parts)]
 
 
-def explicit_forward(model: ResnetGenerator, z, w, channels_last: bool, skip_first: bool):
-    """The generator's forward written out, with the layout and the skip order as switches."""
+def explicit_forward(model: ResnetGenerator, z, w, channels_last: bool, skip_first: bool, phase: bool):
+    """The generator's forward written out, with the layout, the skip order and the up-conv as switches."""
     h = model.head(z.view(z.shape[0], -1, 1, 1), w[0])
     h = h.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     for i, b in enumerate(model.blocks):
         w1, w2, ws = w[1 + 3 * i : 4 + 3 * i]
-        y = b.conv2(F.relu(b.bn2(b.conv1(F.interpolate(F.relu(b.bn1(h)), scale_factor=2), w1))), w2)
+        a = F.relu(b.bn1(h))
+        y = up2_conv3x3(a, w1) if phase else b.conv1(F.interpolate(a, scale_factor=2), w1)
+        y = b.conv2(F.relu(b.bn2(y)), w2)
         if skip_first:
             h = y + F.interpolate(b.skip(h, ws), scale_factor=2)
         else:
@@ -100,7 +106,7 @@ class Step:
     """One variant's step on its own copy of the generator and Adam state."""
 
     def __init__(self, ngf: int, variant: str, real: torch.Tensor, compiled: bool = False) -> None:
-        self.cl, self.bf16, self.uniform, self.skip_first, self.own = VARIANTS[variant]
+        self.cl, self.bf16, self.uniform, self.skip_first, self.phase, self.own = VARIANTS[variant]
         self.model = ResnetGenerator(GeneratorSpec(ngf=ngf))
         self.layers = masked_layers(self.model)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=0.1, betas=(0.5, 0.999))
@@ -113,7 +119,7 @@ class Step:
     def _forward(self, z, w):
         if self.own:
             return self.model(z, w)
-        return explicit_forward(self.model, z, w, self.cl, self.skip_first)
+        return explicit_forward(self.model, z, w, self.cl, self.skip_first, self.phase)
 
     def __call__(self) -> dict[str, float]:
         wall, t = time.perf_counter(), [CLOCK()]
@@ -189,6 +195,7 @@ def bench_width(ngf: int, variants, steps: int, repeats: int, real, compile_: bo
             step()  # one warm-up step per repetition (allocator, oneDNN primitive cache)
             per = [step() for _ in range(steps)]
             samples[v].append({p: statistics.mean(s[p] for s in per) for p in ("wall", *PHASES)})
+    nominal = flops["prev-float32"]  # the model's layers computed directly (no phase form)
     out = {}
     for v, reps in samples.items():
         phases = {p: statistics.median(r[p] for r in reps) for p in PHASES}
@@ -197,12 +204,38 @@ def bench_width(ngf: int, variants, steps: int, repeats: int, real, compile_: bo
             "ms": total,
             "wall_ms": statistics.median(r["wall"] for r in reps),
             "phases_ms": phases,
-            "gflop": flops[v] / 1e9,
+            "gflop": flops[v] / 1e9,  # done by this variant
             "gflops": flops[v] / 1e9 / (total / 1e3),
+            "gflop_nominal": nominal / 1e9,
+            "gflops_nominal": nominal / 1e9 / (total / 1e3),
         }
     if compile_:
         out["now-bf16-compiled"]["cold_compile_s"] = compile_s
     return out, {k: statistics.median(v) for k, v in ceilings.items()}
+
+
+def print_table(res: dict, ceiling: dict) -> None:
+    """Markdown table: ms by phase, speed-up, GFLOP/s on the nominal and on the done FLOPs."""
+    base, f32, bf16 = res["before"]["ms"], ceiling["float32"], ceiling["bf16"]
+    print(f"matmul 2048^2 between them: float32 {f32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
+    print(f"nominal GFLOP per step (the layers computed directly): {res['before']['gflop_nominal']:.2f}")
+    print(
+        f"| variant | CPU ms/step | x before | {' | '.join(PHASES)} | GFLOP done | nominal GFLOP/s | "
+        "of f32 mm | of bf16 mm | done GFLOP/s | of f32 mm | wall ms |"
+    )
+    print("|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|---|---|---|")
+    for v, r in res.items():
+        ph = " | ".join(f"{r['phases_ms'][p]:.1f}" for p in PHASES)
+        nom, done = r["gflops_nominal"], r["gflops"]
+        print(
+            f"| {v} | {r['ms']:.1f} | {base / r['ms']:.2f} | {ph} | {r['gflop']:.2f} | {nom:.1f} | "
+            f"{nom / f32:.2f} | {nom / bf16:.2f} | {done:.1f} | {done / f32:.2f} | {r['wall_ms']:.0f} |"
+        )
+        if "cold_compile_s" in r:
+            print(f"(cold compile of {v}: {r['cold_compile_s']:.0f} s)")
+    for prec in ("float32", "bf16"):
+        if f"now-{prec}" in res:
+            print(f"now-{prec} is {res[f'prev-{prec}']['ms'] / res[f'now-{prec}']['ms']:.2f}x prev-{prec}")
 
 
 def main() -> None:
@@ -231,21 +264,8 @@ def main() -> None:
         repeats = 1 if ngf >= 64 else args.repeats
         res, ceiling = bench_width(ngf, variants, steps, repeats, real, args.compile and ngf == 16)
         result["widths"][ngf] = {"variants": res, "matmul_gflops": ceiling}
-        base, f32 = res["before"]["ms"], ceiling["float32"]
         print(f"\nngf {ngf}: {steps} steps x {repeats} repetitions")
-        print(f"matmul 2048^2 between them: float32 {f32:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s")
-        print(
-            f"| variant | CPU ms/step | x before | {' | '.join(PHASES)} | GFLOP | GFLOP/s | of f32 mm | wall ms |"
-        )
-        print("|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|")
-        for v, r in res.items():
-            ph = " | ".join(f"{r['phases_ms'][p]:.1f}" for p in PHASES)
-            print(
-                f"| {v} | {r['ms']:.1f} | {base / r['ms']:.2f} | {ph} | {r['gflop']:.2f} | "
-                f"{r['gflops']:.1f} | {r['gflops'] / f32:.2f} | {r['wall_ms']:.0f} |"
-            )
-            if "cold_compile_s" in r:
-                print(f"(cold compile of {v}: {r['cold_compile_s']:.0f} s)")
+        print_table(res, ceiling)
     print(json.dumps(result))
 
 
