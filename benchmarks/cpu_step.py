@@ -14,14 +14,22 @@ by repetition so that a busy machine slows them alike (the median of ``--repeats
 - one lever at a time on top of ``before``: ``channels_last``, ``bf16`` (autocast), ``uniform``
   masks (``u < theta``), ``skip-first`` (the skip conv before the upsampling: same result, 1/4 of
   its FLOPs); ``bf16+channels_last``;
+- ``prev-float32`` and ``prev-bf16``: NHWC, uniform masks, skip first (the step before the next
+  three levers), and one at a time on top of ``prev-float32``: ``phase`` (conv1 of the upsampled
+  input as a stride-2 transposed conv with phase kernels, ``model/upconv.py``), ``head-mm`` (the
+  head as one matmul) and ``narrow-out`` (the image layer as a matmul and shifted sums, float32
+  only; ``model/matmul_conv.py``);
 - ``now-float32`` and ``now-bf16``: the generator's own forward and sampler as they are now, in
   each precision (``precision = "auto"`` picks bf16 on a CPU with AVX512-BF16 or AMX).
 
-GFLOP/s is the variant's own FLOP count (``torch.utils.flop_counter``: convolutions and matmuls,
-forward and backward) per CPU second of the whole step; ``of f32 mm`` compares it with a float32
-2048x2048 matmul timed at every repetition between the variants (the ceiling of float32 work on
-this core under the same load; median), beside a bf16 one. ``--compile`` adds ``torch.compile`` of the ``now-bf16`` forward (cold compile time and
-steady step). Prints a table and one JSON line naming the CPU and its flags.
+GFLOP/s is counted twice per CPU second of the whole step: on the model's nominal FLOPs (the
+layers computed directly, as ``prev-float32`` does: the same for every variant, so it is a speed)
+and on the FLOPs the variant does (``torch.utils.flop_counter``: convolutions and matmuls,
+forward and backward; the phase form does 16/36 of conv1's). ``of f32 mm`` / ``of bf16 mm``
+compare them with a float32 / bf16 2048x2048 matmul timed at every repetition between the
+variants (the ceiling of such work on this core under the same load; median). ``--compile`` adds
+``torch.compile`` of the ``now-bf16`` forward (cold compile time and steady step). Prints a table
+and one JSON line naming the CPU and its flags.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.model.masked import masked_layers, masked_weights
+from prism_flwr.model.matmul_conv import head_conv, narrow_conv3x3, narrow_pays
 from prism_flwr.model.objectives import mmd2_unbiased
 from prism_flwr.model.precision import BF16_FLAGS, cpu_has_bf16, cpuinfo_flags
 from prism_flwr.model.upconv import up2_conv3x3
@@ -48,19 +57,18 @@ from prism_flwr.threads import configure_threads
 BATCH = 64
 CLOCK = time.thread_time  # CPU time of this thread: what a step costs, not how long it waited for a core
 PHASES = ("mask", "forward", "loss", "backward", "optimizer")
-# name -> (channels_last, bf16, uniform masks, skip first, phase up-conv, the generator's own forward)
+PREV = frozenset({"channels_last", "uniform", "skip-first"})  # the step before the phase form
+NOW = PREV | {"phase", "head-mm", "narrow-out"}
+# name -> the levers it pulls; "now-*" run the generator's own forward, the others its explicit form
 VARIANTS = {
-    "before": (False, False, False, False, False, False),
-    "channels_last": (True, False, False, False, False, False),
-    "bf16": (False, True, False, False, False, False),
-    "uniform": (False, False, True, False, False, False),
-    "skip-first": (False, False, False, True, False, False),
-    "phase": (False, False, False, False, True, False),
-    "bf16+channels_last": (True, True, False, False, False, False),
-    "prev-float32": (True, False, True, True, False, False),
-    "prev-bf16": (True, True, True, True, False, False),
-    "now-float32": (True, False, True, True, True, True),
-    "now-bf16": (True, True, True, True, True, True),
+    "before": frozenset(),
+    **{lever: frozenset({lever}) for lever in ("channels_last", "bf16", "uniform", "skip-first")},
+    "bf16+channels_last": frozenset({"bf16", "channels_last"}),
+    "prev-float32": PREV,
+    **{f"prev+{lever}": PREV | {lever} for lever in ("phase", "head-mm", "narrow-out")},
+    "prev-bf16": PREV | {"bf16"},
+    "now-float32": NOW,
+    "now-bf16": NOW | {"bf16"},
 }
 WIDE_VARIANTS = ("before", "prev-float32", "prev-bf16", "now-float32", "now-bf16")  # at ngf > 16
 
@@ -86,27 +94,33 @@ def bernoulli_weights(layers) -> list[torch.Tensor]:
     return [m.weight * p.view_as(m.weight) for m, p in zip(layers, parts)]
 
 
-def explicit_forward(model: ResnetGenerator, z, w, channels_last: bool, skip_first: bool, phase: bool):
-    """The generator's forward written out, with the layout, the skip order and the up-conv as switches."""
-    h = model.head(z.view(z.shape[0], -1, 1, 1), w[0])
-    h = h.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+def explicit_forward(model: ResnetGenerator, z, w, levers: frozenset):
+    """The generator's forward written out, with the layout, the skip order and the three
+    matmul/phase forms as switches."""
+    head = model.head if "head-mm" not in levers else lambda z, w: head_conv(z, w)
+    h = head(z.view(z.shape[0], -1, 1, 1), w[0])
+    cl = "channels_last" in levers
+    h = h.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     for i, b in enumerate(model.blocks):
         w1, w2, ws = w[1 + 3 * i : 4 + 3 * i]
         a = F.relu(b.bn1(h))
-        y = up2_conv3x3(a, w1) if phase else b.conv1(F.interpolate(a, scale_factor=2), w1)
+        y = up2_conv3x3(a, w1) if "phase" in levers else b.conv1(F.interpolate(a, scale_factor=2), w1)
         y = b.conv2(F.relu(b.bn2(y)), w2)
-        if skip_first:
+        if "skip-first" in levers:
             h = y + F.interpolate(b.skip(h, ws), scale_factor=2)
         else:
             h = y + b.skip(F.interpolate(h, scale_factor=2), ws)
-    return torch.tanh(model.out(F.relu(model.bn(h)), w[-1]))
+    h = F.relu(model.bn(h))
+    narrow = "narrow-out" in levers and narrow_pays(h, w[-1])
+    return torch.tanh(narrow_conv3x3(h, w[-1]) if narrow else model.out(h, w[-1]))
 
 
 class Step:
     """One variant's step on its own copy of the generator and Adam state."""
 
     def __init__(self, ngf: int, variant: str, real: torch.Tensor, compiled: bool = False) -> None:
-        self.cl, self.bf16, self.uniform, self.skip_first, self.phase, self.own = VARIANTS[variant]
+        self.levers, self.own = VARIANTS[variant], variant.startswith("now-")
+        self.bf16, self.uniform = "bf16" in self.levers, "uniform" in self.levers
         self.model = ResnetGenerator(GeneratorSpec(ngf=ngf))
         self.layers = masked_layers(self.model)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=0.1, betas=(0.5, 0.999))
@@ -119,7 +133,7 @@ class Step:
     def _forward(self, z, w):
         if self.own:
             return self.model(z, w)
-        return explicit_forward(self.model, z, w, self.cl, self.skip_first, self.phase)
+        return explicit_forward(self.model, z, w, self.levers)
 
     def __call__(self) -> dict[str, float]:
         wall, t = time.perf_counter(), [CLOCK()]

@@ -96,16 +96,18 @@ def test_generator_forward_and_gradients_match_the_direct_form(nc):
 
 
 def test_score_gradients_match_the_direct_form():
-    """Through the sampler: the same masks drawn from the scores give the same score gradients."""
+    """Through the sampler: the same masks drawn from the scores give the same score gradients (to
+    float32 rounding, amplified by three batch norms; the exact comparison is the float64 one above)."""
     model = ResnetGenerator(GeneratorSpec(ngf=16, seed=5))
-    z, real = torch.randn(32, 128), torch.rand(32, 1024) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    z, real = torch.randn(32, 128, generator=gen), torch.rand(32, 1024, generator=gen) * 2 - 1
     grads = []
     for forward in (_direct_generator, lambda m, z, w: m(z, w)):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the same masks
         mmd2_unbiased(forward(model, z, masked_weights(masked_layers(model))).flatten(1), real).backward()
         grads.append(torch.cat([m.scores.grad.flatten() for m in masked_layers(model)]))
-    assert _rel(grads[1], grads[0]) < 1e-4
+    assert _rel(grads[1], grads[0]) < 1e-3
 
 
 def test_dense_baseline_weight_gradients_match_the_direct_form():
