@@ -11,7 +11,7 @@ from prism_flwr.model.generator import GeneratorSpec, ResnetGenerator
 from prism_flwr.model.masked import make_dense, masked_layers, masked_weights
 from prism_flwr.model.objectives import mmd2_unbiased
 from prism_flwr.model.precision import generator_autocast
-from prism_flwr.model.upconv import phase_kernel, up2_conv3x3
+from prism_flwr.model.upconv import phase_kernel, phase_pays, up2_conv3x3
 
 
 def _direct(x, w, b=None):
@@ -145,3 +145,10 @@ def test_the_saved_state_is_only_weights_and_scores():
     model = ResnetGenerator(GeneratorSpec(ngf=8))
     names = [n for n, m in model.named_modules() if m in masked_layers(model)]
     assert sorted(model.state_dict()) == sorted(f"{n}.{k}" for n in names for k in ("weight", "scores"))
+
+
+def test_phase_form_is_used_where_it_was_measured_to_pay():
+    small, large = torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 8, 8)
+    assert phase_pays(small) and phase_pays(large)  # float32: every layer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not phase_pays(small) and phase_pays(large)  # bf16: from an 8x8 source up

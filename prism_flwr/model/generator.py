@@ -16,7 +16,7 @@ from torch import nn
 
 from prism_flwr.model.masked import MaskedConv2d, MaskedConvTranspose2d, masked_layers, masked_weights
 from prism_flwr.model.matmul_conv import head_conv, narrow_conv3x3, narrow_pays
-from prism_flwr.model.upconv import up2_conv3x3
+from prism_flwr.model.upconv import phase_pays, up2_conv3x3
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class _UpBlock(nn.Module):
         # ReLU in place on the batch norm's fresh output (its backward needs only its input): one
         # tensor less per layer.
         h = F.relu(self.bn1(x), inplace=True)
-        if h.device.type == "cpu":  # conv1(up2(h)) in the phase form: 16/36 of the work, no copy
+        if phase_pays(h):  # conv1(up2(h)) in the phase form: 16/36 of the work, no upsampled copy
             h = up2_conv3x3(h, w1)
         else:
             h = self.conv1(F.interpolate(h, scale_factor=2, mode="nearest"), w1)

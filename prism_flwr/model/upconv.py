@@ -31,6 +31,13 @@ def phase_kernel(weight: torch.Tensor) -> torch.Tensor:
     return (weight.reshape(cout * cin, 9) @ pp.T).view(cout, cin, 4, 4).transpose(0, 1)
 
 
+def phase_pays(x: torch.Tensor) -> bool:
+    """Where the phase form beat upsampling then convolving (measured, one thread, fwd + bwd, ngf 16-64):
+    on the CPU in float32 at every layer (1.1-2.9x); under bf16 autocast only from an 8x8 source up
+    (oneDNN's bf16 transposed conv lost on the 4x4 one, by up to 1.7x at ngf 64, and won 2-4x on 16x16)."""
+    return x.device.type == "cpu" and (not torch.is_autocast_enabled("cpu") or min(x.shape[-2:]) >= 8)
+
+
 def up2_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)``, exactly
     (up to float rounding), for a ``(cout, cin, 3, 3)`` ``weight``; the output is ``2H x 2W``.
