@@ -37,8 +37,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -263,7 +265,11 @@ def main() -> None:
     torch.manual_seed(0)
     real = torch.rand(2000, 1, 32, 32) * 2 - 1
     flags = sorted(cpuinfo_flags() & {*BF16_FLAGS, "amx_tile", "avx512f", "avx2"})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "commit": commit.strip(),
+        "load_average": os.getloadavg()[0],
         "cpu": cpu_name(),
         "flags": flags,
         "bf16_native": cpu_has_bf16(),
@@ -272,6 +278,9 @@ def main() -> None:
         "widths": {},
     }
     print(f"# {result['cpu']} ({', '.join(flags)}), 1 thread, batch {BATCH}, pixel MMD")
+    print(
+        f"# {result['date']}, commit {result['commit']}, load average {result['load_average']:.1f} at the start"
+    )
     for ngf in args.ngf:
         variants = VARIANTS if ngf == 16 else WIDE_VARIANTS
         steps = max(1, args.steps * 16 // ngf // (2 if ngf >= 64 else 1))

@@ -15,7 +15,7 @@ aggregation in one process) trains the default run's shape (4 clients, the run-c
 server's ``Evaluator`` scores the global model after the last round (FD-FMNIST-CNN, precision,
 recall, density, coverage on ``--eval-samples`` samples). Both runs of a seed share network,
 partition and random streams, so the pair differs only in the generator's arithmetic. Writes
-``<out>/precision-quality.json`` and ``.md`` (``forms-quality.*`` for ``--compare forms``).
+``<out>/precision-quality.json`` and ``.md`` (``forms-quality-<precision>.*`` for ``--compare forms``).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def main() -> None:
     configure_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "precision-quality" if args.compare == "precision" else "forms-quality"
+    name = "precision-quality" if args.compare == "precision" else f"forms-quality-{args.precision}"
     rows = []
     defaults = RunConfig.parse({})
     runs = arms(args)
