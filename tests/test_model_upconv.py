@@ -81,7 +81,9 @@ def _rel(a, b):
 def test_generator_forward_and_gradients_match_the_direct_form(nc):
     """The real layer shapes (ngf 16: 4 -> 8, 8 -> 16, 16 -> 32), the same masks: the images and the
     gradients w.r.t. the latents and every layer's ``W * m`` equal the direct form's exactly in float64,
-    and in float32 lie as close to float64 as the direct form's own float32 numbers do."""
+    and in float32 lie within float32 rounding of float64, as the direct form's own numbers do. Three
+    batch norms amplify rounding: the direct form's gradients are 1e-4 to 2e-3 (relative) from
+    float64 depending on the thread count's summation order; a wrong tap is off by order 1."""
     model = ResnetGenerator(GeneratorSpec(ngf=16, nc=nc, seed=7))
     gen = torch.Generator().manual_seed(nc)
     masks = [torch.rand(m.weight.shape, generator=gen) < 0.5 for m in masked_layers(model)]
@@ -92,7 +94,7 @@ def test_generator_forward_and_gradients_match_the_direct_form(nc):
     direct32, new32 = _grads(model, _direct_generator, masks, z, real), _grads(model, new, masks, z, real)
     for e, d64, d32, n32 in zip(exact, direct64, direct32, new32):
         assert _rel(e, d64) < 1e-10
-        assert _rel(n32, e) <= 2 * _rel(d32, e) + 1e-6, (_rel(n32, e), _rel(d32, e))
+        assert max(_rel(n32, e), _rel(d32, e)) < 5e-3, (_rel(n32, e), _rel(d32, e))
 
 
 def test_score_gradients_match_the_direct_form():
