@@ -1,7 +1,7 @@
 """The generator's compute precision: float32, or bfloat16 autocast where the CPU computes it natively.
 
 ``precision = "auto"`` picks ``bf16`` on a CPU with AVX512-BF16 or AMX-BF16 (oneDNN then runs the
-convolutions on bf16 units: a step about 2.5x faster here) and ``float32`` everywhere else (a CPU
+convolutions on bf16 units: a step about 1.7x the float32 one here) and ``float32`` everywhere else (a CPU
 without them, any GPU); ``"float32"`` and ``"bf16"`` force either way. Only the generator's forward
 (and so its backward) runs under autocast: the masks, scores, Adam state, the features and the loss
 stay float32. Measured: docs/benchmarks.md.
