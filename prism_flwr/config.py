@@ -52,7 +52,7 @@ class RunConfig(BaseModel):
     dirichlet_alpha: float = Field(0.1, gt=0, description="Dirichlet concentration over labels")
     shards_per_partition: int = Field(4, ge=1, description="label shards per client (paper: 4)")
     # federation
-    num_server_rounds: int = Field(3, ge=1, description="federated rounds")
+    num_server_rounds: int = Field(12, ge=1, description="federated rounds")
     fraction_train: float = Field(1.0, gt=0, le=1, description="fraction of connected nodes asked each round")
     fraction_evaluate: float = Field(
         1.0,
