@@ -8,9 +8,8 @@ Per seed a trunk runs the plain mean for ``BRANCH_AT[-1] + LENGTH`` rounds. At e
 `mada` keep on the server, and every client's record: its Adam moments and mask secret) and a
 branch runs `mada` for ``LENGTH`` rounds from it; `mean` from the same point is the trunk itself,
 so the pair shares network, partition and every random stream up to the rule. The rounds are
-``inprocess.run``'s (``client_round``, the coded uplink through the codec, ``combine_masks``, the
-downlink's ``settle``) without secure aggregation; the runner takes no starting state, so the
-loop is written out here. Work goes phase by phase over all seeds (trunk to 20, both arms 20->60,
+``inprocess.one_round``'s, the in-process runner's round (``client_round``, the coded uplink
+through the codec, the server step), from each arm's own state. Work goes phase by phase over all seeds (trunk to 20, both arms 20->60,
 both arms 60->100, each mada round next to its mean round), so a deadline cuts the late branch
 first and every pair is timed under the same load. FD-FMNIST-CNN every ``EVAL_EVERY`` rounds.
 """
@@ -29,13 +28,13 @@ import numpy as np
 from prism_flwr.config import RunConfig
 from prism_flwr.data.client_cache import client_data
 from prism_flwr.evaluation.evaluator import Evaluator
-from prism_flwr.federated.aggregation import Aggregator, combine_masks
-from prism_flwr.federated.client_round import client_round, model_with, new_record
-from prism_flwr.federated.codec import decode_mask, mask_model
+from prism_flwr.federated import inprocess
+from prism_flwr.federated.aggregation import Aggregator
+from prism_flwr.federated.client_round import model_with, new_record
 from prism_flwr.federated.methods import PRISM
 from prism_flwr.model.build import generator_spec
 from prism_flwr.model.generator import ResnetGenerator
-from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
+from prism_flwr.model.masked import get_scores, layout_fingerprint
 from prism_flwr.privacy import insecure_test_secret
 from prism_flwr.threads import configure_threads
 
@@ -71,7 +70,7 @@ class Seed:
         )
         self.eval_samples = eval_samples
         template = ResnetGenerator(generator_spec(self.cfg))
-        self.n, self.layout = num_masked(template), layout_fingerprint(template)
+        self.layout = layout_fingerprint(template)
         self.downlink = PRISM.downlink(self.cfg)
         self.clients = [client_data(self.cfg, pid, CLIENTS, "cpu") for pid in range(CLIENTS)]
         self.evaluator = Evaluator(
@@ -88,21 +87,14 @@ class Seed:
         arm.evals[arm.round] = metrics[self.evaluator.metric_name]
 
     def step(self, arm: Arm) -> None:
-        """One round of ``arm`` (``inprocess.run``'s round without secure aggregation)."""
+        """One round of ``arm``: the in-process runner's round from the arm's state."""
         t0 = time.perf_counter()
-        cfg, rnd = self.cfg, arm.round + 1
-        coding = mask_model(arm.scores)
-        received = self.downlink.decode(self.downlink.encode(arm.scores), self.n)
-        packed = []
-        for pid, (data, hist) in enumerate(self.clients):
-            res = client_round(
-                cfg, PRISM, received, data, hist, arm.records[pid], partition_id=pid, server_round=rnd
-            )
-            arm.records[pid] = res.record
-            packed.append(decode_mask(res.payload.tobytes(), self.n, self.layout, coding, grouped=True))
-        agg = combine_masks(arm.aggregator, arm.scores, packed, self.n, cfg.seed, rnd, coding)
-        arm.scores = self.downlink.settle(agg.scores, np.random.default_rng([cfg.seed, rnd, 8]))
-        arm.round = rnd
+        rnd = arm.round + 1
+        agg, arm.records, _ = inprocess.one_round(
+            self.cfg, self.clients, arm.records, arm.scores, arm.aggregator, self.downlink, self.layout, rnd
+        )
+        arm.aggregator.commit(agg)
+        arm.scores, arm.round = agg.scores, rnd
         if not np.isnan(agg.mada_lambda):
             arm.lambdas[rnd] = float(agg.mada_lambda)
         arm.seconds += time.perf_counter() - t0

@@ -29,7 +29,8 @@ import torch
 from prism_flwr.config import RunConfig
 from prism_flwr.data.client_cache import client_data
 from prism_flwr.evaluation.evaluator import Evaluator, save_grid
-from prism_flwr.federated.aggregation import Aggregator
+from prism_flwr.federated.aggregation import AggregateResult, Aggregator
+from prism_flwr.federated.broadcast import Downlink
 from prism_flwr.federated.client_round import client_round, model_with, new_record
 from prism_flwr.federated.codec import decode_mask, mask_model
 from prism_flwr.federated.methods import PRISM, method_for
@@ -37,7 +38,7 @@ from prism_flwr.federated.secure_sum import secure_counts
 from prism_flwr.federated.server_step import mask_counts, robust_settings, server_step
 from prism_flwr.model.build import generator_spec, pick_device
 from prism_flwr.model.generator import ResnetGenerator
-from prism_flwr.model.masked import get_scores, layout_fingerprint, num_masked
+from prism_flwr.model.masked import get_scores, layout_fingerprint
 from prism_flwr.privacy import insecure_test_secret
 from prism_flwr.privacy.modes import privacy_for
 from prism_flwr.secagg.crypto import packed_size
@@ -82,7 +83,7 @@ def _run(cfg, num_clients, evaluator, on_record, deadline, samples_dir, insecure
     device = pick_device(cfg.device)
     configure_threads(fallback=1)  # as a ClientApp in a 1-CPU Ray actor: the same rounds as flwr run
     template = ResnetGenerator(generator_spec(cfg))
-    n, layout = num_masked(template), layout_fingerprint(template)
+    layout = layout_fingerprint(template)
     downlink = PRISM.downlink(cfg)
     scores = downlink.settle(get_scores(template).numpy())  # the ServerApp's initial state
     aggregator = Aggregator(cfg.aggregation, cfg.mada_space)
@@ -102,60 +103,20 @@ def _run(cfg, num_clients, evaluator, on_record, deadline, samples_dir, insecure
             if samples_dir is not None:
                 save_grid(fake[:64], Path(samples_dir) / f"round-{rnd:04d}.png")
 
-    secure = cfg.secure_aggregation != "off"
-    robust = robust_settings(cfg)
+    def ledger(rnd: int, data: torch.Tensor):  # a client's ledger session, as the ClientApp opens it
+        return privacy.session(ledger_dir, cfg.dp_epsilon, cfg.dp_delta, run_tag, rnd, data)
+
     history = [{"round": 0, "clients": 0, "uplink_bytes": 0}]
     evaluate(0, history[0])
     for rnd in range(1, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
-        packed, losses, sizes = [], [], []
-        coding = mask_model(scores)  # what MADA.configure_train derives from the scores it sends
-        sent = downlink.encode(scores)
-        received = downlink.decode(sent, n)
-        for pid, (data, hist) in enumerate(clients):
-            ledger = privacy.session(ledger_dir, cfg.dp_epsilon, cfg.dp_delta, run_tag, rnd, data)
-            res = client_round(
-                cfg,
-                PRISM,
-                received,
-                data,
-                hist,
-                states[pid],
-                partition_id=pid,
-                server_round=rnd,
-                ledger=ledger,
-            )
-            states[pid] = res.record
-            if secure:  # the 0/1 mask the client drew, masked as is (the ClientApp's step)
-                packed.append(res.mask)
-            else:
-                packed.append(decode_mask(res.payload.tobytes(), n, layout, coding, grouped=True))
-            losses.append(res.metrics.get("loss", float("nan")))
-            sizes.append(res.payload.nbytes)
-        t1 = time.perf_counter()
-        if secure:  # the same protocol as the ServerApp's, all parties here: only counts come out
-            summed = secure_counts(dict(enumerate(packed)))
-            sizes = [packed_size(n, num_clients.bit_length())] * num_clients  # b = ceil(log2(K + 1))
-            counts, k = summed.counts, len(summed.contributors)
-        else:
-            counts, k, _ = mask_counts(packed, n, coding, robust)
-        agg = server_step(aggregator, scores, counts, k, downlink, cfg.seed, rnd)
+        agg, states, record = one_round(
+            cfg, clients, states, scores, aggregator, downlink, layout, rnd, ledger
+        )
         aggregator.commit(agg)  # every round here applies
         scores = agg.scores
-        t2 = time.perf_counter()
-        record = {
-            "round": rnd,
-            "clients": num_clients,
-            "uplink_bytes": int(sum(sizes)),
-            "downlink_bytes": int(num_clients * sent.nbytes),
-            "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / n,
-            "mada_lambda": None if np.isnan(agg.mada_lambda) else agg.mada_lambda,
-            **agg.diagnostics,
-            "loss": float(np.mean(losses)),
-            "client_seconds": t1 - t0,
-            "server_seconds": t2 - t1,
-            "round_seconds": t2 - t0,
-        }
+        t1 = time.perf_counter()
+        record["round_seconds"] = t1 - t0
         evaluate(rnd, record)
         history.append(record)
         if on_record is not None:
@@ -166,3 +127,70 @@ def _run(cfg, num_clients, evaluator, on_record, deadline, samples_dir, insecure
     if device.type == "cuda":
         history[-1]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
     return history
+
+
+def one_round(
+    cfg: RunConfig,
+    clients: list[tuple[torch.Tensor, list[int]]],
+    records: list,
+    scores: np.ndarray,
+    aggregator: Aggregator,
+    downlink: Downlink,
+    layout: str,
+    rnd: int,
+    ledger: Callable[[int, torch.Tensor], object] | None = None,
+) -> tuple[AggregateResult, list, dict]:
+    """Round ``rnd`` of every client from the global ``scores``: (the server step's result, the
+    clients' new records, the round's ``history.json`` record without evaluation).
+
+    ``clients``: each client's (data, label histogram) as ``client_data`` returns them; ``records``:
+    their ``ClientRecord``s (not changed: the new ones are returned); ``ledger(rnd, data)``: the
+    node ledger session of a client's release (None when nothing is released). The caller commits
+    the result to ``aggregator`` once the round applies.
+    """
+    t0 = time.perf_counter()
+    n, secure = len(scores), cfg.secure_aggregation != "off"
+    packed, losses, sizes, records = [], [], [], list(records)
+    coding = mask_model(scores)  # what MADA.configure_train derives from the scores it sends
+    sent = downlink.encode(scores)
+    received = downlink.decode(sent, n)
+    for pid, (data, hist) in enumerate(clients):
+        res = client_round(
+            cfg,
+            PRISM,
+            received,
+            data,
+            hist,
+            records[pid],
+            partition_id=pid,
+            server_round=rnd,
+            ledger=None if ledger is None else ledger(rnd, data),
+        )
+        records[pid] = res.record
+        if secure:  # the 0/1 mask the client drew, masked as is (the ClientApp's step)
+            packed.append(res.mask)
+        else:
+            packed.append(decode_mask(res.payload.tobytes(), n, layout, coding, grouped=True))
+        losses.append(res.metrics.get("loss", float("nan")))
+        sizes.append(res.payload.nbytes)
+    t1 = time.perf_counter()
+    if secure:  # the same protocol as the ServerApp's, all parties here: only counts come out
+        summed = secure_counts(dict(enumerate(packed)))
+        sizes = [packed_size(n, len(clients).bit_length())] * len(clients)  # b = ceil(log2(K + 1))
+        counts, k = summed.counts, len(summed.contributors)
+    else:
+        counts, k, _ = mask_counts(packed, n, coding, robust_settings(cfg))
+    agg = server_step(aggregator, scores, counts, k, downlink, cfg.seed, rnd)
+    record = {
+        "round": rnd,
+        "clients": len(clients),
+        "uplink_bytes": int(sum(sizes)),
+        "downlink_bytes": int(len(clients) * sent.nbytes),
+        "uplink_bits_per_weight": 8 * float(np.mean(sizes)) / n,
+        "mada_lambda": None if np.isnan(agg.mada_lambda) else agg.mada_lambda,
+        **agg.diagnostics,
+        "loss": float(np.mean(losses)),
+        "client_seconds": t1 - t0,
+        "server_seconds": time.perf_counter() - t1,
+    }
+    return agg, records, record
