@@ -193,7 +193,7 @@ def test_a_clientapp_process_with_a_warm_cache_imports_neither_torchvision_nor_f
         "from prism_flwr.config import RunConfig\nfrom prism_flwr.data.client_cache import client_data\n"
         f"cfg = RunConfig.parse({{'dataset': 'mnist', 'data-dir': {str(mnist_root)!r}, 'download': False, 'seed': 3}})\n"
         "x, hist = client_data(cfg, 1, 4, torch.device('cpu'))\n"
-        "print(len(x), sum(hist), [m for m in ('torchvision', 'flwr_datasets', 'datasets') if m in sys.modules])\n"
+        "print(len(x), sum(hist), [m for m in ('torchvision', 'flwr_datasets', 'datasets', 'pandas', 'pyarrow') if m in sys.modules])\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script],

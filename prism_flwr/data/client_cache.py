@@ -1,8 +1,8 @@
 """A client's own images on disk, so that a ClientApp process starts in about a second.
 
 Flower's deployment engine runs every message (every round's train and evaluate) in a fresh
-ClientApp process. Without this cache each of them re-reads the whole dataset, partitions it
-(flwr-datasets, pandas and pyarrow imported for that alone) and imports torchvision: about 3.5 s
+ClientApp process. Without this cache each of them re-reads the dataset files, partitions the
+labels and resizes its rows (and, for CelebA, imports torchvision): once took about 3.5 s
 of a 4.5 s start-up on one CPU core (docs/benchmarks.md, "Flower's share of a round"). With it, a process
 reads one small file: this client's uint8 images (memory-mapped: pages the kernel may drop and
 re-read, never float copies of the whole partition) and label histogram.
