@@ -134,3 +134,4 @@ def test_clientapp_imports_only_the_client_requirements(tmp_path: Path) -> None:
     assert "torchvision" not in modules
     # partitioning is numpy's: a node holds no data-frame stack, even while building its cache
     assert not modules & {"flwr_datasets", "datasets", "pandas", "pyarrow"}, sorted(modules)
+    assert "sympy" not in modules  # nor torch's compiler stack (prism_flwr/eager_torch.py)
