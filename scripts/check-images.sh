@@ -548,7 +548,9 @@ if [ "$ARM64" = 1 ]; then
         fi
     fi
     site="$WORK/site-arm64"
-    if [ ! -f "$site/.complete" ]; then
+    # fetched again when the client requirements change (the marker holds their digest)
+    want="$(sha256sum "$REPO/docker/client-requirements.txt" | cut -d' ' -f1) torch==${ARM64_TORCH:-2.9.1}"
+    if [ "$(cat "$site/.complete" 2>/dev/null)" != "$want" ]; then
         rm -rf "$site"
         plat=(--platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 --python-version 3.11
               --implementation cp --abi cp311 --only-binary=:all: --no-cache-dir)
@@ -565,7 +567,11 @@ if [ "$ARM64" = 1 ]; then
             || die "pip (client requirements for aarch64) failed, see $WORK/pip-arm64.log"
         python3 -m pip install -q "${plat[@]}" --target "$site.deps" --no-deps opacus >> "$WORK/pip-arm64.log" 2>&1 \
             || die "pip (opacus for aarch64) failed, see $WORK/pip-arm64.log"
-        cp -an "$site.deps/." "$site/" && rm -rf "$site.deps" && touch "$site/.complete"
+        cp -an "$site.deps/." "$site/" && rm -rf "$site.deps"
+        # as edge.Dockerfile does: torch's headers, tests and test binaries are not needed to run it
+        rm -rf "$site/torch/include" "$site/torch/test"
+        find "$site/torch/bin" -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} +
+        echo "$want" > "$site/.complete"
     fi
     rm -rf "$REPO/.edge-site/site" && mkdir -p "$REPO/.edge-site"
     cp -al "$site" "$REPO/.edge-site/site" 2>/dev/null || cp -a "$site" "$REPO/.edge-site/site"
