@@ -4,16 +4,18 @@
     python -m benchmarks.client_memory --data-dir DIR --partitions 4 --message evaluate
 
 Flower's deployment engine answers every message in a fresh ClientApp process, so its peak is what
-a node's memory limit must hold. One fresh process per message kind (1 OpenMP thread) does what
-such a process does, in order, and records after each phase its resident set (RSS, /proc statm)
-its peak so far (VmHWM) and its split into anonymous and file-backed pages (RssAnon,
-RssFile: file pages the kernel may drop under a memory limit and read again): import torch, import Flower's ClientApp API, import the app
-(client_app.py and this package), read this node's partition (``client_data``: the client cache,
-built first in a separate process), build the frozen network, then answer one message the way
-the server sends it (``client_app.train`` or ``client_app.evaluate`` on a real ``Message``).
-Reported: "over torch + Flower" = peak - RSS after importing torch and Flower, the figure the
-node budget is about; and which heavy modules the process imported (torchvision, datasets,
-pandas, matplotlib, scipy). Prints a table and one JSON line.
+a node's memory limit must hold. One fresh process per message kind (1 OpenMP thread, a fresh
+state-dir) does what such a process does, in order: import torch, import Flower's ClientApp API,
+import the app (client_app.py and this package), read this node's partition (``client_data``: the
+client cache, built first in a separate process, or by this one with ``--cold``), build the
+frozen network, then answer one message the way the server sends it (``client_app.train`` or
+``client_app.evaluate`` on a real ``Message``). After each phase it records its resident set
+(RSS, /proc statm), its peak so far (VmHWM), its anonymous and file-backed parts (RssAnon,
+RssFile: file pages the kernel may drop under a memory limit and read again) and the largest
+anonymous part seen during the phase (sampled every 5 ms). Reported: "over torch + Flower" =
+peak - RSS after importing torch and Flower, the figure the node budget is about; and which heavy
+modules the process imported (torchvision, datasets, pandas, matplotlib, scipy). Prints a table
+and one JSON line.
 """
 
 from __future__ import annotations
