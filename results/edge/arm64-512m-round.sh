@@ -21,14 +21,18 @@ podman rm -f prism-edge2-arm64 >/dev/null 2>&1; podman volume rm -f prism-edge2-
 # features whose emulation oneDNN's aarch64 JIT trips over (SIGILL at the first convolution).
 # Under emulation a fresh flwr-clientapp cannot send its first heartbeat within Flower's 30 s on
 # this busy host: process isolation and the warm executor (heartbeat first, then the imports).
-podman run -d --name prism-edge2-arm64 --platform linux/arm64 --network host --cpus 1 --memory ${ARM_MEMORY:-512m} --memory-swap ${ARM_MEMORY:-512m} \
+# The warm executor is started as a module function: `prism-flwr clientapp-executor` imports torch
+# in the executor's own process (the cli's other subcommands need it), besides its worker's.
+# NOTHP=1: transparent huge pages off for the container's processes (nothp.py, inherited through
+# podman, conmon and runc): qemu-user backs each emulated process's translation cache with them.
+$( [ -n "${NOTHP:-}" ] && echo "python3 $(dirname "$0")/nothp.py" ) podman run -d --name prism-edge2-arm64 --platform linux/arm64 --network host --cpus 1 --memory ${ARM_MEMORY:-512m} --memory-swap ${ARM_MEMORY:-512m} \
     -e FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 \
     -v /usr/share/datasets/fashion-mnist:/usr/share/datasets/fashion-mnist:ro \
     -e QEMU_CPU=cortex-a72 \
     -v prism-edge2-arm64-state:/app/.local/state/prism-flwr --entrypoint sh ${IMAGE:-localhost/prism-flwr/edge:arm64-edge2} -c \
     "flower-supernode --insecure --superlink 127.0.0.1:$LINK --host 127.0.0.1 --port $N1 --isolation process \
-     --node-config 'partition-id=1 num-partitions=2' & exec python -m prism_flwr.cli clientapp-executor --insecure --runtime-api-address 127.0.0.1:$N1" > /dev/null
-echo "[$(date -u +%T)] arm64 container started: $(podman inspect --format '{{.Architecture}} {{.Os}}' ${IMAGE:-localhost/prism-flwr/edge:arm64-edge2})"
+     --node-config 'partition-id=1 num-partitions=2' & exec python -c 'import sys; from prism_flwr.deployment import executor; sys.exit(executor.serve(executor.Endpoint(sys.argv[1], True, None, None)))' 127.0.0.1:$N1" > /dev/null
+echo "[$(date -u +%T)] arm64 container started (NOTHP=${NOTHP:-}): $(podman inspect --format '{{.Architecture}} {{.Os}}' ${IMAGE:-localhost/prism-flwr/edge:arm64-edge2})"
 for i in $(seq 1 90); do
     n=$($V/flwr supernode ls mixed --format json 2>/dev/null | $V/python -c "import json,sys; print(sum(n.get('status')=='online' for n in json.load(sys.stdin).get('nodes',[])))" 2>/dev/null)
     [ "$n" = 2 ] && break; sleep 2
