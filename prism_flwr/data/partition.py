@@ -2,8 +2,8 @@
 
 The iid, shards and dirichlet splits give exactly the indices of flwr-datasets' IidPartitioner
 (after HF datasets' ``shuffle(seed)``), ShardPartitioner and DirichletPartitioner, with the same
-seed: the same generator calls in the same order (tests/test_partition.py compares them over many
-cases). A node therefore partitions without flwr-datasets, datasets, pandas or pyarrow.
+seed: the same generator calls in the same order (tests/test_partition_reference.py compares them over
+many cases). A node therefore partitions without flwr-datasets, datasets, pandas or pyarrow.
 """
 
 from __future__ import annotations
