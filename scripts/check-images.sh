@@ -104,7 +104,9 @@ if [ -z "${ENGINE:-}" ]; then
     if command -v docker >/dev/null && docker info >/dev/null 2>&1; then ENGINE=docker; else ENGINE=podman; fi
 fi
 [ "$ENGINE" = podman ] && setup_podman
-E() { "$ENGINE" "$@"; }
+# Run from $WORK: Podman's conmon leaves an empty file `oom` in its working directory when a
+# container is killed for memory (the OOM stage does that on purpose), never in the checkout.
+E() { (mkdir -p "$WORK" && cd "$WORK" && "$ENGINE" "$@"); }
 for tool in openssl ssh-keygen bc curl; do
     command -v "$tool" >/dev/null || die "$tool is needed (Debian: openssl openssh-client bc curl)"
 done

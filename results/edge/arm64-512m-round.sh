@@ -7,6 +7,8 @@ set -u
 APP=${APP:?the app directory (a copy of this repository)}
 W=${W:-/var/tmp/prism-edge2/arm64-512m}; rm -rf "$W"; mkdir -p "$W/home" "$W/out"
 V=/work/main/.venv/bin
+HERE=$(cd "$(dirname "$0")" && pwd)
+cd "$W"  # Podman's conmon writes an empty file `oom` into its working directory at an OOM kill
 free() { $V/python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 LINK=$(free); N0=$(free); N1=$(free)
 export FLWR_HOME=$W/home FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 PATH=$V:$PATH
@@ -25,7 +27,7 @@ podman rm -f prism-edge2-arm64 >/dev/null 2>&1; podman volume rm -f prism-edge2-
 # in the executor's own process (the cli's other subcommands need it), besides its worker's.
 # NOTHP=1: transparent huge pages off for the container's processes (nothp.py, inherited through
 # podman, conmon and runc): qemu-user backs each emulated process's translation cache with them.
-$( [ -n "${NOTHP:-}" ] && echo "python3 $(dirname "$0")/nothp.py" ) podman run -d --name prism-edge2-arm64 --platform linux/arm64 --network host --cpus 1 --memory ${ARM_MEMORY:-512m} --memory-swap ${ARM_MEMORY:-512m} \
+$( [ -n "${NOTHP:-}" ] && echo "python3 $HERE/nothp.py" ) podman run -d --name prism-edge2-arm64 --platform linux/arm64 --network host --cpus 1 --memory ${ARM_MEMORY:-512m} --memory-swap ${ARM_MEMORY:-512m} \
     -e FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 \
     -v /usr/share/datasets/fashion-mnist:/usr/share/datasets/fashion-mnist:ro \
     -e QEMU_CPU=cortex-a72 \

@@ -10,6 +10,7 @@ W=${W:-/var/tmp/prism-edge2/x86-$MEMORY}; rm -rf "$W"; mkdir -p "$W/home" "$W/ou
 APP=${APP:?the app directory (a copy of this repository)}
 DATA=${DATA:-/var/tmp/prism-edge2/data}
 V=/work/main/.venv/bin
+cd "$W"  # Podman's conmon writes an empty file `oom` into its working directory at an OOM kill
 free() { $V/python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 LINK=$(free); N0=$(free); N1=$(free)
 export FLWR_HOME=$W/home FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 PATH=$V:$PATH
