@@ -33,6 +33,7 @@ from flwr.clientapp import ClientApp
 
 from prism_flwr.config import RunConfig
 from prism_flwr.data.client_cache import client_data
+from prism_flwr.eager_torch import defer_dynamo
 from prism_flwr.federated.broadcast import DOWNLINK_KEY, digest, receive
 from prism_flwr.federated.client_round import (
     client_evaluate,
@@ -61,6 +62,8 @@ from prism_flwr.secagg.crypto import FloorRefusal
 from prism_flwr.secagg.identity import load_identity
 from prism_flwr.secagg.records import STATE_KEY as SECAGG_STATE_KEY
 from prism_flwr.threads import configure_threads
+
+defer_dynamo()  # torch.optim's steps import torch's compiler stack (~150 MiB) only to do nothing
 
 app = ClientApp()
 log = logging.getLogger("prism.client")

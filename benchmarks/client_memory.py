@@ -4,15 +4,18 @@
     python -m benchmarks.client_memory --data-dir DIR --partitions 4 --message evaluate
 
 Flower's deployment engine answers every message in a fresh ClientApp process, so its peak is what
-a node's memory limit must hold. One fresh process per message kind (1 OpenMP thread) does what
-such a process does, in order, and records after each phase its resident set (RSS, /proc statm)
-and its peak so far (VmHWM): import torch, import Flower's ClientApp API, import the app
-(client_app.py and this package), read this node's partition (``client_data``: the client cache,
-built first in a separate process), build the frozen network, then answer one message the way
-the server sends it (``client_app.train`` or ``client_app.evaluate`` on a real ``Message``).
-Reported: "over torch + Flower" = peak - RSS after importing torch and Flower, the figure the
-node budget is about; and which heavy modules the process imported (torchvision, datasets,
-pandas, matplotlib, scipy). Prints a table and one JSON line.
+a node's memory limit must hold. One fresh process per message kind (1 OpenMP thread, a fresh
+state-dir) does what such a process does, in order: import torch, import Flower's ClientApp API,
+import the app (client_app.py and this package), read this node's partition (``client_data``: the
+client cache, built first in a separate process, or by this one with ``--cold``), build the
+frozen network, then answer one message the way the server sends it (``client_app.train`` or
+``client_app.evaluate`` on a real ``Message``). After each phase it records its resident set
+(RSS, /proc statm), its peak so far (VmHWM), its anonymous and file-backed parts (RssAnon,
+RssFile: file pages the kernel may drop under a memory limit and read again) and the largest
+anonymous part seen during the phase (sampled every 5 ms). Reported: "over torch + Flower" =
+peak - RSS after importing torch and Flower, the figure the node budget is about; and which heavy
+modules the process imported (torchvision, datasets, pandas, matplotlib, scipy). Prints a table
+and one JSON line.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from prism_flwr.data.client_cache import CACHE_FOLDER
@@ -31,12 +36,24 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torchvision", "datasets", "pandas", "matplotlib", "scipy", "flwr_datasets", "opacus", "sklearn")
 
 CHILD = r"""
-import json, os, sys, time
+import json, os, sys, threading, time
+def status():
+    return {l.split(":")[0]: int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith(("VmHWM", "RssAnon", "RssFile"))}
+top = {"RssAnon": 0.0, "RssFile": 0.0}
+def sample():  # the largest anonymous and file-backed parts seen since the last phase, every 5 ms
+    while True:
+        now = status()
+        for key in top:
+            top[key] = max(top[key], now[key])
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
 def mem():
     page = os.sysconf("SC_PAGE_SIZE")
     rss = int(open("/proc/self/statm").read().split()[1]) * page
-    status = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(("VmHWM", "RssAnon", "RssFile"))}
-    return rss / 2**20, status["VmHWM"] / 2**20, status["RssAnon"] / 2**20, status["RssFile"] / 2**20
+    now = status()
+    row = (rss / 2**20, now["VmHWM"], now["RssAnon"], now["RssFile"], max(top["RssAnon"], now["RssAnon"]), max(top["RssFile"], now["RssFile"]))
+    top.update(RssAnon=0.0, RssFile=0.0)
+    return row
 rows = [("python",) + mem()]
 kind, keys, pid, num, heavy = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5].split(",")
 import torch
@@ -133,7 +150,13 @@ def main(argv: list[str] | None = None) -> dict:
         if args.cold:
             for path in (Path(args.data_dir) / CACHE_FOLDER).glob(f"{args.dataset}-*"):
                 path.unlink()
-        results[kind] = run_child(kind, keys, args.partition_id, args.partitions, Path(args.state_dir))
+        # a fresh state-dir per process: a node that has answered round 1 would resend its answer
+        Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+        state = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=args.state_dir))
+        try:
+            results[kind] = run_child(kind, keys, args.partition_id, args.partitions, state)
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
 
     import torch
 
@@ -144,11 +167,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"{'built by the process' if args.cold else 'ready'}), run config {keys} "
         f"(defaults otherwise), torch {torch.__version__}, {platform.machine()}"
     )
-    print(f"{'phase':>18} " + " ".join(f"{k + ' RSS':>12} {k + ' peak':>12}" for k in kinds) + "   (MiB)")
+    head = " ".join(f"{k + ' ' + c:>14}" for k in kinds for c in ("RSS", "peak", "anon", "file", "anon max"))
+    print(f"{'phase':>18} {head}   (MiB)")
     for i, row in enumerate(first["rows"]):
-        cells = " ".join(
-            f"{results[k]['rows'][i][1]:>12.0f} {results[k]['rows'][i][2]:>12.0f}" for k in kinds
-        )
+        cells = " ".join(f"{v:>14.0f}" for k in kinds for v in results[k]["rows"][i][1:6])
         print(f"{row[0]:>18} {cells}")
     summary = {}
     for k in kinds:
@@ -158,11 +180,15 @@ def main(argv: list[str] | None = None) -> dict:
             "peak_mib": rows[-1][2],
             "torch_flower_mib": base,
             "over_torch_flower_mib": rows[-1][2] - base,
+            # the largest anonymous part seen over the whole process, above that after torch + Flower
+            "anon_over_torch_flower_mib": max(r[5] for r in rows) - rows[2][3],
             "seconds": results[k]["seconds"],
             "imported": results[k]["imported"],
         }
         print(
-            f"{k}: peak {rows[-1][2]:.0f} MiB = torch + Flower {base:.0f} + {rows[-1][2] - base:.0f} MiB; "
+            f"{k}: peak {rows[-1][2]:.0f} MiB = torch + Flower {base:.0f} + {rows[-1][2] - base:.0f} MiB "
+            f"(anonymous memory at most {summary[k]['anon_over_torch_flower_mib']:.0f} MiB above its "
+            f"{rows[2][3]:.0f} after torch + Flower); "
             f"message answered in {results[k]['seconds']:.1f} s; heavy modules imported: "
             f"{', '.join(results[k]['imported']) or 'none'}"
         )

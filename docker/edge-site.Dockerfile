@@ -39,4 +39,6 @@ RUN sp=/python/venv/lib/python3.11/site-packages \
     && cp -a prism_flwr "$sp"/ \
     && mkdir -p /app/.cache/prism-flwr/data /app/prism-flwr/outputs /app/.local/state/prism-flwr
 
-ENTRYPOINT ["flower-supernode"]
+# As in edge.Dockerfile: Flower's SuperNode through prism-flwr's (capped waits, the node's
+# trusted-apps check), without the torch import that the `prism-flwr` command makes.
+ENTRYPOINT ["python", "-c", "import sys; from prism_flwr.deployment.supernode import supernode_main; supernode_main(sys.argv[1:], 0.2)"]

@@ -49,9 +49,15 @@ RUN groupadd --gid 49999 app \
 USER 49999:49999
 WORKDIR /app
 COPY --chown=app:app docker/client-requirements.txt /python/client-requirements.txt
+# torch's C++ headers, test binaries and tests (about 200 MB) serve building extensions and
+# testing torch, not running it: removed in the layer that installs them (torch/bin keeps
+# torch_shm_manager, which `import torch` looks for).
 RUN python -m venv /python/venv \
     && python -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && python -m pip install --no-cache-dir -r /python/client-requirements.txt "flwr==${FLWR_VERSION}"
+    && python -m pip install --no-cache-dir -r /python/client-requirements.txt "flwr==${FLWR_VERSION}" \
+    && torch=$(python -c "import importlib.util as u; print(u.find_spec('torch').submodule_search_locations[0])") \
+    && rm -rf "$torch/include" "$torch/test" \
+    && find "$torch/bin" -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} +
 
 COPY --chown=app:app pyproject.toml README.md client_app.py server_app.py ./
 COPY --chown=app:app prism_flwr/ prism_flwr/
@@ -60,4 +66,8 @@ COPY --chown=app:app strategies/ strategies/
 RUN python -m pip install --no-cache-dir --no-deps . \
     && mkdir -p /app/.cache/prism-flwr/data /app/prism-flwr/outputs /app/.local/state/prism-flwr
 
-ENTRYPOINT ["flower-supernode"]
+# Flower's SuperNode through prism-flwr's (prism_flwr/deployment/supernode.py: waits capped at
+# 0.2 s, each ClientApp's bundle checked against the node config's trusted-apps / trusted-app-keys
+# when it names them). Called as a module function, not as `prism-flwr supernode`: that command
+# imports torch for its other subcommands, 180 MiB more in this long-lived process.
+ENTRYPOINT ["python", "-c", "import sys; from prism_flwr.deployment.supernode import supernode_main; supernode_main(sys.argv[1:], 0.2)"]

@@ -34,7 +34,7 @@ FMNIST=${FMNIST:-/usr/share/datasets/fashion-mnist}
 # (about an hour on 2 busy cores); download=false: the data comes from the read-only mount only.
 RUN_CONFIG=${RUN_CONFIG:-num-server-rounds=2 local-steps=5 eval-samples=200 eval-feature-metrics=false download=false}
 # The default run (3 rounds x 100 local steps, ngf 16) otherwise.
-EDGE_CONFIG=${EDGE_CONFIG:-eval-feature-metrics=false download=false}
+EDGE_CONFIG=${EDGE_CONFIG:-num-server-rounds=3 eval-feature-metrics=false download=false}
 OOM_MEMORY=${OOM_MEMORY:-300m}
 EDGE_MEMORY=${EDGE_MEMORY:-768m}
 OOM_CONFIG=${OOM_CONFIG:-num-server-rounds=2 local-steps=5 eval-samples=200 eval-feature-metrics=false \
@@ -104,7 +104,9 @@ if [ -z "${ENGINE:-}" ]; then
     if command -v docker >/dev/null && docker info >/dev/null 2>&1; then ENGINE=docker; else ENGINE=podman; fi
 fi
 [ "$ENGINE" = podman ] && setup_podman
-E() { "$ENGINE" "$@"; }
+# Run from $WORK: Podman's conmon leaves an empty file `oom` in its working directory when a
+# container is killed for memory (the OOM stage does that on purpose), never in the checkout.
+E() { (mkdir -p "$WORK" && cd "$WORK" && "$ENGINE" "$@"); }
 for tool in openssl ssh-keygen bc curl; do
     command -v "$tool" >/dev/null || die "$tool is needed (Debian: openssl openssh-client bc curl)"
 done
@@ -484,7 +486,7 @@ if [ "$EDGE" = 1 ]; then
     : > "$WORK/edge-stats.txt"; : > "$WORK/edge-rss.txt"
     mem_sampler "$P-edge" "$WORK/edge-stats.txt" & sampler=$!
     rss_sampler "$P-edge" "$WORK/edge-rss.txt" & rss=$!
-    log "flwr run /src containers --run-config \"$EDGE_CONFIG\" (the default run otherwise)"
+    log "flwr run /src containers --run-config \"$EDGE_CONFIG\" (3 rounds, the default run otherwise)"
     status=$(submit "$EDGE_CONFIG")
     kill "$sampler" "$rss" 2>/dev/null || true
     log "edge run status: $status"
@@ -548,7 +550,9 @@ if [ "$ARM64" = 1 ]; then
         fi
     fi
     site="$WORK/site-arm64"
-    if [ ! -f "$site/.complete" ]; then
+    # fetched again when the client requirements change (the marker holds their digest)
+    want="$(sha256sum "$REPO/docker/client-requirements.txt" | cut -d' ' -f1) torch==${ARM64_TORCH:-2.9.1}"
+    if [ "$(cat "$site/.complete" 2>/dev/null)" != "$want" ]; then
         rm -rf "$site"
         plat=(--platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 --python-version 3.11
               --implementation cp --abi cp311 --only-binary=:all: --no-cache-dir)
@@ -565,7 +569,11 @@ if [ "$ARM64" = 1 ]; then
             || die "pip (client requirements for aarch64) failed, see $WORK/pip-arm64.log"
         python3 -m pip install -q "${plat[@]}" --target "$site.deps" --no-deps opacus >> "$WORK/pip-arm64.log" 2>&1 \
             || die "pip (opacus for aarch64) failed, see $WORK/pip-arm64.log"
-        cp -an "$site.deps/." "$site/" && rm -rf "$site.deps" && touch "$site/.complete"
+        cp -an "$site.deps/." "$site/" && rm -rf "$site.deps"
+        # as edge.Dockerfile does: torch's headers, tests and test binaries are not needed to run it
+        rm -rf "$site/torch/include" "$site/torch/test"
+        find "$site/torch/bin" -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} +
+        echo "$want" > "$site/.complete"
     fi
     rm -rf "$REPO/.edge-site/site" && mkdir -p "$REPO/.edge-site"
     cp -al "$site" "$REPO/.edge-site/site" 2>/dev/null || cp -a "$site" "$REPO/.edge-site/site"

@@ -123,7 +123,8 @@ def test_clientapp_imports_only_the_client_requirements(tmp_path: Path) -> None:
     allowed = _closure([*listed, "torch"])
     owners = md.packages_distributions()
     local = {"client_app", "prism_flwr", "strategies", "__main__"}
-    local |= {"cloudpickle"}  # pyarrow imports it when installed (try/except, compat.pxi): optional
+    # optional imports, taken when installed (try/except): torch.hub's tqdm, torch.utils.data's dill
+    local |= {"tqdm", "dill"}
     foreign = {
         m: owners[m]
         for m in modules - set(sys.stdlib_module_names) - local
@@ -131,3 +132,6 @@ def test_clientapp_imports_only_the_client_requirements(tmp_path: Path) -> None:
     }
     assert not foreign, f"imported by a ClientApp but not in docker/client-requirements.txt: {foreign}"
     assert "torchvision" not in modules
+    # partitioning is numpy's: a node holds no data-frame stack, even while building its cache
+    assert not modules & {"flwr_datasets", "datasets", "pandas", "pyarrow"}, sorted(modules)
+    assert "sympy" not in modules  # nor torch's compiler stack (prism_flwr/eager_torch.py)

@@ -55,12 +55,15 @@ def test_built_once_then_read_alone(mnist_root: Path, monkeypatch: pytest.Monkey
     assert torch.equal(images, full.images[torch.as_tensor(idx)])
     assert hist == label_histogram(full.labels, idx, 10) and sum(hist) == len(images) > 0
     assert len(list((mnist_root / client_cache.CACHE_FOLDER).glob("mnist-*.u8"))) == 1
+    # the process that built the file reads it back too: file pages, not a copy of its own
+    path = str(client_cache.cache_path(cfg, client_cache._key(cfg, 1, 4)))
+    assert _mapped_file(images.data_ptr()) == path
 
     _fresh_process_state()
     _forbid_dataset(monkeypatch)
     again, hist_again = client_cache.client_images(cfg, 1, 4)
     assert torch.equal(again, images) and hist_again == hist
-    assert _mapped_file(again.data_ptr()) == str(client_cache.cache_path(cfg, client_cache._key(cfg, 1, 4)))
+    assert _mapped_file(again.data_ptr()) == path
 
 
 def _mapped_file(address: int) -> str | None:
@@ -141,6 +144,7 @@ def test_a_file_that_does_not_match_is_refused_and_rebuilt(
 ) -> None:
     cfg = _cfg(mnist_root)
     images, hist = client_cache.client_images(cfg, 0, 4)
+    images = images.clone()  # a copy: what came back maps the file that is damaged in place below
     path = client_cache.cache_path(cfg, client_cache._key(cfg, 0, 4))
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:-100])
@@ -193,7 +197,7 @@ def test_a_clientapp_process_with_a_warm_cache_imports_neither_torchvision_nor_f
         "from prism_flwr.config import RunConfig\nfrom prism_flwr.data.client_cache import client_data\n"
         f"cfg = RunConfig.parse({{'dataset': 'mnist', 'data-dir': {str(mnist_root)!r}, 'download': False, 'seed': 3}})\n"
         "x, hist = client_data(cfg, 1, 4, torch.device('cpu'))\n"
-        "print(len(x), sum(hist), [m for m in ('torchvision', 'flwr_datasets', 'datasets') if m in sys.modules])\n"
+        "print(len(x), sum(hist), [m for m in ('torchvision', 'flwr_datasets', 'datasets', 'pandas', 'pyarrow') if m in sys.modules])\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script],

@@ -357,3 +357,15 @@ def test_data_command_fetches_or_explains(
     _serve_mnist(tmp_path, monkeypatch, tvd.MNIST)
     assert cli.main(["data", "mnist", "--data-dir", str(tmp_path / "b")]) == 0  # --download auto by default
     assert "mnist: 30 training images (1, 32, 32) ready in" in capsys.readouterr().out
+
+
+def test_rows_read_in_chunks_are_the_whole_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prism_flwr.data import idx
+
+    write_mnist(tmp_path, "MNIST", n_train=50, n_test=5)
+    raw = tmp_path / "MNIST" / "raw"
+    whole = idx.idx_images(raw, True)
+    monkeypatch.setattr(idx, "RESIZE_CHUNK", 7)  # several chunks, the last one short
+    rows = np.array([49, 3, 3, 20, 0, 8, 9, 10, 11, 12, 13, 14, 48])
+    assert torch.equal(idx.idx_images(raw, True, rows), whole[torch.as_tensor(rows)])
+    assert torch.equal(idx.idx_images(raw, True), whole)

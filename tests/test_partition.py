@@ -1,4 +1,5 @@
-"""prism_flwr.data.partition: flwr-datasets partitioners over label arrays."""
+"""prism_flwr.data.partition: the numpy partitioners over label arrays (tests/test_partition_reference.py
+compares them with flwr-datasets)."""
 
 from __future__ import annotations
 

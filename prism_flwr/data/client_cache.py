@@ -1,8 +1,8 @@
 """A client's own images on disk, so that a ClientApp process starts in about a second.
 
 Flower's deployment engine runs every message (every round's train and evaluate) in a fresh
-ClientApp process. Without this cache each of them re-reads the whole dataset, partitions it
-(flwr-datasets, pandas and pyarrow imported for that alone) and imports torchvision: about 3.5 s
+ClientApp process. Without this cache each of them re-reads the dataset files, partitions the
+labels and resizes its rows (and, for CelebA, imports torchvision): once took about 3.5 s
 of a 4.5 s start-up on one CPU core (docs/benchmarks.md, "Flower's share of a round"). With it, a process
 reads one small file: this client's uint8 images (memory-mapped: pages the kernel may drop and
 re-read, never float copies of the whole partition) and label histogram.
@@ -17,6 +17,7 @@ dataset, never used. A data directory that cannot be written only costs the spee
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -76,13 +77,16 @@ def cache_path(cfg: RunConfig, key: str) -> Path:
     return cfg.resolved_data_dir() / CACHE_FOLDER / f"{cfg.dataset}-{digest}.u8"
 
 
-def _encode(key: str, images: np.ndarray, hist: list[int]) -> bytes:
+def _encode(key: str, images: np.ndarray, hist: list[int]) -> bytearray:
     """MAGIC, a 4-byte little-endian header length, the JSON header {key, shape, hist} padded to
-    ``ALIGN``, then the raw uint8 pixels: the pixels can be memory-mapped in place."""
+    ``ALIGN``, then the raw uint8 pixels: the pixels can be memory-mapped in place. One buffer,
+    the pixels copied into it once."""
     header = json.dumps({"key": key, "shape": list(images.shape), "hist": [int(n) for n in hist]}).encode()
     offset = -(-(len(MAGIC) + 4 + len(header)) // ALIGN) * ALIGN
     head = MAGIC + len(header).to_bytes(4, "little") + header
-    return head + b" " * (offset - len(head)) + np.ascontiguousarray(images, dtype=np.uint8).tobytes()
+    out = bytearray(head + b" " * (offset - len(head))) + bytearray(images.size)
+    np.frombuffer(out, np.uint8, offset=offset).reshape(images.shape)[...] = images
+    return out
 
 
 def _read(path: Path, key: str, dataset: str) -> tuple[torch.Tensor, list[int]]:
@@ -148,11 +152,22 @@ def _build(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[torc
     return images, label_histogram(labels, idx, NUM_CLASSES[cfg.dataset])
 
 
-def _write(path: Path, key: str, images: torch.Tensor, hist: list[int]) -> None:
+def _write(path: Path, key: str, images: torch.Tensor, hist: list[int]) -> bool:
     try:
         write_bytes_atomic(path, _encode(key, images.numpy(), hist))
+        return True
     except OSError as err:  # e.g. a read-only data directory: slower start-ups, nothing else
         log.info("client cache not written (%s): each ClientApp process will re-read the dataset", err)
+        return False
+
+
+def _release_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing):
+    building the cache leaves tens of MB free but resident in the process that then trains."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def client_images(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[torch.Tensor, list[int]]:
@@ -168,8 +183,10 @@ def client_images(cfg: RunConfig, partition_id: int, num_partitions: int) -> tup
             log.warning("client cache %s refused (%s); rebuilding it from the dataset", path, why)
     images, hist = _build(cfg, partition_id, num_partitions)
     key = key or _key(cfg, partition_id, num_partitions)  # the files exist now (prepared or downloaded)
-    if key is not None:
-        _write(cache_path(cfg, key), key, images, hist)
+    if key is not None and _write(path := cache_path(cfg, key), key, images, hist):
+        del images  # read back memory-mapped: pages the kernel may drop, not the process's own
+        images, _ = _read(path, key, cfg.dataset)
+    _release_heap()
     return images, hist
 
 

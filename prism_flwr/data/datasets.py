@@ -1,5 +1,5 @@
 """The paper's image datasets, read from a local directory: MNIST and Fashion-MNIST's idx files
-directly (``idx.py``), CIFAR-10 and CelebA by torchvision's own classes.
+(``idx.py``) and CIFAR-10's batches (``cifar.py``) directly, CelebA by torchvision's own class.
 
 Every dataset comes back as one ``ImageData``: uint8 images of shape (N, C, 32, 32), already
 preprocessed as in the paper (MNIST/Fashion-MNIST resized 28 -> 32, CelebA centre-cropped to 160
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prism_flwr.data.cifar import cifar_images, cifar_labels
 from prism_flwr.data.fetching import download_lock as _download_lock
 from prism_flwr.data.fetching import no_network as _no_network
 from prism_flwr.data.fetching import socket_timeout as _socket_timeout
@@ -336,9 +337,10 @@ def _ensure(name: str, root: Path, download: bool | str) -> None:
 def _load(name: str, root: Path, train: bool, download: bool | str) -> ImageData:
     _ensure(name, root, download)
     if name == "cifar10":
-        cifar = _cifar10_class()(root, train=train)
-        images = torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
-        labels = np.asarray(cifar.targets)
+        images, labels = (
+            cifar_images(root / CIFAR10_FOLDER, train),
+            cifar_labels(root / CIFAR10_FOLDER, train),
+        )
     elif name == "celeba":
         images, labels = _load_celeba(root, train)
     else:
@@ -369,12 +371,15 @@ def load_dataset(
 
 
 def load_labels(name: str, data_dir: str | os.PathLike, download: bool | str = False) -> np.ndarray:
-    """The training split's labels: MNIST/Fashion-MNIST's label file alone (60 kB), unless the
-    whole split is loaded in this process already; other datasets through ``load_dataset``."""
+    """The training split's labels: MNIST/Fashion-MNIST's label file alone (60 kB), CIFAR-10's
+    batches one at a time, unless the whole split is loaded in this process already; CelebA
+    through ``load_dataset``."""
     root = Path(data_dir).expanduser().resolve()
-    if name not in _IDX_FOLDER or (name, root, True) in _CACHE:
+    if name == "celeba" or (name, root, True) in _CACHE:
         return load_dataset(name, root, True, download).labels
     _ensure(name, root, download)
+    if name == "cifar10":
+        return cifar_labels(root / CIFAR10_FOLDER, True)
     return idx_labels(root / _IDX_FOLDER[name] / "raw", True)
 
 
@@ -382,10 +387,13 @@ def load_rows(
     name: str, data_dir: str | os.PathLike, rows: np.ndarray, download: bool | str = False
 ) -> torch.Tensor:
     """The training split's uint8 images at ``rows`` (N, C, 32, 32): for MNIST/Fashion-MNIST read
-    and resized for those rows alone (the same pixels as from the whole split), unless the whole
-    split is loaded in this process already; other datasets through ``load_dataset``."""
+    and resized for those rows alone, for CIFAR-10 kept from one batch at a time (the same pixels
+    as from the whole split), unless the whole split is loaded in this process already; CelebA
+    through ``load_dataset``."""
     root = Path(data_dir).expanduser().resolve()
-    if name not in _IDX_FOLDER or (name, root, True) in _CACHE:
+    if name == "celeba" or (name, root, True) in _CACHE:
         return load_dataset(name, root, True, download).images[torch.as_tensor(rows, dtype=torch.long)]
     _ensure(name, root, download)
+    if name == "cifar10":
+        return cifar_images(root / CIFAR10_FOLDER, True, rows)
     return idx_images(root / _IDX_FOLDER[name] / "raw", True, rows)

@@ -1,49 +1,59 @@
-"""Split a dataset's sample indices among clients, with flwr-datasets' partitioners.
+"""Split a dataset's sample indices among clients, in numpy alone.
 
-The partitioners run on a small in-memory ``datasets.Dataset`` holding only the labels and the
-sample indices ("idx"): no images. Partitioners may reorder that table (ShardPartitioner sorts it
-by label, the IID split shuffles it), so a partition is read back through its "idx" column.
+The iid, shards and dirichlet splits give exactly the indices of flwr-datasets' IidPartitioner
+(after HF datasets' ``shuffle(seed)``), ShardPartitioner and DirichletPartitioner, with the same
+seed: the same generator calls in the same order (tests/test_partition_reference.py compares them over
+many cases). A node therefore partitions without flwr-datasets, datasets, pandas or pyarrow.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-# flwr-datasets (with datasets, pandas, seaborn) takes ~3 s to import; only a client that
-# partitions needs it, not the ServerApp that imports this module through task.py.
-if TYPE_CHECKING:
-    import datasets
-    from flwr_datasets.partitioner import Partitioner
 
 PARTITIONINGS = ("iid", "shards", "dirichlet", "attribute")
 # flwr's default floor on a Dirichlet partition's size, kept whenever a draw can meet it.
 DIRICHLET_MIN_PARTITION_SIZE = 10
+# flwr's DirichletPartitioner redraws 10 times after a draw that misses the floor, then raises.
+DIRICHLET_REDRAWS = 10
 
 
-def _table(**columns: np.ndarray) -> datasets.Dataset:
-    # Arrow format: flwr reads the label column with np.array(dataset["label"]); datasets 4 returns a
-    # lazy Column there that numpy converts element by element (0.5 s for 60k), pyarrow at once.
-    import datasets
-
-    return datasets.Dataset.from_dict(columns).with_format("arrow")
-
-
-def _run(partitioner: Partitioner, table: datasets.Dataset, num_partitions: int) -> list[np.ndarray]:
-    partitioner.dataset = table
-    parts = (partitioner.load_partition(i)["idx"].to_numpy() for i in range(num_partitions))
-    return [np.sort(part).astype(np.int64) for part in parts]
+def _blocks(n: int, num_partitions: int) -> list[slice]:
+    """HF datasets' ``shard(num_partitions, i, contiguous=True)``: the first n % k blocks one longer."""
+    div, mod = divmod(n, num_partitions)
+    starts = [div * i + min(i, mod) for i in range(num_partitions + 1)]
+    return [slice(starts[i], starts[i + 1]) for i in range(num_partitions)]
 
 
 def _iid(idx: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
-    # IidPartitioner cuts contiguous blocks and leaves shuffling to the caller (FederatedDataset
-    # shuffles by default), so the seed enters through the shuffle.
-    from flwr_datasets.partitioner import IidPartitioner
+    """``idx`` shuffled by ``default_rng(seed).permutation`` (HF ``shuffle(seed)``), cut into blocks."""
+    shuffled = idx[np.random.default_rng(seed).permutation(len(idx))]
+    return [np.sort(shuffled[block]).astype(np.int64) for block in _blocks(len(idx), num_partitions)]
 
-    table = _table(idx=idx).shuffle(seed=seed)
-    return _run(IidPartitioner(num_partitions), table, num_partitions)
+
+def _shards(labels: np.ndarray, num_partitions: int, per_partition: int, seed: int) -> list[np.ndarray]:
+    """ShardPartitioner: a stable sort by label (Arrow's sort_indices), shards of
+    int(n / (k * per_partition)) rows, a seeded permutation of the shards dealt out in order."""
+    n, used = len(labels), num_partitions * per_partition
+    order = np.argsort(labels, kind="stable")
+    size = int(n / used)
+    shard_ids = np.random.default_rng(seed).permutation(n // size)[:used]
+    return [
+        np.sort(np.concatenate([order[s * size : min((s + 1) * size, n)] for s in mine])).astype(np.int64)
+        for mine in shard_ids.reshape(num_partitions, per_partition)
+    ]
+
+
+def _dirichlet_draw(labels: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """One draw: for each class present (ascending), proportions ~ Dirichlet(alpha) cut its indices."""
+    parts: list[list[np.ndarray]] = [[] for _ in alpha]
+    for k in np.unique(labels):
+        members = np.flatnonzero(labels == k)
+        cuts = (np.cumsum(rng.dirichlet(alpha)) * len(members)).astype(int)[:-1]
+        for part, piece in zip(parts, np.split(members, cuts)):
+            part.append(piece)
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
 
 
 def _dirichlet(labels: np.ndarray, num_partitions: int, alpha: float, seed: int) -> list[np.ndarray]:
@@ -52,28 +62,17 @@ def _dirichlet(labels: np.ndarray, num_partitions: int, alpha: float, seed: int)
     flwr redraws at most 10 times when a partition comes out smaller, then raises. At tiny alpha
     (the paper's 0.005) a draw gives nearly every class to a single partition, so with about as
     many partitions as classes some get nothing in almost every draw. We then take the first draw
-    as it is (min_partition_size=0) and warn with the partition sizes: empty partitions are what
-    Dirichlet label skew means at that alpha. (The paper's own code instead stops giving a class
-    to clients that already hold N/K samples, which yields about one class per client.)
+    as it is (min_partition_size=0: a fresh generator) and warn with the partition sizes: empty
+    partitions are what Dirichlet label skew means at that alpha. (The paper's own code instead
+    stops giving a class to clients that already hold N/K samples: about one class per client.)
     """
-    from flwr_datasets.partitioner import DirichletPartitioner
-
-    table = _table(label=labels, idx=np.arange(len(labels)))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # flwr warns at each redraw; we warn once below
-            partitioner = DirichletPartitioner(
-                num_partitions, "label", alpha, min_partition_size=DIRICHLET_MIN_PARTITION_SIZE, seed=seed
-            )
-            return _run(partitioner, table, num_partitions)
-    except ValueError as err:
-        if "attempts" not in str(err):
-            raise
-    parts = _run(
-        DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=0, seed=seed),
-        table,
-        num_partitions,
-    )
+    concentration = np.full(num_partitions, float(alpha))
+    rng = np.random.default_rng(seed)
+    for _ in range(1 + DIRICHLET_REDRAWS):
+        parts = _dirichlet_draw(labels, concentration, rng)
+        if min(len(p) for p in parts) >= DIRICHLET_MIN_PARTITION_SIZE:
+            return parts
+    parts = _dirichlet_draw(labels, concentration, np.random.default_rng(seed))
     warnings.warn(
         f"Dirichlet(alpha={alpha}): no draw gave all {num_partitions} partitions "
         f">= {DIRICHLET_MIN_PARTITION_SIZE} samples; using one without that floor, "
@@ -152,12 +151,7 @@ def partition_indices(
             f"shards_per_partition must be between 1 and len(labels) // num_partitions "
             f"({len(labels) // num_partitions}), got {shards_per_partition}"
         )
-    from flwr_datasets.partitioner import ShardPartitioner
-
-    partitioner = ShardPartitioner(
-        num_partitions, "label", num_shards_per_partition=shards_per_partition, seed=seed
-    )
-    return _run(partitioner, _table(label=labels, idx=np.arange(len(labels))), num_partitions)
+    return _shards(labels, num_partitions, shards_per_partition, seed)
 
 
 def label_histogram(labels: np.ndarray, indices: np.ndarray, num_classes: int) -> list[int]:

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The default run (3 rounds) with one x86_64 edge container (this branch's docker/edge.Dockerfile,
+# CPU torch) held to --cpus 1 --memory 768m --memory-swap 768m, its node cache cold (the first
+# train message builds it), its state-dir in a volume; SuperLink and the other SuperNode are host
+# processes. Prints the round log, the run's status, the container's cgroup peak and OOM counters.
+set -u
+IMAGE=${IMAGE:-localhost/prism-flwr/edge:cpu-edge2}
+MEMORY=${MEMORY:-768m}
+W=${W:-/var/tmp/prism-edge2/x86-$MEMORY}; rm -rf "$W"; mkdir -p "$W/home" "$W/out"
+APP=${APP:?the app directory (a copy of this repository)}
+DATA=${DATA:-/var/tmp/prism-edge2/data}
+V=/work/main/.venv/bin
+cd "$W"  # Podman's conmon writes an empty file `oom` into its working directory at an OOM kill
+free() { $V/python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
+LINK=$(free); N0=$(free); N1=$(free)
+export FLWR_HOME=$W/home FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 PATH=$V:$PATH
+printf '[superlink.edge]\naddress = "127.0.0.1:%s"\ninsecure = true\n' "$LINK" > "$W/home/config.toml"
+echo "[$(date -u +%T)] host $(uname -m), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); SuperLink 127.0.0.1:$LINK; image $IMAGE ($(podman image inspect --format '{{.Size}}' "$IMAGE") bytes)"
+setsid $V/flower-superlink --insecure --disable-runtime-dependency-installation --host 127.0.0.1 --port "$LINK" > "$W/superlink.log" 2>&1 & LP=$!
+sleep 8
+setsid $V/flower-supernode --insecure --superlink "127.0.0.1:$LINK" --host 127.0.0.1 --port "$N0" \
+    --node-config "partition-id=0 num-partitions=2 data-dir='$DATA' state-dir='$W/state-0'" > "$W/supernode-host.log" 2>&1 & NP=$!
+C=prism-edge2-x86; podman rm -f $C >/dev/null 2>&1; podman volume rm -f $C-state >/dev/null 2>&1
+podman run -d --name $C --network host --cpus 1 --memory $MEMORY --memory-swap $MEMORY \
+    -e FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 \
+    -v /usr/share/datasets/fashion-mnist:/usr/share/datasets/fashion-mnist:ro \
+    -v $C-state:/app/.local/state/prism-flwr "$IMAGE" \
+    --insecure --superlink "127.0.0.1:$LINK" --host 127.0.0.1 --port "$N1" \
+    --node-config "partition-id=1 num-partitions=2" > /dev/null
+echo "[$(date -u +%T)] container started: --cpus 1 --memory $MEMORY, entrypoint $(podman inspect --format '{{json .Config.Entrypoint}}' $C | cut -c1-120)"
+for i in $(seq 1 90); do
+    n=$($V/flwr supernode ls edge --format json 2>/dev/null | $V/python -c "import json,sys; print(sum(n.get('status')=='online' for n in json.load(sys.stdin).get('nodes',[])))" 2>/dev/null)
+    [ "$n" = 2 ] && break; sleep 2
+done
+echo "[$(date -u +%T)] SuperNodes online: $n"
+( while podman ps -q --filter name=$C | grep -q .; do podman stats --no-stream --format '{{.MemUsage}}' $C >> "$W/edge-mem.txt" 2>/dev/null; sleep 2; done ) & SP=$!
+cd "$W/home"
+t0=$(date +%s)
+timeout 2400 $V/flwr run "$APP" edge --stream --run-config "eval-feature-metrics=false min-train-nodes=2 download=false data-dir='$DATA' output-dir='$W/out'" > "$W/flwr-run.log" 2>&1
+echo "[$(date -u +%T)] flwr run returned after $(( $(date +%s) - t0 )) s"
+$V/flwr ls edge --format json | $V/python -c "import json,sys; r=max(json.load(sys.stdin)['runs'], key=lambda r: r['pending-at']); print('run status:', r['status'], r.get('status-details',''))"
+cat "$W/out/latest/history.json" 2>/dev/null | $V/python -c "import json,sys; [print('round %d: clients %d, dropped %s' % (r['round'], r['clients'], r.get('dropped'))) for r in json.load(sys.stdin) if r['round']>=1]"
+echo "--- edge container, peak of podman stats (sampled every 2 s): $(sort -h "$W/edge-mem.txt" | tail -1)"
+d=$(ls -d /sys/fs/cgroup/memory/libpod_parent/libpod-$(podman inspect --format '{{.Id}}' $C) 2>/dev/null)
+[ -n "$d" ] && echo "--- edge cgroup: max_usage $(( $(cat $d/memory.max_usage_in_bytes) / 1048576 )) MiB, limit $(( $(cat $d/memory.limit_in_bytes) / 1048576 )) MiB, failcnt $(cat $d/memory.failcnt), $(grep oom_kill $d/memory.oom_control | tr '\n' ' ')"
+echo "--- podman inspect: OOMKilled=$(podman inspect --format '{{.State.OOMKilled}}' $C), running=$(podman inspect --format '{{.State.Running}}' $C)"
+echo "--- edge node log (podman logs -t)"; podman logs -t $C 2>&1 | grep -vE "^\s*$" | tail -60
+echo "--- flwr run log"; tail -40 "$W/flwr-run.log"
+kill $SP 2>/dev/null; podman rm -f -t 2 $C >/dev/null; podman volume rm -f $C-state >/dev/null
+kill -- -$NP -$LP; sleep 3; kill -9 -- -$NP -$LP 2>/dev/null
+echo "[$(date -u +%T)] done"
