@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The default run (3 rounds) with one x86_64 edge container (this branch's docker/edge.Dockerfile,
+# 3 rounds of the default run config with one x86_64 edge container (this branch's docker/edge.Dockerfile,
 # CPU torch) held to --cpus 1 --memory 768m --memory-swap 768m, its node cache cold (the first
 # train message builds it), its state-dir in a volume; SuperLink and the other SuperNode are host
 # processes. Prints the round log, the run's status, the container's cgroup peak and OOM counters.
@@ -36,7 +36,7 @@ echo "[$(date -u +%T)] SuperNodes online: $n"
 ( while podman ps -q --filter name=$C | grep -q .; do podman stats --no-stream --format '{{.MemUsage}}' $C >> "$W/edge-mem.txt" 2>/dev/null; sleep 2; done ) & SP=$!
 cd "$W/home"
 t0=$(date +%s)
-timeout 2400 $V/flwr run "$APP" edge --stream --run-config "eval-feature-metrics=false min-train-nodes=2 download=false data-dir='$DATA' output-dir='$W/out'" > "$W/flwr-run.log" 2>&1
+timeout 2400 $V/flwr run "$APP" edge --stream --run-config "num-server-rounds=3 eval-feature-metrics=false min-train-nodes=2 download=false data-dir='$DATA' output-dir='$W/out'" > "$W/flwr-run.log" 2>&1
 echo "[$(date -u +%T)] flwr run returned after $(( $(date +%s) - t0 )) s"
 $V/flwr ls edge --format json | $V/python -c "import json,sys; r=max(json.load(sys.stdin)['runs'], key=lambda r: r['pending-at']); print('run status:', r['status'], r.get('status-details',''))"
 cat "$W/out/latest/history.json" 2>/dev/null | $V/python -c "import json,sys; [print('round %d: clients %d, dropped %s' % (r['round'], r['clients'], r.get('dropped'))) for r in json.load(sys.stdin) if r['round']>=1]"

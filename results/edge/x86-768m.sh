@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The default run (3 rounds) with one x86_64 edge container held to 768 MiB; a mixed federation on this x86_64 host: SuperLink (x86_64, host process), SuperNode 0 (x86_64,
+# 3 rounds of the default run config with one x86_64 edge container held to 768 MiB; a mixed federation on this x86_64 host: SuperLink (x86_64, host process), SuperNode 0 (x86_64,
 # host process), SuperNode 1 = the arm64 edge image under qemu-user-static emulation, held to
 # --cpus 1 --memory 512m, with its state-dir in a volume. One round, then the run's status.
 set -u
@@ -30,7 +30,7 @@ echo "[$(date -u +%T)] SuperNodes online: $n"
 ( while podman ps -q --filter name=prism-edge-x86 | grep -q .; do podman stats --no-stream --format '{{.MemUsage}}' prism-edge-x86 >> "$W/edge-mem.txt" 2>/dev/null; sleep 2; done ) & SP=$!
 cd "$W/home"
 t0=$(date +%s)
-timeout 2400 $V/flwr run "$APP" mixed --stream --run-config "eval-feature-metrics=false min-train-nodes=2 download=false data-dir='/var/tmp/edge-data' output-dir='$W/out'" > "$W/flwr-run.log" 2>&1
+timeout 2400 $V/flwr run "$APP" mixed --stream --run-config "num-server-rounds=3 eval-feature-metrics=false min-train-nodes=2 download=false data-dir='/var/tmp/edge-data' output-dir='$W/out'" > "$W/flwr-run.log" 2>&1
 echo "[$(date -u +%T)] flwr run returned after $(( $(date +%s) - t0 )) s"
 $V/flwr ls mixed --format json | $V/python -c "import json,sys; r=max(json.load(sys.stdin)['runs'], key=lambda r: r['pending-at']); print('run status:', r['status'], r.get('status-details',''))"
 cat "$W/out/latest/history.json" 2>/dev/null | $V/python -c "import json,sys; [print('round %d: clients %d, dropped %s' % (r['round'], r['clients'], r.get('dropped'))) for r in json.load(sys.stdin) if r['round']>=1]"
