@@ -2,7 +2,9 @@
 
 Simulation SuperLinks on free ports with private FLWR_HOMEs (tests/support/simulation.py): runs
 that need no node settings of their own share one per module; the others start theirs. Tiny
-sizes (ngf 4, a few local steps) keep each run to tens of seconds on 2 cores.
+sizes (ngf 4, a few local steps) keep each run to tens of seconds on 2 cores, most of them
+Flower's and Ray's start-up: independent runs go two at a time (the statistics and the dense
+runs; the uninterrupted run beside the one that crashes).
 """
 
 from __future__ import annotations
@@ -35,6 +37,22 @@ def plain_simulation(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     with procs.Processes() as ps:
         yield Simulation(tmp_path_factory.mktemp("plain-sim"), ps, data_dir=data_dir)
     procs.assert_gone(ps.pids)
+
+
+@pytest.fixture(scope="module")
+def plain_runs(plain_simulation: Simulation, data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The statistics and the dense baseline runs, started together on the plain SuperLink by the
+    first test that reads one (each run has its own Ray cluster and run tag); each test waits for
+    its own: name -> (its `flwr run` process, its output folder)."""
+    root = tmp_path_factory.mktemp("plain-runs")
+    configs = {
+        "statistics": _dp_config("statistics", root / "statistics", data_dir),
+        "dense": f"num-server-rounds=2 eval-every=2 {TINY} method='dense' output-dir='{root / 'dense'}' "
+        f"data-dir='{data_dir}'",
+    }
+    return {
+        name: (plain_simulation.start_run(config, nodes=2), root / name) for name, config in configs.items()
+    }
 
 
 def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, tmp_path: Path) -> None:
@@ -121,31 +139,36 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data_dir: Path, tmp_path: 
     rounds = 4
     config = f"num-server-rounds={rounds} {TINY} eval-every=2 data-dir='{data_dir}'"
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    # one node state for both SuperLinks (the resumed clients find their state), one mask secret for both runs
+    # one node state for the three SuperLinks (the resumed clients find their state; each run has its
+    # own run tag, so the uninterrupted run beside the crashing one keeps apart), one mask secret
     node = {"data_dir": data_dir, "state_dir": tmp_path / "node-state", "test_mask_seed": 1}
-    with procs.Processes() as ps:
-        sim = Simulation(tmp_path / "a", ps, **node)  # the uninterrupted run, then the one that crashes
-        assert sim.run(f"{config} output-dir='{straight}'")["status"] == "finished:completed", sim.logs_tail()
-        run = sim.start_run(f"{config} output-dir='{crashed}'")
-        procs.wait_for(
-            lambda: (crashed / "latest" / "history.json").is_file() and len(rounds_of(crashed)) >= 2,
-            timeout=RUN_TIMEOUT,
-            desc="two rounds done",
-            procs=[run],
-        )
-        ps.snapshot()
-        server = [p for p in procs.descendants(sim.link.pid) if b"flwr-simulation" in _cmdline(p)]
-        assert server, "no ServerApp process (flwr-simulation) found"
-        for pid in server:
-            os.kill(pid, signal.SIGKILL)  # the server dies mid-run, without any chance to clean up
-        ps.stop_all()
-        killed_at = load_checkpoint(crashed / "latest")["round"]
-        assert 2 <= killed_at < rounds
+    with procs.Processes() as ref_ps:
+        ref = Simulation(tmp_path / "b", ref_ps, **node)  # the uninterrupted run, at the same time
+        ref_run = ref.start_run(f"{config} output-dir='{straight}'")
+        with procs.Processes() as ps:
+            sim = Simulation(tmp_path / "a", ps, **node)  # the run that crashes
+            run = sim.start_run(f"{config} output-dir='{crashed}'")
+            procs.wait_for(
+                lambda: (crashed / "latest" / "history.json").is_file() and len(rounds_of(crashed)) >= 2,
+                timeout=RUN_TIMEOUT,
+                desc="two rounds done",
+                procs=[run],
+            )
+            ps.snapshot()
+            server = [p for p in procs.descendants(sim.link.pid) if b"flwr-simulation" in _cmdline(p)]
+            assert server, "no ServerApp process (flwr-simulation) found"
+            for pid in server:
+                os.kill(pid, signal.SIGKILL)  # the server dies mid-run, without any chance to clean up
+            ps.stop_all()
+            killed_at = load_checkpoint(crashed / "latest")["round"]
+            assert 2 <= killed_at < rounds
 
-        sim = Simulation(tmp_path / "c", ps, **node)
-        run = sim.run(f"{config} output-dir='{crashed}' resume=true")
-        assert run["status"] == "finished:completed", sim.logs_tail()
-    procs.assert_gone(ps.pids)
+            sim = Simulation(tmp_path / "c", ps, **node)
+            run = sim.run(f"{config} output-dir='{crashed}' resume=true")
+            assert run["status"] == "finished:completed", sim.logs_tail()
+        procs.assert_gone(ps.pids)
+        assert ref.wait(ref_run)["status"] == "finished:completed", ref.logs_tail()
+    procs.assert_gone(ref_ps.pids)
 
     a, b = load_checkpoint(straight / "latest"), load_checkpoint(crashed / "latest")
     assert a["round"] == b["round"] == rounds
@@ -160,13 +183,16 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _dp_run(sim: Simulation, dp: str, out: Path, data_dir: Path) -> list[float]:
-    """A 3-round run under ``dp`` with epsilon 5 on 2 nodes; each round's smallest epsilon spent."""
-    run = sim.run(
+def _dp_config(dp: str, out: Path, data_dir: Path) -> str:
+    """A 3-round run under ``dp`` with epsilon 5 (on 2 nodes)."""
+    return (
         f"num-server-rounds=3 eval-every=3 {TINY} objective='feature-matching' dp='{dp}' "
-        f"dp-epsilon=5.0 output-dir='{out}' data-dir='{data_dir}'",
-        nodes=2,
+        f"dp-epsilon=5.0 output-dir='{out}' data-dir='{data_dir}'"
     )
+
+
+def _dp_firsts(sim: Simulation, run: dict, dp: str, out: Path) -> list[float]:
+    """The run of ``_dp_config`` completed on 2 nodes; each round's smallest epsilon spent."""
     assert run["status"] == "finished:completed", sim.logs_tail()
     per_round = [sorted(r["dp_epsilon_per_client"].values()) for r in rounds_of(out)]
     assert all(len(eps) == 2 for eps in per_round)
@@ -178,9 +204,10 @@ def _dp_run(sim: Simulation, dp: str, out: Path, data_dir: Path) -> list[float]:
     return [eps[0] for eps in per_round]
 
 
-def test_statistics_spend_epsilon_once(plain_simulation: Simulation, data_dir: Path, tmp_path: Path) -> None:
+def test_statistics_spend_epsilon_once(plain_simulation: Simulation, plain_runs: dict) -> None:
     """statistics: the whole epsilon spent in the first round, then constant."""
-    firsts = _dp_run(plain_simulation, "statistics", tmp_path / "out", data_dir)
+    proc, out = plain_runs["statistics"]
+    firsts = _dp_firsts(plain_simulation, plain_simulation.wait(proc), "statistics", out)
     assert firsts[0] == firsts[1] == firsts[2] == pytest.approx(5.0, rel=1e-3)
 
 
@@ -195,7 +222,7 @@ def test_theta_spends_per_round_and_a_second_run_cannot_spend_past_the_nodes_bud
     out = [tmp_path / "out-1", tmp_path / "out-2"]
     with procs.Processes() as ps:
         sim = Simulation(tmp_path, ps, data_dir=data_dir, node_config="dp-budget=6.0")
-        firsts = _dp_run(sim, "theta", out[0], data_dir)
+        firsts = _dp_firsts(sim, sim.run(_dp_config("theta", out[0], data_dir), nodes=2), "theta", out[0])
         second = f"num-server-rounds=2 eval-every=2 {TINY} dp='theta' dp-epsilon=5.0 seed=31"
         run = sim.run(f"{second} output-dir='{out[1]}'", nodes=2)
         assert run["status"] == "finished:failed", sim.logs_tail()
@@ -213,13 +240,10 @@ def test_theta_spends_per_round_and_a_second_run_cannot_spend_past_the_nodes_bud
 
 
 def test_dense_fedavg_baseline_runs_the_same_generator(
-    plain_simulation: Simulation, data_dir: Path, tmp_path: Path
+    plain_simulation: Simulation, plain_runs: dict
 ) -> None:
-    out, sim = tmp_path / "out", plain_simulation
-    run = sim.run(
-        f"num-server-rounds=2 eval-every=2 {TINY} method='dense' output-dir='{out}' data-dir='{data_dir}'",
-        nodes=2,
-    )
+    sim, (proc, out) = plain_simulation, plain_runs["dense"]
+    run = sim.wait(proc)
     assert run["status"] == "finished:completed", sim.logs_tail()
     for r in rounds_of(out):
         assert r["clients"] == 2 and r["uplink_bits_per_weight"] == 32.0 and np.isfinite(r["loss"]), r
