@@ -343,56 +343,50 @@ def test_deployment_with_signed_secagg_matches_the_inprocess_runner(data_dir: Pa
     """The deployment engine on loopback: a SuperLink and 3 SuperNodes, each with its own key
     file, the roster and the floors in ``--node-config``; one round equals the in-process runner's."""
     from tests.test_inprocess import _history
-    from tools.flowerkit import (
-        REPO,
-        exe,
-        flower_env,
-        newest_run,
-        online_nodes,
-        start_superlink,
-        write_connection,
-    )
+    from tools import flowerkit as fk
 
     home, out, logs = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
     logs.mkdir()
     # one torch thread per node, as the in-process runner trains: the bf16 and NHWC kernels sum in
     # another order with another thread count
-    env = {**flower_env(home), "PRISM_INSECURE_TEST_MASK_SEED": "5", "OMP_NUM_THREADS": "1"}
+    env = {**fk.flower_env(home), "PRISM_INSECURE_TEST_MASK_SEED": "5", "OMP_NUM_THREADS": "1"}
     env.pop("PRISM_NODE_CONFIG", None)
     link_port, node_ports = procs.free_port(), procs.free_ports(3)
-    write_connection(home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
+    fk.write_connection(home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
     keys, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})
     signed = _signed_nodes(tmp_path, 3)
     with procs.Processes() as ps:
-        link = start_superlink(ps, link_port, env, logs / "superlink.log")
+        link = fk.start_superlink(ps, link_port, env, logs / "superlink.log")
+        # `prism-flwr supernode`: Flower's, one ClientApp process per message (the secrets cross
+        # processes in context.state), its 3 s idle wait capped (a round has five message phases)
         nodes = [
-            ps.start(
-                [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}"]
-                + ["--host", "127.0.0.1", "--port", str(port), "--node-config"]
-                + [
-                    f"partition-id={i} num-partitions=3 data-dir='{data_dir}' state-dir='{tmp_path / 'state'}' "
-                    + signed.replace("{partition-id}", str(i))
-                ],
-                env=env,
-                log_path=logs / f"supernode-{i}.log",
+            fk.start_supernode(
+                ps,
+                f"127.0.0.1:{link_port}",
+                port,
+                env,
+                logs / f"supernode-{i}.log",
+                node_config=f"partition-id={i} num-partitions=3 data-dir='{data_dir}' "
+                f"state-dir='{tmp_path / 'state'}' " + signed.replace("{partition-id}", str(i)),
+                idle_poll=0.2,
             )
             for i, port in enumerate(node_ports)
         ]
         procs.wait_for(
-            lambda: len(online_nodes(env, "loopback")) == 3,
+            lambda: len(fk.online_nodes(env, "loopback")) == 3,
             timeout=90,
             desc="3 SuperNodes",
             procs=[link, *nodes],
         )
         run = ps.start(
-            [exe("flwr"), "run", str(REPO)] + ["loopback", "--stream", "--run-config", config],
+            [fk.exe("flwr"), "run", str(fk.REPO)] + ["loopback", "--stream", "--run-config", config],
             env=env,
             log_path=logs / "flwr-run.log",
             cwd=home,
         )
         local = _inprocess_rounds(keys, data_dir, tmp_path, 3)  # while the deployment runs
         run.wait(timeout=400)
-        status = newest_run(env, "loopback")["status"]
+        status = fk.newest_run(env, "loopback")["status"]
         tails = "\n".join(procs.tail(p, 20) for p in sorted(logs.iterdir()))
         assert status == "finished:completed", f"{status}\n{tails}"
     procs.assert_gone(ps.pids)
