@@ -61,8 +61,10 @@ def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
     # 1.42: one HTTP server per SuperLink (Fleet + Control + Runtime APIs on --port) and one
     # Runtime API server per SuperNode (--port); no other port is opened by default.
     write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
+    # two rounds (the second trains on the state the first left on the node), one evaluation after
+    # the second: every message kind once more would cost each node another ClientApp process
     run_config = (
-        f"num-server-rounds=2 local-steps=2 ngf=4 eval-every=1 eval-samples=64 eval-feature-metrics=false "
+        f"num-server-rounds=2 local-steps=2 ngf=4 eval-every=2 eval-samples=64 eval-feature-metrics=false "
         f"output-dir='{out}' data-dir='{data_dir}'"
     )
 
