@@ -139,14 +139,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data_dir: Path, tmp_path: 
     rounds = 4
     config = f"num-server-rounds={rounds} {TINY} eval-every=2 data-dir='{data_dir}'"
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    # one node state for the three SuperLinks (the resumed clients find their state; each run has its
-    # own run tag, so the uninterrupted run beside the crashing one keeps apart), one mask secret
+    # one node state for both SuperLinks (the resumed clients find their state; each run has its own
+    # run tag, so the uninterrupted run beside the crashing one keeps apart), one mask secret
     node = {"data_dir": data_dir, "state_dir": tmp_path / "node-state", "test_mask_seed": 1}
-    with procs.Processes() as ref_ps:
-        ref = Simulation(tmp_path / "b", ref_ps, **node)  # the uninterrupted run, at the same time
-        ref_run = ref.start_run(f"{config} output-dir='{straight}'")
+    with procs.Processes() as other_ps:
+        other = Simulation(tmp_path / "b", other_ps, **node)  # the uninterrupted run, then the resumed one
+        straight_run = other.start_run(f"{config} output-dir='{straight}'")
         with procs.Processes() as ps:
-            sim = Simulation(tmp_path / "a", ps, **node)  # the run that crashes
+            sim = Simulation(tmp_path / "a", ps, **node)  # the run that crashes, at the same time
             run = sim.start_run(f"{config} output-dir='{crashed}'")
             procs.wait_for(
                 lambda: (crashed / "latest" / "history.json").is_file() and len(rounds_of(crashed)) >= 2,
@@ -159,16 +159,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data_dir: Path, tmp_path: 
             assert server, "no ServerApp process (flwr-simulation) found"
             for pid in server:
                 os.kill(pid, signal.SIGKILL)  # the server dies mid-run, without any chance to clean up
-            ps.stop_all()
-            killed_at = load_checkpoint(crashed / "latest")["round"]
-            assert 2 <= killed_at < rounds
+        procs.assert_gone(ps.pids)  # its SuperLink, nodes and Ray are gone too
+        killed_at = load_checkpoint(crashed / "latest")["round"]
+        assert 2 <= killed_at < rounds
 
-            sim = Simulation(tmp_path / "c", ps, **node)
-            run = sim.run(f"{config} output-dir='{crashed}' resume=true")
-            assert run["status"] == "finished:completed", sim.logs_tail()
-        procs.assert_gone(ps.pids)
-        assert ref.wait(ref_run)["status"] == "finished:completed", ref.logs_tail()
-    procs.assert_gone(ref_ps.pids)
+        run = other.run(f"{config} output-dir='{crashed}' resume=true")  # on the other SuperLink
+        assert run["status"] == "finished:completed", other.logs_tail()
+        assert other.wait(straight_run)["status"] == "finished:completed", other.logs_tail()
+    procs.assert_gone(other_ps.pids)
 
     a, b = load_checkpoint(straight / "latest"), load_checkpoint(crashed / "latest")
     assert a["round"] == b["round"] == rounds
