@@ -21,7 +21,8 @@ RUN_TIMEOUT = 300
 TINY = "local-steps=3 ngf=4 eval-samples=64 min-train-nodes=2 eval-feature-metrics=false"
 # Flower's simulation settings besides the node count: Ray given one CPU, so one actor (one worker
 # process importing torch and the app) serves every simulated node in turn, one thread each. Two
-# actors cost about a third more CPU per run on 2 cores for the tests' few local steps.
+# actors, for the tests' few local steps, cost more CPU than they save (a 3-node run: 23-28
+# CPU-seconds of its process tree against 19 with one, on a busy 2-core machine, 2026-12-07).
 FEDERATION = "client-resources-num-cpus=1 init-args-num-cpus=1"
 
 
