@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -37,7 +36,6 @@ import pytest
 
 from tools import procs
 from tools.flowerkit import (
-    REPO,
     exe,
     executor_command,
     flower_env,
@@ -194,15 +192,8 @@ def test_raising_handler_gives_error_reply_and_goes_on(superlink, tmp_path: Path
     assert last[0]["state_seen"] == 2  # the failed task did not change the node's context
 
 
-@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
-def test_tls_runtime_api_and_superexec_secret(superlink, tmp_path: Path) -> None:
-    certs, secret = tmp_path / "certs", tmp_path / "superexec.secret"
-    subprocess.run(
-        ["bash", str(REPO / "docker" / "certs" / "generate.sh"), "-o", str(certs)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+def test_tls_runtime_api_and_superexec_secret(superlink, loopback_certs: Path, tmp_path: Path) -> None:
+    certs, secret = loopback_certs, tmp_path / "superexec.secret"
     secret.write_bytes(os.urandom(32))
     rounds, _ = _run_warm(superlink, tmp_path, nodes=1, run_config="num-rounds=2", secured=(certs, secret))
     assert [r["replies"][0]["handled"] for r in rounds] == [1, 2]
