@@ -3,8 +3,8 @@
 Simulation SuperLinks on free ports with private FLWR_HOMEs (tests/support/simulation.py): runs
 that need no node settings of their own share one per module; the others start theirs. Tiny
 sizes (ngf 4, a few local steps) keep each run to tens of seconds on 2 cores, most of them
-Flower's and Ray's start-up: independent runs go two at a time (the statistics and the dense
-runs; the uninterrupted run beside the one that crashes).
+Flower's and Ray's start-up: independent runs go two at a time (the faulty run beside the bad
+config; the statistics and the dense runs; the uninterrupted run beside the one that crashes).
 """
 
 from __future__ import annotations
@@ -55,24 +55,65 @@ def plain_runs(plain_simulation: Simulation, data_dir: Path, tmp_path_factory: p
     }
 
 
-def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, tmp_path: Path) -> None:
-    """4 clients, one raising every round and one uploading a corrupt mask: the run completes on
-    the other two, history shows both dropped with their reasons, the model loads and samples."""
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def faulty_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The end-to-end run with failing and corrupt clients, on a SuperLink of its own (the app behind
+    a fault-injecting mod), started by the bad-config test so that it goes beside that test's run:
+    (its Simulation, its `flwr run` process, its output folder)."""
+    tmp = tmp_path_factory.mktemp("faulty-sim")
     with procs.Processes() as ps:
         sim = Simulation(
-            tmp_path,
+            tmp,
             ps,
             extra_env={FAULT_ENV: "raise=1 corrupt=2"},
             data_dir=data_dir,
-            app=fault_app_dir(tmp_path / "app"),
-        )  # the app behind a fault-injecting mod
-        run = sim.run(
-            f"num-server-rounds=2 eval-every=1 aggregation='mada' {TINY} output-dir='{out}' data-dir='{data_dir}'",
-            nodes=4,
+            app=fault_app_dir(tmp / "app"),
         )
-        assert run["status"] == "finished:completed", sim.logs_tail()
+        config = f"num-server-rounds=2 eval-every=1 aggregation='mada' {TINY} data-dir='{data_dir}'"
+        yield sim, sim.start_run(f"{config} output-dir='{tmp / 'out'}'", nodes=4), tmp / "out"
     procs.assert_gone(ps.pids)
+
+
+BAD_CONFIGS = [
+    (
+        "dataset='foo'",
+        "run-config key 'dataset' = 'foo': Input should be 'mnist', 'fmnist', 'cifar10' or 'celeba'",
+    ),
+    ("ngf=-1", "run-config key 'ngf' = -1: Input should be greater than or equal to 1"),
+    ("lr='fast'", "run-config key 'lr' = 'fast': Input should be a valid number"),
+]
+
+
+@pytest.mark.usefixtures("faulty_run")  # started here: it goes beside this test's run
+def test_bad_run_config_fails_before_training(
+    plain_simulation: Simulation, data_dir: Path, tmp_path: Path
+) -> None:
+    """A choice, a range and a type error in one run: it ends failed with one line naming each,
+    nothing trained (the config is checked as a whole, so one run answers for all three)."""
+    sim, out = plain_simulation, tmp_path / "out"
+    bad = " ".join(key for key, _ in BAD_CONFIGS)
+    run = sim.run(f"{bad} output-dir='{out}' data-dir='{data_dir}'", nodes=2)
+    status = subprocess.run(
+        [exe("prism-flwr"), "last-run", "sim"],
+        env=sim.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=sim.home,
+    )
+    assert run["status"] == "finished:failed", run
+    assert status.returncode == 1
+    for _, line in BAD_CONFIGS:
+        assert line in run["status-details"] and line in status.stdout, (line, run)
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_simulation_end_to_end_with_failing_and_corrupt_clients(faulty_run) -> None:
+    """4 clients, one raising every round and one uploading a corrupt mask: the run completes on
+    the other two, history shows both dropped with their reasons, the model loads and samples."""
+    sim, proc, out = faulty_run
+    run = sim.wait(proc)
+    assert run["status"] == "finished:completed", sim.logs_tail()
 
     rounds = rounds_of(out)
     assert [r["round"] for r in rounds] == [1, 2]
@@ -100,39 +141,6 @@ def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, 
     ).stat().st_size > 0
     summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["model_bytes"] < summary["dense_float32_bytes"] / 20
-
-
-BAD_CONFIGS = [
-    (
-        "dataset='foo'",
-        "run-config key 'dataset' = 'foo': Input should be 'mnist', 'fmnist', 'cifar10' or 'celeba'",
-    ),
-    ("ngf=-1", "run-config key 'ngf' = -1: Input should be greater than or equal to 1"),
-    ("lr='fast'", "run-config key 'lr' = 'fast': Input should be a valid number"),
-]
-
-
-def test_bad_run_config_fails_before_training(
-    plain_simulation: Simulation, data_dir: Path, tmp_path: Path
-) -> None:
-    """A choice, a range and a type error in one run: it ends failed with one line naming each,
-    nothing trained (the config is checked as a whole, so one run answers for all three)."""
-    sim, out = plain_simulation, tmp_path / "out"
-    bad = " ".join(key for key, _ in BAD_CONFIGS)
-    run = sim.run(f"{bad} output-dir='{out}' data-dir='{data_dir}'", nodes=2)
-    status = subprocess.run(
-        [exe("prism-flwr"), "last-run", "sim"],
-        env=sim.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=sim.home,
-    )
-    assert run["status"] == "finished:failed", run
-    assert status.returncode == 1
-    for _, line in BAD_CONFIGS:
-        assert line in run["status-details"] and line in status.stdout, (line, run)
-    assert not out.exists()  # nothing trained, nothing written
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(data_dir: Path, tmp_path: Path) -> None:
