@@ -1,6 +1,8 @@
 """Shared fixtures: one prepared copy of the real Fashion-MNIST per test session."""
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,18 @@ def data_dir(tmp_path_factory) -> Path:
             "real Fashion-MNIST needs `apt-get install dataset-fashion-mnist` (the README's test command does it)"
         )
     return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def loopback_certs(tmp_path_factory) -> Path:
+    """docker/certs/generate.sh's private CA and server certificate (127.0.0.1, localhost), made
+    once per session: two RSA-4096 keys. Tests only read the folder."""
+    if not shutil.which("openssl"):
+        pytest.skip("needs openssl")
+    certs = tmp_path_factory.mktemp("certs")
+    script = Path(__file__).resolve().parents[1] / "docker" / "certs" / "generate.sh"
+    subprocess.run(["bash", str(script), "-o", str(certs)], check=True, capture_output=True, timeout=120)
+    return certs
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@
   stops every process by PID (process group and descendants) and checks none is left. With nginx
   installed (Debian's ``nginx-light``) the SuperNodes connect through docker/fleet-proxy's
   configuration, and the Control and Runtime APIs are checked to be refused through it.
-- ``test_tls_and_supernode_auth``: certificates from ``docker/certs/generate.sh``, a TLS SuperLink
-  with SuperNode authentication; a registered ECDSA key joins, an unregistered one is refused
-  (through a TLS fleet-proxy when nginx is installed).
+- ``test_tls_and_supernode_auth``: certificates from ``docker/certs/generate.sh`` (made once per
+  test session, tests/conftest.py), a TLS SuperLink with SuperNode authentication; a registered
+  ECDSA key joins, an unregistered one is refused (through a TLS fleet-proxy when nginx is installed).
 - ``test_app_bundle_is_small``: the FAB Flower builds from the repository stays far below 10 MB.
 - ``test_compose_*``: docker/compose.yaml is what docker/gen-compose.py writes, and its services
   are wired consistently (no Docker engine here: structure only, see docs/deployment.md).
@@ -61,8 +61,10 @@ def test_deployment_two_supernodes(data_dir: Path, tmp_path: Path) -> None:
     # 1.42: one HTTP server per SuperLink (Fleet + Control + Runtime APIs on --port) and one
     # Runtime API server per SuperNode (--port); no other port is opened by default.
     write_connection(flwr_home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
+    # two rounds (the second trains on the state the first left on the node), one evaluation after
+    # the second: every message kind once more would cost each node another ClientApp process
     run_config = (
-        f"num-server-rounds=2 local-steps=2 ngf=4 eval-every=1 eval-samples=64 eval-feature-metrics=false "
+        f"num-server-rounds=2 local-steps=2 ngf=4 eval-every=2 eval-samples=64 eval-feature-metrics=false "
         f"output-dir='{out}' data-dir='{data_dir}'"
     )
 
@@ -181,15 +183,9 @@ def _assert_only_fleet_api_passes(
 @pytest.mark.skipif(
     not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl and ssh-keygen"
 )
-def test_tls_and_supernode_auth(tmp_path: Path) -> None:
-    certs, flwr_home, logs = tmp_path / "certs", tmp_path / "flwr-home", tmp_path / "logs"
+def test_tls_and_supernode_auth(loopback_certs: Path, tmp_path: Path) -> None:
+    certs, flwr_home, logs = loopback_certs, tmp_path / "flwr-home", tmp_path / "logs"
     logs.mkdir()
-    subprocess.run(
-        ["bash", str(REPO / "docker" / "certs" / "generate.sh"), "-o", str(certs)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
     subprocess.run(
         ["openssl", "verify", "-x509_strict", "-CAfile", certs / "ca.crt", certs / "server.pem"],
         check=True,

@@ -1,13 +1,16 @@
 """The warm ClientApp executor (prism_flwr/deployment/: executor.py, worker.py, supernode.py) on loopback.
 
-One SuperLink for the module; per test, SuperNodes started with ``--isolation process``, one ``prism-flwr
+Per test, a SuperLink, SuperNodes started with ``--isolation process``, one ``prism-flwr
 clientapp-executor`` per SuperNode, and the tiny app in tests/apps/warm_app (no torch, no data):
 each reply carries the PID of the process that ran the handler and how many messages that
 process has handled, so the tests see whether one process served every message.
 
-- ``test_one_process_serves_every_round``: 3 rounds, 2 SuperNodes (run through ``prism-flwr
-  supernode --idle-poll``); per node one PID for all rounds, the module counter counts 1, 2, 3,
-  and ``context.state`` still goes back to the node.
+Every SuperNode here runs through ``prism-flwr supernode --idle-poll 0.2`` (Flower's SuperNode, its
+3 s idle wait capped: the executor, not the SuperNode, is what these tests check); Flower's own
+``flower-supernode`` with this executor is exercised by tests/test_app_pinning.py (``warm``).
+
+- ``test_one_process_serves_every_round``: 3 rounds, 2 SuperNodes; per node one PID for all
+  rounds, the module counter counts 1, 2, 3, and ``context.state`` still goes back to the node.
 - ``test_raising_handler_gives_error_reply_and_goes_on``: round 2's handler raises: Flower's
   error reply (code 2, the exception in the reason) comes back and round 3 is served by the same
   process.
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -34,7 +36,6 @@ import pytest
 
 from tools import procs
 from tools.flowerkit import (
-    REPO,
     exe,
     executor_command,
     flower_env,
@@ -48,12 +49,14 @@ from tools.flowerkit import (
 
 APP = Path(__file__).resolve().parent / "apps" / "warm_app"
 RUN_TIMEOUT = 120  # seconds for `flwr run` of 3 rounds (about 15 s on 2 busy cores)
+IDLE_POLL = 0.2  # seconds the SuperNodes wait before asking the SuperLink again (Flower's: 3)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def superlink(tmp_path_factory: pytest.TempPathFactory):
-    """One insecure SuperLink for this module's runs: (its port, the Flower environment whose
-    FLWR_HOME names it "loopback"). Each test starts and stops its own SuperNodes and executors."""
+    """An insecure SuperLink for one test's run: (its port, the Flower environment whose FLWR_HOME
+    names it "loopback"). One per test, not per module: a stopped SuperNode of the wrapper stays
+    "online" at its SuperLink for about a minute, and the app sends to every online node."""
     home = tmp_path_factory.mktemp("superlink")
     env, port = flower_env(home / "flwr-home"), procs.free_port()
     write_connection(home / "flwr-home", "loopback", f"127.0.0.1:{port}", insecure=True)
@@ -68,12 +71,10 @@ def _run_warm(
     tmp_path: Path,
     nodes: int,
     run_config: str,
-    idle_poll: float | None = None,
     secured: tuple[Path, Path] | None = None,
 ) -> tuple[list[dict], procs.Processes]:
-    """``nodes`` SuperNodes (process isolation) of ``superlink`` + one warm executor each; run the app.
-    With ``idle_poll`` the SuperNodes run through ``prism-flwr supernode --idle-poll``; with
-    ``secured`` (certificate folder, SuperExec secret file) their Runtime API is TLS with the secret."""
+    """``nodes`` SuperNodes (process isolation, ``prism-flwr supernode --idle-poll 0.2``) of
+    ``superlink`` + one warm executor each; run the app. With ``secured`` (certificate folder, SuperExec secret file) their Runtime API is TLS with the secret."""
     (link_port, env), logs, out = superlink, tmp_path / "logs", tmp_path / "rounds.json"
     flwr_home = Path(env["FLWR_HOME"])
     logs.mkdir()
@@ -108,7 +109,7 @@ def _run_warm(
                     env,
                     logs / f"supernode-{i}.log",
                     isolation="process",
-                    idle_poll=idle_poll,
+                    idle_poll=IDLE_POLL,
                     extra=node_tls,
                 )
             )
@@ -170,7 +171,7 @@ def _by_process(rounds: list[dict]) -> dict[int, list[dict]]:
 
 
 def test_one_process_serves_every_round(superlink, tmp_path: Path) -> None:
-    rounds, ps = _run_warm(superlink, tmp_path, nodes=2, run_config="num-rounds=3", idle_poll=0.2)
+    rounds, ps = _run_warm(superlink, tmp_path, nodes=2, run_config="num-rounds=3")
     assert [len(r["replies"]) for r in rounds] == [2, 2, 2]
     served = _by_process(rounds)
     assert len(served) == 2, served  # one process per SuperNode, the same in every round
@@ -191,15 +192,8 @@ def test_raising_handler_gives_error_reply_and_goes_on(superlink, tmp_path: Path
     assert last[0]["state_seen"] == 2  # the failed task did not change the node's context
 
 
-@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
-def test_tls_runtime_api_and_superexec_secret(superlink, tmp_path: Path) -> None:
-    certs, secret = tmp_path / "certs", tmp_path / "superexec.secret"
-    subprocess.run(
-        ["bash", str(REPO / "docker" / "certs" / "generate.sh"), "-o", str(certs)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+def test_tls_runtime_api_and_superexec_secret(superlink, loopback_certs: Path, tmp_path: Path) -> None:
+    certs, secret = loopback_certs, tmp_path / "superexec.secret"
     secret.write_bytes(os.urandom(32))
     rounds, _ = _run_warm(superlink, tmp_path, nodes=1, run_config="num-rounds=2", secured=(certs, secret))
     assert [r["replies"][0]["handled"] for r in rounds] == [1, 2]

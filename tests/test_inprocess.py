@@ -1,7 +1,8 @@
 """The in-process runner is the Flower app without Flower: same rounds, same numbers.
 
 One tiny configuration, under ``mada`` (whose lambda comes from the server's Bernoulli sampling
-stream) and ``mada-change``, runs through `flwr run` (Ray simulation, 2 clients, 2 rounds) and through
+stream) and ``mada-change``, runs through `flwr run` (Ray simulation, 2 clients, 2 rounds; both
+rules at once, the in-process runner meanwhile in the test's process) and through
 ``prism_flwr.federated.inprocess.run``: every round's loss, lambda and its diagnostics agree, because both
 call the same client round (``client_round``) and the same server step (``combine_masks``) with
 the same seeds (the clients' mask secrets from one test seed on both sides). Also a smoke run of
@@ -44,14 +45,15 @@ def test_inprocess_run_matches_flwr_run(
             }
         )
         configs[rule] = keys
-    sim = seeded_simulation  # one SuperLink for this test run's seeded runs, one run per rule
+    sim = seeded_simulation  # one SuperLink for this test run's seeded runs, one run per rule, both at once
+    started = {}
     for rule, keys in configs.items():
         out = tmp_path / f"out-{rule}"
         config = " ".join(f"{k}={v}" for k, v in keys.items()) + f" output-dir='{out}' data-dir='{data_dir}'"
-        assert sim.run(config, nodes=2)["status"] == "finished:completed", sim.logs_tail()
+        started[rule] = sim.start_run(config, nodes=2)
 
+    local = {}  # the in-process runner's rounds, computed while Flower runs
     for rule, keys in configs.items():
-        flower = [r for r in _history(tmp_path / f"out-{rule}") if r["round"] >= 1]
         cfg = RunConfig.parse(
             {
                 **{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
@@ -59,9 +61,13 @@ def test_inprocess_run_matches_flwr_run(
                 "output-dir": str(tmp_path / "unused"),
             }
         )
-        local = inprocess.run(cfg, 2, insecure_test_mask_seed=5)[1:]
-        assert len(flower) == len(local) == 2
-        for f, loc in zip(flower, local):
+        local[rule] = inprocess.run(cfg, 2, insecure_test_mask_seed=5)[1:]
+
+    for rule in configs:
+        assert sim.wait(started[rule])["status"] == "finished:completed", sim.logs_tail()
+        flower = [r for r in _history(tmp_path / f"out-{rule}") if r["round"] >= 1]
+        assert len(flower) == len(local[rule]) == 2
+        for f, loc in zip(flower, local[rule]):
             for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):
                 assert f[key] == pytest.approx(loc[key], rel=1e-6, abs=1e-9), (rule, key, f, loc)
 

@@ -265,19 +265,20 @@ def _signed_nodes(tmp_path: Path, count: int) -> str:
     )
 
 
-def _same_as_inprocess(flower: list[dict], keys: dict, data_dir: Path, tmp_path: Path, nodes: int) -> None:
-    """Every round of a Flower run is applied, signed, and equals the in-process runner's."""
+def _inprocess_rounds(keys: dict, data_dir: Path, tmp_path: Path, nodes: int) -> list[dict]:
+    """The in-process runner's rounds for the run config ``keys`` on ``nodes`` nodes (test seed 5)."""
     from prism_flwr.federated import inprocess
 
-    cfg = RunConfig.parse(
-        {
-            **{k: json.loads(v.replace("'", '"')) for k, v in keys.items()},
-            "data-dir": str(data_dir),
-            "output-dir": str(tmp_path / "unused"),
-        }
-    )
-    local = inprocess.run(cfg, nodes, insecure_test_mask_seed=5)[1:]
-    assert len(flower) == len(local) == cfg.num_server_rounds
+    parsed = {k: json.loads(v.replace("'", '"')) for k, v in keys.items()}
+    cfg = RunConfig.parse({**parsed, "data-dir": str(data_dir), "output-dir": str(tmp_path / "unused")})
+    rounds = inprocess.run(cfg, nodes, insecure_test_mask_seed=5)[1:]
+    assert len(rounds) == cfg.num_server_rounds
+    return rounds
+
+
+def _same_as_inprocess(flower: list[dict], local: list[dict], nodes: int) -> None:
+    """Every round of a Flower run is applied, signed, and equals the in-process runner's."""
+    assert len(flower) == len(local)
     for f, loc in zip(flower, local):
         assert f["secagg_contributors"] == nodes and not f["skipped"] and f["secagg"]["signed"], f
         for key in ("loss", "mada_lambda", "lambda_no_change", "theta_change_sq", "uplink_bytes"):
@@ -285,43 +286,53 @@ def _same_as_inprocess(flower: list[dict], keys: dict, data_dir: Path, tmp_path:
         assert f["wire_bytes_per_client"]["up"] > f["uplink_bytes"] / nodes
 
 
-def test_flwr_run_with_secagg_matches_the_inprocess_runner(data_dir: Path, tmp_path: Path) -> None:
-    """Simulation, 3 signed nodes with floors (one PRISM_NODE_CONFIG, the key file per partition),
-    delta downlink: both rounds apply and equal the in-process runner's."""
-    from tests.test_inprocess import _history
-    from tests.test_simulation import Simulation
-
-    out = tmp_path / "out"
-    keys, config = _flower_config(out, data_dir, downlink="'delta'")
-    with procs.Processes() as ps:
-        sim = Simulation(
-            tmp_path, ps, data_dir=data_dir, test_mask_seed=5, node_config=_signed_nodes(tmp_path, 3)
-        )
-        assert sim.run(config, nodes=3)["status"] == "finished:completed", sim.logs_tail()
-    procs.assert_gone(ps.pids)
-    flower = [r for r in _history(out) if r["round"] >= 1]
-    assert all(f["secagg"]["bits"] == 2 for f in flower), flower
-    _same_as_inprocess(flower, keys, data_dir, tmp_path, 3)
-
-
-def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(data_dir: Path, tmp_path: Path) -> None:
-    """Four clients (t = 2), one raising in the share step: the round sums the other three (the
-    strategy tests above check the sum is exact) and the run completes."""
+@pytest.fixture(scope="module")
+def secagg_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The two simulation runs below, started together by the first test that reads one, each on a
+    SuperLink of its own; each test waits for its own: name -> (Simulation, its `flwr run` process,
+    output folder, run config). "signed": 3 signed nodes with floors (one PRISM_NODE_CONFIG, the key
+    file per partition), delta downlink; "dropout": 4 clients (t = 2), one raising in the share step."""
     from tests.support.fault_client_app import fault_app_dir
     from tests.support.simulation import Simulation
 
-    out = tmp_path / "out"
-    _, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})
+    root = tmp_path_factory.mktemp("secagg-sim")
+    one_round = {"num-server-rounds": "1", "eval-every": "1"}
+    keys = {
+        "signed": _flower_config(root / "signed" / "out", data_dir, downlink="'delta'"),
+        "dropout": _flower_config(root / "dropout" / "out", data_dir, **one_round),
+    }
     with procs.Processes() as ps:
-        sim = Simulation(
-            tmp_path,
-            ps,
-            extra_env={"PRISM_FAULT_INJECTION": "secagg-share=1"},
-            data_dir=data_dir,
-            app=fault_app_dir(tmp_path / "app"),
-        )
-        assert sim.run(config, nodes=4)["status"] == "finished:completed", sim.logs_tail()
+        signed = dict(test_mask_seed=5, node_config=_signed_nodes(root / "signed", 3))
+        dropout = dict(extra_env={"PRISM_FAULT_INJECTION": "secagg-share=1"}, app=fault_app_dir(root / "app"))
+        sims = {"signed": (signed, 3), "dropout": (dropout, 4)}
+        runs = {}
+        for name, (options, nodes) in sims.items():
+            sim = Simulation(root / name, ps, data_dir=data_dir, **options)
+            runs[name] = (sim, sim.start_run(keys[name][1], nodes), root / name / "out", keys[name][0])
+        yield runs
     procs.assert_gone(ps.pids)
+
+
+def test_flwr_run_with_secagg_matches_the_inprocess_runner(
+    secagg_runs: dict, data_dir: Path, tmp_path: Path
+) -> None:
+    """Simulation, 3 signed nodes with floors (one PRISM_NODE_CONFIG, the key file per partition),
+    delta downlink: both rounds apply and equal the in-process runner's."""
+    from tests.test_inprocess import _history
+
+    sim, run, out, keys = secagg_runs["signed"]
+    local = _inprocess_rounds(keys, data_dir, tmp_path, 3)  # while Flower runs
+    assert sim.wait(run)["status"] == "finished:completed", sim.logs_tail()
+    flower = [r for r in _history(out) if r["round"] >= 1]
+    assert all(f["secagg"]["bits"] == 2 for f in flower), flower
+    _same_as_inprocess(flower, local, 3)
+
+
+def test_flwr_run_with_secagg_survives_a_dropout_in_the_share_step(secagg_runs: dict) -> None:
+    """Four clients (t = 2), one raising in the share step: the round sums the other three (the
+    strategy tests above check the sum is exact) and the run completes."""
+    sim, run, out, _ = secagg_runs["dropout"]
+    assert sim.wait(run)["status"] == "finished:completed", sim.logs_tail()
     (rec,) = [r for r in json.loads((out / "latest" / "history.json").read_text()) if r["round"] >= 1]
     assert not rec["skipped"] and rec["secagg_contributors"] == 3 and rec["clients"] == 3, rec
     assert rec["asked"] == 4 and rec["dropped"] == [], rec
@@ -332,56 +343,51 @@ def test_deployment_with_signed_secagg_matches_the_inprocess_runner(data_dir: Pa
     """The deployment engine on loopback: a SuperLink and 3 SuperNodes, each with its own key
     file, the roster and the floors in ``--node-config``; one round equals the in-process runner's."""
     from tests.test_inprocess import _history
-    from tools.flowerkit import (
-        REPO,
-        exe,
-        flower_env,
-        newest_run,
-        online_nodes,
-        start_superlink,
-        write_connection,
-    )
+    from tools import flowerkit as fk
 
     home, out, logs = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
     logs.mkdir()
     # one torch thread per node, as the in-process runner trains: the bf16 and NHWC kernels sum in
     # another order with another thread count
-    env = {**flower_env(home), "PRISM_INSECURE_TEST_MASK_SEED": "5", "OMP_NUM_THREADS": "1"}
+    env = {**fk.flower_env(home), "PRISM_INSECURE_TEST_MASK_SEED": "5", "OMP_NUM_THREADS": "1"}
     env.pop("PRISM_NODE_CONFIG", None)
     link_port, node_ports = procs.free_port(), procs.free_ports(3)
-    write_connection(home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
+    fk.write_connection(home, "loopback", f"127.0.0.1:{link_port}", insecure=True)
     keys, config = _flower_config(out, data_dir, **{"num-server-rounds": "1", "eval-every": "1"})
     signed = _signed_nodes(tmp_path, 3)
     with procs.Processes() as ps:
-        link = start_superlink(ps, link_port, env, logs / "superlink.log")
+        link = fk.start_superlink(ps, link_port, env, logs / "superlink.log")
+        # `prism-flwr supernode`: Flower's, one ClientApp process per message (the secrets cross
+        # processes in context.state), its 3 s idle wait capped (a round has five message phases)
         nodes = [
-            ps.start(
-                [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}"]
-                + ["--host", "127.0.0.1", "--port", str(port), "--node-config"]
-                + [
-                    f"partition-id={i} num-partitions=3 data-dir='{data_dir}' state-dir='{tmp_path / 'state'}' "
-                    + signed.replace("{partition-id}", str(i))
-                ],
-                env=env,
-                log_path=logs / f"supernode-{i}.log",
+            fk.start_supernode(
+                ps,
+                f"127.0.0.1:{link_port}",
+                port,
+                env,
+                logs / f"supernode-{i}.log",
+                node_config=f"partition-id={i} num-partitions=3 data-dir='{data_dir}' "
+                f"state-dir='{tmp_path / 'state'}' " + signed.replace("{partition-id}", str(i)),
+                idle_poll=0.2,
             )
             for i, port in enumerate(node_ports)
         ]
         procs.wait_for(
-            lambda: len(online_nodes(env, "loopback")) == 3,
+            lambda: len(fk.online_nodes(env, "loopback")) == 3,
             timeout=90,
             desc="3 SuperNodes",
             procs=[link, *nodes],
         )
         run = ps.start(
-            [exe("flwr"), "run", str(REPO)] + ["loopback", "--stream", "--run-config", config],
+            [fk.exe("flwr"), "run", str(fk.REPO)] + ["loopback", "--stream", "--run-config", config],
             env=env,
             log_path=logs / "flwr-run.log",
             cwd=home,
         )
+        local = _inprocess_rounds(keys, data_dir, tmp_path, 3)  # while the deployment runs
         run.wait(timeout=400)
-        status = newest_run(env, "loopback")["status"]
+        status = fk.newest_run(env, "loopback")["status"]
         tails = "\n".join(procs.tail(p, 20) for p in sorted(logs.iterdir()))
         assert status == "finished:completed", f"{status}\n{tails}"
     procs.assert_gone(ps.pids)
-    _same_as_inprocess([r for r in _history(out) if r["round"] >= 1], keys, data_dir, tmp_path, 3)
+    _same_as_inprocess([r for r in _history(out) if r["round"] >= 1], local, 3)

@@ -2,7 +2,9 @@
 
 Simulation SuperLinks on free ports with private FLWR_HOMEs (tests/support/simulation.py): runs
 that need no node settings of their own share one per module; the others start theirs. Tiny
-sizes (ngf 4, a few local steps) keep each run to tens of seconds on 2 cores.
+sizes (ngf 4, a few local steps) keep each run to tens of seconds on 2 cores, most of them
+Flower's and Ray's start-up: independent runs go two at a time (the faulty run beside the bad
+config; the statistics and the dense runs; the uninterrupted run beside the one that crashes).
 """
 
 from __future__ import annotations
@@ -37,24 +39,81 @@ def plain_simulation(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     procs.assert_gone(ps.pids)
 
 
-def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, tmp_path: Path) -> None:
-    """4 clients, one raising every round and one uploading a corrupt mask: the run completes on
-    the other two, history shows both dropped with their reasons, the model loads and samples."""
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def plain_runs(plain_simulation: Simulation, data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The statistics and the dense baseline runs, started together on the plain SuperLink by the
+    first test that reads one (each run has its own Ray cluster and run tag); each test waits for
+    its own: name -> (its `flwr run` process, its output folder)."""
+    root = tmp_path_factory.mktemp("plain-runs")
+    configs = {
+        "statistics": _dp_config("statistics", root / "statistics", data_dir),
+        "dense": f"num-server-rounds=2 eval-every=2 {TINY} method='dense' output-dir='{root / 'dense'}' "
+        f"data-dir='{data_dir}'",
+    }
+    return {
+        name: (plain_simulation.start_run(config, nodes=2), root / name) for name, config in configs.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def faulty_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The end-to-end run with failing and corrupt clients, on a SuperLink of its own (the app behind
+    a fault-injecting mod), started by the bad-config test so that it goes beside that test's run:
+    (its Simulation, its `flwr run` process, its output folder)."""
+    tmp = tmp_path_factory.mktemp("faulty-sim")
     with procs.Processes() as ps:
         sim = Simulation(
-            tmp_path,
+            tmp,
             ps,
             extra_env={FAULT_ENV: "raise=1 corrupt=2"},
             data_dir=data_dir,
-            app=fault_app_dir(tmp_path / "app"),
-        )  # the app behind a fault-injecting mod
-        run = sim.run(
-            f"num-server-rounds=2 eval-every=1 aggregation='mada' {TINY} output-dir='{out}' data-dir='{data_dir}'",
-            nodes=4,
+            app=fault_app_dir(tmp / "app"),
         )
-        assert run["status"] == "finished:completed", sim.logs_tail()
+        config = f"num-server-rounds=2 eval-every=1 aggregation='mada' {TINY} data-dir='{data_dir}'"
+        yield sim, sim.start_run(f"{config} output-dir='{tmp / 'out'}'", nodes=4), tmp / "out"
     procs.assert_gone(ps.pids)
+
+
+BAD_CONFIGS = [
+    (
+        "dataset='foo'",
+        "run-config key 'dataset' = 'foo': Input should be 'mnist', 'fmnist', 'cifar10' or 'celeba'",
+    ),
+    ("ngf=-1", "run-config key 'ngf' = -1: Input should be greater than or equal to 1"),
+    ("lr='fast'", "run-config key 'lr' = 'fast': Input should be a valid number"),
+]
+
+
+@pytest.mark.usefixtures("faulty_run")  # started here: it goes beside this test's run
+def test_bad_run_config_fails_before_training(
+    plain_simulation: Simulation, data_dir: Path, tmp_path: Path
+) -> None:
+    """A choice, a range and a type error in one run: it ends failed with one line naming each,
+    nothing trained (the config is checked as a whole, so one run answers for all three)."""
+    sim, out = plain_simulation, tmp_path / "out"
+    bad = " ".join(key for key, _ in BAD_CONFIGS)
+    run = sim.run(f"{bad} output-dir='{out}' data-dir='{data_dir}'", nodes=2)
+    status = subprocess.run(
+        [exe("prism-flwr"), "last-run", "sim"],
+        env=sim.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=sim.home,
+    )
+    assert run["status"] == "finished:failed", run
+    assert status.returncode == 1
+    for _, line in BAD_CONFIGS:
+        assert line in run["status-details"] and line in status.stdout, (line, run)
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_simulation_end_to_end_with_failing_and_corrupt_clients(faulty_run) -> None:
+    """4 clients, one raising every round and one uploading a corrupt mask: the run completes on
+    the other two, history shows both dropped with their reasons, the model loads and samples."""
+    sim, proc, out = faulty_run
+    run = sim.wait(proc)
+    assert run["status"] == "finished:completed", sim.logs_tail()
 
     rounds = rounds_of(out)
     assert [r["round"] for r in rounds] == [1, 2]
@@ -84,68 +143,38 @@ def test_simulation_end_to_end_with_failing_and_corrupt_clients(data_dir: Path, 
     assert summary["model_bytes"] < summary["dense_float32_bytes"] / 20
 
 
-BAD_CONFIGS = [
-    (
-        "dataset='foo'",
-        "run-config key 'dataset' = 'foo': Input should be 'mnist', 'fmnist', 'cifar10' or 'celeba'",
-    ),
-    ("ngf=-1", "run-config key 'ngf' = -1: Input should be greater than or equal to 1"),
-    ("lr='fast'", "run-config key 'lr' = 'fast': Input should be a valid number"),
-]
-
-
-def test_bad_run_config_fails_before_training(
-    plain_simulation: Simulation, data_dir: Path, tmp_path: Path
-) -> None:
-    """A choice, a range and a type error in one run: it ends failed with one line naming each,
-    nothing trained (the config is checked as a whole, so one run answers for all three)."""
-    sim, out = plain_simulation, tmp_path / "out"
-    bad = " ".join(key for key, _ in BAD_CONFIGS)
-    run = sim.run(f"{bad} output-dir='{out}' data-dir='{data_dir}'", nodes=2)
-    status = subprocess.run(
-        [exe("prism-flwr"), "last-run", "sim"],
-        env=sim.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=sim.home,
-    )
-    assert run["status"] == "finished:failed", run
-    assert status.returncode == 1
-    for _, line in BAD_CONFIGS:
-        assert line in run["status-details"] and line in status.stdout, (line, run)
-    assert not out.exists()  # nothing trained, nothing written
-
-
 def test_kill_and_resume_matches_an_uninterrupted_run(data_dir: Path, tmp_path: Path) -> None:
     rounds = 4
     config = f"num-server-rounds={rounds} {TINY} eval-every=2 data-dir='{data_dir}'"
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    # one node state for both SuperLinks (the resumed clients find their state), one mask secret for both runs
+    # one node state for both SuperLinks (the resumed clients find their state; each run has its own
+    # run tag, so the uninterrupted run beside the crashing one keeps apart), one mask secret
     node = {"data_dir": data_dir, "state_dir": tmp_path / "node-state", "test_mask_seed": 1}
-    with procs.Processes() as ps:
-        sim = Simulation(tmp_path / "a", ps, **node)  # the uninterrupted run, then the one that crashes
-        assert sim.run(f"{config} output-dir='{straight}'")["status"] == "finished:completed", sim.logs_tail()
-        run = sim.start_run(f"{config} output-dir='{crashed}'")
-        procs.wait_for(
-            lambda: (crashed / "latest" / "history.json").is_file() and len(rounds_of(crashed)) >= 2,
-            timeout=RUN_TIMEOUT,
-            desc="two rounds done",
-            procs=[run],
-        )
-        ps.snapshot()
-        server = [p for p in procs.descendants(sim.link.pid) if b"flwr-simulation" in _cmdline(p)]
-        assert server, "no ServerApp process (flwr-simulation) found"
-        for pid in server:
-            os.kill(pid, signal.SIGKILL)  # the server dies mid-run, without any chance to clean up
-        ps.stop_all()
+    with procs.Processes() as other_ps:
+        other = Simulation(tmp_path / "b", other_ps, **node)  # the uninterrupted run, then the resumed one
+        straight_run = other.start_run(f"{config} output-dir='{straight}'")
+        with procs.Processes() as ps:
+            sim = Simulation(tmp_path / "a", ps, **node)  # the run that crashes, at the same time
+            run = sim.start_run(f"{config} output-dir='{crashed}'")
+            procs.wait_for(
+                lambda: (crashed / "latest" / "history.json").is_file() and len(rounds_of(crashed)) >= 2,
+                timeout=RUN_TIMEOUT,
+                desc="two rounds done",
+                procs=[run],
+            )
+            ps.snapshot()
+            server = [p for p in procs.descendants(sim.link.pid) if b"flwr-simulation" in _cmdline(p)]
+            assert server, "no ServerApp process (flwr-simulation) found"
+            for pid in server:
+                os.kill(pid, signal.SIGKILL)  # the server dies mid-run, without any chance to clean up
+        procs.assert_gone(ps.pids)  # its SuperLink, nodes and Ray are gone too
         killed_at = load_checkpoint(crashed / "latest")["round"]
         assert 2 <= killed_at < rounds
 
-        sim = Simulation(tmp_path / "c", ps, **node)
-        run = sim.run(f"{config} output-dir='{crashed}' resume=true")
-        assert run["status"] == "finished:completed", sim.logs_tail()
-    procs.assert_gone(ps.pids)
+        run = other.run(f"{config} output-dir='{crashed}' resume=true")  # on the other SuperLink
+        assert run["status"] == "finished:completed", other.logs_tail()
+        assert other.wait(straight_run)["status"] == "finished:completed", other.logs_tail()
+    procs.assert_gone(other_ps.pids)
 
     a, b = load_checkpoint(straight / "latest"), load_checkpoint(crashed / "latest")
     assert a["round"] == b["round"] == rounds
@@ -160,13 +189,16 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _dp_run(sim: Simulation, dp: str, out: Path, data_dir: Path) -> list[float]:
-    """A 3-round run under ``dp`` with epsilon 5 on 2 nodes; each round's smallest epsilon spent."""
-    run = sim.run(
+def _dp_config(dp: str, out: Path, data_dir: Path) -> str:
+    """A 3-round run under ``dp`` with epsilon 5 (on 2 nodes)."""
+    return (
         f"num-server-rounds=3 eval-every=3 {TINY} objective='feature-matching' dp='{dp}' "
-        f"dp-epsilon=5.0 output-dir='{out}' data-dir='{data_dir}'",
-        nodes=2,
+        f"dp-epsilon=5.0 output-dir='{out}' data-dir='{data_dir}'"
     )
+
+
+def _dp_firsts(sim: Simulation, run: dict, dp: str, out: Path) -> list[float]:
+    """The run of ``_dp_config`` completed on 2 nodes; each round's smallest epsilon spent."""
     assert run["status"] == "finished:completed", sim.logs_tail()
     per_round = [sorted(r["dp_epsilon_per_client"].values()) for r in rounds_of(out)]
     assert all(len(eps) == 2 for eps in per_round)
@@ -178,9 +210,10 @@ def _dp_run(sim: Simulation, dp: str, out: Path, data_dir: Path) -> list[float]:
     return [eps[0] for eps in per_round]
 
 
-def test_statistics_spend_epsilon_once(plain_simulation: Simulation, data_dir: Path, tmp_path: Path) -> None:
+def test_statistics_spend_epsilon_once(plain_simulation: Simulation, plain_runs: dict) -> None:
     """statistics: the whole epsilon spent in the first round, then constant."""
-    firsts = _dp_run(plain_simulation, "statistics", tmp_path / "out", data_dir)
+    proc, out = plain_runs["statistics"]
+    firsts = _dp_firsts(plain_simulation, plain_simulation.wait(proc), "statistics", out)
     assert firsts[0] == firsts[1] == firsts[2] == pytest.approx(5.0, rel=1e-3)
 
 
@@ -195,7 +228,7 @@ def test_theta_spends_per_round_and_a_second_run_cannot_spend_past_the_nodes_bud
     out = [tmp_path / "out-1", tmp_path / "out-2"]
     with procs.Processes() as ps:
         sim = Simulation(tmp_path, ps, data_dir=data_dir, node_config="dp-budget=6.0")
-        firsts = _dp_run(sim, "theta", out[0], data_dir)
+        firsts = _dp_firsts(sim, sim.run(_dp_config("theta", out[0], data_dir), nodes=2), "theta", out[0])
         second = f"num-server-rounds=2 eval-every=2 {TINY} dp='theta' dp-epsilon=5.0 seed=31"
         run = sim.run(f"{second} output-dir='{out[1]}'", nodes=2)
         assert run["status"] == "finished:failed", sim.logs_tail()
@@ -213,13 +246,10 @@ def test_theta_spends_per_round_and_a_second_run_cannot_spend_past_the_nodes_bud
 
 
 def test_dense_fedavg_baseline_runs_the_same_generator(
-    plain_simulation: Simulation, data_dir: Path, tmp_path: Path
+    plain_simulation: Simulation, plain_runs: dict
 ) -> None:
-    out, sim = tmp_path / "out", plain_simulation
-    run = sim.run(
-        f"num-server-rounds=2 eval-every=2 {TINY} method='dense' output-dir='{out}' data-dir='{data_dir}'",
-        nodes=2,
-    )
+    sim, (proc, out) = plain_simulation, plain_runs["dense"]
+    run = sim.wait(proc)
     assert run["status"] == "finished:completed", sim.logs_tail()
     for r in rounds_of(out):
         assert r["clients"] == 2 and r["uplink_bits_per_weight"] == 32.0 and np.isfinite(r["loss"]), r

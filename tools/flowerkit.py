@@ -162,6 +162,14 @@ def newest_run(env: dict[str, str], connection: str) -> dict:
     return max(flwr_json(["ls", connection], env)["runs"], key=lambda r: r["pending-at"])
 
 
+def run_record(env: dict[str, str], connection: str, run_id: str) -> dict:
+    """The run ``run_id`` on ``connection`` as `flwr ls --format json` reports it (runs may overlap)."""
+    runs = flwr_json(["ls", connection], env)["runs"]
+    found = [r for r in runs if r["run-id"] == str(run_id)]
+    assert found, f"run {run_id} not listed on {connection}: {runs}"
+    return found[0]
+
+
 # ------------------------------------------------------------------------------------ fleet-proxy
 def nginx() -> str | None:
     """The nginx binary (Debian's nginx-light / nginx), or None when it is not installed."""

@@ -3,7 +3,9 @@ and `flwr run` of an app against it: the tests' one way to run the real app thro
 
 A user's local SuperLink on port 39091 is never touched; every process started is stopped by the
 ``procs.Processes`` the caller gives. Several runs may share one SuperLink when they need the same
-node settings (they reach the simulated nodes through the SuperLink's environment).
+node settings (they reach the simulated nodes through the SuperLink's environment), one after the
+other or at the same time (``start_run`` each, then ``wait`` each: every run has its own Ray
+cluster, its own run tag and so its own client state).
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ import subprocess
 from pathlib import Path
 
 from tools import procs
-from tools.flowerkit import REPO, exe, flower_env, newest_run, start_superlink, write_connection
+from tools.flowerkit import REPO, exe, flower_env, run_record, start_superlink, write_connection
 
 RUN_TIMEOUT = 300
 TINY = "local-steps=3 ngf=4 eval-samples=64 min-train-nodes=2 eval-feature-metrics=false"
+# Flower's simulation settings besides the node count: Ray given one CPU, so one actor (one worker
+# process importing torch and the app) serves every simulated node in turn, one thread each. Two
+# actors, for the tests' few local steps, cost more CPU than they save (a 3-node run: 23-28
+# CPU-seconds of its process tree against 19 with one, on a busy 2-core machine, 2026-12-07).
+FEDERATION = "client-resources-num-cpus=1 init-args-num-cpus=1"
 
 
 class Simulation:
@@ -63,7 +70,7 @@ class Simulation:
                 "--run-config",
                 run_config,
                 "--federation-config",
-                f"num-supernodes={nodes} client-resources-num-cpus=1",
+                f"num-supernodes={nodes} {FEDERATION}",
             ],
             env=self.env,
             log_path=self.logs / f"run-{n}.log",
@@ -72,10 +79,19 @@ class Simulation:
 
     def run(self, run_config: str, nodes: int = 3) -> dict:
         """Run to the end; return the run's record from `flwr ls`."""
-        proc = self.start_run(run_config, nodes)
+        return self.wait(self.start_run(run_config, nodes))
+
+    def submitted(self, proc: subprocess.Popen) -> str:
+        """The run id of the `flwr run` ``proc``, once the SuperLink has accepted the run."""
+        found = procs.wait_for_log(proc, r"Successfully started run (\d+)", timeout=RUN_TIMEOUT)
+        return found.group(1)
+
+    def wait(self, proc: subprocess.Popen) -> dict:
+        """Wait for the `flwr run` ``proc`` to end; return its run's record from `flwr ls`."""
+        run_id = self.submitted(proc)
         proc.wait(timeout=RUN_TIMEOUT)
         self.ps.snapshot()
-        return newest_run(self.env, "sim")
+        return run_record(self.env, "sim", run_id)
 
     def logs_tail(self) -> str:
         return "\n".join(procs.tail(p, 30) for p in sorted(self.logs.iterdir()))
