@@ -35,7 +35,12 @@ class _Deferred(types.ModuleType):
         return fn if fn is not None else (lambda f: f)
 
     def __getattr__(self, name: str):
-        # also __path__, which `import torch._dynamo.x` asks for first: x then comes from the real package
+        # __path__, which `import torch._dynamo.x` asks for first, hands over (x then comes from the
+        # real package); other dunders do not: `inspect.getmodule` asks every module in sys.modules
+        # for __file__, and handing over there imports the compiler stack midway through another
+        # import (opacus -> torch.distributed registering its custom ops), which then fails
+        if name.startswith("__") and name != "__path__":
+            raise AttributeError(name)
         return getattr(_real(), name)
 
 

@@ -24,6 +24,10 @@ for _ in range(3):
     opt.step()
 out = {"weights": [p.detach().flatten().tolist() for p in net.parameters()],
        "sympy_after_steps": "sympy" in sys.modules}
+out["sympy_after_opacus"] = None
+if defer:  # opacus (the DP modes' accountant) imports torch.distributed, whose custom ops walk sys.modules
+    from opacus.accountants import RDPAccountant  # noqa: F401
+    out["sympy_after_opacus"] = "sympy" in sys.modules
 import torch._dynamo.utils as utils  # a submodule: hands over to the real package
 out["one_module"] = utils is sys.modules["torch._dynamo.utils"] is torch._dynamo.utils
 out["real"] = type(sys.modules["torch._dynamo"]).__name__ == "module" and hasattr(torch._dynamo, "optimize")
@@ -50,4 +54,5 @@ def test_steps_without_the_compiler_stack_then_the_real_one() -> None:
     deferred, plain = _run(True), _run(False)
     assert deferred["weights"] == plain["weights"]  # the same steps, bit for bit
     assert not deferred["sympy_after_steps"] and plain["sympy_after_steps"]
+    assert deferred["sympy_after_opacus"] is not None  # opacus imported beside the stand-in
     assert deferred["one_module"] and deferred["real"] and deferred["compiled"]
