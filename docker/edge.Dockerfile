@@ -68,6 +68,6 @@ RUN python -m pip install --no-cache-dir --no-deps . \
 
 # Flower's SuperNode through prism-flwr's (prism_flwr/deployment/supernode.py: waits capped at
 # 0.2 s, each ClientApp's bundle checked against the node config's trusted-apps / trusted-app-keys
-# when it names them). Called as a module function, not as `prism-flwr supernode`: that command
-# imports torch for its other subcommands, 180 MiB more in this long-lived process.
+# when it names them), called as a module function: the same as `prism-flwr supernode --idle-poll
+# 0.2 -- ARGS`, which no longer imports torch (tests/test_cli_imports.py).
 ENTRYPOINT ["python", "-c", "import sys; from prism_flwr.deployment.supernode import supernode_main; supernode_main(sys.argv[1:], 0.2)"]

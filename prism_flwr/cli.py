@@ -9,7 +9,6 @@ prism-flwr clientapp-executor --runtime-api-address HOST:PORT --insecure   warm 
 prism-flwr supernode [--idle-poll 0.2] -- FLOWER-SUPERNODE-ARGS...   SuperNode, short poll, checked apps
 prism-flwr clientapp FLWR-CLIENTAPP-ARGS...           flwr-clientapp that runs only the node's trusted-apps
 prism-flwr sign-app [APP] --key publisher.pem          sign an app for the nodes' trusted-app-keys
-prism-flwr supernode [--idle-poll 0.2] -- FLOWER-SUPERNODE-ARGS...   SuperNode, shorter idle poll
 prism-flwr secagg-keys --nodes N --out DIR             signing keys + roster for secure aggregation
 """
 
@@ -20,13 +19,26 @@ import json
 import os
 import subprocess
 import sys
+from typing import get_args
 
 from prism_flwr.config import RunConfig
-from prism_flwr.data.datasets import DATASETS, DatasetMissingError, load_dataset
-from prism_flwr.federated.export import ModelFileError
+
+# torch is imported by the commands that use it, not here: `prism-flwr supernode` runs beside a
+# node's ClientApps and stays small
+DATASETS = get_args(RunConfig.model_fields["dataset"].annotation)
+
+
+def _user_error(err: Exception) -> bool:
+    """A missing dataset or a bad model file: its message is the whole story, no traceback."""
+    from prism_flwr.data.datasets import DatasetMissingError
+    from prism_flwr.federated.export import ModelFileError
+
+    return isinstance(err, DatasetMissingError | ModelFileError)
 
 
 def _data(args: argparse.Namespace) -> int:
+    from prism_flwr.data.datasets import load_dataset
+
     data = load_dataset(args.dataset, args.data_dir, train=True, download=args.download)
     print(
         f"{args.dataset}: {len(data)} training images {tuple(data.images.shape[1:])} ready in {args.data_dir}"
@@ -306,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (DatasetMissingError, ModelFileError) as err:  # the message is the whole story: no traceback
+    except (FileNotFoundError, ValueError) as err:
+        if not _user_error(err):
+            raise
         print(err, file=sys.stderr)
         return 2
 
