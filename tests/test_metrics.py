@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from prism_flwr.evaluation.metrics import FrechetDistance, frechet_distance, prdc_metrics
+from prism_flwr.evaluation.metrics import FrechetDistance, NearestNeighbours, frechet_distance, prdc_metrics
 
 
 def test_prdc_hand_computed_example():
@@ -66,3 +66,13 @@ def test_frechet_distance_keeps_the_real_statistics_across_calls():
     assert first == pytest.approx(frechet_distance(real, fake_a), rel=1e-9)
     assert second == pytest.approx(frechet_distance(real, fake_b), rel=1e-9)
     assert second > 5 * first  # the second call saw only fake_b, not fake_a and fake_b together
+
+
+def test_nearest_neighbours_keep_the_real_radii_across_calls():
+    # the Evaluator builds one NearestNeighbours per run: each call scores only its own fake set
+    g = torch.Generator().manual_seed(2)
+    real, fake_a, fake_b = (torch.randn(300, 8, generator=g) + shift for shift in (0.0, 0.5, 3.0))
+    knn = NearestNeighbours(real)
+    first, second = knn(fake_a), knn(fake_b)
+    assert first == prdc_metrics(real, fake_a) and second == prdc_metrics(real, fake_b)
+    assert second["precision"] < first["precision"]

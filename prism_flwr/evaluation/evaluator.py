@@ -27,7 +27,7 @@ from torchvision.utils import save_image
 
 from prism_flwr.data.datasets import ImageData, load_dataset
 from prism_flwr.evaluation.feature_net import atomic_write, build_feature_net
-from prism_flwr.evaluation.metrics import NEAREST_K, FrechetDistance, prdc_metrics
+from prism_flwr.evaluation.metrics import NEAREST_K, FrechetDistance, NearestNeighbours
 from prism_flwr.model.generator import generate
 from prism_flwr.model.masked import set_mask_mode
 from prism_flwr.model.objectives import mmd2_unbiased
@@ -120,7 +120,6 @@ class Evaluator:
         self.n = len(idx)
         self.seed = seed
         self.device = device
-        self.nearest_k = nearest_k
         self.features: nn.Module | None = None
         self.metric_name: str | None = None
         self.feature_info: dict | None = None
@@ -135,6 +134,7 @@ class Evaluator:
             self.metric_name = self.features.metric_name
             self.real_features = reference_features(self.features, data, data_dir, device)[idx]
             self._fd = FrechetDistance(self.real_features)
+            self._knn = NearestNeighbours(self.real_features, nearest_k)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, mask_mode: str = "sample") -> tuple[dict[str, float], torch.Tensor]:
@@ -145,7 +145,7 @@ class Evaluator:
             fake_features = extract_features(self.features, fake, self.device)
             metrics = {
                 self.metric_name: self._fd(fake_features),
-                **prdc_metrics(self.real_features, fake_features, self.nearest_k),
+                **self._knn(fake_features),
             }
         metrics["mmd_pixels"] = mmd_pixels(fake, self.real)
         return metrics, fake

@@ -69,30 +69,46 @@ def _kth_neighbour_radii(x: torch.Tensor, k: int) -> torch.Tensor:
     )
 
 
-def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int = NEAREST_K) -> dict[str, float]:
-    """Precision, recall, density and coverage of (M, D) ``fake`` against (N, D) ``real`` features.
+class NearestNeighbours:
+    """Precision, recall, density and coverage of any number of (M, D) fake sets against one fixed
+    (N, D) real set, whose k-NN radii are computed once.
 
     Each set needs more than ``nearest_k + 1`` points (the k-th neighbour counts the point itself).
     Distances in float64, in blocks of rows; no thread pool of its own (torch's threads only).
     """
-    if min(len(real), len(fake)) <= nearest_k + 1:
-        raise ValueError(
-            f"precision/recall/density/coverage with k = {nearest_k} need more than {nearest_k + 1} "
-            f"samples per set, got {len(real)} real and {len(fake)} fake"
-        )
-    real, fake = real.detach().cpu().double(), fake.detach().cpu().double()
-    real_radii, fake_radii = _kth_neighbour_radii(real, nearest_k), _kth_neighbour_radii(fake, nearest_k)
-    in_real_balls = torch.zeros(len(fake), dtype=torch.float64)  # per fake: how many real balls hold it
-    recalled, covered = [], []
-    for i in range(0, len(real), _CHUNK):
-        d = _distances(real[i : i + _CHUNK], fake)  # (chunk of reals, fakes)
-        radii = real_radii[i : i + _CHUNK, None]
-        in_real_balls += (d < radii).sum(dim=0)
-        recalled.append((d < fake_radii[None, :]).any(dim=1))
-        covered.append(d.min(dim=1).values < radii[:, 0])
-    return {
-        "precision": float((in_real_balls > 0).double().mean()),
-        "recall": float(torch.cat(recalled).double().mean()),
-        "density": float(in_real_balls.mean() / nearest_k),
-        "coverage": float(torch.cat(covered).double().mean()),
-    }
+
+    def __init__(self, real: torch.Tensor, nearest_k: int = NEAREST_K) -> None:
+        self.real, self.k = real.detach().cpu().double(), nearest_k
+        self._check(len(self.real), "real")
+        self.real_radii = _kth_neighbour_radii(self.real, nearest_k)
+
+    def _check(self, count: int, name: str) -> None:
+        if count <= self.k + 1:
+            raise ValueError(
+                f"precision/recall/density/coverage with k = {self.k} need more than {self.k + 1} "
+                f"samples per set, got {count} {name}"
+            )
+
+    def __call__(self, fake: torch.Tensor) -> dict[str, float]:
+        self._check(len(fake), "fake")
+        fake = fake.detach().cpu().double()
+        fake_radii = _kth_neighbour_radii(fake, self.k)
+        in_real_balls = torch.zeros(len(fake), dtype=torch.float64)  # per fake: how many real balls hold it
+        recalled, covered = [], []
+        for i in range(0, len(self.real), _CHUNK):
+            d = _distances(self.real[i : i + _CHUNK], fake)  # (chunk of reals, fakes)
+            radii = self.real_radii[i : i + _CHUNK, None]
+            in_real_balls += (d < radii).sum(dim=0)
+            recalled.append((d < fake_radii[None, :]).any(dim=1))
+            covered.append(d.min(dim=1).values < radii[:, 0])
+        return {
+            "precision": float((in_real_balls > 0).double().mean()),
+            "recall": float(torch.cat(recalled).double().mean()),
+            "density": float(in_real_balls.mean() / self.k),
+            "coverage": float(torch.cat(covered).double().mean()),
+        }
+
+
+def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int = NEAREST_K) -> dict[str, float]:
+    """``NearestNeighbours(real, nearest_k)(fake)``: the four metrics of one pair of feature sets."""
+    return NearestNeighbours(real, nearest_k)(fake)
