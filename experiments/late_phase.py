@@ -9,9 +9,9 @@ Per seed a trunk runs the plain mean for ``BRANCH_AT[-1] + LENGTH`` rounds. At e
 branch runs `mada` for ``LENGTH`` rounds from it; `mean` from the same point is the trunk itself,
 so the pair shares network, partition and every random stream up to the rule. The rounds are
 ``inprocess.one_round``'s, the in-process runner's round (``client_round``, the coded uplink
-through the codec, the server step), from each arm's own state. Work goes phase by phase over all seeds (trunk to 20, both arms 20->60,
-both arms 60->100, each mada round next to its mean round), so a deadline cuts the late branch
-first and every pair is timed under the same load. FD-FMNIST-CNN every ``EVAL_EVERY`` rounds.
+through the codec, the server step), from each arm's own state. Work goes phase by phase over
+all seeds (trunk to 20, both arms 20->60, both arms 60->100, each mada round next to its mean
+round), so a deadline cuts the late branch first and every pair is timed under the same load. FD-FMNIST-CNN every ``EVAL_EVERY`` rounds.
 """
 
 from __future__ import annotations
