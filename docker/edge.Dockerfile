@@ -34,8 +34,11 @@ ARG PIP_FIND_LINKS
 ARG PIP_CONSTRAINT
 ARG PIP_CERT
 
+# MALLOC_ARENA_MAX=2: glibc gives each thread that allocates its own heap (arena); the SuperNode's
+# threads (HTTP server, executor, heartbeats) otherwise keep tens of MiB resident in them.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    MALLOC_ARENA_MAX=2 \
     HOME=/app \
     PATH=/python/venv/bin:$PATH \
     FLWR_DISABLE_UPDATE_CHECK=1 \
@@ -66,8 +69,8 @@ COPY --chown=app:app strategies/ strategies/
 RUN python -m pip install --no-cache-dir --no-deps . \
     && mkdir -p /app/.cache/prism-flwr/data /app/prism-flwr/outputs /app/.local/state/prism-flwr
 
-# Flower's SuperNode through prism-flwr's (prism_flwr/deployment/supernode.py: waits capped at
-# 0.2 s, each ClientApp's bundle checked against the node config's trusted-apps / trusted-app-keys
-# when it names them), called as a module function: the same as `prism-flwr supernode --idle-poll
-# 0.2 -- ARGS`, which no longer imports torch (tests/test_cli_imports.py).
-ENTRYPOINT ["python", "-c", "import sys; from prism_flwr.deployment.supernode import supernode_main; supernode_main(sys.argv[1:], 0.2)"]
+# Flower's SuperNode through prism-flwr's (prism_flwr/deployment/supernode.py): waits capped at
+# 0.2 s; --warm: no SuperExec process, a thread of the SuperNode acquires the ClientApp tasks for
+# one warm worker process that checks each bundle against the node config's trusted-apps /
+# trusted-app-keys when it names them. Two processes instead of three fit a 512 MiB device.
+ENTRYPOINT ["prism-flwr", "supernode", "--idle-poll", "0.2", "--warm", "--"]

@@ -6,7 +6,7 @@ prism-flwr evaluate MODEL.prism [--dataset fmnist] [--n 10000] [--inception-weig
 prism-flwr feature-net fmnist [--seed 0] [--force]     train (once) the FD feature classifier
 prism-flwr last-run [CONNECTION]                       status of the newest `flwr run`
 prism-flwr clientapp-executor --runtime-api-address HOST:PORT --insecure   warm ClientApp process
-prism-flwr supernode [--idle-poll 0.2] -- FLOWER-SUPERNODE-ARGS...   SuperNode, short poll, checked apps
+prism-flwr supernode [--idle-poll 0.2] [--warm] -- FLOWER-SUPERNODE-ARGS...   SuperNode, checked apps
 prism-flwr clientapp FLWR-CLIENTAPP-ARGS...           flwr-clientapp that runs only the node's trusted-apps
 prism-flwr sign-app [APP] --key publisher.pem          sign an app for the nodes' trusted-app-keys
 prism-flwr secagg-keys --nodes N --out DIR             signing keys + roster for secure aggregation
@@ -161,8 +161,8 @@ def _supernode(args: argparse.Namespace) -> int:
         from .deployment import supernode
 
         rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
-        supernode.supernode_main(rest, args.idle_poll)
-    except (ImportError, RuntimeError) as err:  # UnsupportedFlowerVersion is a RuntimeError
+        supernode.supernode_main(rest, args.idle_poll, args.warm)
+    except (ImportError, RuntimeError, ValueError) as err:  # UnsupportedFlowerVersion, WarmOptionsRefused
         print(err, file=sys.stderr)
         return 2
     return 0
@@ -295,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         type=_poll_seconds,
         default=0.2,
         help="longest wait of the SuperNode loop in seconds (Flower's: 3 s when idle)",
+    )
+    p.add_argument(
+        "--warm",
+        action="store_true",
+        help="no SuperExec process: this process acquires the ClientApp tasks for one warm worker "
+        "(--isolation process; the small-device mode)",
     )
     p.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     p.set_defaults(fn=_supernode)

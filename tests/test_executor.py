@@ -19,6 +19,9 @@ Every SuperNode here runs through ``prism-flwr supernode --idle-poll 0.2`` (Flow
   refused at once with the reason.
 - ``test_dead_worker_is_replaced``: the process serving round 1 dies after replying; the
   executor starts a new one, which serves rounds 2 and 3 (the executor itself stays up).
+- ``test_warm_supernode_runs_no_superexec``: ``prism-flwr supernode --warm`` and no executor of
+  its own: one worker, a child of the SuperNode, serves 3 rounds; no SuperExec process exists; an
+  executor without the node's fresh secret is refused.
 - ``test_supernode_waits_are_capped``: the SuperNode loop's sleeps are capped, and a loop that
   does not look like 1.42.0's is refused.
 - ``test_refuses_other_flower_versions``: the version pin, as a function and through the CLI.
@@ -72,9 +75,13 @@ def _run_warm(
     nodes: int,
     run_config: str,
     secured: tuple[Path, Path] | None = None,
+    in_node: bool = False,
+    check_running=None,
 ) -> tuple[list[dict], procs.Processes]:
     """``nodes`` SuperNodes (process isolation, ``prism-flwr supernode --idle-poll 0.2``) of
-    ``superlink`` + one warm executor each; run the app. With ``secured`` (certificate folder, SuperExec secret file) their Runtime API is TLS with the secret."""
+    ``superlink`` + one warm executor each; run the app. With ``secured`` (certificate folder, SuperExec secret file) their Runtime API is TLS with the secret.
+    ``in_node``: ``--warm`` SuperNodes, no executor started beside them; ``check_running(supernodes,
+    ports)`` is called once the run is over, the nodes still up."""
     (link_port, env), logs, out = superlink, tmp_path / "logs", tmp_path / "rounds.json"
     flwr_home = Path(env["FLWR_HOME"])
     logs.mkdir()
@@ -108,8 +115,9 @@ def _run_warm(
                     port,
                     env,
                     logs / f"supernode-{i}.log",
-                    isolation="process",
+                    isolation=None if in_node else "process",
                     idle_poll=IDLE_POLL,
+                    warm=in_node,
                     extra=node_tls,
                 )
             )
@@ -126,7 +134,8 @@ def _run_warm(
                 )
                 assert refused.returncode == 2, refused.stderr[-2000:]
                 assert "refused AcquireTask" in refused.stderr, refused.stderr[-2000:]
-            started.append(start_executor(ps, port, env, logs / f"executor-{i}.log", executor_tls))
+            if not in_node:
+                started.append(start_executor(ps, port, env, logs / f"executor-{i}.log", executor_tls))
         procs.wait_for(
             lambda: len(online_nodes(env, "loopback")) == nodes,
             timeout=60,
@@ -157,6 +166,8 @@ def _run_warm(
         assert status == "finished:completed" and out.is_file(), f"{status}\n{all_logs}"
         executors = [p for p in ps.started if "clientapp-executor" in " ".join(map(str, p.args))]
         assert all(p.poll() is None for p in executors), f"an executor exited\n{all_logs}"
+        if check_running is not None:
+            check_running([p for p in started if p not in executors], node_ports)
     procs.assert_gone(ps.pids)
     return json.loads(out.read_text()), ps
 
@@ -208,6 +219,49 @@ def test_dead_worker_is_replaced(superlink, tmp_path: Path) -> None:
     assert third["state_seen"] == 3  # context.state lives in the SuperNode, not in the process
 
 
+def _command_line(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_warm_supernode_runs_no_superexec(superlink, tmp_path: Path) -> None:
+    seen: dict = {}
+
+    def check_running(supernodes, ports) -> None:
+        (node,), (port,) = supernodes, ports
+        seen["children"] = [_command_line(pid) for pid in procs.descendants(node.pid)]
+        seen["outsider"] = subprocess.run(  # an executor without the node's fresh secret
+            executor_command(port, ["--insecure"]),
+            env=superlink[1],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    rounds, ps = _run_warm(
+        superlink, tmp_path, nodes=1, run_config="num-rounds=3", in_node=True, check_running=check_running
+    )
+    served = _by_process(rounds)
+    assert len(served) == 1, served
+    ((pid, replies),) = served.items()
+    assert [r["handled"] for r in replies] == [1, 2, 3] and [r["state_seen"] for r in replies] == [1, 2, 3]
+    children = seen["children"]
+    assert len(children) == 1 and "worker.py warm" in children[0], children  # the worker, nothing else
+    assert not any("superexec" in c for c in children), children
+    outsider = seen["outsider"]
+    assert outsider.returncode == 2 and "refused AcquireTask" in outsider.stderr, outsider.stderr[-2000:]
+
+
+def test_warm_refuses_another_isolation(capsys: pytest.CaptureFixture) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    from prism_flwr import cli
+
+    argv = ["supernode", "--warm", "--", "--insecure", "--isolation", "subprocess"]
+    assert cli.main(argv) == 2
+    assert "--warm runs the SuperNode with --isolation process" in capsys.readouterr().err
+    assert loop.time is time  # refused before anything in this process was changed
+
+
 def test_supernode_waits_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     from flwr.supernode import start_client_internal as loop
 
@@ -243,3 +297,20 @@ def test_refuses_other_flower_versions(
     for command in (["supernode", "--", "--insecure"], ["clientapp", "--insecure", "--token", "t"]):
         assert cli.main(command) == 2  # the SuperNode wrapper and the checked clientapp refuse it too
         assert "tested with Flower 1.42.x only" in capsys.readouterr().err
+
+
+def test_warm_executor_end_stops_the_supernode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should the thread's executor stop (a refused secret, a bug), the SuperNode process is sent
+    SIGTERM: a node that is online but serves nothing would hold every round up to its timeout."""
+    import signal
+
+    from prism_flwr.deployment import executor, supernode
+
+    def refused(*_args, **_kwargs):
+        raise executor.RuntimeApiRefused("the Runtime API refused AcquireTask (HTTP 401)")
+
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(executor, "serve", refused)
+    monkeypatch.setattr(supernode.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    supernode.serve_in_thread(executor.Endpoint("127.0.0.1:9"), 0.1).join(timeout=10)
+    assert sent == [(os.getpid(), signal.SIGTERM)]

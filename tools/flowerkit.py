@@ -92,18 +92,23 @@ def supernode_command(
     link_security: Sequence[str | Path] = ("--insecure",),
     isolation: str | None = None,
     idle_poll: float | None = None,
+    warm: bool = False,
     extra: Sequence[str | Path] = (),
 ) -> list[str | Path]:
     """The one ``flower-supernode`` command line of the tests, benchmarks and experiments: a node of
     ``superlink`` (host:port) with its Runtime API on 127.0.0.1:``port``. ``link_security``: how it
     reaches the SuperLink (``--insecure``, or ``--root-certificates CA`` and auth-key flags);
     ``isolation="process"``: an external executor serves its ClientApps; ``idle_poll``: run through
-    ``prism-flwr supernode --idle-poll`` (its 3 s idle wait capped); ``extra``: more flags."""
+    ``prism-flwr supernode --idle-poll`` (its 3 s idle wait capped), with ``warm`` also ``--warm``
+    (its own thread acquires the tasks for one worker); ``extra``: more flags."""
     program = (
         [exe("flower-supernode")]
         if idle_poll is None
-        else [sys.executable, "-m", "prism_flwr.cli", "supernode", "--idle-poll", str(idle_poll), "--"]
-    )
+        else [
+            sys.executable, "-m", "prism_flwr.cli", "supernode", "--idle-poll", str(idle_poll),
+            *(["--warm"] if warm else []), "--",
+        ]
+    )  # fmt: skip
     return [
         *program,
         "--superlink",

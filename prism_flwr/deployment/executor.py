@@ -124,8 +124,11 @@ def _restart_delay(deaths: int) -> float:
     return 0.0 if deaths <= 1 else min(30.0, 0.5 * 2**deaths)
 
 
-def serve(endpoint: Endpoint, poll_interval: float = 0.1) -> int:
-    """Supervisor loop: acquire tasks, route them to the worker of their FAB, replace dead workers."""
+def serve(endpoint: Endpoint, poll_interval: float = 0.1, handle_sigterm: bool = True) -> int:
+    """Supervisor loop: acquire tasks, route them to the worker of their FAB, replace dead workers.
+
+    ``handle_sigterm``: the first SIGTERM unwinds this loop (False in a thread of another program,
+    which owns its signals; the worker ends with its parent process)."""
     log.info(
         "[warm executor] serving ClientApp tasks of the SuperNode at %s (Flower %s)",
         endpoint.address,
@@ -133,7 +136,8 @@ def serve(endpoint: Endpoint, poll_interval: float = 0.1) -> int:
     )
     client = runtime_client(endpoint, component="SuperExec", max_seconds=float("inf"))
     worker, deaths = Worker(endpoint), 0
-    exit_on_sigterm()
+    if handle_sigterm:
+        exit_on_sigterm()
     try:
         while True:
             if not worker.alive():  # crashed, or left after a failed load: warm up the next one now
