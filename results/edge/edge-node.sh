@@ -6,6 +6,8 @@
 # status, the container's cgroup peak and OOM counters, and each of its processes' peak memory
 # (benchmarks/node_memory.py). Earlier logs here were made by this script as x86-768m-3rounds.sh.
 #   MEMORY=512m APP=<a copy of this repository> bash results/edge/edge-node.sh
+# ENTRYPOINT (JSON) replaces the image's, e.g. '["prism-flwr","supernode","--idle-poll","0.2","--"]'
+# for Flower's SuperExec and a process per message.
 set -u
 IMAGE=${IMAGE:-localhost/prism-flwr/edge:cpu}
 MEMORY=${MEMORY:-768m}
@@ -27,6 +29,7 @@ setsid $V/flower-supernode --insecure --superlink "127.0.0.1:$LINK" --host 127.0
     --node-config "partition-id=0 num-partitions=2 data-dir='$DATA' state-dir='$W/state-0'" > "$W/supernode-host.log" 2>&1 & NP=$!
 C=prism-edge-node; podman rm -f $C >/dev/null 2>&1; podman volume rm -f $C-state >/dev/null 2>&1
 podman run -d --name $C --network host --cpus 1 --memory $MEMORY --memory-swap $MEMORY \
+    ${ENTRYPOINT:+--entrypoint "$ENTRYPOINT"} \
     -e FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 \
     -v /usr/share/datasets/fashion-mnist:/usr/share/datasets/fashion-mnist:ro \
     -v $C-state:/app/.local/state/prism-flwr "$IMAGE" \
@@ -50,6 +53,7 @@ echo "--- edge container, peak of podman stats (sampled every 2 s): $(sort -h "$
 d=$(ls -d /sys/fs/cgroup/memory/libpod_parent/libpod-$(podman inspect --format '{{.Id}}' $C) 2>/dev/null)
 [ -n "$d" ] && echo "--- edge cgroup: max_usage $(( $(cat $d/memory.max_usage_in_bytes) / 1048576 )) MiB, limit $(( $(cat $d/memory.limit_in_bytes) / 1048576 )) MiB, failcnt $(cat $d/memory.failcnt), $(grep oom_kill $d/memory.oom_control | tr '\n' ' ')"
 echo "--- podman inspect: OOMKilled=$(podman inspect --format '{{.State.OOMKilled}}' $C), running=$(podman inspect --format '{{.State.Running}}' $C)"
+echo "--- the node's tasks"; podman logs $C 2>&1 | grep -E "warm executor\] task|Killed|MemoryError" | cut -c1-200
 echo "--- edge node log (podman logs -t)"; podman logs -t $C 2>&1 | grep -vE "^\s*$" | tail -60
 echo "--- flwr run log"; tail -40 "$W/flwr-run.log"
 kill $SP 2>/dev/null; podman rm -f -t 2 $C >/dev/null; wait $MP
