@@ -12,6 +12,7 @@ FROM ${PYTHON_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    MALLOC_ARENA_MAX=2 \
     HOME=/app \
     PATH=/python/venv/bin:$PATH \
     FLWR_DISABLE_UPDATE_CHECK=1 \
@@ -39,6 +40,6 @@ RUN sp=/python/venv/lib/python3.11/site-packages \
     && cp -a prism_flwr "$sp"/ \
     && mkdir -p /app/.cache/prism-flwr/data /app/prism-flwr/outputs /app/.local/state/prism-flwr
 
-# As in edge.Dockerfile: Flower's SuperNode through prism-flwr's (capped waits, the node's
-# trusted-apps check), without the torch import that the `prism-flwr` command makes.
-ENTRYPOINT ["python", "-c", "import sys; from prism_flwr.deployment.supernode import supernode_main; supernode_main(sys.argv[1:], 0.2)"]
+# As in edge.Dockerfile: `prism-flwr supernode --warm` (capped waits, no SuperExec process, one
+# warm worker that checks each bundle against the node's trusted-apps); MALLOC_ARENA_MAX as there.
+ENTRYPOINT ["python", "-m", "prism_flwr.cli", "supernode", "--idle-poll", "0.2", "--warm", "--"]

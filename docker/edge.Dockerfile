@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # prism-flwr edge image: one container per edge device (Raspberry Pi 4/5, Jetson CPU, x86 mini-PC)
-# running a SuperNode that starts its own SuperExec and ClientApps (Flower's default
-# `--isolation subprocess`), so a device needs a single container and no open port but the
+# running a SuperNode that serves its ClientApps from one warm worker process (`prism-flwr
+# supernode --warm`, no SuperExec process), so a device needs a single container and no open port but the
 # outbound connection to the SuperLink's Fleet API (fleet-proxy, port 9092). docs/edge.md.
 #
 # Where torch comes from is a build argument:
@@ -17,7 +17,7 @@
 #   docker buildx build --platform linux/arm64 -f docker/edge.Dockerfile -t REGISTRY/prism-flwr/edge --push .
 # On the device (TLS + SuperNode authentication; the state volume keeps the node's privacy
 # ledger and client state when the container is recreated):
-#   docker run -d --restart unless-stopped --name prism-supernode --memory 1g \
+#   docker run -d --restart unless-stopped --name prism-supernode --cpus 1 --memory 512m --memory-swap 512m \
 #       -v prism-data:/app/.cache/prism-flwr/data -v prism-state:/app/.local/state/prism-flwr \
 #       -v "$PWD/ca.crt:/app/certificates/ca.crt:ro" -v "$PWD/node.key:/app/keys/node.key:ro" \
 #       REGISTRY/prism-flwr/edge --superlink SUPERLINK_HOST:9092 --root-certificates certificates/ca.crt \

@@ -9,7 +9,7 @@
 #            fleet-proxy (nginx, Fleet API only) on both: SuperNodes reach the SuperLink only
 #            through it; `flwr` runs in an operator container on `control`
 #   run      `flwr run` of this repository (RUN_CONFIG), checked: finished:completed, model.prism
-#   edge     (--edge) one edge.Dockerfile SuperNode held to --cpus 1 --memory 768m for the default
+#   edge     (--edge) one edge.Dockerfile SuperNode held to --cpus 1 --memory 512m for the default
 #            run config (peak memory, seconds per round, start-up); then one held to
 #            --memory 300m (OOM_MEMORY): its error must be logged and the run must go on
 #   cuda     (--cuda) docker/clientapp-cuda.Dockerfile, built only
@@ -36,7 +36,7 @@ RUN_CONFIG=${RUN_CONFIG:-num-server-rounds=2 local-steps=5 eval-samples=200 eval
 # The default run (3 rounds x 100 local steps, ngf 16) otherwise.
 EDGE_CONFIG=${EDGE_CONFIG:-num-server-rounds=3 eval-feature-metrics=false download=false}
 OOM_MEMORY=${OOM_MEMORY:-300m}
-EDGE_MEMORY=${EDGE_MEMORY:-768m}
+EDGE_MEMORY=${EDGE_MEMORY:-512m}
 OOM_CONFIG=${OOM_CONFIG:-num-server-rounds=2 local-steps=5 eval-samples=200 eval-feature-metrics=false \
 min-train-nodes=1 download=false}
 # Flower's defaults, plus a SuperExec that looks for new tasks every 0.1 s (docker/gen-compose.py).
@@ -460,7 +460,7 @@ rss_sampler() {  # rss_sampler CONTAINER OUT: resident memory (rss, no page cach
         sleep 1
     done
 }
-start_edge() {  # start_edge NAME KEY PARTITION MEMORY: one edge.Dockerfile container (subprocess isolation)
+start_edge() {  # start_edge NAME KEY PARTITION MEMORY: one edge.Dockerfile container (its entrypoint: --warm)
     # state-dir (client state, privacy ledger) in a volume of its own, as on a device (docs/edge.md)
     E run -d --name "$P-$1" --network "$P-fleet" "${FLWR_ENV[@]}" "${DATA_MOUNT[@]}" \
         --cpus 1 --memory "$4" --memory-swap "$4" -v "$P-$2-key:/app/keys:ro" \
