@@ -7,7 +7,10 @@
 # (benchmarks/node_memory.py). Earlier logs here were made by this script as x86-768m-3rounds.sh.
 #   MEMORY=512m APP=<a copy of this repository> bash results/edge/edge-node.sh
 # ENTRYPOINT (JSON) replaces the image's, e.g. '["prism-flwr","supernode","--idle-poll","0.2","--"]'
-# for Flower's SuperExec and a process per message.
+# for Flower's SuperExec and a process per message. RUN_CONFIG: more run-config keys; NODE_ENV: one
+# more variable for the container. The arm64 image under emulation (results/edge/README.md):
+#   IMAGE=localhost/prism-flwr/edge:arm64 ROUNDS=1 NODE_ENV=QEMU_CPU=cortex-a72 \
+#   RUN_CONFIG='local-steps=5 uplink-coding="raw" downlink="float32"' MEMORY=512m APP=... bash edge-node.sh
 set -u
 IMAGE=${IMAGE:-localhost/prism-flwr/edge:cpu}
 MEMORY=${MEMORY:-768m}
@@ -27,9 +30,9 @@ setsid $V/flower-superlink --insecure --disable-runtime-dependency-installation 
 sleep 8
 setsid $V/flower-supernode --insecure --superlink "127.0.0.1:$LINK" --host 127.0.0.1 --port "$N0" \
     --node-config "partition-id=0 num-partitions=2 data-dir='$DATA' state-dir='$W/state-0'" > "$W/supernode-host.log" 2>&1 & NP=$!
-C=prism-edge-node; podman rm -f $C >/dev/null 2>&1; podman volume rm -f $C-state >/dev/null 2>&1
+C=${NAME:-prism-edge-node}; podman rm -f $C >/dev/null 2>&1; podman volume rm -f $C-state >/dev/null 2>&1
 podman run -d --name $C --network host --cpus 1 --memory $MEMORY --memory-swap $MEMORY \
-    ${ENTRYPOINT:+--entrypoint "$ENTRYPOINT"} \
+    ${ENTRYPOINT:+--entrypoint "$ENTRYPOINT"} ${NODE_ENV:+-e "$NODE_ENV"} \
     -e FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 \
     -v /usr/share/datasets/fashion-mnist:/usr/share/datasets/fashion-mnist:ro \
     -v $C-state:/app/.local/state/prism-flwr "$IMAGE" \
@@ -45,7 +48,7 @@ echo "[$(date -u +%T)] SuperNodes online: $n"
 ( while podman ps -q --filter name=$C | grep -q .; do podman stats --no-stream --format '{{.MemUsage}}' $C >> "$W/edge-mem.txt" 2>/dev/null; sleep 2; done ) & SP=$!
 cd "$W/home"
 t0=$(date +%s)
-timeout 2400 $V/flwr run "$APP" edge --stream --run-config "num-server-rounds=$ROUNDS eval-feature-metrics=false min-train-nodes=2 download=false data-dir='$DATA' output-dir='$W/out'" > "$W/flwr-run.log" 2>&1
+timeout 2400 $V/flwr run "$APP" edge --stream --run-config "num-server-rounds=$ROUNDS ${RUN_CONFIG:-} eval-feature-metrics=false min-train-nodes=2 download=false data-dir='$DATA' output-dir='$W/out'" > "$W/flwr-run.log" 2>&1
 echo "[$(date -u +%T)] flwr run returned after $(( $(date +%s) - t0 )) s"
 $V/flwr ls edge --format json | $V/python -c "import json,sys; r=max(json.load(sys.stdin)['runs'], key=lambda r: r['pending-at']); print('run status:', r['status'], r.get('status-details',''))"
 cat "$W/out/latest/history.json" 2>/dev/null | $V/python -c "import json,sys; [print('round %d: clients %d, dropped %s' % (r['round'], r['clients'], r.get('dropped'))) for r in json.load(sys.stdin) if r['round']>=1]"
