@@ -9,7 +9,8 @@
 #            fleet-proxy (nginx, Fleet API only) on both: SuperNodes reach the SuperLink only
 #            through it; `flwr` runs in an operator container on `control`
 #   run      `flwr run` of this repository (RUN_CONFIG), checked: finished:completed, model.prism
-#   edge     (--edge) one edge.Dockerfile SuperNode held to --cpus 1 --memory 512m for the default
+#   edge     (--edge) one edge.Dockerfile SuperNode held to --cpus 1 --memory 512m (768m when its torch
+#            is a CUDA build: importing it takes about 540 MiB) for the default
 #            run config (peak memory, seconds per round, start-up); then one held to
 #            --memory 300m (OOM_MEMORY): its error must be logged and the run must go on
 #   cuda     (--cuda) docker/clientapp-cuda.Dockerfile, built only
@@ -21,6 +22,7 @@
 #
 #   scripts/check-images.sh [--edge] [--cuda] [--arm64] [--keep] [--hub|--debian]
 # Environment: ENGINE (docker|podman), RUN_CONFIG, EDGE_CONFIG, EDGE_MEMORY, OOM_MEMORY, TORCH_INDEX_URL,
+# EDGE_TORCH_VERSION (the edge image's torch, e.g. 2.13.0+cpu from a wheel in pip's find-links),
 # WORK (scratch directory, default /var/tmp/prism-check-images), FMNIST (Fashion-MNIST idx files),
 # CPU_SHARES (Podman on a busy cgroup-v1 host: the containers' CPU weight, see stage up).
 set -euo pipefail
@@ -36,7 +38,7 @@ RUN_CONFIG=${RUN_CONFIG:-num-server-rounds=2 local-steps=5 eval-samples=200 eval
 # The default run (3 rounds x 100 local steps, ngf 16) otherwise.
 EDGE_CONFIG=${EDGE_CONFIG:-num-server-rounds=3 eval-feature-metrics=false download=false}
 OOM_MEMORY=${OOM_MEMORY:-300m}
-EDGE_MEMORY=${EDGE_MEMORY:-512m}
+EDGE_MEMORY=${EDGE_MEMORY:-}  # set after the edge image is built: 512m for a CPU torch, else 768m
 OOM_CONFIG=${OOM_CONFIG:-num-server-rounds=2 local-steps=5 eval-samples=200 eval-feature-metrics=false \
 min-train-nodes=1 download=false}
 # Flower's defaults, plus a SuperExec that looks for new tasks every 0.1 s (docker/gen-compose.py).
@@ -269,7 +271,10 @@ build serverapp.Dockerfile "$SERVERAPP_IMAGE" "${APP_ARGS[@]}"
 build clientapp.Dockerfile "$CLIENTAPP_IMAGE" "${APP_ARGS[@]}"
 if [ "$EDGE" = 1 ]; then
     build edge.Dockerfile "$EDGE_IMAGE" --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE" \
-        --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL"
+        --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL" ${EDGE_TORCH_VERSION:+--build-arg "TORCH_VERSION=$EDGE_TORCH_VERSION"}
+    edge_cuda=$(E run --rm --network none --entrypoint python "$EDGE_IMAGE" -c "import torch; print(torch.version.cuda)")
+    [ -n "$EDGE_MEMORY" ] || { [ "$edge_cuda" = None ] && EDGE_MEMORY=512m || EDGE_MEMORY=768m; }
+    log "edge image: torch's CUDA version $edge_cuda; the edge stage holds its node to $EDGE_MEMORY"
 fi
 E images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'prism-flwr|flwr/|nginx' | sort || true
 
