@@ -30,7 +30,7 @@ from flwr.supercore.constant import TaskType  # noqa: E402
 from flwr.supercore.runtime import RuntimeHttpClient  # noqa: E402
 
 from prism_flwr.deployment.runtime_api import Endpoint, installed_flower_version, log, runtime_client  # noqa: E402
-from prism_flwr.deployment.worker import exit_on_sigterm  # noqa: E402
+from prism_flwr.deployment.worker import exit_on_sigterm, release_heap  # noqa: E402
 
 WORKER = Path(__file__).resolve().with_name("worker.py")
 
@@ -171,6 +171,7 @@ def serve(endpoint: Endpoint, poll_interval: float = 0.1, handle_sigterm: bool =
                 )
             else:
                 deaths = 0
+                release_heap()  # the message's bytes passed through this process (in --warm, the SuperNode's)
                 log.info(
                     "[warm executor] task %d %s in %.2f s by process %d (%s)",
                     result["task_id"],
