@@ -31,7 +31,37 @@ def test_count_comes_from_omp_num_threads_else_the_affinity(monkeypatch):
     with pytest.raises(ValueError, match="OMP_NUM_THREADS must be a positive integer"):
         threads.threads_for_process()
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert threads.threads_for_process() == len(os.sched_getaffinity(0))
+    quota = threads.cpu_quota()
+    cpus = len(os.sched_getaffinity(0))
+    assert threads.threads_for_process() == (cpus if quota is None else max(1, min(cpus, int(quota))))
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_cpu_quota_caps_the_count(tmp_path: Path, monkeypatch) -> None:
+    """``--cpus 1`` in a container, ``CPUQuota=150%`` in a systemd unit: the quota along the
+    process's cgroup path, the smallest one found, as whole CPUs for the thread count."""
+    proc, root = tmp_path / "cgroup", tmp_path / "sys"
+    proc.write_text("0::/system.slice/node.service\n")  # cgroup v2, a systemd unit
+    _write(root / "system.slice" / "node.service" / "cpu.max", "150000 100000\n")
+    _write(root / "system.slice" / "cpu.max", "max 100000\n")
+    assert threads.cpu_quota(root, proc) == 1.5
+    _write(root / "system.slice" / "cpu.max", "100000 100000\n")  # a tighter parent wins
+    assert threads.cpu_quota(root, proc) == 1.0
+    # cgroup v1 in a container: /proc names the host's path, the mount is the container's own cgroup
+    proc.write_text("9:name=systemd:/libpod_parent/libpod-abc\n4:cpu,cpuacct:/libpod_parent/libpod-abc\n")
+    _write(root / "cpu" / "cpu.cfs_quota_us", "200000\n")
+    _write(root / "cpu" / "cpu.cfs_period_us", "100000\n")
+    assert threads.cpu_quota(root, proc) == 2.0
+    _write(root / "cpu" / "cpu.cfs_quota_us", "-1\n")  # no quota
+    assert threads.cpu_quota(root, proc) is None
+    assert threads.cpu_quota(root, tmp_path / "missing") is None
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cpu_quota", lambda: 1.0)
+    assert threads.threads_for_process() == 1  # two CPUs in the affinity, one CPU of quota
 
 
 def test_an_explicit_choice_survives_a_default_call(monkeypatch, restore_threads):
