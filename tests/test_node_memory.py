@@ -59,3 +59,21 @@ def test_samples_processes_and_counters_until_the_cgroup_empties(tmp_path: Path,
     assert report["cgroup_limit_mib"] == 512 and report["cgroup_max_usage_mib"] == 300
     assert report["cgroup_anon_peak_mib"] == 150 and report["oom_kills"] == 2
     assert "ClientApp worker (warm)" in out.splitlines()[1]
+
+
+SMAPS = """\
+00400000-00a5f000 r-xp 00000000 00:2a 123 /usr/bin/qemu-aarch64-static
+Anonymous:             0 kB
+555566b76000-555568800000 rw-p 00000000 00:00 0                          [heap]
+Anonymous:         28160 kB
+5500000000-5510000000 rw-p 00000000 00:00 0
+Anonymous:         97484 kB
+7f0ffb800000-7f1003800000 rwxp 00000000 00:00 0
+Anonymous:        131072 kB
+"""
+
+
+def test_qemu_own_memory_is_its_code_buffer_and_heap() -> None:
+    """Under emulation the rwx code buffer and qemu's [heap] are the emulator's; the guest's pages
+    (here the 95 MiB rw mapping in its address range) are not counted."""
+    assert node_memory.emulator_anon(SMAPS) == (28160 + 131072) * 1024
