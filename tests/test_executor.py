@@ -21,7 +21,8 @@ Every SuperNode here runs through ``prism-flwr supernode --idle-poll 0.2`` (Flow
   executor starts a new one, which serves rounds 2 and 3 (the executor itself stays up).
 - ``test_warm_supernode_runs_no_superexec``: ``prism-flwr supernode --warm`` and no executor of
   its own: one worker, a child of the SuperNode, serves 3 rounds; no SuperExec process exists; an
-  executor without the node's fresh secret is refused.
+  executor without the node's fresh secret is refused; ``..._over_tls``: with the Runtime API on
+  TLS and a secret of one's own, which the node's thread then uses.
 - ``test_supernode_waits_are_capped``: the SuperNode loop's sleeps are capped, and a loop that
   does not look like 1.42.0's is refused.
 - ``test_refuses_other_flower_versions``: the version pin, as a function and through the CLI.
@@ -249,6 +250,20 @@ def test_warm_supernode_runs_no_superexec(superlink, tmp_path: Path) -> None:
     assert not any("superexec" in c for c in children), children
     outsider = seen["outsider"]
     assert outsider.returncode == 2 and "refused AcquireTask" in outsider.stderr, outsider.stderr[-2000:]
+
+
+def test_warm_supernode_over_tls(superlink, loopback_certs: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "superexec.secret"
+    secret.write_bytes(os.urandom(32))
+    rounds, _ = _run_warm(
+        superlink,
+        tmp_path,
+        nodes=1,
+        run_config="num-rounds=2",
+        secured=(loopback_certs, secret),
+        in_node=True,
+    )
+    assert [r["replies"][0]["handled"] for r in rounds] == [1, 2]
 
 
 def test_warm_refuses_another_isolation(capsys: pytest.CaptureFixture) -> None:
